@@ -1,0 +1,30 @@
+# Project-wide compile settings and the helper that registers a GoogleTest binary with ctest.
+
+add_library(dsv4_warnings INTERFACE)
+target_compile_options(dsv4_warnings INTERFACE
+  $<$<COMPILE_LANGUAGE:CXX>:-Wall -Wextra -Wshadow=local -Wno-missing-field-initializers>)
+
+add_library(dsv4_sanitize INTERFACE)
+if(DSV4_SANITIZE)
+  target_compile_options(dsv4_sanitize INTERFACE
+    $<$<COMPILE_LANGUAGE:CXX>:-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined>)
+  target_link_options(dsv4_sanitize INTERFACE -fsanitize=address,undefined)
+endif()
+
+# dsv4_add_gtest(NAME SOURCES... LIBS... LABELS... [TIMEOUT s] [DISCOVER])
+# Without DISCOVER the binary is one ctest test; with it, every TEST() becomes its own ctest test.
+function(dsv4_add_gtest name)
+  cmake_parse_arguments(ARG "DISCOVER" "TIMEOUT" "SOURCES;LIBS;LABELS" ${ARGN})
+  add_executable(${name} ${ARG_SOURCES})
+  target_link_libraries(${name} PRIVATE ${ARG_LIBS} GTest::gtest GTest::gtest_main dsv4_warnings dsv4_sanitize)
+  if(NOT ARG_TIMEOUT)
+    set(ARG_TIMEOUT 120)
+  endif()
+  if(ARG_DISCOVER)
+    gtest_discover_tests(${name} PROPERTIES LABELS "${ARG_LABELS}" TIMEOUT ${ARG_TIMEOUT}
+                         DISCOVERY_TIMEOUT 60)
+  else()
+    add_test(NAME ${name} COMMAND ${name})
+    set_tests_properties(${name} PROPERTIES LABELS "${ARG_LABELS}" TIMEOUT ${ARG_TIMEOUT})
+  endif()
+endfunction()
