@@ -13,7 +13,7 @@ class LayoutBuilder {
   explicit LayoutBuilder(const ModelConfig& c) : c_(c) {}
 
   void add(std::string name, std::vector<int64_t> shape, DType dtype, TensorRole role, int64_t fan_in = 0) {
-    specs_.push_back(TensorSpec{std::move(name), std::move(shape), dtype, role, fan_in, ""});
+    specs_.push_back(TensorSpec{std::move(name), std::move(shape), dtype, role, fan_in, "", DType::f32});
   }
 
   // An FP8 linear [out, in] with its weight_block_size^2 ue8m0 scales (or bf16 when the config says so).
@@ -24,8 +24,8 @@ class LayoutBuilder {
     }
     const int64_t b = c_.weight_block_size;
     specs_.push_back({prefix + ".weight", {out, in}, DType::f8_e4m3fn, TensorRole::fp8_weight, in, prefix + ".scale"});
-    specs_.push_back({prefix + ".scale", {ceil_div(out, b), ceil_div(in, b)}, DType::ue8m0, TensorRole::block_scale, 0,
-                      prefix + ".weight"});
+    specs_.push_back({prefix + ".scale", {ceil_div(out, b), ceil_div(in, b)}, DType::ue8m0, TensorRole::block_scale, in,
+                      prefix + ".weight", DType::f8_e4m3fn});
   }
 
   // A routed-expert linear [out, in]: FP4 pairs in I8 bytes with 1 x fp4_block_size scales.
@@ -35,8 +35,8 @@ class LayoutBuilder {
       return;
     }
     specs_.push_back({prefix + ".weight", {out, in / 2}, DType::i8, TensorRole::fp4_weight, in, prefix + ".scale"});
-    specs_.push_back({prefix + ".scale", {out, in / c_.fp4_block_size}, DType::ue8m0, TensorRole::block_scale, 0,
-                      prefix + ".weight"});
+    specs_.push_back({prefix + ".scale", {out, in / c_.fp4_block_size}, DType::ue8m0, TensorRole::block_scale, in,
+                      prefix + ".weight", DType::f4_e2m1});
   }
 
   void hc(const std::string& prefix, const std::string& which) {

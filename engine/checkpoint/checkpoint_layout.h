@@ -33,6 +33,7 @@ struct TensorSpec {
   TensorRole role;
   int64_t fan_in = 0;          // the logical input width of a matrix (for init scaling)
   std::string weight_name;     // block_scale: the weight it scales; fp8/fp4 weights: their scale's name
+  DType scaled_dtype = DType::f32;  // block_scale: the format of the values it scales (e4m3fn or e2m1)
 };
 
 std::vector<TensorSpec> checkpoint_layout(const ModelConfig& config);
