@@ -274,3 +274,38 @@ TEST(RuntimeOptions, FlagsParseAndNameThemselves) {
 
 }  // namespace
 }  // namespace dsv4
+
+#include "engine/config/cache_geometry.h"
+
+namespace dsv4 {
+namespace {
+
+TEST(CacheGeometry, FlashUsesTheModel1Layout) {
+  const CacheGeometry g = cache_geometry(load_model_config("flash"), RuntimeOptions{});
+  EXPECT_EQ(g.kv_entry_bytes, 584);  // 448 e4m3 + 64 bf16 + 7 ue8m0 + 1 pad
+  EXPECT_EQ(g.kv_value_bytes, 576);
+  EXPECT_EQ(g.c4_entries_per_page, 64);
+  EXPECT_EQ(g.c128_entries_per_page, 2);
+  EXPECT_EQ(g.c4_ring_size, 8);
+  EXPECT_EQ(g.c128_ring_size, 128);
+  EXPECT_EQ(g.c4_state_row_bytes, 8192);  // |kv A|kv B|score A|score B| in fp32
+}
+
+TEST(CacheGeometry, IndexerKeyBytesFollowItsQuantization) {
+  ModelConfig c = load_model_config("flash");
+  c.indexer_quant = "fp8";
+  EXPECT_EQ(cache_geometry(c, RuntimeOptions{}).indexer_key_bytes, 132);
+  c.indexer_quant = "fp4";
+  EXPECT_EQ(cache_geometry(c, RuntimeOptions{}).indexer_key_bytes, 68);
+}
+
+TEST(CacheGeometry, SpeculativeRingsDouble) {
+  RuntimeOptions o;
+  o.speculative = true;
+  const CacheGeometry g = cache_geometry(load_model_config("flash"), o);
+  EXPECT_EQ(g.c4_ring_size, 16);
+  EXPECT_EQ(g.c128_ring_size, 256);
+}
+
+}  // namespace
+}  // namespace dsv4

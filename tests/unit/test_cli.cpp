@@ -1,0 +1,144 @@
+#include <cstdint>
+#include <cstring>
+#include <fstream>
+#include <set>
+#include <sstream>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include "tools/dsv4h/cli.h"
+
+namespace dsv4::cli {
+namespace {
+
+struct Result {
+  int code;
+  std::string out;
+  std::string err;
+};
+
+Result run(std::vector<std::string> args) {
+  std::ostringstream out, err;
+  const int code = run_cli(args, out, err);
+  return {code, out.str(), err.str()};
+}
+
+bool contains(const std::string& haystack, const std::string& needle) {
+  return haystack.find(needle) != std::string::npos;
+}
+
+TEST(Cli, HelpListsEveryCommand) {
+  const Result r = run({"--help"});
+  EXPECT_EQ(r.code, kExitOk);
+  for (const char* c : {"info", "weights", "reference", "generate", "check", "replay", "shrink", "mutants"}) {
+    EXPECT_TRUE(contains(r.out, c)) << c;
+  }
+  EXPECT_EQ(run({}).code, kExitBadInput);
+  const Result unknown = run({"frobnicate"});
+  EXPECT_EQ(unknown.code, kExitBadInput);
+  EXPECT_TRUE(contains(unknown.err, "frobnicate"));
+}
+
+TEST(Cli, InfoShowsTheReleasedFlashModel) {
+  const Result r = run({"info", "--config", "flash"});
+  ASSERT_EQ(r.code, kExitOk) << r.err;
+  EXPECT_TRUE(contains(r.out, "43 layers + 1 MTP"));
+  EXPECT_TRUE(contains(r.out, "main layers: 2 swa, 21 c4+indexer, 20 c128"));
+  EXPECT_TRUE(contains(r.out, "256 routed (6 active)"));
+  EXPECT_TRUE(contains(r.out, "  43      0  swa (mtp)"));
+  EXPECT_TRUE(contains(r.out, "swa kv (window tokens only)       584"));
+}
+
+TEST(Cli, InfoRejectsSwaPageSizeZeroByName) {
+  const Result r = run({"info", "--config", "tiny", "--swa-page-size", "0"});
+  EXPECT_EQ(r.code, kExitBadInput);
+  EXPECT_TRUE(contains(r.err, "swa_page_size")) << r.err;
+  EXPECT_TRUE(r.out.empty());
+}
+
+TEST(Cli, InfoAcceptsRuntimeFlagsInBothSpellings) {
+  const Result r = run({"info", "--config=micro", "--page-size=32", "--swa-page-size", "16"});
+  ASSERT_EQ(r.code, kExitOk) << r.err;
+  EXPECT_TRUE(contains(r.out, "page_size 32, swa_page_size 16"));
+}
+
+TEST(Cli, UsageErrorsNameTheFlag) {
+  Result r = run({"info", "--config", "tiny", "--pagesize", "3"});
+  EXPECT_EQ(r.code, kExitBadInput);
+  EXPECT_TRUE(contains(r.err, "--pagesize"));
+  r = run({"info"});
+  EXPECT_EQ(r.code, kExitBadInput);
+  EXPECT_TRUE(contains(r.err, "--config"));
+  r = run({"info", "--config"});
+  EXPECT_EQ(r.code, kExitBadInput);
+  EXPECT_TRUE(contains(r.err, "needs a value"));
+  r = run({"info", "--config", "tiny", "--page-size", "lots"});
+  EXPECT_EQ(r.code, kExitBadInput);
+  EXPECT_TRUE(contains(r.err, "--page-size"));
+  r = run({"weights", "--config", "tiny", "--seed", "-1", "--out", "x.safetensors"});
+  EXPECT_EQ(r.code, kExitBadInput);
+  EXPECT_TRUE(contains(r.err, "--seed"));
+}
+
+TEST(Cli, BadConfigFileNamesFileAndField) {
+  const std::string path = ::testing::TempDir() + "/dsv4_bad_config.json";
+  std::ofstream(path) << R"({"dim": 128, "n_experts_total": 3})";
+  const Result r = run({"info", "--config", path});
+  EXPECT_EQ(r.code, kExitBadInput);
+  EXPECT_TRUE(contains(r.err, path)) << r.err;
+  EXPECT_TRUE(contains(r.err, "n_experts_total")) << r.err;
+  const Result missing = run({"info", "--config", "/no/such/dir/config.json"});
+  EXPECT_EQ(missing.code, kExitBadInput);
+  EXPECT_TRUE(contains(missing.err, "/no/such/dir/config.json"));
+}
+
+TEST(Cli, CommandsOfLaterIssuesSaySo) {
+  const Result r = run({"check"});
+  EXPECT_EQ(r.code, kExitBadInput);
+  EXPECT_TRUE(contains(r.err, "arrives with"));
+}
+
+// Reads the file as a generic safetensors parser would, without the project's reader.
+TEST(Cli, WeightsWritesAStandardSafetensorsFile) {
+  const std::string path = ::testing::TempDir() + "/dsv4_tiny.safetensors";
+  const Result r = run({"weights", "--config", "tiny", "--seed", "1", "--out", path});
+  ASSERT_EQ(r.code, kExitOk) << r.err;
+  EXPECT_TRUE(contains(r.out, "502 tensors"));
+  std::ifstream in(path, std::ios::binary);
+  std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  ASSERT_GE(bytes.size(), 8u);
+  uint64_t header_len = 0;
+  for (int i = 7; i >= 0; --i) header_len = header_len << 8 | static_cast<uint8_t>(bytes[static_cast<size_t>(i)]);
+  ASSERT_LE(8 + header_len, bytes.size());
+  const auto header = nlohmann::json::parse(bytes.substr(8, header_len));
+  const uint64_t data_bytes = bytes.size() - 8 - header_len;
+  uint64_t covered = 0;
+  std::set<std::string> dtypes;
+  for (const auto& [name, entry] : header.items()) {
+    if (name == "__metadata__") continue;
+    const auto offsets = entry.at("data_offsets");
+    covered += offsets[1].get<uint64_t>() - offsets[0].get<uint64_t>();
+    EXPECT_LE(offsets[1].get<uint64_t>(), data_bytes) << name;
+    dtypes.insert(entry.at("dtype").get<std::string>());
+  }
+  EXPECT_EQ(covered, data_bytes);
+  EXPECT_EQ(dtypes, (std::set<std::string>{"BF16", "F32", "F8_E4M3", "F8_E8M0", "I32", "I8"}));
+  EXPECT_EQ(header.at("layers.1.attn.indexer.wq_b.weight").at("dtype"), "F8_E4M3");
+  EXPECT_EQ(header.at("layers.1.attn.indexer.wq_b.weight").at("shape"), nlohmann::json({512, 128}));
+  // Same seed, same bytes.
+  const std::string again = path + ".2";
+  ASSERT_EQ(run({"weights", "--config", "tiny", "--seed", "1", "--out", again}).code, kExitOk);
+  std::ifstream in2(again, std::ios::binary);
+  std::string bytes2((std::istreambuf_iterator<char>(in2)), std::istreambuf_iterator<char>());
+  EXPECT_TRUE(bytes == bytes2);
+}
+
+TEST(Cli, WeightsToAnUnwritablePathIsBadInput) {
+  const Result r = run({"weights", "--config", "micro", "--seed", "1", "--out", "/no/such/dir/w.safetensors"});
+  EXPECT_EQ(r.code, kExitBadInput);
+  EXPECT_TRUE(contains(r.err, "/no/such/dir/w.safetensors")) << r.err;
+}
+
+}  // namespace
+}  // namespace dsv4::cli
