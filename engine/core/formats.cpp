@@ -48,29 +48,13 @@ T saturate_round(double value) {
 }  // namespace
 
 uint32_t encode_f32(DType dtype, float value) {
-  switch (dtype) {
-    case DType::bf16: return f32_to_bf16(value);
-    case DType::f16: return f32_to_f16(value);
-    case DType::f8_e4m3fn: return f32_to_e4m3fn(value);
-    case DType::f8_e4m3fnuz: return f32_to_e4m3fnuz(value);
-    case DType::f8_e5m2: return f32_to_e5m2(value);
-    case DType::f4_e2m1: return f32_to_e2m1(value);
-    case DType::ue8m0: return f32_to_ue8m0_ceil(value);
-    default: not_a_narrow_float("encode_f32", dtype);
-  }
+  if (!is_narrow_float(dtype)) not_a_narrow_float("encode_f32", dtype);
+  return encode_narrow(dtype, value);
 }
 
 float decode_f32(DType dtype, uint32_t code) {
-  switch (dtype) {
-    case DType::bf16: return bf16_to_f32(static_cast<uint16_t>(code));
-    case DType::f16: return f16_to_f32(static_cast<uint16_t>(code));
-    case DType::f8_e4m3fn: return e4m3fn_to_f32(static_cast<uint8_t>(code));
-    case DType::f8_e4m3fnuz: return e4m3fnuz_to_f32(static_cast<uint8_t>(code));
-    case DType::f8_e5m2: return e5m2_to_f32(static_cast<uint8_t>(code));
-    case DType::f4_e2m1: return e2m1_to_f32(static_cast<uint8_t>(code & 0xFu));
-    case DType::ue8m0: return ue8m0_to_f32(static_cast<uint8_t>(code));
-    default: not_a_narrow_float("decode_f32", dtype);
-  }
+  if (!is_narrow_float(dtype)) not_a_narrow_float("decode_f32", dtype);
+  return decode_narrow(dtype, code);
 }
 
 double load_element_f64(DType dtype, const void* base, int64_t index) {

@@ -272,6 +272,42 @@ DSV4_HD inline float round_e5m2(float x) { return e5m2_to_f32(f32_to_e5m2(x)); }
 DSV4_HD inline float round_e2m1(float x) { return e2m1_to_f32(f32_to_e2m1(x)); }
 DSV4_HD inline float round_ue8m0_ceil(float x) { return ue8m0_to_f32(f32_to_ue8m0_ceil(x)); }
 
+// ---- by dtype, for kernels that take the format as an argument ---------------------------------
+
+DSV4_HD inline bool is_narrow_float(DType dtype) {
+  return dtype == DType::bf16 || dtype == DType::f16 || dtype == DType::f8_e4m3fn ||
+         dtype == DType::f8_e4m3fnuz || dtype == DType::f8_e5m2 || dtype == DType::f4_e2m1 ||
+         dtype == DType::ue8m0;
+}
+
+// The code of `value` in a narrow float format (a nibble for f4_e2m1). The caller has checked
+// is_narrow_float(dtype); anything else returns 0.
+DSV4_HD inline uint32_t encode_narrow(DType dtype, float value) {
+  switch (dtype) {
+    case DType::bf16: return f32_to_bf16(value);
+    case DType::f16: return f32_to_f16(value);
+    case DType::f8_e4m3fn: return f32_to_e4m3fn(value);
+    case DType::f8_e4m3fnuz: return f32_to_e4m3fnuz(value);
+    case DType::f8_e5m2: return f32_to_e5m2(value);
+    case DType::f4_e2m1: return f32_to_e2m1(value);
+    case DType::ue8m0: return f32_to_ue8m0_ceil(value);
+    default: return 0;
+  }
+}
+
+DSV4_HD inline float decode_narrow(DType dtype, uint32_t code) {
+  switch (dtype) {
+    case DType::bf16: return bf16_to_f32(static_cast<uint16_t>(code));
+    case DType::f16: return f16_to_f32(static_cast<uint16_t>(code));
+    case DType::f8_e4m3fn: return e4m3fn_to_f32(static_cast<uint8_t>(code));
+    case DType::f8_e4m3fnuz: return e4m3fnuz_to_f32(static_cast<uint8_t>(code));
+    case DType::f8_e5m2: return e5m2_to_f32(static_cast<uint8_t>(code));
+    case DType::f4_e2m1: return e2m1_to_f32(static_cast<uint8_t>(code & 0xFu));
+    case DType::ue8m0: return ue8m0_to_f32(static_cast<uint8_t>(code));
+    default: return 0.0f;
+  }
+}
+
 // ---- generic, host only (formats.cpp) ----------------------------------------------------------
 
 // Code (16, 8 or 4 bits, zero-extended) of `value` in a narrow float dtype (bf16, f16, the fp8s,
