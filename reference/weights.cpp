@@ -1,0 +1,112 @@
+#include "reference/weights.h"
+
+#include <cstring>
+#include <functional>
+
+#include "engine/checkpoint/checkpoint_layout.h"
+#include "engine/checkpoint/safetensors.h"
+#include "engine/checkpoint/synthetic_weights.h"
+#include "engine/core/error.h"
+#include "engine/core/formats.h"
+
+namespace dsv4::ref {
+
+namespace {
+
+using BytesOf = std::function<std::vector<uint8_t>(const TensorSpec&)>;
+
+Mat dense(const TensorSpec& spec, const std::vector<uint8_t>& bytes) {
+  const int64_t rows = spec.shape.empty() ? 1 : (spec.shape.size() == 1 ? 1 : spec.shape[0]);
+  int64_t n = 1;
+  for (int64_t d : spec.shape) n *= d;
+  Mat m(rows, rows == 0 ? 0 : n / rows);
+  for (int64_t i = 0; i < n; ++i) m.data[static_cast<size_t>(i)] = static_cast<float>(load_element_f64(spec.dtype, bytes.data(), i));
+  return m;
+}
+
+// FP8 weight [out, in] times its [ceil(out/b), ceil(in/b)] scales.
+Mat dequantize_fp8(const TensorSpec& w, const std::vector<uint8_t>& wb, const std::vector<uint8_t>& sb, int64_t block) {
+  const int64_t out = w.shape[0], in = w.shape[1];
+  const int64_t scale_cols = (in + block - 1) / block;
+  Mat m(out, in);
+  for (int64_t r = 0; r < out; ++r) {
+    for (int64_t c = 0; c < in; ++c) {
+      const float s = ue8m0_to_f32(sb[static_cast<size_t>((r / block) * scale_cols + c / block)]);
+      m.at(r, c) = e4m3fn_to_f32(wb[static_cast<size_t>(r * in + c)]) * s;
+    }
+  }
+  return m;
+}
+
+// FP4 pairs [out, in/2] times their [out, in/block] scales, unpacked to [out, in].
+Mat dequantize_fp4(const TensorSpec& w, const std::vector<uint8_t>& wb, const std::vector<uint8_t>& sb, int64_t block) {
+  const int64_t out = w.shape[0], in = w.shape[1] * 2;
+  Mat m(out, in);
+  for (int64_t r = 0; r < out; ++r) {
+    for (int64_t c = 0; c < in; ++c) {
+      const float s = ue8m0_to_f32(sb[static_cast<size_t>(r * (in / block) + c / block)]);
+      m.at(r, c) = e2m1_to_f32(fp4_get(wb.data(), r * in + c)) * s;
+    }
+  }
+  return m;
+}
+
+std::map<std::string, Mat> load(const ModelConfig& config, const BytesOf& bytes_of) {
+  const std::vector<TensorSpec> layout = checkpoint_layout(config);
+  std::map<std::string, const TensorSpec*> by_name;
+  for (const auto& s : layout) by_name[s.name] = &s;
+  std::map<std::string, Mat> out;
+  for (const TensorSpec& spec : layout) {
+    switch (spec.role) {
+      case TensorRole::block_scale:
+        break;  // folded into its weight
+      case TensorRole::fp8_weight: {
+        const TensorSpec& scale = *by_name.at(spec.weight_name);
+        out[spec.name] = dequantize_fp8(spec, bytes_of(spec), bytes_of(scale), config.weight_block_size);
+        break;
+      }
+      case TensorRole::fp4_weight: {
+        const TensorSpec& scale = *by_name.at(spec.weight_name);
+        out[spec.name] = dequantize_fp4(spec, bytes_of(spec), bytes_of(scale), config.fp4_block_size);
+        break;
+      }
+      default:
+        out[spec.name] = dense(spec, bytes_of(spec));
+        break;
+    }
+  }
+  return out;
+}
+
+}  // namespace
+
+Weights Weights::from_file(const ModelConfig& config, const std::string& path) {
+  const SafetensorsFile file = SafetensorsFile::open(path);
+  Weights w;
+  w.tensors_ = load(config, [&](const TensorSpec& spec) {
+    const SafetensorsEntry& e = file.at(spec.name);
+    const auto dtype = dtype_from_safetensors(e.dtype);
+    if (!dtype || *dtype != spec.dtype) {
+      throw InputError(path, spec.name, "dtype " + e.dtype + ", the checkpoint layout needs " +
+                                            std::string(safetensors_dtype_name(spec.dtype)));
+    }
+    if (e.shape != spec.shape) throw InputError(path, spec.name, "shape differs from the config's layout");
+    const auto span = file.bytes(e);
+    return std::vector<uint8_t>(span.begin(), span.end());
+  });
+  return w;
+}
+
+Weights Weights::synthetic(const ModelConfig& config, uint64_t seed) {
+  Weights w;
+  w.tensors_ = load(config, [&](const TensorSpec& spec) { return synthetic_tensor_bytes(config, spec, seed); });
+  return w;
+}
+
+const Mat& Weights::get(const std::string& name) const {
+  auto it = tensors_.find(name);
+  DSV4_ASSERT(it != tensors_.end(), "no tensor named " + name);
+  return it->second;
+}
+
+}  // namespace dsv4::ref
