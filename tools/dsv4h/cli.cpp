@@ -20,8 +20,7 @@ const std::vector<Command>& commands() {
       {"info", "print the validated config: per-layer ratios, parameter count, cache bytes per token", cmd_info, nullptr},
       {"weights", "write deterministic synthetic weights in the official checkpoint naming and dtypes", cmd_weights,
        nullptr},
-      {"reference", "run the scalar reference alone: greedy tokens and a logits digest", nullptr,
-       "the scalar reference (issue #3)"},
+      {"reference", "run the scalar reference alone: greedy tokens and a logits digest", cmd_reference, nullptr},
       {"generate", "run the engine as an inference engine and compare with the reference", nullptr,
        "the single-rank engine (issue #5)"},
       {"check", "the main job: run every property suite within a budget and save failures as case files", nullptr,
@@ -65,7 +64,7 @@ int run_cli(const std::vector<std::string>& args, std::ostream& out, std::ostrea
     if (name != c.name) continue;
     if (c.run == nullptr) {
       err << "dsv4h " << name << ": not in this build yet; it arrives with " << c.arrives_with
-          << ". Available now: info, weights.\n";
+          << ". Available now: info, weights, reference.\n";
       return kExitBadInput;
     }
     try {

@@ -17,5 +17,6 @@ int run_cli(const std::vector<std::string>& args, std::ostream& out, std::ostrea
 // Commands; each parses its own flags and throws InputError on bad input.
 int cmd_info(const std::vector<std::string>& args, std::ostream& out);
 int cmd_weights(const std::vector<std::string>& args, std::ostream& out);
+int cmd_reference(const std::vector<std::string>& args, std::ostream& out);
 
 }  // namespace dsv4::cli

@@ -1,0 +1,63 @@
+// The whole model for one sequence (dsv4-model §0, §4): embedding into hc_mult residual copies,
+// the blocks (mHC around attention and MoE), hc_head, the final norm and the fp32 head; and the MTP
+// block that drafts token p + 2 from the main model's final residual at p and token p + 1.
+// Every forward call returns the logits of its last position only, like the official demo.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "reference/attention.h"
+#include "reference/context.h"
+#include "reference/mhc.h"
+#include "reference/moe.h"
+#include "reference/weights.h"
+
+namespace dsv4::ref {
+
+class Block {
+ public:
+  // prefix "layers.{i}" or "mtp.{m}"; layer_id i, or n_layers + m.
+  Block(const ModelConfig& config, const Weights& weights, std::string prefix, int64_t layer_id);
+  void reset();
+  // R: [T, hc_mult * dim] residual in, residual out.
+  Mat forward(const Context& ctx, const Mat& R, const std::vector<int64_t>& token_ids, int64_t start_pos);
+
+ private:
+  const Weights& weights_;
+  std::string prefix_;
+  Attention attn_;
+  MoE ffn_;
+};
+
+class Model {
+ public:
+  Model(const ModelConfig& config, const Weights& weights);
+  void reset();  // a new sequence: every cache and compress state
+
+  struct Output {
+    Mat logits;          // [1, vocab], fp32, for the last position
+    Mat final_residual;  // [T, hc_mult * dim]: the residual after the last block, before hc_head
+  };
+  // tokens at positions start_pos .. start_pos + T - 1 (prefill: start_pos 0; decode: one token).
+  Output forward(const Context& ctx, const std::vector<int64_t>& tokens, int64_t start_pos);
+
+  // The MTP block (the first one): hidden [T, hc_mult * dim] = the main model's final residuals of
+  // positions start_pos.., next_tokens[t] = the token at position start_pos + t + 1. Returns the draft
+  // logits [1, vocab] for the last row (a prediction of the token at start_pos + T + 1).
+  Mat mtp_forward(const Context& ctx, const Mat& hidden, const std::vector<int64_t>& next_tokens, int64_t start_pos);
+
+  const ModelConfig& config() const { return config_; }
+
+ private:
+  Mat embed(const std::vector<int64_t>& tokens) const;
+  Mat head(const Context& ctx, const Mat& R, const std::string& hc_prefix, const std::string& norm_name) const;
+
+  const ModelConfig& config_;
+  const Weights& weights_;
+  std::vector<std::unique_ptr<Block>> layers_;
+  std::unique_ptr<Block> mtp_;
+};
+
+}  // namespace dsv4::ref
