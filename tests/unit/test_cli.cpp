@@ -142,3 +142,53 @@ TEST(Cli, WeightsToAnUnwritablePathIsBadInput) {
 
 }  // namespace
 }  // namespace dsv4::cli
+
+namespace dsv4::cli {
+namespace {
+
+TEST(CliReference, SameInputSameOutputEveryRun) {
+  const std::vector<std::string> args = {"reference", "--config", "micro", "--seed", "3", "--prompt-len", "20",
+                                         "--decode", "5", "--mode", "quant-sim", "--mtp"};
+  const Result a = run(args);
+  const Result b = run(args);
+  ASSERT_EQ(a.code, kExitOk) << a.err;
+  EXPECT_EQ(a.out, b.out);
+  EXPECT_TRUE(contains(a.out, "tokens: "));
+  EXPECT_TRUE(contains(a.out, "logits digest: "));
+  EXPECT_TRUE(contains(a.out, "mtp drafts: "));
+  const Result exact = run({"reference", "--config", "micro", "--seed", "3", "--prompt-len", "20", "--decode", "5"});
+  ASSERT_EQ(exact.code, kExitOk);
+  EXPECT_NE(exact.out, a.out);
+}
+
+TEST(CliReference, BadInputsAreNamed) {
+  Result r = run({"reference", "--config", "micro", "--seed", "1", "--prompt-len", "0"});
+  EXPECT_EQ(r.code, kExitBadInput);
+  EXPECT_TRUE(contains(r.err, "--prompt-len"));
+  r = run({"reference", "--config", "micro", "--seed", "1", "--prompt-len", "250", "--decode", "10"});
+  EXPECT_EQ(r.code, kExitBadInput);
+  EXPECT_TRUE(contains(r.err, "max_seq_len"));
+  r = run({"reference", "--config", "micro", "--seed", "1", "--prompt-len", "4", "--mode", "fast"});
+  EXPECT_EQ(r.code, kExitBadInput);
+  EXPECT_TRUE(contains(r.err, "--mode"));
+  r = run({"reference", "--config", "micro", "--seed", "1", "--prompt-len", "4", "--weights", "/no/such.safetensors"});
+  EXPECT_EQ(r.code, kExitBadInput);
+  EXPECT_TRUE(contains(r.err, "/no/such.safetensors"));
+}
+
+TEST(CliReference, ReadsWeightsFromACheckpoint) {
+  const std::string path = ::testing::TempDir() + "/dsv4_cli_micro.safetensors";
+  ASSERT_EQ(run({"weights", "--config", "micro", "--seed", "4", "--out", path}).code, kExitOk);
+  const Result from_file = run({"reference", "--config", "micro", "--seed", "4", "--prompt-len", "9", "--weights", path});
+  const Result synthetic = run({"reference", "--config", "micro", "--seed", "4", "--prompt-len", "9"});
+  ASSERT_EQ(from_file.code, kExitOk) << from_file.err;
+  const auto digest = [](const std::string& out) { return out.substr(out.find("logits digest")); };
+  EXPECT_EQ(digest(from_file.out), digest(synthetic.out));
+  // A checkpoint of another config is refused, naming the file and a tensor.
+  const Result wrong = run({"reference", "--config", "tiny", "--seed", "4", "--prompt-len", "9", "--weights", path});
+  EXPECT_EQ(wrong.code, kExitBadInput);
+  EXPECT_TRUE(contains(wrong.err, path));
+}
+
+}  // namespace
+}  // namespace dsv4::cli

@@ -14,6 +14,9 @@
 #include "reference/weights.h"
 
 namespace dsv4::ref {
+
+void PrintTo(Mode mode, std::ostream* os) { *os << (mode == Mode::exact ? "exact" : "quant_sim"); }
+
 namespace {
 
 struct Fixture {
