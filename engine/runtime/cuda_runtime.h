@@ -1,0 +1,49 @@
+// The `cuda` backend: CUDA runtime streams, events and graphs, NCCL collectives, and a watchdog:
+// every synchronization has a deadline, and on expiry the verdict is a HangError naming the last
+// unfinished launch, while the process stays alive to write its case file. Built with DSV4_CUDA.
+#pragma once
+
+#include <memory>
+#include <string>
+
+#include "engine/runtime/runtime.h"
+
+namespace dsv4::rt {
+
+struct CudaOptions {
+  double sync_deadline_s = 30.0;  // every synchronize() gives up after this long with a HangError
+};
+
+class CudaRuntime final : public Runtime {
+ public:
+  // options.devices GPUs (0 .. devices-1) driven by this one process; a communicator over their
+  // streams is an NCCL communicator (ncclCommInitAll).
+  CudaRuntime(RuntimeOptions options, CudaOptions cuda);
+  ~CudaRuntime() override;
+
+  BackendKind kind() const override { return BackendKind::cuda; }
+  // The cudaStream_t of a stream, for code that launches kernels directly.
+  void* native(StreamId stream) const;
+
+ protected:
+  MemorySpace& memory(int device) override;
+  void do_create_stream(StreamId stream) override;
+  void do_create_event(EventId event) override;
+  void do_launch(StreamId stream, uint64_t seq, const Launch& launch, bool capturing) override;
+  void do_record(EventId event, StreamId stream, bool capturing) override;
+  void do_wait(StreamId stream, EventId event, bool capturing) override;
+  bool do_query(EventId event) override;
+  void do_synchronize_event(EventId event) override;
+  void do_synchronize_stream(StreamId stream) override;
+  void do_synchronize_device(int device) override;
+  void do_begin_capture(StreamId stream) override;
+  void do_end_capture(GraphId graph) override;
+  void do_replay(GraphId graph, StreamId stream) override;
+  void do_collective(int comm, const std::vector<CollectivePart>& parts) override;
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+}  // namespace dsv4::rt

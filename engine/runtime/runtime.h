@@ -1,0 +1,335 @@
+// engine/runtime: the one small API through which all device work goes (design.md, "The runtime"):
+// devices, buffers, streams, events, graphs, launches and collectives. Two backends implement it —
+// `sim`, a deterministic simulated GPU on the CPU, and `cuda` — and detectors sit above both: every
+// call reaches the RuntimeObservers in host issue order, which is what the hazard detector's
+// happens-before reasoning needs (it judges the program, not the schedule that happened to run).
+#pragma once
+
+#include <coroutine>
+#include <cstdint>
+#include <exception>
+#include <functional>
+#include <memory>
+#include <stdexcept>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "engine/core/allocator.h"
+
+namespace dsv4::rt {
+
+enum class BackendKind { sim, cuda };
+
+// Handles are indices into the runtime's tables; -1 is "none".
+struct BufferId { int32_t value = -1; bool operator==(const BufferId&) const = default; };
+struct StreamId { int32_t value = -1; bool operator==(const StreamId&) const = default; };
+struct EventId { int32_t value = -1; bool operator==(const EventId&) const = default; };
+struct GraphId { int32_t value = -1; bool operator==(const GraphId&) const = default; };
+
+// Bytes [begin, end) of one buffer.
+struct ByteRange {
+  BufferId buffer;
+  uint64_t begin = 0;
+  uint64_t end = 0;
+  bool overlaps(const ByteRange& other) const {
+    return buffer == other.buffer && begin < other.end && other.begin < end;
+  }
+};
+
+enum class AccessKind : uint8_t { read, write };
+struct Access {
+  ByteRange range;
+  AccessKind kind = AccessKind::read;
+};
+
+// ---- cooperative kernels (sim) -------------------------------------------------------------------
+// A persistent kernel's blocks may wait on each other (counters, barriers). On `sim` each block is a
+// coroutine; the runtime resumes blocks in turn, and when every unfinished block waits on a
+// condition that is false, the launch ends with a HangError naming the kernel and the blocks.
+
+class BlockTask {
+ public:
+  struct promise_type {
+    BlockTask get_return_object() { return BlockTask(std::coroutine_handle<promise_type>::from_promise(*this)); }
+    std::suspend_always initial_suspend() noexcept { return {}; }
+    std::suspend_always final_suspend() noexcept { return {}; }
+    void return_void() {}
+    void unhandled_exception() { error = std::current_exception(); }
+    std::exception_ptr error;
+  };
+  explicit BlockTask(std::coroutine_handle<promise_type> h) : handle_(h) {}
+  BlockTask(BlockTask&& other) noexcept : handle_(std::exchange(other.handle_, {})) {}
+  BlockTask& operator=(BlockTask&& other) noexcept {
+    if (this != &other) {
+      if (handle_) handle_.destroy();
+      handle_ = std::exchange(other.handle_, {});
+    }
+    return *this;
+  }
+  BlockTask(const BlockTask&) = delete;
+  BlockTask& operator=(const BlockTask&) = delete;
+  ~BlockTask() {
+    if (handle_) handle_.destroy();
+  }
+  std::coroutine_handle<promise_type> handle() const { return handle_; }
+
+ private:
+  std::coroutine_handle<promise_type> handle_;
+};
+
+class BlockContext {
+ public:
+  BlockContext(int block, int blocks) : block_(block), blocks_(blocks) {}
+  int block() const { return block_; }
+  int blocks() const { return blocks_; }
+
+  // `co_await ctx.wait_until(ready, "counter[3] >= 4")` suspends the block until ready() is true.
+  struct Wait {
+    BlockContext* ctx;
+    std::function<bool()> ready;
+    std::string what;
+    bool await_ready() const { return ready(); }
+    void await_suspend(std::coroutine_handle<>) {
+      ctx->waiting_on_ = ready;
+      ctx->waiting_what_ = what;
+    }
+    void await_resume() {
+      ctx->waiting_on_ = nullptr;
+      ctx->waiting_what_.clear();
+    }
+  };
+  Wait wait_until(std::function<bool()> ready, std::string what) { return Wait{this, std::move(ready), std::move(what)}; }
+
+  // For the scheduler: is the block suspended on a condition, and is that condition now true?
+  bool waiting() const { return static_cast<bool>(waiting_on_); }
+  bool can_resume() const { return !waiting_on_ || waiting_on_(); }
+  const std::string& waiting_what() const { return waiting_what_; }
+
+ private:
+  int block_;
+  int blocks_;
+  std::function<bool()> waiting_on_;
+  std::string waiting_what_;
+};
+
+// ---- launches ------------------------------------------------------------------------------------
+
+struct Launch {
+  std::string op;                 // the kernel's name, as reports show it
+  std::vector<Access> accesses;   // every byte range it reads or writes (the launch contract's promise)
+  int blocks = 1;                 // grid size; for cooperative kernels, the number of block coroutines
+  std::function<void()> host;     // sim: runs the whole kernel on the host
+  std::function<BlockTask(BlockContext&)> cooperative;  // sim: one coroutine per block instead of `host`
+  std::function<void(void* cuda_stream)> cuda;          // cuda: enqueues the kernel on the stream
+};
+
+// A wait that can never be satisfied (a persistent kernel's blocks, a collective a rank never joins, a
+// synchronization past its deadline). The process keeps running, so it can write its case file.
+class HangError : public std::runtime_error {
+ public:
+  HangError(std::string kernel, std::vector<int> waiting_blocks, const std::string& detail)
+      : std::runtime_error("hang in '" + kernel + "': " + detail),
+        kernel_(std::move(kernel)),
+        waiting_blocks_(std::move(waiting_blocks)) {}
+  const std::string& kernel() const { return kernel_; }
+  const std::vector<int>& waiting_blocks() const { return waiting_blocks_; }
+
+ private:
+  std::string kernel_;
+  std::vector<int> waiting_blocks_;
+};
+
+// ---- graphs --------------------------------------------------------------------------------------
+
+// A captured graph: its launches and the dependency edges capture derived from stream order and
+// event waits (as CUDA stream capture does).
+struct GraphNode {
+  Launch launch;
+  StreamId captured_on;
+  std::vector<int> predecessors;  // indices of nodes this one depends on
+};
+struct GraphTopology {
+  std::vector<GraphNode> nodes;
+};
+
+// ---- observers -----------------------------------------------------------------------------------
+
+// Sees every call in host issue order, on every backend. Launches issued during a capture are
+// reported with `capturing` set: they do not run; the graph runs at each replay.
+class RuntimeObserver {
+ public:
+  virtual ~RuntimeObserver() = default;
+  virtual void on_stream_created(StreamId, int /*device*/, const std::string& /*name*/) {}
+  virtual void on_buffer_created(BufferId, int /*device*/, const std::string& /*name*/, uint64_t /*bytes*/) {}
+  virtual void on_launch(StreamId, uint64_t /*launch_seq*/, const Launch&, bool /*capturing*/) {}
+  virtual void on_event_record(EventId, StreamId) {}
+  virtual void on_stream_wait(StreamId, EventId) {}
+  virtual void on_host_sync_stream(StreamId) {}
+  virtual void on_host_sync_event(EventId) {}
+  virtual void on_host_sync_device(int /*device*/) {}
+  // The host reading or writing a buffer directly (upload, download, host-side metadata writes).
+  virtual void on_host_access(const Access&) {}
+  virtual void on_capture_begin(StreamId) {}
+  virtual void on_capture_end(StreamId, GraphId, const GraphTopology&) {}
+  virtual void on_graph_replay(GraphId, StreamId, const GraphTopology&) {}
+  // One collective: each participant's stream and the byte ranges it reads and writes.
+  virtual void on_collective(const std::string& /*op*/, const std::vector<StreamId>& /*streams*/,
+                             const std::vector<std::vector<Access>>& /*accesses*/) {}
+};
+
+}  // namespace dsv4::rt
+
+namespace dsv4::rt {
+
+struct RuntimeOptions {
+  int devices = 1;                                // sim: simulated devices; cuda: devices to use (<= present)
+  AllocatorMode allocator_mode = AllocatorMode::plain;  // testing: guard bytes and poison on every buffer
+  bool caching_allocator = true;                  // reuse freed buffers of the same size (off for sanitizers)
+};
+
+// The API. Public calls validate their arguments, tell the observers, then run the backend's hook.
+// Buffers, streams and events live until the runtime is destroyed (or free() for buffers).
+class Runtime {
+ public:
+  explicit Runtime(RuntimeOptions options);
+  virtual ~Runtime();
+  Runtime(const Runtime&) = delete;
+  Runtime& operator=(const Runtime&) = delete;
+
+  virtual BackendKind kind() const = 0;
+  int device_count() const { return options_.devices; }
+  const RuntimeOptions& options() const { return options_; }
+
+  void add_observer(RuntimeObserver* observer);
+
+  // ---- buffers ----
+  BufferId alloc(int device, uint64_t bytes, const std::string& name);
+  // Returns the buffer's memory to the cache (or the allocator). Work still queued on it is the
+  // caller's problem — exactly the reuse hazard the detector exists for.
+  void free(BufferId buffer);
+  void* data(BufferId buffer) const;  // host pointer on sim, device pointer on cuda
+  const std::string& name(BufferId buffer) const;
+  uint64_t bytes(BufferId buffer) const;
+  int device_of(BufferId buffer) const;
+  ByteRange range(BufferId buffer, uint64_t begin, uint64_t end) const;
+  ByteRange all(BufferId buffer) const { return range(buffer, 0, bytes(buffer)); }
+  // Host <-> buffer copies, synchronous for the host (they wait for nothing: synchronize first).
+  void upload(BufferId buffer, uint64_t offset, const void* src, uint64_t size);
+  void download(BufferId buffer, uint64_t offset, void* dst, uint64_t size);
+  // Guard damage of every live buffer (testing allocator mode).
+  std::vector<GuardDamage> check_guards() const;
+
+  // ---- streams, events, launches ----
+  StreamId create_stream(int device, const std::string& name);
+  EventId create_event(const std::string& name);
+  const std::string& name(StreamId stream) const;
+  int device_of(StreamId stream) const;
+  void launch(StreamId stream, Launch launch);
+  // A device-side copy, as a launch named "copy" that reads src and writes dst.
+  void copy(StreamId stream, ByteRange dst, ByteRange src);
+  void record(EventId event, StreamId stream);
+  void wait(StreamId stream, EventId event);
+  bool query(EventId event);
+  void synchronize(EventId event);
+  void synchronize(StreamId stream);
+  void synchronize_device(int device);
+
+  // ---- graphs ----
+  // Work issued to `stream` (and to streams that wait on events recorded during the capture) is
+  // recorded, not run, until end_capture.
+  void begin_capture(StreamId stream);
+  GraphId end_capture(StreamId stream);
+  void replay(GraphId graph, StreamId stream);
+  const GraphTopology& topology(GraphId graph) const;
+  bool capturing(StreamId stream) const;
+
+  // ---- collectives ----
+  // A communicator over ranks 0..n-1 with one stream each. Every rank issues its part of each
+  // collective (in the same order on all ranks); the collective runs once all have.
+  int create_communicator(std::vector<StreamId> rank_streams, const std::string& name);
+  void all_gather(int comm, int rank, ByteRange send, ByteRange recv);  // recv holds n * |send|, rank order
+  void all_reduce_sum_f32(int comm, int rank, ByteRange send, ByteRange recv);
+  void send(int comm, int rank, int peer, ByteRange data);
+  void recv(int comm, int rank, int peer, ByteRange data);
+  void barrier(int comm, int rank);
+
+ protected:
+  struct BufferRecord {
+    std::shared_ptr<Storage> storage;
+    std::string name;
+    int device = 0;
+    uint64_t bytes = 0;
+    bool live = true;
+  };
+  struct StreamRecord {
+    std::string name;
+    int device = 0;
+    int capture = -1;             // index into captures_ while capturing
+    std::vector<int> frontier;    // the nodes the stream's next captured launch depends on
+  };
+  struct EventRecord {
+    std::string name;
+    int capture = -1;             // recorded inside a capture: the nodes it stands for
+    std::vector<int> frontier;
+    bool recorded = false;
+  };
+  struct CollectivePart {
+    std::string op;
+    int rank = 0;
+    int peer = -1;
+    ByteRange send, recv;
+  };
+  struct CommunicatorRecord {
+    std::string name;
+    std::vector<StreamId> streams;
+    std::vector<std::vector<CollectivePart>> pending;  // per rank, issued but not yet matched
+  };
+
+  // Backend hooks. The base has validated the arguments and told the observers.
+  virtual MemorySpace& memory(int device) = 0;
+  virtual void do_create_stream(StreamId stream) = 0;
+  virtual void do_create_event(EventId event) = 0;
+  // `capturing`: the stream is capturing; the base has added the launch to the graph being built
+  // (sim runs nothing now; cuda enqueues it so that CUDA's own capture records it).
+  virtual void do_launch(StreamId stream, uint64_t seq, const Launch& launch, bool capturing) = 0;
+  virtual void do_record(EventId event, StreamId stream, bool capturing) = 0;
+  virtual void do_wait(StreamId stream, EventId event, bool capturing) = 0;
+  virtual void do_begin_capture(StreamId stream) { (void)stream; }
+  virtual bool do_query(EventId event) = 0;
+  virtual void do_synchronize_event(EventId event) = 0;
+  virtual void do_synchronize_stream(StreamId stream) = 0;
+  virtual void do_synchronize_device(int device) = 0;
+  virtual void do_replay(GraphId graph, StreamId stream) = 0;
+  // A matched collective: parts[r] is rank r's part (for send/recv: the two matched parts).
+  virtual void do_collective(int comm, const std::vector<CollectivePart>& parts) = 0;
+  // Called at end_capture so the backend can build its executable graph.
+  virtual void do_end_capture(GraphId graph) { (void)graph; }
+
+  void notify(const std::function<void(RuntimeObserver&)>& fn);
+  void check_stream(StreamId stream) const;
+  void check_event(EventId event) const;
+  void check_range(const ByteRange& range, const char* what) const;
+  void issue_collective(int comm, CollectivePart part);
+
+  RuntimeOptions options_;
+  std::vector<RuntimeObserver*> observers_;
+  std::vector<std::unique_ptr<Allocator>> allocators_;  // one per device
+  std::vector<BufferRecord> buffers_;
+  std::vector<StreamRecord> streams_;
+  std::vector<EventRecord> events_;
+  std::vector<GraphTopology> graphs_;
+  std::vector<CommunicatorRecord> communicators_;
+  // Captures in progress: the graph being built and the streams that joined it.
+  struct CaptureRecord {
+    StreamId origin;
+    GraphTopology graph;
+    std::vector<StreamId> joined;
+  };
+  std::vector<CaptureRecord> captures_;
+  // The cache of freed storages by (device, bytes), when caching_allocator is on.
+  std::vector<std::tuple<int, uint64_t, std::shared_ptr<Storage>>> free_cache_;
+  uint64_t launch_seq_ = 0;
+};
+
+}  // namespace dsv4::rt
