@@ -308,6 +308,27 @@ DSV4_HD inline float decode_narrow(DType dtype, uint32_t code) {
   }
 }
 
+// A code of a narrow float dtype in a packed byte buffer (fp4: a nibble, low first; 16-bit codes
+// little-endian), element `index`. Byte-wise so device code needs no alignment.
+DSV4_HD inline uint32_t load_code(DType dtype, const uint8_t* base, int64_t index) {
+  if (dtype == DType::f4_e2m1) return fp4_get(base, index);
+  if (dtype == DType::bf16 || dtype == DType::f16) {
+    return static_cast<uint32_t>(base[2 * index]) | (static_cast<uint32_t>(base[2 * index + 1]) << 8);
+  }
+  return base[index];
+}
+
+DSV4_HD inline void store_code(DType dtype, uint8_t* base, int64_t index, uint32_t code) {
+  if (dtype == DType::f4_e2m1) {
+    fp4_set(base, index, static_cast<uint8_t>(code));
+  } else if (dtype == DType::bf16 || dtype == DType::f16) {
+    base[2 * index] = static_cast<uint8_t>(code & 0xFFu);
+    base[2 * index + 1] = static_cast<uint8_t>(code >> 8);
+  } else {
+    base[index] = static_cast<uint8_t>(code);
+  }
+}
+
 // ---- generic, host only (formats.cpp) ----------------------------------------------------------
 
 // Code (16, 8 or 4 bits, zero-extended) of `value` in a narrow float dtype (bf16, f16, the fp8s,

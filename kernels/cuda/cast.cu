@@ -25,26 +25,13 @@ __global__ void encode_kernel(const float* in, uint8_t* out, long long n, DType 
     return;
   }
   if (i >= n) return;
-  const uint32_t code = encode_narrow(to, in[i]);
-  if (to == DType::bf16 || to == DType::f16) {
-    reinterpret_cast<uint16_t*>(out)[i] = static_cast<uint16_t>(code);
-  } else {
-    out[i] = static_cast<uint8_t>(code);
-  }
+  store_code(to, out, i, encode_narrow(to, in[i]));
 }
 
 __global__ void decode_kernel(const uint8_t* in, float* out, long long n, DType from) {
   const long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n) return;
-  uint32_t code;
-  if (from == DType::f4_e2m1) {
-    code = fp4_get(in, i);
-  } else if (from == DType::bf16 || from == DType::f16) {
-    code = reinterpret_cast<const uint16_t*>(in)[i];
-  } else {
-    code = in[i];
-  }
-  out[i] = decode_narrow(from, code);
+  out[i] = decode_narrow(from, load_code(from, in, i));
 }
 
 __global__ void copy_kernel(const float* in, float* out, long long n) {

@@ -44,36 +44,12 @@ void cast_host(const Tensor& src, Tensor& dst) {
   if (src.dtype() == DType::f32) {
     const float* in = src.data<float>();
     auto* out = dst.data<uint8_t>();
-    const DType to = dst.dtype();
-    for (int64_t i = 0; i < n; ++i) {
-      const uint32_t code = encode_narrow(to, in[i]);
-      if (to == DType::f4_e2m1) {
-        fp4_set(out, i, static_cast<uint8_t>(code));
-      } else if (dtype_bits(to) == 16) {
-        const auto c16 = static_cast<uint16_t>(code);
-        std::memcpy(out + 2 * i, &c16, 2);
-      } else {
-        out[i] = static_cast<uint8_t>(code);
-      }
-    }
+    for (int64_t i = 0; i < n; ++i) store_code(dst.dtype(), out, i, encode_narrow(dst.dtype(), in[i]));
     return;
   }
   const auto* in = src.data<uint8_t>();
   float* out = dst.data<float>();
-  const DType from = src.dtype();
-  for (int64_t i = 0; i < n; ++i) {
-    uint32_t code;
-    if (from == DType::f4_e2m1) {
-      code = fp4_get(in, i);
-    } else if (dtype_bits(from) == 16) {
-      uint16_t c16;
-      std::memcpy(&c16, in + 2 * i, 2);
-      code = c16;
-    } else {
-      code = in[i];
-    }
-    out[i] = decode_narrow(from, code);
-  }
+  for (int64_t i = 0; i < n; ++i) out[i] = decode_narrow(src.dtype(), load_code(src.dtype(), in, i));
 }
 
 }  // namespace dsv4::kernels

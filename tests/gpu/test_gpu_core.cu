@@ -108,15 +108,7 @@ TEST_P(GpuCastEncode, MatchesTheHostEncoderOnEveryF32) {
       pool.emplace_back([&, t] {
         const long long lo = kChunk / threads * t, hi = t + 1 == threads ? kChunk : kChunk / threads * (t + 1);
         for (long long i = lo; i < hi; ++i) {
-          const uint32_t code = encode_narrow(to, f32_from_bits(static_cast<uint32_t>(first + i)));
-          if (to == DType::f4_e2m1) {
-            fp4_set(want.data(), i, static_cast<uint8_t>(code));
-          } else if (dtype_bits(to) == 16) {
-            const auto c = static_cast<uint16_t>(code);
-            std::memcpy(want.data() + 2 * i, &c, 2);
-          } else {
-            want[static_cast<size_t>(i)] = static_cast<uint8_t>(code);
-          }
+          store_code(to, want.data(), i, encode_narrow(to, f32_from_bits(static_cast<uint32_t>(first + i))));
         }
       });
     }
@@ -146,16 +138,7 @@ TEST(GpuCast, DecodesEveryCodeLikeTheHost) {
     const int64_t codes = int64_t{1} << dtype_bits(from);
     Tensor host_codes = Tensor::empty({codes}, from, "codes");
     auto* raw = host_codes.data<uint8_t>();
-    for (int64_t c = 0; c < codes; ++c) {
-      if (from == DType::f4_e2m1) {
-        fp4_set(raw, c, static_cast<uint8_t>(c));
-      } else if (dtype_bits(from) == 16) {
-        const auto c16 = static_cast<uint16_t>(c);
-        std::memcpy(raw + 2 * c, &c16, 2);
-      } else {
-        raw[c] = static_cast<uint8_t>(c);
-      }
-    }
+    for (int64_t c = 0; c < codes; ++c) store_code(from, raw, c, static_cast<uint32_t>(c));
     Tensor want = Tensor::empty({codes}, DType::f32, "want");
     kernels::cast_host(host_codes, want);
     Tensor on_gpu = host_codes.to(device);

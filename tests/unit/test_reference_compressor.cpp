@@ -12,37 +12,21 @@
 #include "reference/quant.h"
 #include "reference/rope.h"
 #include "reference/weights.h"
+#include "tests/unit/reference_fixtures.h"
 
 namespace dsv4::ref {
 namespace {
 
-// Deterministic attention inputs in [-2, 2], rounded to bf16 in quant-sim (the attn_norm output is bf16).
-Mat make_input(int64_t rows, int64_t cols, uint64_t seed, Mode mode) {
-  Mat x(rows, cols);
-  uint64_t s = seed * 0x9E3779B97F4A7C15ull + 1;
-  for (float& v : x.data) {
-    s ^= s << 13;
-    s ^= s >> 7;
-    s ^= s << 17;
-    v = static_cast<float>(static_cast<double>(s >> 11) * 0x1.0p-53 * 4.0 - 2.0);
-  }
-  if (mode == Mode::quant_sim) round_bf16_inplace(x);
-  return x;
-}
-
-struct Model {
-  explicit Model(const std::string& preset) : config(load_model_config(preset)), weights(Weights::synthetic(config, 7)) {}
-  ModelConfig config;
-  Weights weights;
-};
+using testing::make_input;
+using testing::Model;
 
 const Model& tiny() {
-  static const Model s("tiny");
+  static const Model s("tiny", 7);
   return s;
 }
 
 const Model& micro() {
-  static const Model s("micro");
+  static const Model s("micro", 7);
   return s;
 }
 
