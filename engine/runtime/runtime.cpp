@@ -190,6 +190,7 @@ bool Runtime::capturing(StreamId stream) const {
 
 void Runtime::launch(StreamId stream, Launch launch) {
   check_stream(stream);
+  if (launch.check_contract) launch.check_contract();
   for (const Access& a : launch.accesses) check_range(a.range, launch.op.c_str());
   if (!launch.host && !launch.cooperative && !launch.cuda) {
     throw ContractError(launch.op, "launch", "has no implementation for any backend");

@@ -122,6 +122,9 @@ struct Launch {
   std::function<void()> host;     // sim: runs the whole kernel on the host
   std::function<BlockTask(BlockContext&)> cooperative;  // sim: one coroutine per block instead of `host`
   std::function<void(void* cuda_stream)> cuda;          // cuda: enqueues the kernel on the stream
+  // The op's launch contract (engine/core/contract.h), checked by Runtime::launch before anything
+  // else happens: it throws ContractError naming the op, the argument and the rule.
+  std::function<void()> check_contract;
 };
 
 // A wait that can never be satisfied (a persistent kernel's blocks, a collective a rank never joins, a
