@@ -34,6 +34,11 @@ class MemorySpace {
   virtual void copy_to_host(void* dst_host, const void* src, size_t bytes) const = 0;
   virtual void copy_from_host(void* dst, const void* src_host, size_t bytes) const = 0;
   virtual void copy_within(void* dst, const void* src, size_t bytes) const = 0;
+  // A copy ordered on a device stream (a cudaStream_t for CUDA memory); the host copies at once.
+  virtual void copy_within_async(void* dst, const void* src, size_t bytes, void* stream) const {
+    (void)stream;
+    copy_within(dst, src, bytes);
+  }
 };
 
 MemorySpace& host_memory();

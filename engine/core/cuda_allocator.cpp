@@ -51,10 +51,20 @@ class CudaMemory final : public MemorySpace {
     if (bytes > 0) check(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToHost), "cudaMemcpy D2H");
   }
   void copy_from_host(void* dst, const void* src, size_t bytes) const override {
-    if (bytes > 0) check(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice), "cudaMemcpy H2D");
+    if (bytes == 0) return;
+    check(cudaMemcpy(dst, src, bytes, cudaMemcpyHostToDevice), "cudaMemcpy H2D");
+    // From pageable memory cudaMemcpy may return before the DMA lands; work on other streams
+    // issued next must see the data.
+    check(cudaStreamSynchronize(cudaStreamLegacy), "cudaStreamSynchronize after H2D");
   }
   void copy_within(void* dst, const void* src, size_t bytes) const override {
     if (bytes > 0) check(cudaMemcpy(dst, src, bytes, cudaMemcpyDeviceToDevice), "cudaMemcpy D2D");
+  }
+  void copy_within_async(void* dst, const void* src, size_t bytes, void* stream) const override {
+    if (bytes > 0) {
+      check(cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToDevice, static_cast<cudaStream_t>(stream)),
+            "cudaMemcpyAsync D2D");
+    }
   }
 
  private:

@@ -27,6 +27,7 @@ class CudaRuntime final : public Runtime {
 
  protected:
   MemorySpace& memory(int device) override;
+  void do_check_launch(const Launch& launch) override;
   void do_create_stream(StreamId stream) override;
   void do_create_event(EventId event) override;
   void do_launch(StreamId stream, uint64_t seq, const Launch& launch, bool capturing) override;

@@ -195,6 +195,7 @@ void Runtime::launch(StreamId stream, Launch launch) {
   if (!launch.host && !launch.cooperative && !launch.cuda) {
     throw ContractError(launch.op, "launch", "has no implementation for any backend");
   }
+  do_check_launch(launch);  // refused launches are never reported as issued
   const uint64_t seq = ++launch_seq_;
   StreamRecord& s = streams_[static_cast<size_t>(stream.value)];
   const bool capturing = s.capture >= 0;
@@ -221,7 +222,7 @@ void Runtime::copy(StreamId stream, ByteRange dst, ByteRange src) {
   const uint64_t size = dst.end - dst.begin;
   MemorySpace* space = &d.storage->space();
   l.host = [space, to, from, size] { space->copy_within(to, from, size); };
-  l.cuda = [space, to, from, size](void*) { space->copy_within(to, from, size); };
+  l.cuda = [space, to, from, size](void* cuda_stream) { space->copy_within_async(to, from, size, cuda_stream); };
   launch(stream, std::move(l));
 }
 
@@ -313,6 +314,25 @@ GraphId Runtime::end_capture(StreamId stream) {
   }
   const int index = s.capture;
   CaptureRecord& c = captures_[static_cast<size_t>(index)];
+  // As CUDA requires, every stream forked into the capture must have been joined back: its last
+  // captured work must be an ancestor of the origin's.
+  std::vector<bool> ancestor(c.graph.nodes.size(), false);
+  std::vector<int> todo = s.frontier;
+  while (!todo.empty()) {
+    const int n = todo.back();
+    todo.pop_back();
+    if (ancestor[static_cast<size_t>(n)]) continue;
+    ancestor[static_cast<size_t>(n)] = true;
+    for (int p : c.graph.nodes[static_cast<size_t>(n)].predecessors) todo.push_back(p);
+  }
+  for (StreamId joined : c.joined) {
+    for (int n : streams_[static_cast<size_t>(joined.value)].frontier) {
+      if (!ancestor[static_cast<size_t>(n)]) {
+        throw ContractError("end_capture", streams_[static_cast<size_t>(joined.value)].name,
+                            "forked into the capture of '" + s.name + "' and never joined back into it");
+      }
+    }
+  }
   for (size_t i = 0; i < streams_.size(); ++i) {
     if (streams_[i].capture == index) {
       streams_[i].capture = -1;
@@ -328,8 +348,8 @@ GraphId Runtime::end_capture(StreamId stream) {
   }
   graphs_.push_back(std::move(c.graph));
   const GraphId id{static_cast<int32_t>(graphs_.size() - 1)};
-  notify([&](RuntimeObserver& o) { o.on_capture_end(stream, id, graphs_.back()); });
   do_end_capture(id);
+  notify([&](RuntimeObserver& o) { o.on_capture_end(stream, id, graphs_[static_cast<size_t>(id.value)]); });
   return id;
 }
 
@@ -368,6 +388,9 @@ void Runtime::issue_collective(int comm, CollectivePart part) {
   CommunicatorRecord& c = communicators_[static_cast<size_t>(comm)];
   const int n = static_cast<int>(c.streams.size());
   if (part.rank < 0 || part.rank >= n) throw ContractError(part.op, "rank", std::to_string(part.rank) + " not in the communicator");
+  if ((part.op == "send" || part.op == "recv") && (part.peer < 0 || part.peer >= n || part.peer == part.rank)) {
+    throw ContractError(part.op, "peer", std::to_string(part.peer) + " is not another rank of the communicator");
+  }
   if (capturing(c.streams[static_cast<size_t>(part.rank)])) {
     throw ContractError(part.op, "stream", "collectives are not captured into graphs here");
   }
@@ -412,6 +435,18 @@ void Runtime::issue_collective(int comm, CollectivePart part) {
   for (const auto& p : parts) {
     if (p.op != parts[0].op) {
       throw ContractError(parts[0].op, "rank " + std::to_string(p.rank), "issued " + p.op + " where the others issued " + parts[0].op);
+    }
+    const uint64_t send_bytes = p.send.end - p.send.begin;
+    const uint64_t first_send_bytes = parts[0].send.end - parts[0].send.begin;
+    if (send_bytes != first_send_bytes) {
+      throw ContractError(p.op, "rank " + std::to_string(p.rank), "sends " + std::to_string(send_bytes) +
+                                                                     " bytes, rank 0 sends " + std::to_string(first_send_bytes));
+    }
+    const uint64_t recv_bytes = p.recv.end - p.recv.begin;
+    const uint64_t expected = p.op == "all_gather" ? send_bytes * static_cast<uint64_t>(n) : send_bytes;
+    if (p.op != "barrier" && recv_bytes != expected) {
+      throw ContractError(p.op, "rank " + std::to_string(p.rank), "receives " + std::to_string(recv_bytes) +
+                                                                     " bytes, needs " + std::to_string(expected));
     }
   }
   std::vector<std::vector<Access>> accesses;

@@ -291,6 +291,9 @@ class Runtime {
 
   // Backend hooks. The base has validated the arguments and told the observers.
   virtual MemorySpace& memory(int device) = 0;
+  // A launch the backend cannot run (no implementation for it): throw ContractError. Called before
+  // the launch is numbered or reported.
+  virtual void do_check_launch(const Launch& launch) { (void)launch; }
   virtual void do_create_stream(StreamId stream) = 0;
   virtual void do_create_event(EventId event) = 0;
   // `capturing`: the stream is capturing; the base has added the launch to the graph being built
