@@ -99,7 +99,11 @@ void Runtime::free(BufferId buffer) {
   check_range(ByteRange{buffer, 0, 0}, "buffer");
   BufferRecord& b = buffers_[static_cast<size_t>(buffer.value)];
   b.live = false;
-  if (!options_.caching_allocator) b.storage.reset();  // back to the allocator (guards checked there)
+  if (!options_.caching_allocator) {
+    // Like cudaFree, returning memory without a cache waits for all work on the device first.
+    synchronize_device(b.device);
+    b.storage.reset();  // back to the allocator (guards checked there)
+  }
 }
 
 void* Runtime::data(BufferId buffer) const {
@@ -254,6 +258,9 @@ void Runtime::wait(StreamId stream, EventId event) {
       captures_[static_cast<size_t>(e.capture)].joined.push_back(stream);
     }
     s.frontier = merged(s.frontier, e.frontier);
+  } else if (s.capture >= 0 && e.recorded) {
+    throw ContractError("wait", s.name, "a capturing stream cannot wait on event '" + e.name +
+                                            "' recorded outside the capture (the graph would lose the edge)");
   }
   notify([&](RuntimeObserver& o) { o.on_stream_wait(stream, event); });
   do_wait(stream, event, s.capture >= 0);
@@ -261,6 +268,9 @@ void Runtime::wait(StreamId stream, EventId event) {
 
 bool Runtime::query(EventId event) {
   check_event(event);
+  if (events_[static_cast<size_t>(event.value)].capture >= 0) {
+    throw ContractError("query", events_[static_cast<size_t>(event.value)].name, "event belongs to a capture");
+  }
   return do_query(event);
 }
 
@@ -372,7 +382,15 @@ void Runtime::replay(GraphId graph, StreamId stream) {
 
 int Runtime::create_communicator(std::vector<StreamId> rank_streams, const std::string& name) {
   if (rank_streams.empty()) throw ContractError("create_communicator", name, "needs at least one rank");
-  for (StreamId s : rank_streams) check_stream(s);
+  for (size_t i = 0; i < rank_streams.size(); ++i) {
+    check_stream(rank_streams[i]);
+    for (size_t j = 0; j < i; ++j) {
+      if (rank_streams[j] == rank_streams[i]) {
+        throw ContractError("create_communicator", name, "ranks " + std::to_string(j) + " and " + std::to_string(i) +
+                                                             " share stream '" + streams_[static_cast<size_t>(rank_streams[i].value)].name + "'");
+      }
+    }
+  }
   CommunicatorRecord c;
   c.name = name;
   c.pending.resize(rank_streams.size());
@@ -394,66 +412,89 @@ void Runtime::issue_collective(int comm, CollectivePart part) {
   if (capturing(c.streams[static_cast<size_t>(part.rank)])) {
     throw ContractError(part.op, "stream", "collectives are not captured into graphs here");
   }
+  // The size of an all_gather/all_reduce part is checked against the rank's own buffers before it
+  // is queued, so a refused part never blocks the communicator.
+  const uint64_t send_bytes = part.send.end - part.send.begin;
+  const uint64_t recv_bytes = part.recv.end - part.recv.begin;
+  if (part.op == "all_gather" && recv_bytes != send_bytes * static_cast<uint64_t>(n)) {
+    throw ContractError(part.op, "recv", "holds " + std::to_string(recv_bytes) + " bytes, needs " +
+                                             std::to_string(n) + " x " + std::to_string(send_bytes));
+  }
   c.pending[static_cast<size_t>(part.rank)].push_back(part);
+  match_collectives(comm);
+}
 
+void Runtime::match_collectives(int comm) {
+  CommunicatorRecord& c = communicators_[static_cast<size_t>(comm)];
+  const int n = static_cast<int>(c.streams.size());
   auto accesses_of = [](const CollectivePart& p) {
     std::vector<Access> a;
     if (p.send.buffer.value >= 0) a.push_back(Access{p.send, AccessKind::read});
     if (p.recv.buffer.value >= 0) a.push_back(Access{p.recv, AccessKind::write});
     return a;
   };
-  // Point to point: match rank's send/recv with the peer's opposite part at the front of its queue.
-  if (part.op == "send" || part.op == "recv") {
-    auto& mine = c.pending[static_cast<size_t>(part.rank)];
-    auto& theirs = c.pending[static_cast<size_t>(part.peer)];
-    if (mine.empty() || theirs.empty()) return;
-    const CollectivePart& a = mine.front();
-    const CollectivePart& b = theirs.front();
-    const bool matched = ((a.op == "send" && b.op == "recv") || (a.op == "recv" && b.op == "send")) &&
-                         a.peer == b.rank && b.peer == a.rank;
-    if (!matched) return;
-    const CollectivePart& sender = a.op == "send" ? a : b;
-    const CollectivePart& receiver = a.op == "send" ? b : a;
-    const std::vector<CollectivePart> parts = {sender, receiver};
-    if (sender.send.end - sender.send.begin != receiver.recv.end - receiver.recv.begin) {
-      throw ContractError("send/recv", "data", "sizes of the matched send and recv differ");
+  // One match can expose another (a rank's next part reaches the front), so repeat until nothing
+  // matches; each round removes at least one part, which bounds the loop.
+  size_t pending_parts = 0;
+  for (const auto& q : c.pending) pending_parts += q.size();
+  for (size_t round = 0; round <= pending_parts; ++round) {
+    bool matched_any = false;
+    // Point to point: a rank's front send/recv and its peer's front opposite part.
+    for (int r = 0; r < n && !matched_any; ++r) {
+      auto& mine = c.pending[static_cast<size_t>(r)];
+      if (mine.empty() || (mine.front().op != "send" && mine.front().op != "recv")) continue;
+      auto& theirs = c.pending[static_cast<size_t>(mine.front().peer)];
+      if (theirs.empty()) continue;
+      const CollectivePart a = mine.front();
+      const CollectivePart b = theirs.front();
+      const bool matched = ((a.op == "send" && b.op == "recv") || (a.op == "recv" && b.op == "send")) &&
+                           a.peer == b.rank && b.peer == a.rank;
+      if (!matched) continue;
+      mine.erase(mine.begin());
+      theirs.erase(theirs.begin());
+      const CollectivePart& sender = a.op == "send" ? a : b;
+      const CollectivePart& receiver = a.op == "send" ? b : a;
+      if (sender.send.end - sender.send.begin != receiver.recv.end - receiver.recv.begin) {
+        throw ContractError("send/recv", "data", "rank " + std::to_string(sender.rank) + " sends " +
+                                                     std::to_string(sender.send.end - sender.send.begin) + " bytes, rank " +
+                                                     std::to_string(receiver.rank) + " receives " +
+                                                     std::to_string(receiver.recv.end - receiver.recv.begin));
+      }
+      const std::vector<StreamId> streams = {c.streams[static_cast<size_t>(sender.rank)],
+                                             c.streams[static_cast<size_t>(receiver.rank)]};
+      notify([&](RuntimeObserver& o) { o.on_collective("send/recv", streams, {accesses_of(sender), accesses_of(receiver)}); });
+      do_collective(comm, {sender, receiver});
+      matched_any = true;
     }
-    const std::vector<StreamId> streams = {c.streams[static_cast<size_t>(sender.rank)],
-                                           c.streams[static_cast<size_t>(receiver.rank)]};
-    notify([&](RuntimeObserver& o) { o.on_collective("send/recv", streams, {accesses_of(sender), accesses_of(receiver)}); });
-    mine.erase(mine.begin());
-    theirs.erase(theirs.begin());
+    if (matched_any) continue;
+    // Group collectives: run once every rank has one at the front, in order.
+    bool all_present = true;
+    for (const auto& q : c.pending) {
+      if (q.empty() || q.front().op == "send" || q.front().op == "recv") all_present = false;
+    }
+    if (!all_present) return;
+    std::vector<CollectivePart> parts;
+    for (auto& q : c.pending) {
+      parts.push_back(q.front());
+      q.erase(q.begin());
+    }
+    // Taken off the queues first: a mismatched group is refused without wedging the communicator.
+    for (const auto& p : parts) {
+      if (p.op != parts[0].op) {
+        throw ContractError(parts[0].op, "rank " + std::to_string(p.rank), "issued " + p.op + " where rank 0 issued " + parts[0].op);
+      }
+      const uint64_t bytes = p.send.end - p.send.begin;
+      const uint64_t first = parts[0].send.end - parts[0].send.begin;
+      if (bytes != first) {
+        throw ContractError(p.op, "rank " + std::to_string(p.rank), "sends " + std::to_string(bytes) +
+                                                                       " bytes, rank 0 sends " + std::to_string(first));
+      }
+    }
+    std::vector<std::vector<Access>> accesses;
+    for (const auto& p : parts) accesses.push_back(accesses_of(p));
+    notify([&](RuntimeObserver& o) { o.on_collective(parts[0].op, c.streams, accesses); });
     do_collective(comm, parts);
-    return;
   }
-  // Group collectives: run once every rank has one queued, in order.
-  for (const auto& q : c.pending) {
-    if (q.empty()) return;
-  }
-  std::vector<CollectivePart> parts;
-  for (auto& q : c.pending) parts.push_back(q.front());
-  for (const auto& p : parts) {
-    if (p.op != parts[0].op) {
-      throw ContractError(parts[0].op, "rank " + std::to_string(p.rank), "issued " + p.op + " where the others issued " + parts[0].op);
-    }
-    const uint64_t send_bytes = p.send.end - p.send.begin;
-    const uint64_t first_send_bytes = parts[0].send.end - parts[0].send.begin;
-    if (send_bytes != first_send_bytes) {
-      throw ContractError(p.op, "rank " + std::to_string(p.rank), "sends " + std::to_string(send_bytes) +
-                                                                     " bytes, rank 0 sends " + std::to_string(first_send_bytes));
-    }
-    const uint64_t recv_bytes = p.recv.end - p.recv.begin;
-    const uint64_t expected = p.op == "all_gather" ? send_bytes * static_cast<uint64_t>(n) : send_bytes;
-    if (p.op != "barrier" && recv_bytes != expected) {
-      throw ContractError(p.op, "rank " + std::to_string(p.rank), "receives " + std::to_string(recv_bytes) +
-                                                                     " bytes, needs " + std::to_string(expected));
-    }
-  }
-  std::vector<std::vector<Access>> accesses;
-  for (const auto& p : parts) accesses.push_back(accesses_of(p));
-  notify([&](RuntimeObserver& o) { o.on_collective(parts[0].op, c.streams, accesses); });
-  for (auto& q : c.pending) q.erase(q.begin());
-  do_collective(comm, parts);
 }
 
 void Runtime::all_gather(int comm, int rank, ByteRange send, ByteRange recv) {

@@ -208,8 +208,9 @@ class Runtime {
 
   // ---- buffers ----
   BufferId alloc(int device, uint64_t bytes, const std::string& name);
-  // Returns the buffer's memory to the cache (or the allocator). Work still queued on it is the
-  // caller's problem — exactly the reuse hazard the detector exists for.
+  // Returns the buffer's memory to the cache, where work still queued on it can race with the next
+  // owner (exactly the reuse hazard the detector exists for); without the cache, the memory goes
+  // back to the allocator after the device finished its work, as cudaFree does.
   void free(BufferId buffer);
   void* data(BufferId buffer) const;  // host pointer on sim, device pointer on cuda
   const std::string& name(BufferId buffer) const;
@@ -317,6 +318,7 @@ class Runtime {
   void check_event(EventId event) const;
   void check_range(const ByteRange& range, const char* what) const;
   void issue_collective(int comm, CollectivePart part);
+  void match_collectives(int comm);
 
   RuntimeOptions options_;
   std::vector<RuntimeObserver*> observers_;

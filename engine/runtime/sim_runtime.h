@@ -68,6 +68,9 @@ class SimRuntime final : public Runtime {
   void do_collective(int comm, const std::vector<CollectivePart>& parts) override;
 
  private:
+  // Refuses a capture begun from inside a running op (the replayed graph must stay where it is).
+  void do_begin_capture(StreamId stream) override;
+
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };
