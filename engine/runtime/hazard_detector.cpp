@@ -412,10 +412,13 @@ void HazardDetector::on_graph_replay(GraphId graph, StreamId stream, const Graph
   const std::vector<int> order = topological_order(topology);
   std::vector<Clock> clocks(n);
   std::vector<uint32_t> lane_of_node(n, 0);
+  // As cudaGraphLaunch does, a replay is ordered after the previous replays of the same graph.
+  Clock base = state.clock;
+  if (auto it = replay_end_clock_.find(graph.value); it != replay_end_clock_.end()) join(base, it->second);
   for (int node_index : order) {
     const auto node = static_cast<size_t>(node_index);
     const GraphNode& graph_node = topology.nodes[node];
-    Clock clock = state.clock;  // every node runs after the replay stream's work so far
+    Clock clock = base;  // every node runs after the replay stream's work so far
     for (int p : graph_node.predecessors) join(clock, clocks[static_cast<size_t>(p)]);
     const uint32_t lane = pick_lane(clock, graph_node.predecessors, lane_of_node);
     lane_of_node[node] = lane;
@@ -435,6 +438,7 @@ void HazardDetector::on_graph_replay(GraphId graph, StreamId stream, const Graph
   }
   // The replay completes on its stream: later work there is ordered after every node.
   for (const Clock& clock : clocks) join(state.clock, clock);
+  replay_end_clock_[graph.value] = state.clock;
 }
 
 // ---- shadow history ------------------------------------------------------------------------------

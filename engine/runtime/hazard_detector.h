@@ -175,6 +175,7 @@ class HazardDetector : public RuntimeObserver {
   Clock host_clock_;                  // component 0 is the host's own
   uint64_t host_version_ = 1;         // bumps whenever host_clock_ changes
   uint32_t component_count_ = 1;
+  std::unordered_map<int32_t, Clock> replay_end_clock_;  // per graph: where its last replay ended
   // Graph-replay lanes: a chain of replayed nodes shares a component; a lane is reused by a node
   // only when the lane's last node happens-before it, which keeps each component totally ordered.
   std::vector<uint32_t> lane_component_;

@@ -374,8 +374,20 @@ void Runtime::replay(GraphId graph, StreamId stream) {
     throw ContractError("replay", "graph", "no graph with id " + std::to_string(graph.value));
   }
   if (capturing(stream)) throw ContractError("replay", name(stream), "cannot replay into a capturing stream");
+  // As cudaGraphLaunch does, a replay is ordered after the previous replays of the same graph, on
+  // whatever stream they ran: an internal event, recorded after each replay, is waited on first.
+  if (graph_replay_events_.size() < graphs_.size()) graph_replay_events_.resize(graphs_.size(), EventId{});
+  EventId& previous = graph_replay_events_[static_cast<size_t>(graph.value)];
+  if (previous.value >= 0) do_wait(stream, previous, false);
   notify([&](RuntimeObserver& o) { o.on_graph_replay(graph, stream, graphs_[static_cast<size_t>(graph.value)]); });
   do_replay(graph, stream);
+  if (previous.value < 0) {
+    events_.push_back(EventRecord{"replay of graph " + std::to_string(graph.value), -1, {}, false});
+    previous = EventId{static_cast<int32_t>(events_.size() - 1)};
+    do_create_event(previous);
+  }
+  events_[static_cast<size_t>(previous.value)].recorded = true;
+  do_record(previous, stream, false);
 }
 
 // ---- collectives ----

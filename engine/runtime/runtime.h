@@ -327,6 +327,7 @@ class Runtime {
   std::vector<StreamRecord> streams_;
   std::vector<EventRecord> events_;
   std::vector<GraphTopology> graphs_;
+  std::vector<EventId> graph_replay_events_;  // per graph: recorded after its latest replay
   std::vector<CommunicatorRecord> communicators_;
   // Captures in progress: the graph being built and the streams that joined it.
   struct CaptureRecord {

@@ -439,14 +439,18 @@ TEST(HazardDetector, ReplayIsOrderedAfterItsStreamAndBeforeLaterWorkOnIt) {
   EXPECT_LE(p.det.clock_components(), 6u);  // host + 2 streams + lanes reused across replays
 }
 
-TEST(HazardDetector, ReplaysOfOneGraphOnTwoUnorderedStreamsRace) {
+TEST(HazardDetector, ReplaysOfOneGraphAreOrderedButTwoGraphsOnUnorderedStreamsRace) {
   Program p;
   StreamId s1 = p.stream("s1"), s2 = p.stream("s2");
   BufferId out = p.buffer("out");
   GraphTopology g;
   g.nodes.push_back(node("write", s1, {wr(out, 0, 64)}));
+  // cudaGraphLaunch orders each launch of an executable graph after its previous launches.
   p.det.on_graph_replay(GraphId{0}, s1, g);
   p.det.on_graph_replay(GraphId{0}, s2, g);
+  EXPECT_TRUE(p.det.hazards().empty());
+  // A second instantiation of the same topology is another graph: nothing orders the two.
+  p.det.on_graph_replay(GraphId{1}, s1, g);
   ASSERT_EQ(p.det.hazards().size(), 1u);
   EXPECT_EQ(p.det.hazards()[0].kind, Hazard::waw);
 }
@@ -647,6 +651,7 @@ RandomRun run_random_program(uint64_t seed, bool prune) {
   auto pick = [&](int lo, int hi) { return std::uniform_int_distribution<int>(lo, hi)(rng); };
   HazardDetector det(HazardDetectorOptions{.hazards_max = 1u << 20, .prune_history = prune});
   Oracle oracle;
+  std::map<int, int> replay_end;  // graph -> the oracle node where its last replay ended
   std::ostringstream trace;
   RandomRun run;
 
@@ -787,7 +792,10 @@ RandomRun run_random_program(uint64_t seed, bool prune) {
     } else {
       const int g = pick(0, graph_count - 1);
       const GraphTopology& topo = graphs[static_cast<size_t>(g)];
-      const int start = oracle.add_node({last[su], host_last});
+      // cudaGraphLaunch orders a replay after the previous replays of the same graph.
+      std::vector<int> start_preds{last[su], host_last};
+      if (auto it = replay_end.find(g); it != replay_end.end()) start_preds.push_back(it->second);
+      const int start = oracle.add_node(start_preds);
       std::vector<int> ids;
       for (size_t i = 0; i < topo.nodes.size(); ++i) {
         std::vector<int> preds{start};
@@ -799,6 +807,7 @@ RandomRun run_random_program(uint64_t seed, bool prune) {
       }
       ids.push_back(start);
       last[su] = oracle.add_node(ids);
+      replay_end[g] = last[su];
       trace << "replay graph " << g << " on " << sname << "\n";
       det.on_graph_replay(GraphId{g}, StreamId{s}, topo);
     }
