@@ -35,3 +35,14 @@ function(dsv4_add_gtest name)
     set_tests_properties(${name} PROPERTIES LABELS "${ARG_LABELS}" TIMEOUT ${ARG_TIMEOUT})
   endif()
 endfunction()
+
+# dsv4_rapidcheck_cases(TEST PLAIN SANITIZED): bounds a RapidCheck test to PLAIN cases, or SANITIZED
+# under DSV4_SANITIZE (a case costs ~20x more there). Run the binary with RC_PARAMS to search longer.
+function(dsv4_rapidcheck_cases test plain sanitized)
+  if(DSV4_SANITIZE)
+    set(cases ${sanitized})
+  else()
+    set(cases ${plain})
+  endif()
+  set_tests_properties(${test} PROPERTIES ENVIRONMENT "RC_PARAMS=max_success=${cases}")
+endfunction()

@@ -13,10 +13,4 @@ dsv4_add_gtest(test_safetensors_fuzz
   TIMEOUT 300)
 # Bounded to a few seconds in CI (each case takes ~0.03 ms plain, ~0.8 ms under ASan/UBSan).
 # Run the binary with RC_PARAMS="max_success=1000000" to fuzz longer.
-if(DSV4_SANITIZE)
-  set(DSV4_SAFETENSORS_FUZZ_CASES 2000)
-else()
-  set(DSV4_SAFETENSORS_FUZZ_CASES 20000)
-endif()
-set_tests_properties(test_safetensors_fuzz PROPERTIES
-  ENVIRONMENT "RC_PARAMS=max_success=${DSV4_SAFETENSORS_FUZZ_CASES}")
+dsv4_rapidcheck_cases(test_safetensors_fuzz 20000 2000)

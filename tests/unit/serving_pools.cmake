@@ -14,10 +14,4 @@ dsv4_add_gtest(test_serving_pools_property
   LIBS dsv4_serving rapidcheck
   LABELS unit property
   TIMEOUT 120)
-if(DSV4_SANITIZE)
-  set(DSV4_SERVING_POOLS_CASES 100)
-else()
-  set(DSV4_SERVING_POOLS_CASES 500)
-endif()
-set_tests_properties(test_serving_pools_property PROPERTIES
-  ENVIRONMENT "RC_PARAMS=max_success=${DSV4_SERVING_POOLS_CASES}")
+dsv4_rapidcheck_cases(test_serving_pools_property 500 100)
