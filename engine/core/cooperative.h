@@ -53,6 +53,9 @@ class BlockContext {
   int blocks() const { return blocks_; }
 
   // `co_await ctx.wait_until(ready, "counter[3] >= 4")` suspends the block until ready() is true.
+  // GCC 12 destroys temporaries of a co_await expression twice: with a lambda that captures
+  // anything non-trivially destructible (a shared_ptr, a std::string), build the Wait as a named
+  // local first (`auto wait = ctx.wait_until(...); co_await wait;`).
   struct Wait {
     BlockContext* ctx;
     std::function<bool()> ready;
