@@ -11,6 +11,9 @@
 #include <chrono>
 #include <cstdlib>
 #include <deque>
+#include <filesystem>
+#include <unistd.h>
+#include <fstream>
 #include <limits>
 #include <sstream>
 #include <stdexcept>
@@ -449,7 +452,51 @@ void CudaRuntime::do_collective(int comm, const std::vector<CollectivePart>& par
   if (m.comms.size() <= static_cast<size_t>(comm)) m.comms.resize(static_cast<size_t>(comm) + 1);
   Impl::CommState& c = m.comms[static_cast<size_t>(comm)];
 
+  const bool spanning = record.local_rank >= 0;
+  // Parts carry global ranks; this process's tables hold only its own rank when spanning.
+  auto index_of = [&](int rank) { return spanning ? 0 : rank; };
+
   // The base has no hook at create_communicator: the NCCL communicator is built at first use.
+  if (c.comms.empty() && spanning) {
+    const int device = m.streams[static_cast<size_t>(record.streams.front().value)].device;
+    setenv("NCCL_NVLS_ENABLE", "0", /*overwrite=*/0);
+    ncclUniqueId id;
+    const std::string& file = record.rendezvous_file;
+    if (record.local_rank == 0) {
+      check_nccl(ncclGetUniqueId(&id), "ncclGetUniqueId");
+      // Written whole, then renamed, so a waiting rank never reads half an id.
+      const std::string tmp = file + ".tmp." + std::to_string(getpid());
+      {
+        std::ofstream out(tmp, std::ios::binary);
+        out.write(reinterpret_cast<const char*>(&id), sizeof id);
+        if (!out) throw std::runtime_error("join_communicator: cannot write rendezvous file " + tmp);
+      }
+      std::filesystem::rename(tmp, file);
+    } else {
+      const bool found = poll_until(m.options.sync_deadline_s, [&] {
+        std::error_code ec;
+        return std::filesystem::file_size(file, ec) == sizeof id && !ec;
+      });
+      if (!found) {
+        throw HangError("ncclCommInitRank", {}, "rank " + std::to_string(record.local_rank) + " of '" + record.name +
+                                                    "' found no communicator id in " + file + " within " +
+                                                    seconds_text(m.options.sync_deadline_s) + " s (is rank 0 running?)");
+      }
+      std::ifstream in(file, std::ios::binary);
+      in.read(reinterpret_cast<char*>(&id), sizeof id);
+      if (!in) throw std::runtime_error("join_communicator: cannot read rendezvous file " + file);
+    }
+    DeviceScope scope(device);
+    ncclComm_t nccl = nullptr;
+    check_nccl(ncclCommInitRank(&nccl, record.world, id, record.local_rank),
+               "ncclCommInitRank for '" + record.name + "' rank " + std::to_string(record.local_rank));
+    c.comms = {nccl};
+    c.devices = {device};
+    float* scratch = nullptr;
+    check(cudaMalloc(&scratch, sizeof(float)), "cudaMalloc (barrier scratch)");
+    check(cudaMemset(scratch, 0, sizeof(float)), "cudaMemset (barrier scratch)");
+    c.scratch = {scratch};
+  }
   if (c.comms.empty()) {
     for (StreamId s : record.streams) c.devices.push_back(m.streams[static_cast<size_t>(s.value)].device);
     for (int r = 0; r < n; ++r) {
@@ -484,10 +531,10 @@ void CudaRuntime::do_collective(int comm, const std::vector<CollectivePart>& par
   auto check_device = [&](const CollectivePart& p, const ByteRange& r, const char* what) {
     if (r.buffer.value < 0) return;
     const int d = buffers_[static_cast<size_t>(r.buffer.value)].device;
-    if (d != c.devices[static_cast<size_t>(p.rank)]) {
+    if (d != c.devices[static_cast<size_t>(index_of(p.rank))]) {
       throw ContractError(p.op, what, "buffer '" + buffers_[static_cast<size_t>(r.buffer.value)].name + "' is on device " +
                                           std::to_string(d) + ", rank " + std::to_string(p.rank) + " on device " +
-                                          std::to_string(c.devices[static_cast<size_t>(p.rank)]));
+                                          std::to_string(c.devices[static_cast<size_t>(index_of(p.rank))]));
     }
   };
   for (const CollectivePart& p : parts) {
@@ -501,7 +548,8 @@ void CudaRuntime::do_collective(int comm, const std::vector<CollectivePart>& par
         throw ContractError(op, "send", "rank " + std::to_string(p.rank) + " sends " + std::to_string(size(p.send)) +
                                             " bytes, rank 0 " + std::to_string(size(parts.front().send)));
       }
-      const size_t need = op == "all_gather" ? size(p.send) * static_cast<size_t>(n) : size(p.send);
+      const size_t ranks = spanning ? static_cast<size_t>(record.world) : static_cast<size_t>(n);
+      const size_t need = op == "all_gather" ? size(p.send) * ranks : size(p.send);
       if (size(p.recv) != need) {
         throw ContractError(op, "recv", "rank " + std::to_string(p.rank) + " receives into " + std::to_string(size(p.recv)) +
                                             " bytes, needs " + std::to_string(need));
@@ -509,8 +557,10 @@ void CudaRuntime::do_collective(int comm, const std::vector<CollectivePart>& par
     }
   }
 
-  auto stream_of = [&](int rank) { return m.streams[static_cast<size_t>(record.streams[static_cast<size_t>(rank)].value)].handle; };
-  auto comm_of = [&](int rank) { return c.comms[static_cast<size_t>(rank)]; };
+  auto stream_of = [&](int rank) {
+    return m.streams[static_cast<size_t>(record.streams[static_cast<size_t>(index_of(rank))].value)].handle;
+  };
+  auto comm_of = [&](int rank) { return c.comms[static_cast<size_t>(index_of(rank))]; };
   check_nccl(ncclGroupStart(), "ncclGroupStart");
   // Once the group is open it must be closed, even when a call inside it fails.
   ncclResult_t failed = ncclSuccess;
@@ -533,7 +583,7 @@ void CudaRuntime::do_collective(int comm, const std::vector<CollectivePart>& par
     } else if (p.op == "recv") {
       call(ncclRecv(pointer(p.recv), size(p.recv), ncclUint8, p.peer, comm_of(p.rank), stream_of(p.rank)), "ncclRecv");
     } else if (op == "barrier") {
-      float* s = c.scratch[static_cast<size_t>(p.rank)];
+      float* s = c.scratch[static_cast<size_t>(index_of(p.rank))];
       call(ncclAllReduce(s, s, 1, ncclFloat32, ncclSum, comm_of(p.rank), stream_of(p.rank)), "ncclAllReduce (barrier)");
     } else {
       call(ncclInvalidUsage, "unknown collective");
@@ -545,7 +595,7 @@ void CudaRuntime::do_collective(int comm, const std::vector<CollectivePart>& par
 
   const std::string label = parts.size() == 2 && (op == "send" || op == "recv") ? std::string("send/recv") : op;
   for (const CollectivePart& p : parts) {
-    const int32_t s = record.streams[static_cast<size_t>(p.rank)].value;
+    const int32_t s = record.streams[static_cast<size_t>(index_of(p.rank))].value;
     DeviceScope scope(m.streams[static_cast<size_t>(s)].device);
     m.track(s, label, "collective '" + label + "' of '" + record.name + "' (rank " + std::to_string(p.rank) + ")");
   }

@@ -411,17 +411,45 @@ int Runtime::create_communicator(std::vector<StreamId> rank_streams, const std::
   return static_cast<int>(communicators_.size() - 1);
 }
 
+int Runtime::join_communicator(StreamId stream, int rank, int world, const std::string& rendezvous_file,
+                               const std::string& name) {
+  check_stream(stream);
+  if (kind() == BackendKind::sim) {
+    throw ContractError("join_communicator", name, "the sim backend runs every rank in one process: use create_communicator");
+  }
+  if (world < 1) throw ContractError("join_communicator", "world", "must be >= 1, got " + std::to_string(world));
+  if (rank < 0 || rank >= world) {
+    throw ContractError("join_communicator", "rank", std::to_string(rank) + " outside [0, " + std::to_string(world) + ")");
+  }
+  if (rendezvous_file.empty()) throw ContractError("join_communicator", "rendezvous_file", "must name a path");
+  CommunicatorRecord c;
+  c.name = name;
+  c.streams = {stream};
+  c.pending.resize(1);
+  c.local_rank = rank;
+  c.world = world;
+  c.rendezvous_file = rendezvous_file;
+  communicators_.push_back(std::move(c));
+  return static_cast<int>(communicators_.size() - 1);
+}
+
 void Runtime::issue_collective(int comm, CollectivePart part) {
   if (comm < 0 || comm >= static_cast<int>(communicators_.size())) {
     throw ContractError(part.op, "communicator", "no communicator with id " + std::to_string(comm));
   }
   CommunicatorRecord& c = communicators_[static_cast<size_t>(comm)];
-  const int n = static_cast<int>(c.streams.size());
+  const bool spanning = c.local_rank >= 0;
+  const int n = spanning ? c.world : static_cast<int>(c.streams.size());
   if (part.rank < 0 || part.rank >= n) throw ContractError(part.op, "rank", std::to_string(part.rank) + " not in the communicator");
+  if (spanning && part.rank != c.local_rank) {
+    throw ContractError(part.op, "rank", "this process holds rank " + std::to_string(c.local_rank) + " of '" + c.name +
+                                             "', not rank " + std::to_string(part.rank));
+  }
+  const StreamId own = c.streams[spanning ? 0 : static_cast<size_t>(part.rank)];
   if ((part.op == "send" || part.op == "recv") && (part.peer < 0 || part.peer >= n || part.peer == part.rank)) {
     throw ContractError(part.op, "peer", std::to_string(part.peer) + " is not another rank of the communicator");
   }
-  if (capturing(c.streams[static_cast<size_t>(part.rank)])) {
+  if (capturing(own)) {
     throw ContractError(part.op, "stream", "collectives are not captured into graphs here");
   }
   // The size of an all_gather/all_reduce part is checked against the rank's own buffers before it
@@ -431,6 +459,15 @@ void Runtime::issue_collective(int comm, CollectivePart part) {
   if (part.op == "all_gather" && recv_bytes != send_bytes * static_cast<uint64_t>(n)) {
     throw ContractError(part.op, "recv", "holds " + std::to_string(recv_bytes) + " bytes, needs " +
                                              std::to_string(n) + " x " + std::to_string(send_bytes));
+  }
+  if (spanning) {
+    // The other ranks live in other processes; NCCL matches the parts there.
+    std::vector<Access> accesses;
+    if (part.send.buffer.value >= 0) accesses.push_back(Access{part.send, AccessKind::read});
+    if (part.recv.buffer.value >= 0) accesses.push_back(Access{part.recv, AccessKind::write});
+    notify([&](RuntimeObserver& o) { o.on_collective(part.op, {own}, {accesses}); });
+    do_collective(comm, {part});
+    return;
   }
   c.pending[static_cast<size_t>(part.rank)].push_back(part);
   match_collectives(comm);

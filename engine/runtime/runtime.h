@@ -183,6 +183,12 @@ class Runtime {
   // A communicator over ranks 0..n-1 with one stream each. Every rank issues its part of each
   // collective (in the same order on all ranks); the collective runs once all have.
   int create_communicator(std::vector<StreamId> rank_streams, const std::string& name);
+  // One rank of a communicator that spans processes (one process per GPU): this process holds rank
+  // `rank` of `world`, on `stream`. The ranks meet through `rendezvous_file`, a path that must not
+  // exist yet: rank 0 writes the communicator's id there, the others wait for it. Collectives are
+  // then issued with this rank only. cuda backend only (sim runs all ranks in one process).
+  int join_communicator(StreamId stream, int rank, int world, const std::string& rendezvous_file,
+                        const std::string& name);
   void all_gather(int comm, int rank, ByteRange send, ByteRange recv);  // recv holds n * |send|, rank order
   void all_reduce_sum_f32(int comm, int rank, ByteRange send, ByteRange recv);
   void send(int comm, int rank, int peer, ByteRange data);
@@ -217,7 +223,10 @@ class Runtime {
   };
   struct CommunicatorRecord {
     std::string name;
-    std::vector<StreamId> streams;
+    std::vector<StreamId> streams;   // one per rank; a spanning communicator has only the local one
+    int local_rank = -1;             // spanning processes: this process's rank
+    int world = 0;                   // spanning processes: the number of ranks
+    std::string rendezvous_file;
     std::vector<std::vector<CollectivePart>> pending;  // per rank, issued but not yet matched
   };
 

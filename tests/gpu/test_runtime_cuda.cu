@@ -449,3 +449,59 @@ TEST(CudaRuntimeMultiGpu, AllReduceAndBarrierThroughNccl) {
 
 }  // namespace
 }  // namespace dsv4::rt
+
+// ---- one process per GPU -------------------------------------------------------------------------
+
+#include <spawn.h>
+#include <sys/wait.h>
+
+#include <chrono>
+#include <filesystem>
+#include <thread>
+
+extern char** environ;
+
+namespace dsv4::rt {
+namespace {
+
+TEST(CudaRuntimeMultiProcess, TwoProcessesAllGatherAndSendRecvThroughNccl) {
+  if (cuda_device_count() < 2) GTEST_SKIP() << "needs 2 GPUs";
+  const std::string dir = ::testing::TempDir() + "/dsv4_nccl_" + std::to_string(getpid());
+  std::filesystem::remove_all(dir);
+  std::filesystem::create_directories(dir);
+  const std::string file = dir + "/id";
+  std::vector<pid_t> pids;
+  for (int rank = 0; rank < 2; ++rank) {
+    std::vector<std::string> env_strings = {"CUDA_VISIBLE_DEVICES=" + std::to_string(rank)};
+    for (char** e = environ; *e != nullptr; ++e) {
+      if (std::string(*e).rfind("CUDA_VISIBLE_DEVICES=", 0) != 0) env_strings.emplace_back(*e);
+    }
+    std::vector<char*> envp;
+    for (auto& s : env_strings) envp.push_back(s.data());
+    envp.push_back(nullptr);
+    std::string exe = DSV4_NCCL_WORKER, r = std::to_string(rank), w = "2", f = file;
+    char* argv[] = {exe.data(), r.data(), w.data(), f.data(), nullptr};
+    pid_t pid = 0;
+    ASSERT_EQ(posix_spawn(&pid, exe.c_str(), nullptr, nullptr, argv, envp.data()), 0) << exe;
+    pids.push_back(pid);
+  }
+  // Each rank has a 60 s deadline of its own; give them 120 s before killing.
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
+  for (pid_t pid : pids) {
+    int status = 0;
+    while (waitpid(pid, &status, WNOHANG) == 0) {
+      if (std::chrono::steady_clock::now() > deadline) {
+        kill(pid, SIGKILL);
+        waitpid(pid, &status, 0);
+        ADD_FAILURE() << "rank process " << pid << " did not finish";
+        break;
+      }
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "rank process exit status " << status;
+  }
+  std::filesystem::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace dsv4::rt

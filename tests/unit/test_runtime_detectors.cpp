@@ -249,5 +249,11 @@ TEST(RuntimeDetectors, ReplaysOfOneGraphOnTwoStreamsAreOrdered) {
   }
 }
 
+TEST(RuntimeDetectors, CommunicatorsSpanningProcessesAreRefusedOnSim) {
+  SimRuntime rt(RuntimeOptions{}, SimOptions{});
+  const StreamId s = rt.create_stream(0, "rank0");
+  EXPECT_THROW(rt.join_communicator(s, 0, 2, "/tmp/dsv4_never", "pp"), ContractError);
+}
+
 }  // namespace
 }  // namespace dsv4::rt
