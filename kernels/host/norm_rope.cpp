@@ -1,0 +1,214 @@
+// Host implementations of the fused KV norm + RoPE kernels and the MODEL1 cache entry codec.
+// One "thread block" per row, as on the GPU; the in-place kernel addresses row t at t * D exactly as
+// the GPU kernel's `input + work_id * kHeadDim` does, which is why its contract demands density.
+#include "kernels/norm_rope.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "engine/core/contract.h"
+#include "engine/core/error.h"
+#include "engine/core/formats.h"
+
+namespace dsv4::kernels {
+namespace {
+
+constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
+
+void require_host(const char* op, const char* argument, const Tensor& t) {
+  if (t.defined() && t.device().kind != DeviceKind::host) {
+    throw ContractError(op, argument, "needs a host tensor, got one on " + t.device().str());
+  }
+}
+
+// rope_dim from the table; the structural rules have already checked ranks.
+int64_t rope_dim_of(const char* op, const Tensor& kv, const Tensor& freqs) {
+  const int64_t rope_dim = 2 * freqs.size(0);
+  if (rope_dim < 1 || rope_dim > kv.size(1)) {
+    throw ContractError(op, "freqs", "needs 0 < 2 * shape[0] <= kv.shape[1], got shape " + shape_str(freqs.shape()) +
+                                         " for kv " + shape_str(kv.shape()));
+  }
+  return rope_dim;
+}
+
+// RMSNorm with weight then RoPE of one row, results as bf16-valued floats in `out` (D floats).
+// The sum of squares is accumulated in f64 and the inverse rms rounded once to f32, matching the
+// reference (reference/norm.cpp) bit for bit; the products are f32 with one bf16 rounding.
+void norm_rope_row(const uint16_t* in, const float* weight, double eps, const float* freqs, int64_t dim,
+                   int64_t rope_dim, int32_t pos, float* out) {
+  double sum_sq = 0.0;
+  for (int64_t i = 0; i < dim; ++i) {
+    out[i] = bf16_to_f32(in[i]);
+    sum_sq += static_cast<double>(out[i]) * out[i];
+  }
+  const auto r = static_cast<float>(1.0 / std::sqrt(sum_sq / static_cast<double>(dim) + eps));
+  for (int64_t i = 0; i < dim; ++i) out[i] = round_bf16(out[i] * r * weight[i]);
+  // RoPE reads the bf16 normed values (the unfused kernels round between the two ops).
+  float* rope = out + (dim - rope_dim);
+  for (int64_t j = 0; j < rope_dim / 2; ++j) {
+    const float angle = static_cast<float>(pos) * freqs[j];
+    const float c = std::cos(angle);
+    const float s = std::sin(angle);
+    const float a = rope[2 * j];
+    const float b = rope[2 * j + 1];
+    rope[2 * j] = round_bf16(a * c - b * s);
+    rope[2 * j + 1] = round_bf16(a * s + b * c);
+  }
+}
+
+const Contract& inplace_contract() {
+  static const Contract contract = Contract(kNormRopeOp)
+                                       .arg("kv").dtype(DType::bf16).rank(2).contiguous()
+                                       .arg("weight").dtype(DType::f32).rank(1).contiguous().same_size(0, "kv", 1)
+                                       .arg("freqs").dtype(DType::f32).rank(1).contiguous()
+                                       .arg("positions").dtype(DType::i32).rank(1).contiguous().same_size(0, "kv", 0)
+                                       .values_in(0, kInt32Max);
+  return contract;
+}
+
+// The stride-aware variant: rows may be padded or sliced out of a wider buffer.
+const Contract& store_contract() {
+  static const Contract contract = Contract(kNormRopeStoreOp)
+                                       .arg("kv").dtype(DType::bf16).rank(2).inner_contiguous()
+                                       .arg("weight").dtype(DType::f32).rank(1).contiguous().same_size(0, "kv", 1)
+                                       .arg("freqs").dtype(DType::f32).rank(1).contiguous()
+                                       .arg("positions").dtype(DType::i32).rank(1).contiguous().same_size(0, "kv", 0)
+                                       .values_in(0, kInt32Max)
+                                       .arg("swa_locs").dtype(DType::i64).rank(1).contiguous().same_size(0, "kv", 0)
+                                       .arg("cache").dtype(DType::u8).rank(2).contiguous();
+  return contract;
+}
+
+}  // namespace
+
+Model1Layout model1_layout(const char* op, int64_t head_dim, int64_t rope_dim) {
+  Model1Layout layout{head_dim, rope_dim};
+  if (rope_dim < 0 || rope_dim >= head_dim || layout.nope_dim() % kKvScaleBlock != 0) {
+    throw ContractError(op, "cache",
+                        "MODEL1 needs 0 <= rope_dim < head_dim with (head_dim - rope_dim) % " +
+                            std::to_string(kKvScaleBlock) + " == 0, got head_dim " + std::to_string(head_dim) +
+                            ", rope_dim " + std::to_string(rope_dim));
+  }
+  return layout;
+}
+
+void model1_pack(const Model1Layout& l, int64_t page_size, const float* kv, uint8_t* cache, int64_t loc) {
+  uint8_t* page = cache + (loc / page_size) * l.page_bytes(page_size);
+  const int64_t slot = loc % page_size;
+  uint8_t* values = page + slot * l.value_bytes();
+  uint8_t* scales = page + page_size * l.value_bytes() + slot * l.scale_bytes();
+  for (int64_t b = 0; b < l.scale_count(); ++b) {
+    const float* block = kv + b * kKvScaleBlock;
+    float amax = 0.0f;
+    for (int64_t i = 0; i < kKvScaleBlock; ++i) amax = std::max(amax, std::fabs(block[i]));
+    // A multiply by the f32 reciprocal, not a divide (§2.9); the scale is a power of two.
+    const uint8_t code = f32_to_ue8m0_ceil(std::max(amax, 1e-4f) * (1.0f / kE4m3fnMaxF32));
+    const float scale = ue8m0_to_f32(code);
+    scales[b] = code;
+    for (int64_t i = 0; i < kKvScaleBlock; ++i) {
+      values[b * kKvScaleBlock + i] = f32_to_e4m3fn(std::clamp(block[i] / scale, -kE4m3fnMaxF32, kE4m3fnMaxF32));
+    }
+  }
+  std::fill(scales + l.scale_count(), scales + l.scale_bytes(), uint8_t{0});
+  uint8_t* rope = values + l.nope_dim();
+  for (int64_t i = 0; i < l.rope_dim; ++i) {
+    const uint16_t code = f32_to_bf16(kv[l.nope_dim() + i]);
+    rope[2 * i] = static_cast<uint8_t>(code & 0xFFu);
+    rope[2 * i + 1] = static_cast<uint8_t>(code >> 8);
+  }
+}
+
+void model1_unpack(const Model1Layout& l, int64_t page_size, const uint8_t* cache, int64_t loc, float* kv) {
+  const uint8_t* page = cache + (loc / page_size) * l.page_bytes(page_size);
+  const int64_t slot = loc % page_size;
+  const uint8_t* values = page + slot * l.value_bytes();
+  const uint8_t* scales = page + page_size * l.value_bytes() + slot * l.scale_bytes();
+  for (int64_t b = 0; b < l.scale_count(); ++b) {
+    const float scale = ue8m0_to_f32(scales[b]);
+    for (int64_t i = 0; i < kKvScaleBlock; ++i) {
+      const int64_t d = b * kKvScaleBlock + i;
+      kv[d] = e4m3fn_to_f32(values[d]) * scale;  // exact: the scale is a power of two
+    }
+  }
+  const uint8_t* rope = values + l.nope_dim();
+  for (int64_t i = 0; i < l.rope_dim; ++i) {
+    kv[l.nope_dim() + i] = bf16_to_f32(static_cast<uint16_t>(rope[2 * i] | (rope[2 * i + 1] << 8)));
+  }
+}
+
+void check_norm_rope_contract(const Tensor& kv, const Tensor& weight, const Tensor& freqs, const Tensor& positions) {
+  inplace_contract().check({{"kv", &kv}, {"weight", &weight}, {"freqs", &freqs}, {"positions", &positions}});
+  require_host(kNormRopeOp, "kv", kv);
+  require_host(kNormRopeOp, "weight", weight);
+  require_host(kNormRopeOp, "freqs", freqs);
+  require_host(kNormRopeOp, "positions", positions);
+  rope_dim_of(kNormRopeOp, kv, freqs);
+}
+
+void fused_norm_rope_inplace(Tensor& kv, const Tensor& weight, double eps, const Tensor& freqs,
+                             const Tensor& positions) {
+  check_norm_rope_contract(kv, weight, freqs, positions);
+  const int64_t rows = kv.size(0);
+  const int64_t dim = kv.size(1);
+  const int64_t rope_dim = rope_dim_of(kNormRopeOp, kv, freqs);
+  auto* base = kv.data<uint16_t>();
+  const int32_t* pos = positions.data<int32_t>();
+  std::vector<float> row(static_cast<size_t>(dim));
+  for (int64_t t = 0; t < rows; ++t) {
+    uint16_t* x = base + t * dim;  // dense rows by contract
+    norm_rope_row(x, weight.data<float>(), eps, freqs.data<float>(), dim, rope_dim, pos[t], row.data());
+    for (int64_t i = 0; i < dim; ++i) x[i] = f32_to_bf16(row[static_cast<size_t>(i)]);
+  }
+}
+
+void check_norm_rope_store_contract(const Tensor& kv, const Tensor& weight, const Tensor& freqs,
+                                    const Tensor& positions, const Tensor& swa_locs, const Tensor& cache,
+                                    int64_t page_size) {
+  store_contract().check({{"kv", &kv},
+                          {"weight", &weight},
+                          {"freqs", &freqs},
+                          {"positions", &positions},
+                          {"swa_locs", &swa_locs},
+                          {"cache", &cache}});
+  for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"kv", &kv}, {"weight", &weight},
+                                {"freqs", &freqs}, {"positions", &positions}, {"swa_locs", &swa_locs},
+                                {"cache", &cache}}) {
+    require_host(kNormRopeStoreOp, name, *t);
+  }
+  if (page_size < 1) throw ContractError(kNormRopeStoreOp, "page_size", "must be >= 1, got " + std::to_string(page_size));
+  const int64_t rope_dim = rope_dim_of(kNormRopeStoreOp, kv, freqs);
+  const Model1Layout layout = model1_layout(kNormRopeStoreOp, kv.size(1), rope_dim);
+  // The bounds depend on the geometry, so this part of the contract is built per launch.
+  const int64_t entries = cache.size(0) * page_size;
+  Contract(kNormRopeStoreOp)
+      .arg("swa_locs").values_in(-1, entries - 1)
+      .arg("cache").dim(1, layout.page_bytes(page_size))
+      .check({{"swa_locs", &swa_locs}, {"cache", &cache}});
+}
+
+void fused_norm_rope_store_kv(const Tensor& kv, const Tensor& weight, double eps, const Tensor& freqs,
+                              const Tensor& positions, const Tensor& swa_locs, Tensor& cache, int64_t page_size) {
+  check_norm_rope_store_contract(kv, weight, freqs, positions, swa_locs, cache, page_size);
+  const int64_t rows = kv.size(0);
+  const int64_t dim = kv.size(1);
+  const int64_t rope_dim = rope_dim_of(kNormRopeStoreOp, kv, freqs);
+  const Model1Layout layout = model1_layout(kNormRopeStoreOp, dim, rope_dim);
+  const auto* base = kv.data<const uint16_t>();
+  const int32_t* pos = positions.data<int32_t>();
+  const int64_t* locs = swa_locs.data<int64_t>();
+  std::vector<float> row(static_cast<size_t>(dim));
+  for (int64_t t = 0; t < rows; ++t) {
+    if (locs[t] < 0) continue;  // padding rows (-1) write nothing
+    // The row stride comes from the view, so slices of a wider qkv_a buffer are read correctly.
+    norm_rope_row(base + t * kv.stride(0), weight.data<float>(), eps, freqs.data<float>(), dim, rope_dim, pos[t],
+                  row.data());
+    model1_pack(layout, page_size, row.data(), cache.data<uint8_t>(), locs[t]);
+  }
+}
+
+}  // namespace dsv4::kernels

@@ -1,0 +1,257 @@
+#include "kernels/quant_gemm.h"
+
+#include <algorithm>
+#include <array>
+#include <cmath>
+#include <string>
+
+#include "engine/core/contract.h"
+#include "engine/core/error.h"
+#include "engine/core/formats.h"
+
+namespace dsv4::kernels {
+
+namespace {
+
+int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+void require_host(const char* op, const char* name, const Tensor& t) {
+  if (t.device().kind != DeviceKind::host) throw ContractError(op, name, "needs a host tensor, got " + t.device().str());
+}
+
+void require_positive_block(const char* op, const char* name, int64_t block) {
+  if (block <= 0) throw ContractError(op, name, "must be positive, got " + std::to_string(block));
+}
+
+// All 256 e4m3fn codes decoded once: the inner loops then read a table, as the GPU path reads
+// hardware-converted values.
+const std::array<float, 256>& e4m3_table() {
+  static const std::array<float, 256> table = [] {
+    std::array<float, 256> t{};
+    for (int c = 0; c < 256; ++c) t[static_cast<size_t>(c)] = e4m3fn_to_f32(static_cast<uint8_t>(c));
+    return t;
+  }();
+  return table;
+}
+
+// Element k of row t of an inner-contiguous bf16 or f32 matrix, as f32.
+float load_act(const Tensor& x, const uint8_t* base, int64_t t, int64_t k) {
+  const int64_t i = t * x.stride(0) + k;
+  if (x.dtype() == DType::bf16) return bf16_to_f32(reinterpret_cast<const uint16_t*>(base)[i]);
+  return reinterpret_cast<const float*>(base)[i];
+}
+
+// The checks shared by both GEMMs for the activation side and the output.
+void check_act_and_out(const char* op, const Tensor& q_act, const Tensor& act_scales, const Tensor& out, int64_t N,
+                       int64_t act_block) {
+  const int64_t T = q_act.dim() == 2 ? q_act.size(0) : 0;
+  const int64_t K = q_act.dim() == 2 ? q_act.size(1) : 0;
+  Contract(op)
+      .arg("q_act").dtype(DType::f8_e4m3fn).rank(2).inner_contiguous().dim_multiple_of(1, act_block)
+      .arg("act_scales").dtype(DType::ue8m0).rank(2).contiguous().dim(0, T).dim(1, K / act_block)
+      .arg("out").dtype(DType::bf16).rank(2).inner_contiguous().dim(0, T).dim(1, N)
+      .check({{"q_act", &q_act}, {"act_scales", &act_scales}, {"out", &out}});
+  require_host(op, "q_act", q_act);
+  require_host(op, "act_scales", act_scales);
+  require_host(op, "out", out);
+}
+
+// The FP8 weight-scale shape rule, shared by the GEMM and linear_fp8 (which names it "w_scale").
+void check_fp8_w_scales(const char* op, const char* name, const Tensor& w_scales, int64_t N, int64_t K,
+                        int64_t block) {
+  Contract(op)
+      .arg(name).dtype(DType::ue8m0).rank(2).contiguous().dim(0, ceil_div(N, block)).dim(1, K / block)
+      .check({{name, &w_scales}});
+  require_host(op, name, w_scales);
+}
+
+void check_fp8_weight(const char* op, const Tensor& w, int64_t K) {
+  Contract(op).arg("w").dtype(DType::f8_e4m3fn).rank(2).contiguous().dim(1, K).check({{"w", &w}});
+  require_host(op, "w", w);
+}
+
+}  // namespace
+
+void act_quant_fp8(const Tensor& x, int64_t block, Tensor& q, Tensor& scales) {
+  const char* op = "act_quant_fp8";
+  require_positive_block(op, "block", block);
+  Contract(op)
+      .arg("x").dtype_in({DType::bf16, DType::f32}).rank(2).inner_contiguous().dim_multiple_of(1, block)
+      .check({{"x", &x}});
+  const int64_t T = x.size(0);
+  const int64_t K = x.size(1);
+  Contract(op)
+      .arg("q").dtype(DType::f8_e4m3fn).rank(2).inner_contiguous().dim(0, T).dim(1, K)
+      .arg("scales").dtype(DType::ue8m0).rank(2).contiguous().dim(0, T).dim(1, K / block)
+      .check({{"q", &q}, {"scales", &scales}});
+  require_host(op, "x", x);
+  require_host(op, "q", q);
+  require_host(op, "scales", scales);
+  if (x.numel() == 0) return;
+
+  const auto* xb = static_cast<const uint8_t*>(x.data_ptr());
+  auto* qb = q.data<uint8_t>();
+  auto* sb = scales.data<uint8_t>();
+  const int64_t nb = K / block;
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t b = 0; b < nb; ++b) {
+      const int64_t k0 = b * block;
+      float amax = 0.0f;
+      for (int64_t k = k0; k < k0 + block; ++k) amax = std::max(amax, std::fabs(load_act(x, xb, t, k)));
+      // A multiply by the fp32 reciprocal, then the smallest power of two at or above it (§2.9).
+      const uint8_t code = f32_to_ue8m0_ceil(std::max(amax, 1e-4f) * (1.0f / 448.0f));
+      const float s = ue8m0_to_f32(code);
+      sb[t * nb + b] = code;
+      // x / s with a power-of-two s is exact: the only rounding is the e4m3 one.
+      for (int64_t k = k0; k < k0 + block; ++k) {
+        qb[t * q.stride(0) + k] = f32_to_e4m3fn(std::clamp(load_act(x, xb, t, k) / s, -448.0f, 448.0f));
+      }
+    }
+  }
+}
+
+void gemm_fp8_block_scaled(const Tensor& q_act, const Tensor& act_scales, const Tensor& w, const Tensor& w_scales,
+                           Tensor& out, int64_t block) {
+  const char* op = "gemm_fp8_block_scaled";
+  require_positive_block(op, "block", block);
+  if (!w.defined()) throw ContractError(op, "w", "required but missing");
+  if (w.dim() != 2) throw ContractError(op, "w", "rank 2 expected, got shape " + shape_str(w.shape()));
+  const int64_t N = w.size(0);
+  check_act_and_out(op, q_act, act_scales, out, N, block);
+  const int64_t T = q_act.size(0);
+  const int64_t K = q_act.size(1);
+  check_fp8_weight(op, w, K);
+  check_fp8_w_scales(op, "w_scales", w_scales, N, K, block);
+  if (T == 0 || N == 0) return;
+
+  const auto& lut = e4m3_table();
+  const auto* qa = q_act.data<uint8_t>();
+  const auto* qw = w.data<uint8_t>();
+  const auto* sa = act_scales.data<uint8_t>();
+  const auto* sw = w_scales.data<uint8_t>();
+  auto* y = out.data<uint16_t>();
+  const int64_t nb = K / block;
+  for (int64_t t = 0; t < T; ++t) {
+    const uint8_t* arow = qa + t * q_act.stride(0);
+    for (int64_t n = 0; n < N; ++n) {
+      const uint8_t* wrow = qw + n * K;
+      float acc = 0.0f;
+      for (int64_t b = 0; b < nb; ++b) {
+        // The block's partial product in fp32, ascending k; e4m3 x e4m3 products are exact in fp32.
+        float partial = 0.0f;
+        for (int64_t k = b * block; k < (b + 1) * block; ++k) partial += lut[arow[k]] * lut[wrow[k]];
+        // Scale then accumulate, per block (§2.9): the two scales are powers of two, so their
+        // product and the scaling are exact; only the accumulator add rounds.
+        const float scale = ue8m0_to_f32(sa[t * nb + b]) * ue8m0_to_f32(sw[(n / block) * nb + b]);
+        acc += partial * scale;
+      }
+      y[t * out.stride(0) + n] = f32_to_bf16(acc);
+    }
+  }
+}
+
+void gemm_fp4_weights(const Tensor& q_act, const Tensor& act_scales, const Tensor& w, const Tensor& w_scales,
+                      Tensor& out, int64_t act_block, int64_t w_block) {
+  const char* op = "gemm_fp4_weights";
+  require_positive_block(op, "act_block", act_block);
+  require_positive_block(op, "w_block", w_block);
+  if (act_block % w_block != 0 || w_block % 2 != 0) {
+    throw ContractError(op, "w_block", "must be even and divide act_block " + std::to_string(act_block) + ", got " +
+                                           std::to_string(w_block));
+  }
+  if (!w.defined()) throw ContractError(op, "w", "required but missing");
+  if (w.dim() != 2) throw ContractError(op, "w", "rank 2 expected, got shape " + shape_str(w.shape()));
+  const int64_t N = w.size(0);
+  check_act_and_out(op, q_act, act_scales, out, N, act_block);
+  const int64_t T = q_act.size(0);
+  const int64_t K = q_act.size(1);
+  Contract(op)
+      .arg("w").dtype_in({DType::i8, DType::u8}).rank(2).contiguous().dim(1, K / 2)
+      .arg("w_scales").dtype(DType::ue8m0).rank(2).contiguous().dim(0, N).dim(1, K / w_block)
+      .check({{"w", &w}, {"w_scales", &w_scales}});
+  require_host(op, "w", w);
+  require_host(op, "w_scales", w_scales);
+  if (T == 0 || N == 0) return;
+
+  const auto& lut = e4m3_table();
+  const auto* qa = q_act.data<uint8_t>();
+  const auto* qw = w.data<uint8_t>();
+  const auto* sa = act_scales.data<uint8_t>();
+  const auto* sw = w_scales.data<uint8_t>();
+  auto* y = out.data<uint16_t>();
+  const int64_t na = K / act_block;
+  const int64_t nw = K / w_block;
+  for (int64_t t = 0; t < T; ++t) {
+    const uint8_t* arow = qa + t * q_act.stride(0);
+    for (int64_t n = 0; n < N; ++n) {
+      const uint8_t* wrow = qw + n * (K / 2);
+      float acc = 0.0f;
+      for (int64_t b = 0; b < nw; ++b) {
+        // e4m3 x e2m1 products are exact in fp32; the block sum rounds in ascending k.
+        float partial = 0.0f;
+        for (int64_t k = b * w_block; k < (b + 1) * w_block; ++k) partial += lut[arow[k]] * e2m1_to_f32(fp4_get(wrow, k));
+        const int64_t ka = (b * w_block) / act_block;  // the activation block holding this weight block
+        const float scale = ue8m0_to_f32(sa[t * na + ka]) * ue8m0_to_f32(sw[n * nw + b]);
+        acc += partial * scale;
+      }
+      y[t * out.stride(0) + n] = f32_to_bf16(acc);
+    }
+  }
+}
+
+void linear_fp8(const Tensor& x, const Tensor& w, const Tensor& w_scale, Tensor& out) {
+  const char* op = "linear_fp8";
+  Contract(op).arg("x").dtype_in({DType::bf16, DType::f32}).rank(2).inner_contiguous().check({{"x", &x}});
+  if (!w_scale.defined()) {
+    throw ContractError(op, "w_scale", "undefined; pass kNoWeightScale for bf16 weights");
+  }
+  if (w.defined() && w.dtype() != DType::f8_e4m3fn) {
+    throw ContractError(op, "w_scale", "a scale tensor needs f8_e4m3fn weights, w is " + std::string(dtype_name(w.dtype())));
+  }
+  if (!w.defined() || w.dim() != 2) throw ContractError(op, "w", "must be a defined rank-2 tensor");
+  const int64_t K = x.size(1);
+  if (K % kFp8Block != 0) {
+    throw ContractError(op, "x", "K = " + std::to_string(K) + " is not a multiple of " + std::to_string(kFp8Block));
+  }
+  check_fp8_weight(op, w, K);
+  // The A5 rule at run time: the scale must be the weight's per-block tensor, nothing smaller.
+  check_fp8_w_scales(op, "w_scale", w_scale, w.size(0), K, kFp8Block);
+
+  const int64_t T = x.size(0);
+  Tensor q = Tensor::empty({T, K}, DType::f8_e4m3fn, "linear_fp8.q");
+  Tensor s = Tensor::empty({T, K / kFp8Block}, DType::ue8m0, "linear_fp8.s");
+  act_quant_fp8(x, kFp8Block, q, s);
+  gemm_fp8_block_scaled(q, s, w, w_scale, out, kFp8Block);
+}
+
+void linear_fp8(const Tensor& x, const Tensor& w, NoWeightScale, Tensor& out) {
+  const char* op = "linear_fp8";
+  Contract(op)
+      .arg("x").dtype_in({DType::bf16, DType::f32}).rank(2).inner_contiguous()
+      .check({{"x", &x}});
+  if (w.defined() && w.dtype() == DType::f8_e4m3fn) {
+    throw ContractError(op, "w_scale", "f8_e4m3fn weights need their block-scale tensor, got kNoWeightScale");
+  }
+  const int64_t T = x.size(0);
+  const int64_t K = x.size(1);
+  Contract(op)
+      .arg("w").dtype(DType::bf16).rank(2).contiguous().dim(1, K)
+      .arg("out").dtype(DType::bf16).rank(2).inner_contiguous().dim(0, T).same_size(1, "w", 0)
+      .check({{"w", &w}, {"out", &out}});
+  require_host(op, "x", x);
+  require_host(op, "w", w);
+  require_host(op, "out", out);
+  const int64_t N = w.size(0);
+  const auto* xb = static_cast<const uint8_t*>(x.data_ptr());
+  const auto* wb = w.data<uint16_t>();
+  auto* y = out.data<uint16_t>();
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t n = 0; n < N; ++n) {
+      float acc = 0.0f;  // bf16 x bf16 products are exact in fp32; one fp32 accumulator
+      for (int64_t k = 0; k < K; ++k) acc += load_act(x, xb, t, k) * bf16_to_f32(wb[n * K + k]);
+      y[t * out.stride(0) + n] = f32_to_bf16(acc);
+    }
+  }
+}
+
+}  // namespace dsv4::kernels

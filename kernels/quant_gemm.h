@@ -1,0 +1,70 @@
+// The quantized linear path (dsv4-model §2.9): FP8 activation quantization per 1 x block with ue8m0
+// scales, the FP8 x FP8 GEMM with 128 x 128 weight block scales, the FP8 x FP4 GEMM of the routed
+// experts, and the fused projection entry point linear_fp8 that chains them.
+//
+// Layouts are the checkpoint's (engine/checkpoint/checkpoint_layout.h) and the GPU kernels':
+//   x        [T, K]            bf16 or f32, last dim contiguous (rows may be padded)
+//   q        [T, K]            f8_e4m3fn, last dim contiguous
+//   s_act    [T, K / block]    ue8m0, contiguous
+//   w (fp8)  [N, K]            f8_e4m3fn, contiguous
+//   s_w(fp8) [ceil(N / wb), K / wb]  ue8m0, contiguous (wb = weight block, 128)
+//   w (fp4)  [N, K / 2]        i8 or u8, two e2m1 values per byte, low nibble = even k, contiguous
+//   s_w(fp4) [N, K / fb]       ue8m0, contiguous (fb = fp4 block, 32)
+//   out      [T, N]            bf16, last dim contiguous
+//
+// Numerics, fixed so the host kernel is the executable statement of the GPU kernels' order:
+//   act quant: amax = max(|x|, 1e-4) per block, s = 2^ceil(log2(amax * fp32(1/448))),
+//              q = e4m3(clamp(x / s, -448, 448)) (round to nearest even).
+//   FP8 GEMM : for each K-block of 128, p = Σ q_a·q_w in fp32 (ascending k), then
+//              acc += p * (s_a[t, kb] * s_w[n / 128, kb]) in fp32; out = bf16(acc).
+//   FP4 GEMM : the same per K-block of 32 with s_a[t, k / 128] * s_w[n, k / 32].
+//
+// Contract violations (dtype, rank, shape, contiguity, K not a multiple of the block, wrongly shaped
+// scales) are ContractErrors naming the argument.
+#pragma once
+
+#include <cstdint>
+#include <type_traits>
+
+#include "engine/core/tensor.h"
+
+namespace dsv4::kernels {
+
+inline constexpr int64_t kFp8Block = 128;  // activation and FP8 weight block (1 x 128, 128 x 128)
+inline constexpr int64_t kFp4Block = 32;   // FP4 weight scale block along K (1 x 32)
+
+// x [T, K] bf16/f32 -> q [T, K] e4m3 codes, scales [T, K / block] ue8m0. K % block == 0.
+void act_quant_fp8(const Tensor& x, int64_t block, Tensor& q, Tensor& scales);
+
+// out [T, N] = q_act [T, K] · w [N, K]^T with per-block scales (see above). `block` is both the
+// activation block and the square weight block.
+void gemm_fp8_block_scaled(const Tensor& q_act, const Tensor& act_scales, const Tensor& w, const Tensor& w_scales,
+                           Tensor& out, int64_t block = kFp8Block);
+
+// out [T, N] = q_act [T, K] · w [N, K]^T for packed e2m1 weights [N, K / 2] with [N, K / w_block]
+// scales; activation scales cover 1 x act_block (act_block % w_block == 0).
+void gemm_fp4_weights(const Tensor& q_act, const Tensor& act_scales, const Tensor& w, const Tensor& w_scales,
+                      Tensor& out, int64_t act_block = kFp8Block, int64_t w_block = kFp4Block);
+
+// ---- the fused projection entry point -----------------------------------------------------------
+//
+// Bug class A5: a caller passed a Python float where the op schema said Optional[Tensor] for the
+// weight scale. Here the scale argument has exactly two spellings: a Tensor (FP8 weights; its shape
+// is checked against w at run time) or the explicit tag kNoWeightScale (bf16 weights). Neither
+// converts from a number, and an arithmetic overload is deleted so the mistake reads as a
+// "use of deleted function" at compile time rather than a confusing overload failure.
+struct NoWeightScale {
+  explicit constexpr NoWeightScale() = default;  // explicit: `{}` cannot stand for "none" by accident
+};
+inline constexpr NoWeightScale kNoWeightScale{};
+
+// FP8 weights: out = bf16(gemm_fp8_block_scaled(act_quant_fp8(x), w, w_scale)).
+void linear_fp8(const Tensor& x, const Tensor& w, const Tensor& w_scale, Tensor& out);
+// bf16 weights: out = bf16(x · w^T), fp32 accumulation, no activation quantization.
+void linear_fp8(const Tensor& x, const Tensor& w, NoWeightScale w_scale, Tensor& out);
+// A scalar is never a per-block scale tensor.
+template <class S>
+  requires std::is_arithmetic_v<std::remove_cvref_t<S>>
+void linear_fp8(const Tensor& x, const Tensor& w, S&& w_scale, Tensor& out) = delete;
+
+}  // namespace dsv4::kernels

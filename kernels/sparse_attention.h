@@ -1,0 +1,52 @@
+// Combined sparse attention with the sink (dsv4-model §2.6; FlashMLA's sparse decode with an extra
+// cache, the reference tilelang `sparse_attn`). Keys and values are the same MODEL1 entries
+// (kernels/norm_rope.h): the SWA cache and, on compressed layers, the "extra" compressed cache.
+//
+// For token t, head h: the key set is swa_indices[t, j] for j < swa_lens[t] followed by
+// extra_indices[t, j] for j < extra_lens[t]; an index of -1 is skipped (padding). Every referenced
+// entry is dequantized (e4m3 * ue8m0 scale for the nope dims, bf16 rope dims) and
+//   l_j = scale * q_h . k_j (f32), m = max_j l_j (the sink is not part of it),
+//   p_j = exp(l_j - m) in f32, the denominator sums the f32 p_j plus exp(sink_h - m),
+//   out_h = bf16( sum_j bf16(p_j) * k_j / denominator )     (P rounded to bf16 before P.V).
+// One softmax spans both caches. A token with no valid key gets 0. The sink is a raw logit (not
+// scaled). Max first, then P, as the reference kernel's numerics are stated (an online softmax would
+// round P against a running max and differ at bf16 level).
+//
+// Contracts (ContractError naming the argument and the rule):
+//   q [T, H, D] bf16 contiguous; out the same shape, bf16, contiguous; attn_sink f32 [H];
+//   swa_cache / extra_cache u8 [pages, page_bytes(page_size)] contiguous with page_size >= 1;
+//   swa_indices / extra_indices i32 [T, topk] contiguous with values in [-1, pages * page_size);
+//   swa_lens / extra_lens i32 [T] with values in [1, topk] (topk_lengths_clamp1: never 0 or less);
+//   the extra triple is optional (all three absent: no compressed entries; extra_topk >= 1 when
+//   present); D - rope_dim a multiple of 64; host tensors.
+#pragma once
+
+#include <cstdint>
+
+#include "engine/core/tensor.h"
+
+namespace dsv4::kernels {
+
+inline constexpr const char* kSparseAttentionOp = "sparse_attention";
+
+struct SparseAttentionArgs {
+  Tensor q;            // [T, H, D] bf16
+  Tensor swa_cache;    // [pages, page_bytes] u8, MODEL1 pages of swa_page_size entries
+  int64_t swa_page_size = 0;
+  Tensor swa_indices;  // [T, swa_topk] i32, -1 padded
+  Tensor swa_lens;     // [T] i32, >= 1
+  Tensor extra_cache;  // optional: the compressed pool, MODEL1 pages of extra_page_size entries
+  int64_t extra_page_size = 0;
+  Tensor extra_indices;  // optional [T, extra_topk] i32
+  Tensor extra_lens;     // optional [T] i32, >= 1
+  Tensor attn_sink;    // [H] f32
+  float scale = 0.0f;  // softmax scale (D^-0.5 on DeepSeek-V4)
+  int64_t rope_dim = 64;
+  Tensor out;          // [T, H, D] bf16
+};
+
+void check_sparse_attention_contract(const SparseAttentionArgs& args);
+// Writes args.out (a view: the tensors share storage with the caller's).
+void sparse_attention(const SparseAttentionArgs& args);
+
+}  // namespace dsv4::kernels
