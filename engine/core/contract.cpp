@@ -83,6 +83,7 @@ Contract& Contract::dim_multiple_of(int64_t d, int64_t multiple) {
 }
 
 Contract& Contract::same_size(int64_t d, std::string other, int64_t other_d) {
+  references_.push_back(other);
   const std::string desc = "shape[" + std::to_string(d) + "] == " + other + ".shape[" + std::to_string(other_d) + "]";
   add(desc, [d, other, other_d](const Tensor& t, const Args& args) -> std::optional<std::string> {
     const Tensor* o = find(args, other);
@@ -120,6 +121,7 @@ Contract& Contract::aligned(int64_t bytes) {
 }
 
 Contract& Contract::same_device(std::string other) {
+  references_.push_back(other);
   add("same device as " + other, [other](const Tensor& t, const Args& args) -> std::optional<std::string> {
     const Tensor* o = find(args, other);
     if (o == nullptr || !o->defined() || t.device() == o->device()) return std::nullopt;
@@ -153,6 +155,7 @@ Contract& Contract::values_in(int64_t lo, int64_t hi) {
 }
 
 Contract& Contract::values_index_into(int64_t lo, std::string other, int64_t other_d) {
+  references_.push_back(other);
   add("values in [" + std::to_string(lo) + ", " + other + ".shape[" + std::to_string(other_d) + "])",
       [lo, other, other_d](const Tensor& t, const Args& args) -> std::optional<std::string> {
         const Tensor* o = find(args, other);
@@ -163,6 +166,11 @@ Contract& Contract::values_index_into(int64_t lo, std::string other, int64_t oth
 }
 
 void Contract::check(const Args& args) const {
+  // A relation to an undeclared argument would be skipped silently: a bug in the contract itself.
+  for (const std::string& name : references_) {
+    DSV4_ASSERT(std::find(arguments_.begin(), arguments_.end(), name) != arguments_.end(),
+                op_ + ": a rule refers to '" + name + "', which the contract does not declare");
+  }
   for (const auto& [name, tensor] : args) {
     if (std::find(arguments_.begin(), arguments_.end(), name) == arguments_.end()) {
       throw ContractError(op_, name, "not an argument of this op");

@@ -63,6 +63,7 @@ class Contract {
   std::string current_;
   std::vector<std::string> arguments_;
   std::vector<std::string> optional_;
+  std::vector<std::string> references_;  // arguments named by relation rules; each must be declared
   std::vector<Rule> rules_;
 };
 

@@ -106,3 +106,15 @@ TEST(Contract, AlignmentOfAnOffsetView) {
 
 }  // namespace
 }  // namespace dsv4
+
+namespace dsv4 {
+namespace {
+
+TEST(ContractDeathTest, RelationToAnUndeclaredArgumentIsAContractBug) {
+  const Contract c = Contract("bad").arg("x").same_size(0, "y", 0);
+  Tensor x = Tensor::empty({2}, DType::f32, "x");
+  EXPECT_DEATH(c.check({{"x", &x}}), "does not declare");
+}
+
+}  // namespace
+}  // namespace dsv4

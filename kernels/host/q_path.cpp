@@ -1,0 +1,175 @@
+// Host implementations of the query path's element-wise kernels. One "thread block" per row (and per
+// head), replaying the reference's arithmetic order so quant-sim results are equal bit for bit.
+#include "kernels/q_path.h"
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <string>
+#include <vector>
+
+#include "engine/core/contract.h"
+#include "engine/core/error.h"
+#include "engine/core/formats.h"
+
+namespace dsv4::kernels {
+namespace {
+
+constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
+
+void require_host(const char* op, const char* argument, const Tensor& t) {
+  if (t.defined() && t.device().kind != DeviceKind::host) {
+    throw ContractError(op, argument, "needs a host tensor, got one on " + t.device().str());
+  }
+}
+
+// f32(1 / sqrt(mean(x²) + eps)) with the squares summed in f64, as reference/norm.cpp does.
+float inverse_rms(const float* x, int64_t n, double eps) {
+  double sum_sq = 0.0;
+  for (int64_t i = 0; i < n; ++i) sum_sq += static_cast<double>(x[i]) * x[i];
+  return static_cast<float>(1.0 / std::sqrt(sum_sq / static_cast<double>(n) + eps));
+}
+
+// Forward (or conjugate) rotation of the `pairs` interleaved pairs at x, each result rounded to bf16.
+void rope_bf16(float* x, int64_t pairs, const float* freqs, int32_t pos) {
+  for (int64_t j = 0; j < pairs; ++j) {
+    const float angle = static_cast<float>(pos) * freqs[j];
+    const float c = std::cos(angle);
+    const float s = std::sin(angle);
+    const float a = x[2 * j];
+    const float b = x[2 * j + 1];
+    x[2 * j] = round_bf16(a * c - b * s);
+    x[2 * j + 1] = round_bf16(a * s + b * c);
+  }
+}
+
+// The normalised Walsh-Hadamard transform in the reference's butterfly order (reference/hadamard.h).
+void hadamard(float* x, int64_t n) {
+  for (int64_t h = 1; h < n; h *= 2) {
+    for (int64_t i = 0; i < n; i += 2 * h) {
+      for (int64_t j = i; j < i + h; ++j) {
+        const float a = x[j];
+        const float b = x[j + h];
+        x[j] = a + b;
+        x[j + h] = a - b;
+      }
+    }
+  }
+  const float scale = 1.0f / std::sqrt(static_cast<float>(n));
+  for (int64_t i = 0; i < n; ++i) x[i] *= scale;
+}
+
+// Block quant-dequant with power-of-two (ue8m0) scales: a multiply by the f32 reciprocal of the
+// format max, never a divide (§2.9), so the scale and hence the dequantisation are exact.
+void quant_dequant(float* x, int64_t n, int64_t block, IndexerQuant quant) {
+  const bool fp4 = quant == IndexerQuant::fp4;
+  const float fmt_max = fp4 ? kE2m1MaxF32 : kE4m3fnMaxF32;
+  const float amax_floor = fp4 ? 6.0f * 0x1.0p-126f : 1e-4f;
+  const float inv_max = fp4 ? 1.0f / 6.0f : 1.0f / 448.0f;
+  for (int64_t b = 0; b < n; b += block) {
+    float amax = 0.0f;
+    for (int64_t i = b; i < b + block; ++i) amax = std::max(amax, std::fabs(x[i]));
+    const float s = round_ue8m0_ceil(std::max(amax, amax_floor) * inv_max);
+    for (int64_t i = b; i < b + block; ++i) {
+      const float q = std::clamp(x[i] / s, -fmt_max, fmt_max);
+      x[i] = round_bf16((fp4 ? round_e2m1(q) : round_e4m3fn(q)) * s);
+    }
+  }
+}
+
+// The shared contract of the per-head in-place kernels: dense q, a rope table that fits a head, and
+// one valid position per row. Returns rope_dim.
+int64_t check_heads_contract(const char* op, const Tensor& q, int64_t heads, int64_t head_dim, const Tensor& freqs,
+                             const Tensor& positions) {
+  if (heads < 1) throw ContractError(op, "heads", "must be >= 1, got " + std::to_string(heads));
+  if (head_dim < 1) throw ContractError(op, "head_dim", "must be >= 1, got " + std::to_string(head_dim));
+  Contract(op)
+      .arg("q").dtype(DType::bf16).rank(2).contiguous().dim(1, heads * head_dim)
+      .arg("freqs").dtype(DType::f32).rank(1).contiguous()
+      .arg("positions").dtype(DType::i32).rank(1).contiguous().same_size(0, "q", 0).values_in(0, kInt32Max)
+      .check({{"q", &q}, {"freqs", &freqs}, {"positions", &positions}});
+  require_host(op, "q", q);
+  require_host(op, "freqs", freqs);
+  require_host(op, "positions", positions);
+  const int64_t rope_dim = 2 * freqs.size(0);
+  if (rope_dim < 1 || rope_dim > head_dim) {
+    throw ContractError(op, "freqs", "needs 0 < 2 * shape[0] <= head_dim " + std::to_string(head_dim) + ", got shape " +
+                                         shape_str(freqs.shape()));
+  }
+  return rope_dim;
+}
+
+}  // namespace
+
+void rms_norm(const Tensor& x, const Tensor& weight, double eps, Tensor& out) {
+  static const Contract contract = Contract(kRmsNormOp)
+                                       .arg("x").dtype(DType::bf16).rank(2).inner_contiguous()
+                                       .arg("weight").dtype(DType::f32).rank(1).contiguous().same_size(0, "x", 1)
+                                       .arg("out").dtype(DType::bf16).rank(2).contiguous().same_size(0, "x", 0)
+                                       .same_size(1, "x", 1);
+  contract.check({{"x", &x}, {"weight", &weight}, {"out", &out}});
+  require_host(kRmsNormOp, "x", x);
+  require_host(kRmsNormOp, "weight", weight);
+  require_host(kRmsNormOp, "out", out);
+  const int64_t rows = x.size(0);
+  const int64_t n = x.size(1);
+  const auto* in = x.data<const uint16_t>();
+  const float* w = weight.data<float>();
+  auto* y = out.data<uint16_t>();
+  std::vector<float> row(static_cast<size_t>(n));
+  for (int64_t t = 0; t < rows; ++t) {
+    const uint16_t* xr = in + t * x.stride(0);  // rows may be padded: the view's stride
+    for (int64_t i = 0; i < n; ++i) row[static_cast<size_t>(i)] = bf16_to_f32(xr[i]);
+    const float r = inverse_rms(row.data(), n, eps);
+    for (int64_t i = 0; i < n; ++i) y[t * n + i] = f32_to_bf16(row[static_cast<size_t>(i)] * r * w[i]);
+  }
+}
+
+void q_norm_rope_inplace(Tensor& q, int64_t heads, int64_t head_dim, double eps, const Tensor& freqs,
+                         const Tensor& positions) {
+  const int64_t rope_dim = check_heads_contract(kQNormRopeOp, q, heads, head_dim, freqs, positions);
+  auto* base = q.data<uint16_t>();
+  const int32_t* pos = positions.data<int32_t>();
+  std::vector<float> v(static_cast<size_t>(head_dim));
+  for (int64_t t = 0; t < q.size(0); ++t) {
+    for (int64_t h = 0; h < heads; ++h) {
+      uint16_t* qh = base + (t * heads + h) * head_dim;  // dense by contract
+      for (int64_t i = 0; i < head_dim; ++i) v[static_cast<size_t>(i)] = bf16_to_f32(qh[i]);
+      // Over all head dims, rope dims included, before the rotation (§2.1 step 3).
+      const float r = inverse_rms(v.data(), head_dim, eps);
+      for (int64_t i = 0; i < head_dim; ++i) v[static_cast<size_t>(i)] = round_bf16(v[static_cast<size_t>(i)] * r);
+      // RoPE reads the bf16 normed values, as the unfused reference does.
+      rope_bf16(v.data() + head_dim - rope_dim, rope_dim / 2, freqs.data<float>(), pos[t]);
+      for (int64_t i = 0; i < head_dim; ++i) qh[i] = f32_to_bf16(v[static_cast<size_t>(i)]);
+    }
+  }
+}
+
+void indexer_q(Tensor& q, int64_t heads, int64_t head_dim, const Tensor& freqs, const Tensor& positions,
+               IndexerQuant quant, int64_t block) {
+  const int64_t rope_dim = check_heads_contract(kIndexerQOp, q, heads, head_dim, freqs, positions);
+  if ((head_dim & (head_dim - 1)) != 0) {
+    throw ContractError(kIndexerQOp, "head_dim", "must be a power of two (Hadamard), got " + std::to_string(head_dim));
+  }
+  if (block < 1 || head_dim % block != 0) {
+    throw ContractError(kIndexerQOp, "block",
+                        "must be >= 1 and divide head_dim " + std::to_string(head_dim) + ", got " + std::to_string(block));
+  }
+  auto* base = q.data<uint16_t>();
+  const int32_t* pos = positions.data<int32_t>();
+  std::vector<float> v(static_cast<size_t>(head_dim));
+  for (int64_t t = 0; t < q.size(0); ++t) {
+    for (int64_t h = 0; h < heads; ++h) {
+      uint16_t* qh = base + (t * heads + h) * head_dim;
+      for (int64_t i = 0; i < head_dim; ++i) v[static_cast<size_t>(i)] = bf16_to_f32(qh[i]);
+      rope_bf16(v.data() + head_dim - rope_dim, rope_dim / 2, freqs.data<float>(), pos[t]);
+      hadamard(v.data(), head_dim);
+      // Each op of the reference ends in a bf16 tensor, so the quantiser sees bf16 inputs.
+      for (float& e : v) e = round_bf16(e);
+      quant_dequant(v.data(), head_dim, block, quant);
+      for (int64_t i = 0; i < head_dim; ++i) qh[i] = f32_to_bf16(v[static_cast<size_t>(i)]);
+    }
+  }
+}
+
+}  // namespace dsv4::kernels
