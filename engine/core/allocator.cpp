@@ -50,8 +50,9 @@ class HostMemory final : public MemorySpace {
 }  // namespace
 
 MemorySpace& host_memory() {
-  static HostMemory memory;
-  return memory;
+  // Never destroyed: storages held by other static objects may be released after main returns.
+  static HostMemory* memory = new HostMemory();
+  return *memory;
 }
 
 #if !defined(DSV4_WITH_CUDA)
@@ -181,8 +182,8 @@ std::vector<GuardDamage> Allocator::released_damage() const {
 Allocator Allocator::of(const Storage& storage) { return Allocator(storage.state_); }
 
 Allocator& default_host_allocator() {
-  static Allocator allocator(host_memory(), AllocatorMode::plain);
-  return allocator;
+  static Allocator* allocator = new Allocator(host_memory(), AllocatorMode::plain);
+  return *allocator;
 }
 
 }  // namespace dsv4

@@ -83,11 +83,12 @@ int cuda_device_count() {
 }
 
 MemorySpace* cuda_memory(int device_index) {
-  static std::mutex mutex;
-  static std::map<int, std::unique_ptr<CudaMemory>> spaces;
+  // Never destroyed, like host_memory(): static tensors may outlive main.
+  static std::mutex* mutex = new std::mutex();
+  static auto* spaces = new std::map<int, std::unique_ptr<CudaMemory>>();
   if (device_index < 0 || device_index >= cuda_device_count()) return nullptr;
-  std::lock_guard<std::mutex> lock(mutex);
-  auto& slot = spaces[device_index];
+  std::lock_guard<std::mutex> lock(*mutex);
+  auto& slot = (*spaces)[device_index];
   if (!slot) slot = std::make_unique<CudaMemory>(device_index);
   return slot.get();
 }
