@@ -22,8 +22,18 @@ std::string fmt(const char* format, ...) {
   return buffer;
 }
 
-std::string billions(int64_t n) { return fmt("%.2f B", static_cast<double>(n) / 1e9); }
-std::string gigabytes(int64_t n) { return fmt("%.2f GB", static_cast<double>(n) / 1e9); }
+// Counts and sizes in the unit that keeps both the released models and the tiny ones readable.
+std::string scaled(int64_t n, const char* unit) {
+  const double v = static_cast<double>(n);
+  if (v >= 1e9) return fmt("%.2f G%s", v / 1e9, unit);
+  if (v >= 1e6) return fmt("%.2f M%s", v / 1e6, unit);
+  if (v >= 1e3) return fmt("%.2f K%s", v / 1e3, unit);
+  return fmt("%lld %s", static_cast<long long>(n), unit);
+}
+std::string billions(int64_t n) {
+  return n >= 1000000000 ? fmt("%.2f B", static_cast<double>(n) / 1e9) : scaled(n, "");
+}
+std::string gigabytes(int64_t n) { return scaled(n, "B"); }
 
 std::string describe_model(const ModelConfig& c) {
   std::string out;
