@@ -36,16 +36,10 @@ struct Case {
   bool fp8_rounding = true;
 };
 
+// gtest prints the parameter with PrintTo, and ctest's test discovery names each case after it.
 void PrintTo(const Case& c, std::ostream* os) {
-  *os << c.preset << " layer " << c.layer << (c.indexer ? " indexer" : " attention")
-      << (c.mode == Mode::exact ? " exact" : " quant-sim");
-}
-
-std::string case_name(const testing::TestParamInfo<Case>& info) {
-  const Case& c = info.param;
-  return std::string(c.preset) + "_L" + std::to_string(c.layer) + (c.indexer ? "_indexer" : "_attn") +
-         (c.mode == Mode::exact ? "_exact" : "_quant") + (c.indexer_quant == "fp8" ? "_fp8vec" : "") +
-         (c.fp8_rounding ? "" : "_clamponly");
+  *os << c.preset << "_L" << c.layer << (c.indexer ? "_indexer" : "_attn") << (c.mode == Mode::exact ? "_exact" : "_quant")
+      << (c.indexer_quant == "fp8" ? "_fp8vec" : "") << (c.fp8_rounding ? "" : "_clamponly");
 }
 
 const ref::testing::Model& model(const std::string& preset, const std::string& indexer_quant) {
@@ -228,8 +222,7 @@ INSTANTIATE_TEST_SUITE_P(
                     Case{"tiny", 2, false, Mode::exact}, Case{"tiny", 2, false, Mode::quant_sim},
                     Case{"tiny", 1, true, Mode::quant_sim, "fp8"}, Case{"tiny", 1, false, Mode::quant_sim, "fp4", false},
                     Case{"micro", 1, false, Mode::quant_sim}, Case{"micro", 1, true, Mode::quant_sim},
-                    Case{"micro", 2, false, Mode::exact}, Case{"micro", 2, false, Mode::quant_sim}),
-    case_name);
+                    Case{"micro", 2, false, Mode::exact}, Case{"micro", 2, false, Mode::quant_sim}));
 
 // --- the plan ---------------------------------------------------------------------------------
 
