@@ -61,7 +61,7 @@ void Runtime::check_range(const ByteRange& range, const char* what) const {
 
 // ---- buffers ----
 
-BufferId Runtime::alloc(int device, uint64_t bytes, const std::string& name) {
+BufferId Runtime::alloc(int device, uint64_t bytes, const std::string& name, DType poison) {
   if (device < 0 || device >= options_.devices) {
     throw ContractError("alloc", name, "device " + std::to_string(device) + " does not exist");
   }
@@ -78,6 +78,14 @@ BufferId Runtime::alloc(int device, uint64_t bytes, const std::string& name) {
       if (!b.live && b.storage && b.device == device && b.bytes == bytes) {
         b.live = true;
         b.name = name;
+        if (options_.allocator_mode == AllocatorMode::testing && bytes > 0) {
+          // Poisoned again for its new owner: a stale reader still queued on the old owner's work
+          // then reads NaN or the sentinel instead of plausible values.
+          const std::vector<uint8_t> pattern = poison_pattern(poison);
+          std::vector<uint8_t> image(bytes);
+          for (size_t k = 0; k < image.size(); ++k) image[k] = pattern[k % pattern.size()];
+          b.storage->space().copy_from_host(b.storage->data(), image.data(), image.size());
+        }
         const BufferId id{static_cast<int32_t>(i)};
         notify([&](RuntimeObserver& o) { o.on_buffer_created(id, device, name, bytes); });
         return id;
@@ -85,7 +93,7 @@ BufferId Runtime::alloc(int device, uint64_t bytes, const std::string& name) {
     }
   }
   BufferRecord record;
-  record.storage = allocators_[static_cast<size_t>(device)]->allocate(bytes, DType::u8, name);
+  record.storage = allocators_[static_cast<size_t>(device)]->allocate(bytes, poison, name);
   record.name = name;
   record.device = device;
   record.bytes = bytes;

@@ -138,7 +138,9 @@ class Runtime {
   void add_observer(RuntimeObserver* observer);
 
   // ---- buffers ----
-  BufferId alloc(int device, uint64_t bytes, const std::string& name);
+  // `poison` is the element type fresh memory is poisoned as in testing mode (NaN for floats, a
+  // sentinel for integers); raw byte buffers keep the byte sentinel.
+  BufferId alloc(int device, uint64_t bytes, const std::string& name, DType poison = DType::u8);
   // Returns the buffer's memory to the cache, where work still queued on it can race with the next
   // owner (exactly the reuse hazard the detector exists for); without the cache, the memory goes
   // back to the allocator after the device finished its work, as cudaFree does.

@@ -2,6 +2,7 @@
 // every schedule (even those where the result happened to be right), a graph missing an edge is
 // flagged at capture, a strided view is refused by the launch contract, and buffer reuse through the
 // caching allocator is seen.
+#include <cmath>
 #include <cstring>
 #include <vector>
 
@@ -247,6 +248,44 @@ TEST(RuntimeDetectors, ReplaysOfOneGraphOnTwoStreamsAreOrdered) {
     EXPECT_EQ(v, 3.0f) << "seed " << seed;
     EXPECT_TRUE(detector.hazards().empty()) << detector.hazards().front().describe();
   }
+}
+
+TEST(RuntimeDetectors, TestingAllocatorPoisonsBuffersAndNamesGuardDamage) {
+  RuntimeOptions options;
+  options.allocator_mode = AllocatorMode::testing;
+  options.caching_allocator = false;  // as under sanitizers
+  SimRuntime rt(options, SimOptions{});
+  const StreamId s = rt.create_stream(0, "main");
+  const BufferId state = rt.alloc(0, kFloats * 4, "layers.2.attn.compress_state", DType::f32);
+  float first = 0;
+  rt.download(state, 0, &first, sizeof first);
+  EXPECT_TRUE(std::isnan(first)) << "fresh memory is poisoned";
+  // A kernel that writes one float past its declared range (a page size of 0 sends writes there).
+  Launch l = fill(rt, state, 1.0f, "write_state_rows");
+  float* p = floats(rt, state);
+  l.host = [p] { std::fill(p, p + kFloats + 1, 1.0f); };
+  rt.launch(s, l);
+  rt.synchronize(s);
+  const auto damage = rt.check_guards();
+  ASSERT_EQ(damage.size(), 1u);
+  EXPECT_EQ(damage[0].owner, "layers.2.attn.compress_state");
+  EXPECT_NE(damage[0].describe().find("after the end"), std::string::npos);
+}
+
+TEST(RuntimeDetectors, CachedBufferIsPoisonedAgainForItsNextOwner) {
+  RuntimeOptions options;
+  options.allocator_mode = AllocatorMode::testing;
+  SimRuntime rt(options, SimOptions{});
+  const StreamId s = rt.create_stream(0, "main");
+  const BufferId a = rt.alloc(0, kFloats * 4, "qkv_a", DType::f32);
+  rt.launch(s, fill(rt, a, 5.0f, "wqkv_a"));
+  rt.synchronize(s);
+  rt.free(a);
+  const BufferId b = rt.alloc(0, kFloats * 4, "q_lora", DType::f32);
+  EXPECT_EQ(b, a) << "the cache hands the same memory back";
+  float v = 0;
+  rt.download(b, 0, &v, sizeof v);
+  EXPECT_TRUE(std::isnan(v)) << "the old owner's 5.0 must not show through";
 }
 
 TEST(RuntimeDetectors, CommunicatorsSpanningProcessesAreRefusedOnSim) {
