@@ -10,8 +10,16 @@
 #include "engine/core/contract.h"
 #include "engine/core/error.h"
 #include "engine/core/formats.h"
+#include "kernels/host/host_common.h"
 
 namespace dsv4::kernels {
+
+using host::fp4_quant_dequant_blocks;
+using host::fp8_quant_dequant_blocks;
+using host::hadamard_inplace;
+using host::inverse_rms;
+using host::kInt32Max;
+using host::require_host;
 
 namespace {
 
@@ -67,52 +75,10 @@ const Contract& pool_contract() {
   return c;
 }
 
-void require_host(const char* op, const char* name, const Tensor& t) {
-  if (t.device().kind != DeviceKind::host) throw ContractError(op, name, "needs a host tensor");
-}
-
 float load_f32(const uint8_t* p) {
   float v;
   std::memcpy(&v, p, 4);
   return v;
-}
-
-// The reference's e4m3 / e2m1 quant-dequant (dsv4-model §2.9): ue8m0 scale from the block amax.
-void fp8_blocks(float* x, int64_t n, int64_t block, bool round_to_e4m3) {
-  for (int64_t b = 0; b < n; b += block) {
-    const int64_t end = std::min(n, b + block);
-    float amax = 0.0f;
-    for (int64_t i = b; i < end; ++i) amax = std::max(amax, std::fabs(x[i]));
-    const float s = round_ue8m0_ceil(std::max(amax, 1e-4f) * (1.0f / 448.0f));
-    for (int64_t i = b; i < end; ++i) {
-      const float q = std::clamp(x[i] / s, -448.0f, 448.0f);
-      x[i] = (round_to_e4m3 ? round_e4m3fn(q) : q) * s;
-    }
-  }
-}
-
-void fp4_blocks(float* x, int64_t n, int64_t block) {
-  for (int64_t b = 0; b < n; b += block) {
-    const int64_t end = std::min(n, b + block);
-    float amax = 0.0f;
-    for (int64_t i = b; i < end; ++i) amax = std::max(amax, std::fabs(x[i]));
-    const float s = round_ue8m0_ceil(std::max(amax, 6.0f * 0x1.0p-126f) * (1.0f / 6.0f));
-    for (int64_t i = b; i < end; ++i) x[i] = round_e2m1(std::clamp(x[i] / s, -6.0f, 6.0f)) * s;
-  }
-}
-
-void hadamard(float* x, int64_t n) {
-  for (int64_t h = 1; h < n; h *= 2) {
-    for (int64_t i = 0; i < n; i += 2 * h) {
-      for (int64_t j = i; j < i + h; ++j) {
-        const float a = x[j], b = x[j + h];
-        x[j] = a + b;
-        x[j + h] = a - b;
-      }
-    }
-  }
-  const float scale = 1.0f / std::sqrt(static_cast<float>(n));
-  for (int64_t i = 0; i < n; ++i) x[i] *= scale;
 }
 
 void act_span(bool bf16, float* x, int64_t n) {
@@ -400,22 +366,22 @@ void compressor_pool_host(const CompressPlan& plan, const Tensor& kv, const Tens
     act_span(post.bf16_act, rope, rd);
 
     if (post.rotate) {
-      hadamard(o, hd);
+      hadamard_inplace(o, hd);
       act_span(post.bf16_act, o, hd);
     }
     switch (post.quant) {
       case CompressQuant::none:
         break;
       case CompressQuant::fp8_nope:  // rope dims stay bf16
-        fp8_blocks(o, hd - rd, post.quant_block, post.fp8_rounding);
+        fp8_quant_dequant_blocks(o, hd - rd, post.quant_block, post.fp8_rounding);
         act_span(post.bf16_act, o, hd - rd);
         break;
       case CompressQuant::fp4:
-        fp4_blocks(o, hd, post.quant_block);
+        fp4_quant_dequant_blocks(o, hd, post.quant_block);
         act_span(post.bf16_act, o, hd);
         break;
       case CompressQuant::fp8_vector:
-        fp8_blocks(o, hd, hd, true);
+        fp8_quant_dequant_blocks(o, hd, hd, true);
         act_span(post.bf16_act, o, hd);
         break;
     }

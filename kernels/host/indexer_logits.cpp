@@ -24,21 +24,22 @@
 
 #include "engine/core/contract.h"
 #include "engine/core/error.h"
+#include "kernels/host/host_common.h"
 #include "kernels/indexer_logits.h"
 
 namespace dsv4::kernels {
+
+using host::fp4_quant_dequant_blocks;
+using host::fp8_quant_dequant_blocks;
+using host::hadamard_inplace;
+using host::inverse_rms;
+using host::kInt32Max;
+using host::require_host;
 namespace {
 
-constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-void require_host(const char* argument, const Tensor& t) {
-  if (t.device().kind != DeviceKind::host) {
-    throw ContractError(kIndexerLogitsOp, argument, "needs a host tensor, got one on " + t.device().str());
-  }
-}
 
 // The launch's fixed geometry; the tensors are read when the launch runs.
 struct Plan {
@@ -210,13 +211,13 @@ void check_indexer_logits_contract(const IndexerLogitsArgs& a) {
                   {"schedule", &a.schedule},
                   {"logits", &a.logits}});
   const char* op = kIndexerLogitsOp;
-  require_host("q", a.q);
-  require_host("kv_pages", a.kv_pages);
-  require_host("block_table", a.block_table);
-  require_host("weights", a.weights);
-  require_host("context_lens", a.context_lens);
-  require_host("schedule", a.schedule);
-  require_host("logits", a.logits);
+  require_host(kIndexerLogitsOp, "q", a.q);
+  require_host(kIndexerLogitsOp, "kv_pages", a.kv_pages);
+  require_host(kIndexerLogitsOp, "block_table", a.block_table);
+  require_host(kIndexerLogitsOp, "weights", a.weights);
+  require_host(kIndexerLogitsOp, "context_lens", a.context_lens);
+  require_host(kIndexerLogitsOp, "schedule", a.schedule);
+  require_host(kIndexerLogitsOp, "logits", a.logits);
   if (a.block_kv < 1) throw ContractError(op, "block_kv", "must be >= 1, got " + std::to_string(a.block_kv));
   if (a.num_sms < 1) throw ContractError(op, "num_sms", "must be >= 1, got " + std::to_string(a.num_sms));
   const int64_t tokens = a.q.size(0) * a.q.size(1);

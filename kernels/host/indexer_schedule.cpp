@@ -8,20 +8,20 @@
 
 #include "engine/core/contract.h"
 #include "engine/core/error.h"
+#include "kernels/host/host_common.h"
 #include "kernels/indexer_logits.h"
 
 namespace dsv4::kernels {
+
+using host::fp4_quant_dequant_blocks;
+using host::fp8_quant_dequant_blocks;
+using host::hadamard_inplace;
+using host::inverse_rms;
+using host::kInt32Max;
+using host::require_host;
 namespace {
 
-constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
-
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-void require_host(const char* op, const char* argument, const Tensor& t) {
-  if (t.device().kind != DeviceKind::host) {
-    throw ContractError(op, argument, "needs a host tensor, got one on " + t.device().str());
-  }
-}
 
 // Key blocks of work per schedule row (its tokens' ceil(len / block_kv), summed j-major).
 std::vector<int64_t> row_work_blocks(const Tensor& context_lens, int64_t block_kv) {

@@ -12,15 +12,17 @@
 #include "engine/core/contract.h"
 #include "engine/core/error.h"
 #include "engine/core/formats.h"
+#include "kernels/host/host_common.h"
 
 namespace dsv4::kernels {
-namespace {
 
-void require_host(const char* op, const char* argument, const Tensor& t) {
-  if (t.defined() && t.device().kind != DeviceKind::host) {
-    throw ContractError(op, argument, "needs a host tensor, got one on " + t.device().str());
-  }
-}
+using host::fp4_quant_dequant_blocks;
+using host::fp8_quant_dequant_blocks;
+using host::hadamard_inplace;
+using host::inverse_rms;
+using host::kInt32Max;
+using host::require_host;
+namespace {
 
 float sigmoid(float z) { return static_cast<float>(1.0 / (1.0 + std::exp(-static_cast<double>(z)))); }
 

@@ -9,16 +9,18 @@
 #include "engine/core/contract.h"
 #include "engine/core/error.h"
 #include "engine/core/formats.h"
+#include "kernels/host/host_common.h"
 
 namespace dsv4::kernels {
 
-namespace {
+using host::fp4_quant_dequant_blocks;
+using host::fp8_quant_dequant_blocks;
+using host::hadamard_inplace;
+using host::inverse_rms;
+using host::kInt32Max;
+using host::require_host;
 
-void require_host(const char* op, const char* name, const Tensor& t) {
-  if (t.defined() && t.device().kind != DeviceKind::host) {
-    throw ContractError(op, name, "needs a host tensor, got " + t.device().str());
-  }
-}
+namespace {
 
 // Element (r, c) of a bf16 or f32 matrix with a contiguous last dim, as f32.
 float load_rc(const Tensor& m, int64_t r, int64_t c) {

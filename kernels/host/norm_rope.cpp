@@ -14,17 +14,17 @@
 #include "engine/core/contract.h"
 #include "engine/core/error.h"
 #include "engine/core/formats.h"
+#include "kernels/host/host_common.h"
 
 namespace dsv4::kernels {
+
+using host::fp4_quant_dequant_blocks;
+using host::fp8_quant_dequant_blocks;
+using host::hadamard_inplace;
+using host::inverse_rms;
+using host::kInt32Max;
+using host::require_host;
 namespace {
-
-constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
-
-void require_host(const char* op, const char* argument, const Tensor& t) {
-  if (t.defined() && t.device().kind != DeviceKind::host) {
-    throw ContractError(op, argument, "needs a host tensor, got one on " + t.device().str());
-  }
-}
 
 // rope_dim from the table; the structural rules have already checked ranks.
 int64_t rope_dim_of(const char* op, const Tensor& kv, const Tensor& freqs) {

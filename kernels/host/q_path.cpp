@@ -11,24 +11,17 @@
 #include "engine/core/contract.h"
 #include "engine/core/error.h"
 #include "engine/core/formats.h"
+#include "kernels/host/host_common.h"
 
 namespace dsv4::kernels {
+
+using host::fp4_quant_dequant_blocks;
+using host::fp8_quant_dequant_blocks;
+using host::hadamard_inplace;
+using host::inverse_rms;
+using host::kInt32Max;
+using host::require_host;
 namespace {
-
-constexpr int64_t kInt32Max = std::numeric_limits<int32_t>::max();
-
-void require_host(const char* op, const char* argument, const Tensor& t) {
-  if (t.defined() && t.device().kind != DeviceKind::host) {
-    throw ContractError(op, argument, "needs a host tensor, got one on " + t.device().str());
-  }
-}
-
-// f32(1 / sqrt(mean(x²) + eps)) with the squares summed in f64, as reference/norm.cpp does.
-float inverse_rms(const float* x, int64_t n, double eps) {
-  double sum_sq = 0.0;
-  for (int64_t i = 0; i < n; ++i) sum_sq += static_cast<double>(x[i]) * x[i];
-  return static_cast<float>(1.0 / std::sqrt(sum_sq / static_cast<double>(n) + eps));
-}
 
 // Forward (or conjugate) rotation of the `pairs` interleaved pairs at x, each result rounded to bf16.
 void rope_bf16(float* x, int64_t pairs, const float* freqs, int32_t pos) {
@@ -43,38 +36,14 @@ void rope_bf16(float* x, int64_t pairs, const float* freqs, int32_t pos) {
   }
 }
 
-// The normalised Walsh-Hadamard transform in the reference's butterfly order (reference/hadamard.h).
-void hadamard(float* x, int64_t n) {
-  for (int64_t h = 1; h < n; h *= 2) {
-    for (int64_t i = 0; i < n; i += 2 * h) {
-      for (int64_t j = i; j < i + h; ++j) {
-        const float a = x[j];
-        const float b = x[j + h];
-        x[j] = a + b;
-        x[j + h] = a - b;
-      }
-    }
-  }
-  const float scale = 1.0f / std::sqrt(static_cast<float>(n));
-  for (int64_t i = 0; i < n; ++i) x[i] *= scale;
-}
-
-// Block quant-dequant with power-of-two (ue8m0) scales: a multiply by the f32 reciprocal of the
-// format max, never a divide (§2.9), so the scale and hence the dequantisation are exact.
+// Block quant-dequant with power-of-two (ue8m0) scales (§2.9), each result rounded to bf16.
 void quant_dequant(float* x, int64_t n, int64_t block, IndexerQuant quant) {
-  const bool fp4 = quant == IndexerQuant::fp4;
-  const float fmt_max = fp4 ? kE2m1MaxF32 : kE4m3fnMaxF32;
-  const float amax_floor = fp4 ? 6.0f * 0x1.0p-126f : 1e-4f;
-  const float inv_max = fp4 ? 1.0f / 6.0f : 1.0f / 448.0f;
-  for (int64_t b = 0; b < n; b += block) {
-    float amax = 0.0f;
-    for (int64_t i = b; i < b + block; ++i) amax = std::max(amax, std::fabs(x[i]));
-    const float s = round_ue8m0_ceil(std::max(amax, amax_floor) * inv_max);
-    for (int64_t i = b; i < b + block; ++i) {
-      const float q = std::clamp(x[i] / s, -fmt_max, fmt_max);
-      x[i] = round_bf16((fp4 ? round_e2m1(q) : round_e4m3fn(q)) * s);
-    }
+  if (quant == IndexerQuant::fp4) {
+    fp4_quant_dequant_blocks(x, n, block);
+  } else {
+    fp8_quant_dequant_blocks(x, n, block, /*round_to_e4m3=*/true);
   }
+  for (int64_t i = 0; i < n; ++i) x[i] = round_bf16(x[i]);
 }
 
 // The shared contract of the per-head in-place kernels: dense q, a rope table that fits a head, and
@@ -163,7 +132,7 @@ void indexer_q(Tensor& q, int64_t heads, int64_t head_dim, const Tensor& freqs, 
       uint16_t* qh = base + (t * heads + h) * head_dim;
       for (int64_t i = 0; i < head_dim; ++i) v[static_cast<size_t>(i)] = bf16_to_f32(qh[i]);
       rope_bf16(v.data() + head_dim - rope_dim, rope_dim / 2, freqs.data<float>(), pos[t]);
-      hadamard(v.data(), head_dim);
+      hadamard_inplace(v.data(), head_dim);
       // Each op of the reference ends in a bf16 tensor, so the quantiser sees bf16 inputs.
       for (float& e : v) e = round_bf16(e);
       quant_dequant(v.data(), head_dim, block, quant);

@@ -8,16 +8,20 @@
 #include "engine/core/contract.h"
 #include "engine/core/error.h"
 #include "engine/core/formats.h"
+#include "kernels/host/host_common.h"
 
 namespace dsv4::kernels {
+
+using host::fp4_quant_dequant_blocks;
+using host::fp8_quant_dequant_blocks;
+using host::hadamard_inplace;
+using host::inverse_rms;
+using host::kInt32Max;
+using host::require_host;
 
 namespace {
 
 int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
-
-void require_host(const char* op, const char* name, const Tensor& t) {
-  if (t.device().kind != DeviceKind::host) throw ContractError(op, name, "needs a host tensor, got " + t.device().str());
-}
 
 void require_positive_block(const char* op, const char* name, int64_t block) {
   if (block <= 0) throw ContractError(op, name, "must be positive, got " + std::to_string(block));
