@@ -4,8 +4,7 @@
 #include <functional>
 
 #include "engine/checkpoint/checkpoint_layout.h"
-#include "engine/checkpoint/safetensors.h"
-#include "engine/checkpoint/synthetic_weights.h"
+#include "engine/checkpoint/checkpoint_source.h"
 #include "engine/core/error.h"
 #include "engine/core/formats.h"
 
@@ -81,25 +80,16 @@ std::map<std::string, Mat> load(const ModelConfig& config, const BytesOf& bytes_
 }  // namespace
 
 Weights Weights::from_file(const ModelConfig& config, const std::string& path) {
-  const SafetensorsFile file = SafetensorsFile::open(path);
+  const CheckpointSource source = CheckpointSource::file(path);
   Weights w;
-  w.tensors_ = load(config, [&](const TensorSpec& spec) {
-    const SafetensorsEntry& e = file.at(spec.name);
-    const auto dtype = dtype_from_safetensors(e.dtype);
-    if (!dtype || *dtype != spec.dtype) {
-      throw InputError(path, spec.name, "dtype " + e.dtype + ", the checkpoint layout needs " +
-                                            std::string(safetensors_dtype_name(spec.dtype)));
-    }
-    if (e.shape != spec.shape) throw InputError(path, spec.name, "shape differs from the config's layout");
-    const auto span = file.bytes(e);
-    return std::vector<uint8_t>(span.begin(), span.end());
-  });
+  w.tensors_ = load(config, [&](const TensorSpec& spec) { return source.bytes(spec); });
   return w;
 }
 
 Weights Weights::synthetic(const ModelConfig& config, uint64_t seed) {
+  const CheckpointSource source = CheckpointSource::synthetic(config, seed);
   Weights w;
-  w.tensors_ = load(config, [&](const TensorSpec& spec) { return synthetic_tensor_bytes(config, spec, seed); });
+  w.tensors_ = load(config, [&](const TensorSpec& spec) { return source.bytes(spec); });
   return w;
 }
 

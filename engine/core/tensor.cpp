@@ -79,6 +79,21 @@ Tensor Tensor::empty(const Shape& shape, DType dtype, Allocator& allocator, std:
   return Tensor(std::move(storage), dtype, shape, contiguous_strides(shape), 0);
 }
 
+Tensor Tensor::over(std::shared_ptr<Storage> storage, DType dtype, const Shape& shape, int64_t offset) {
+  if (!storage) throw ContractError("Tensor::over", "storage", "is null");
+  for (int64_t s : shape) {
+    if (s < 0) throw ContractError("Tensor::over", storage->owner(), "negative size in shape " + shape_str(shape));
+  }
+  if (offset < 0) throw ContractError("Tensor::over", storage->owner(), "negative offset");
+  const int64_t need = dtype_storage_bytes(dtype, offset + shape_numel(shape));
+  if (need > static_cast<int64_t>(storage->bytes())) {
+    throw ContractError("Tensor::over", storage->owner(),
+                        "a view of " + shape_str(shape) + " at element " + std::to_string(offset) + " needs " +
+                            std::to_string(need) + " bytes, the storage has " + std::to_string(storage->bytes()));
+  }
+  return Tensor(std::move(storage), dtype, shape, contiguous_strides(shape), offset);
+}
+
 Tensor Tensor::empty(const Shape& shape, DType dtype, std::string name) {
   return empty(shape, dtype, default_host_allocator(), std::move(name));
 }

@@ -31,6 +31,9 @@ class Tensor {
   // A host tensor filled from doubles (converted by the dtype's encoder).
   static Tensor from_values(const Shape& shape, DType dtype, const std::vector<double>& values,
                             std::string name);
+  // A contiguous view of `shape` over existing storage, starting at element `offset` (a runtime
+  // buffer seen as a tensor). ContractError when the view does not fit the storage.
+  static Tensor over(std::shared_ptr<Storage> storage, DType dtype, const Shape& shape, int64_t offset = 0);
 
   bool defined() const { return storage_ != nullptr; }
   DType dtype() const { return dtype_; }

@@ -119,6 +119,11 @@ void* Runtime::data(BufferId buffer) const {
   return buffers_[static_cast<size_t>(buffer.value)].storage->data();
 }
 
+Tensor Runtime::tensor(BufferId buffer, DType dtype, const Shape& shape, int64_t offset) const {
+  check_range(ByteRange{buffer, 0, 0}, "buffer");
+  return Tensor::over(buffers_[static_cast<size_t>(buffer.value)].storage, dtype, shape, offset);
+}
+
 const std::string& Runtime::name(BufferId buffer) const {
   DSV4_ASSERT(buffer.value >= 0 && buffer.value < static_cast<int32_t>(buffers_.size()), "bad buffer id");
   return buffers_[static_cast<size_t>(buffer.value)].name;

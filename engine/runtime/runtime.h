@@ -17,6 +17,7 @@
 
 #include "engine/core/allocator.h"
 #include "engine/core/cooperative.h"
+#include "engine/core/tensor.h"
 
 namespace dsv4::rt {
 
@@ -146,6 +147,8 @@ class Runtime {
   // back to the allocator after the device finished its work, as cudaFree does.
   void free(BufferId buffer);
   void* data(BufferId buffer) const;  // host pointer on sim, device pointer on cuda
+  // The buffer as a contiguous tensor of `shape` from element `offset` (kernels' view of it).
+  Tensor tensor(BufferId buffer, DType dtype, const Shape& shape, int64_t offset = 0) const;
   const std::string& name(BufferId buffer) const;
   uint64_t bytes(BufferId buffer) const;
   int device_of(BufferId buffer) const;

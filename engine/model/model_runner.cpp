@@ -1,0 +1,1069 @@
+#include "engine/model/model_runner.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <limits>
+
+#include "engine/core/error.h"
+#include "engine/core/formats.h"
+#include "engine/serving/compressed_locations.h"
+#include "kernels/attn_output.h"
+#include "kernels/cast.h"
+#include "kernels/compressor.h"
+#include "kernels/indexer_logits.h"
+#include "kernels/mhc.h"
+#include "kernels/moe.h"
+#include "kernels/norm_rope.h"
+#include "kernels/q_path.h"
+#include "kernels/quant_gemm.h"
+#include "kernels/sparse_attention.h"
+#include "reference/rope.h"
+
+namespace dsv4::engine {
+
+namespace {
+
+constexpr int64_t kC4 = 4;
+
+Tensor host_f32(const std::vector<float>& v) {
+  Tensor t = Tensor::empty({static_cast<int64_t>(v.size())}, DType::f32, "rope_freqs");
+  std::memcpy(t.data_ptr(), v.data(), v.size() * 4);
+  return t;
+}
+
+kernels::CompressStateLayout kernel_state_layout(const serving::StateRowLayout& l) {
+  kernels::CompressStateLayout k;
+  k.coff = l.coff;
+  k.dims = l.dims;
+  k.row_bytes = l.row_bytes;
+  for (int64_t p = 0; p < l.coff; ++p) {
+    k.kv_offset_bytes[p] = l.kv_offset_bytes(p);
+    k.score_offset_bytes[p] = l.score_offset_bytes(p);
+  }
+  return k;
+}
+
+// A compress plan and each block's cache location, flattened into int64s so that a launch reads it
+// from a device buffer when it runs: [T, B, S, positions[T], write_rows[T], (request, block,
+// buffer_len)[B], (kind, index)[B * S], dest_loc[B]].
+int64_t plan_words(int64_t T, int64_t B, int64_t S) { return 3 + 2 * T + 3 * B + 2 * B * S + B; }
+
+std::vector<int64_t> encode_plan(const kernels::CompressPlan& plan, const std::vector<int64_t>& dest) {
+  const int64_t T = plan.num_tokens(), B = static_cast<int64_t>(plan.blocks.size()), S = plan.sources_per_block();
+  std::vector<int64_t> w;
+  w.reserve(static_cast<size_t>(plan_words(T, B, S)));
+  w.push_back(T);
+  w.push_back(B);
+  w.push_back(S);
+  w.insert(w.end(), plan.positions.begin(), plan.positions.end());
+  w.insert(w.end(), plan.write_rows.begin(), plan.write_rows.end());
+  for (const auto& b : plan.blocks) {
+    w.push_back(b.request);
+    w.push_back(b.block);
+    w.push_back(b.buffer_len);
+  }
+  for (const auto& s : plan.sources) {
+    w.push_back(static_cast<int64_t>(s.kind));
+    w.push_back(s.index);
+  }
+  w.insert(w.end(), dest.begin(), dest.end());
+  return w;
+}
+
+kernels::CompressPlan decode_plan(const int64_t* w, int64_t ratio, std::vector<int64_t>& dest) {
+  kernels::CompressPlan plan;
+  plan.ratio = ratio;
+  plan.coff = ratio == kC4 ? 2 : 1;
+  const int64_t T = w[0], B = w[1], S = w[2];
+  DSV4_ASSERT(S == plan.sources_per_block(), "compress plan: sources per block");
+  const int64_t* p = w + 3;
+  plan.positions.assign(p, p + T);
+  p += T;
+  plan.write_rows.assign(p, p + T);
+  p += T;
+  plan.blocks.resize(static_cast<size_t>(B));
+  for (auto& b : plan.blocks) {
+    b.request = p[0];
+    b.block = p[1];
+    b.buffer_len = p[2];
+    p += 3;
+  }
+  plan.sources.resize(static_cast<size_t>(B * S));
+  for (auto& s : plan.sources) {
+    s.kind = static_cast<kernels::CompressSource::Kind>(p[0]);
+    s.index = p[1];
+    p += 2;
+  }
+  dest.assign(p, p + B);
+  return plan;
+}
+
+template <class T>
+void upload_vec(rt::Runtime& rt, const DeviceTensor& d, const std::vector<T>& v) {
+  DSV4_ASSERT(static_cast<int64_t>(v.size() * sizeof(T)) <= static_cast<int64_t>(rt.bytes(d.buffer)),
+              "metadata larger than its buffer " + rt.name(d.buffer));
+  if (!v.empty()) rt.upload(d.buffer, 0, v.data(), v.size() * sizeof(T));
+}
+
+ref::Mat to_mat(const Tensor& t, int64_t rows, int64_t cols) {
+  ref::Mat m(rows, cols);
+  const Tensor v = t.contiguous();
+  const auto* base = static_cast<const uint8_t*>(v.data_ptr());
+  const DType dt = v.dtype();
+  for (int64_t i = 0; i < rows * cols; ++i) m.data[static_cast<size_t>(i)] = static_cast<float>(load_element_f64(dt, base, i));
+  return m;
+}
+
+}  // namespace
+
+// ---- layers and streams -------------------------------------------------------------------------
+
+struct ModelRunner::Layer {
+  int64_t id = 0;
+  int64_t ratio = 0;
+  std::string prefix;  // "layers.{id}"
+  bool hash = false;
+  Tensor freqs;        // the layer's rope table
+  kernels::Model1Layout kv_layout;
+  DeviceTensor swa_cache;           // [swa pages, page_bytes(swa_page_size)] u8
+  DeviceTensor comp_cache;          // [full pages, page_bytes(page_size / ratio)] u8
+  int64_t comp_page_entries = 0;
+  DeviceTensor comp_state;          // attention compressor's state rows
+  kernels::CompressStateLayout comp_state_layout;
+  DeviceTensor idx_keys;            // [c4 entries / 64, 64, index_head_dim] f32 (ratio 4)
+  DeviceTensor idx_state;           // the indexer compressor's state rows
+  kernels::CompressStateLayout idx_state_layout;
+};
+
+struct ModelRunner::Streams {
+  rt::StreamId kv, compressor, indexer, indexer_q, indexer_w;
+};
+
+ModelRunner::ModelRunner(rt::Runtime& runtime, const ModelConfig& config, const RuntimeOptions& options,
+                         const DeviceWeights& weights, EngineOptions engine_options,
+                         const serving::ReqToTokenPool& slots, const serving::TokenAllocator& full,
+                         const serving::SwaTokenAllocator& swa)
+    : rt_(runtime),
+      config_(config),
+      options_(options),
+      weights_(weights),
+      engine_options_(engine_options),
+      slots_(slots),
+      full_(full),
+      swa_(swa) {
+  validate_runtime_options(options_, config_);
+  const std::string src = "engine options";
+  if (engine_options_.indexer_sms < 1) throw InputError(src, "indexer_sms", "must be >= 1");
+  if (config_.act_block_size != config_.weight_block_size) {
+    throw InputError("model config", "act_block_size", "the engine's FP8 GEMM needs act_block_size == weight_block_size");
+  }
+  c128_ratio_ = config_.c128_ratio();
+  for (int64_t l = 0; l < config_.n_layers; ++l) has_c4_ = has_c4_ || config_.ratio(l) == kC4;
+  if (has_c4_ && options_.page_size % (kC4 * kernels::kIndexerPageKeys) != 0) {
+    throw InputError(src, "page_size",
+                     "must be a multiple of " + std::to_string(kC4 * kernels::kIndexerPageKeys) +
+                         " on a model with ratio-4 layers: the indexer's key pages hold " +
+                         std::to_string(kernels::kIndexerPageKeys) + " entries of one full page");
+  }
+  max_rows_ = *std::max_element(options_.batch_buckets.begin(), options_.batch_buckets.end());
+  max_rows_ = std::max(max_rows_, options_.max_running_requests);
+  max_tokens_ = std::max(options_.chunked_prefill_tokens, max_rows_);
+  const int64_t T = max_tokens_;
+  const int64_t d = config_.dim, hc = config_.hc_mult, H = config_.n_heads, D = config_.head_dim;
+  const int64_t ql = config_.q_lora_rank;
+
+  main_ = rt_.create_stream(engine_options_.device, "main");
+  streams_ = std::make_unique<Streams>();
+  if (engine_options_.multi_stream) {
+    streams_->kv = rt_.create_stream(engine_options_.device, "alt0.kv");
+    streams_->compressor = rt_.create_stream(engine_options_.device, "alt1.compressor");
+    streams_->indexer = rt_.create_stream(engine_options_.device, "alt2.indexer");
+    streams_->indexer_q = rt_.create_stream(engine_options_.device, "alt3.indexer_q");
+    streams_->indexer_w = rt_.create_stream(engine_options_.device, "alt4.indexer_w");
+  } else {
+    streams_->kv = streams_->compressor = streams_->indexer = streams_->indexer_q = streams_->indexer_w = main_;
+  }
+
+  freqs_dense_ = host_f32(ref::make_rope_table(config_, 0).freqs);
+  if (config_.max_ratio() > 0) freqs_compressed_ = host_f32(ref::make_rope_table(config_, config_.max_ratio()).freqs);
+
+  // Geometry of the state pools, one per ratio (every layer of a ratio has the same rows).
+  const int64_t swa_pages = swa_.page_count();
+  if (has_c4_) {
+    for (int64_t l = 0; l < config_.n_layers; ++l) {
+      if (config_.ratio(l) == kC4) {
+        c4_pool_ = std::make_unique<serving::CompressStatePool>(config_, options_, l,
+                                                                serving::CompressStateOwner::attention, swa_pages);
+        break;
+      }
+    }
+  }
+  if (c128_ratio_ > 0) {
+    for (int64_t l = 0; l < config_.n_layers; ++l) {
+      if (config_.ratio(l) == c128_ratio_) {
+        c128_pool_ = std::make_unique<serving::CompressStatePool>(config_, options_, l,
+                                                                  serving::CompressStateOwner::attention, swa_pages);
+        break;
+      }
+    }
+  }
+
+  // Caches and state, per layer.
+  const int64_t full_pages = full_.page_count();
+  for (int64_t l = 0; l < config_.n_layers; ++l) {
+    auto layer = std::make_unique<Layer>();
+    layer->id = l;
+    layer->ratio = config_.ratio(l);
+    layer->prefix = "layers." + std::to_string(l);
+    layer->hash = l < config_.n_hash_layers;
+    layer->freqs = layer->ratio > 0 ? freqs_compressed_ : freqs_dense_;
+    layer->kv_layout = kernels::model1_layout("engine", D, config_.rope_head_dim, config_.kv_block_size);
+    const std::string p = layer->prefix;
+    layer->swa_cache = alloc(p + ".swa_kv", DType::u8, {swa_pages, layer->kv_layout.page_bytes(options_.swa_page_size)});
+    if (layer->ratio > 0) {
+      layer->comp_page_entries = options_.page_size / layer->ratio;
+      layer->comp_cache = alloc(p + ".c" + std::to_string(layer->ratio) + "_kv", DType::u8,
+                                {full_pages, layer->kv_layout.page_bytes(layer->comp_page_entries)});
+      const serving::CompressStatePool& pool = layer->ratio == kC4 ? *c4_pool_ : *c128_pool_;
+      layer->comp_state_layout = kernel_state_layout(pool.row_layout());
+      layer->comp_state = alloc(p + ".compress_state", DType::u8, {pool.row_count(), pool.row_layout().row_bytes});
+      std::vector<uint8_t> clean(static_cast<size_t>(pool.buffer_bytes()));
+      for (int64_t r = 0; r < pool.row_count(); ++r) {
+        serving::fill_clean_state_row(pool.row_layout(), std::span<uint8_t>(clean).subspan(
+                                                              static_cast<size_t>(r * pool.row_layout().row_bytes),
+                                                              static_cast<size_t>(pool.row_layout().row_bytes)));
+      }
+      rt_.upload(layer->comp_state.buffer, 0, clean.data(), clean.size());
+    }
+    if (layer->ratio == kC4) {
+      const int64_t entries = full_.capacity_tokens() / kC4;
+      layer->idx_keys = alloc(p + ".indexer_keys", DType::f32,
+                              {entries / kernels::kIndexerPageKeys, kernels::kIndexerPageKeys, config_.index_head_dim});
+      serving::CompressStatePool ipool(config_, options_, l, serving::CompressStateOwner::indexer, swa_pages);
+      layer->idx_state_layout = kernel_state_layout(ipool.row_layout());
+      layer->idx_state = alloc(p + ".indexer_compress_state", DType::u8, {ipool.row_count(), ipool.row_layout().row_bytes});
+      std::vector<uint8_t> clean(static_cast<size_t>(ipool.buffer_bytes()));
+      for (int64_t r = 0; r < ipool.row_count(); ++r) {
+        serving::fill_clean_state_row(ipool.row_layout(), std::span<uint8_t>(clean).subspan(
+                                                               static_cast<size_t>(r * ipool.row_layout().row_bytes),
+                                                               static_cast<size_t>(ipool.row_layout().row_bytes)));
+      }
+      rt_.upload(layer->idx_state.buffer, 0, clean.data(), clean.size());
+    }
+    layers_.push_back(std::move(layer));
+  }
+
+  // Activations.
+  R_a_ = alloc("R_a", DType::bf16, {T, hc * d});
+  R_b_ = alloc("R_b", DType::bf16, {T, hc * d});
+  R_mid_ = alloc("R_mid", DType::bf16, {T, hc * d});
+  x_ = alloc("hc_x", DType::bf16, {T, d});
+  xn_ = alloc("xn", DType::bf16, {T, d});
+  post_ = alloc("hc_post", DType::f32, {T, hc});
+  comb_ = alloc("hc_comb", DType::f32, {T, hc, hc});
+  qkv_a_ = alloc("qkv_a", DType::bf16, {T, ql + D});
+  qr_ = alloc("q_lora", DType::bf16, {T, ql});
+  q_ = alloc("q", DType::bf16, {T, H * D});
+  o_ = alloc("attn_o", DType::bf16, {T, H * D});
+  u_ = alloc("attn_u", DType::bf16, {T, config_.o_groups * config_.o_lora_rank});
+  attn_out_ = alloc("attn_out", DType::bf16, {T, d});
+  max_context_ = config_.max_seq_len / kC4;
+  const int64_t max_blocks = T + max_rows_ + 1;
+  if (config_.max_ratio() > 0) {
+    const int64_t coff_max = has_c4_ ? 2 : 1;
+    ckv_ = alloc("compressor_kv", DType::f32, {T, coff_max * D});
+    cscore_ = alloc("compressor_score", DType::f32, {T, coff_max * D});
+    centries_ = alloc("compressor_entries", DType::f32, {max_blocks, D});
+    const int64_t S = std::max<int64_t>(2 * kC4, c128_ratio_);
+    plan_capacity_ = plan_words(T, max_blocks, S);
+  }
+  if (has_c4_) {
+    const int64_t Hi = config_.index_n_heads, Di = config_.index_head_dim;
+    ikv_ = alloc("indexer_compressor_kv", DType::f32, {T, 2 * Di});
+    iscore_ = alloc("indexer_compressor_score", DType::f32, {T, 2 * Di});
+    ientries_ = alloc("indexer_compressor_entries", DType::f32, {max_blocks, Di});
+    iq_ = alloc("indexer_q", DType::bf16, {T, Hi * Di});
+    iq32_ = alloc("indexer_q_f32", DType::f32, {T, Hi * Di});
+    iw_bf16_ = alloc("indexer_weights_raw", DType::bf16, {T, Hi});
+    iw_ = alloc("indexer_weights", DType::f32, {T, Hi});
+    ilogits_ = alloc("indexer_logits", DType::f32, {T, max_context_});
+    itopk_ = alloc("indexer_topk", DType::i32, {T, config_.index_topk});
+  }
+  const int64_t E = config_.n_routed_experts, k = config_.n_activated_experts, I = config_.moe_inter_dim;
+  gate_logits_ = alloc("gate_logits", DType::f32, {T, E});
+  experts_ = alloc("experts", DType::i32, {T, k});
+  expert_weights_ = alloc("expert_weights", DType::f32, {T, k});
+  routed_ = alloc("routed_out", DType::bf16, {T, k, d});
+  sg_ = alloc("shared_g", DType::bf16, {T, I});
+  su_ = alloc("shared_u", DType::bf16, {T, I});
+  sh_ = alloc("shared_h", DType::bf16, {T, I});
+  shared_out_ = alloc("shared_out", DType::bf16, {T, d});
+  ffn_out_ = alloc("ffn_out", DType::bf16, {T, d});
+  last_R_ = alloc("last_R", DType::bf16, {max_rows_, hc * d});
+  head_y_ = alloc("head_y", DType::bf16, {max_rows_, d});
+  head_yn_ = alloc("head_yn", DType::bf16, {max_rows_, d});
+  logits_ = alloc("logits", DType::f32, {max_rows_, config_.vocab_size});
+
+  // Metadata.
+  swa_width_ = config_.window_size;
+  m_ids_ = alloc("meta.input_ids", DType::i32, {T});
+  m_pos_ = alloc("meta.positions", DType::i32, {T});
+  m_swa_loc_ = alloc("meta.swa_loc", DType::i64, {T});
+  m_swa_idx_ = alloc("meta.swa_indices", DType::i32, {T, swa_width_});
+  m_swa_len_ = alloc("meta.swa_lens", DType::i32, {T});
+  m_last_ = alloc("meta.last_token", DType::i32, {max_rows_});
+  if (has_c4_) {
+    c4_pages_ = (max_context_ + kernels::kIndexerPageKeys - 1) / kernels::kIndexerPageKeys;
+    m_c4_plan_ = alloc("meta.c4_plan", DType::i64, {plan_capacity_});
+    m_c4_ctx_ = alloc("meta.c4_context_lens", DType::i32, {T, 1});
+    m_c4_block_table_ = alloc("meta.c4_block_table", DType::i32, {T, c4_pages_});
+    m_c4_schedule_ = alloc("meta.c4_schedule", DType::i32, {engine_options_.indexer_sms + 1, 2});
+    m_c4_idx_ = alloc("meta.c4_indices", DType::i32, {T, config_.index_topk});
+    m_c4_len_ = alloc("meta.c4_lens", DType::i32, {T});
+  }
+  if (c128_ratio_ > 0) {
+    c128_width_ = std::max<int64_t>(1, config_.max_seq_len / c128_ratio_);
+    m_c128_plan_ = alloc("meta.c128_plan", DType::i64, {plan_capacity_});
+    m_c128_idx_ = alloc("meta.c128_indices", DType::i32, {T, c128_width_});
+    m_c128_len_ = alloc("meta.c128_lens", DType::i32, {T});
+  }
+
+  std::vector<const serving::CompressStatePool*> pools;
+  if (c4_pool_) pools.push_back(c4_pool_.get());
+  if (c128_pool_) pools.push_back(c128_pool_.get());
+  eager_metadata_ = std::make_unique<serving::ForwardMetadata>(swa_, pools);
+}
+
+ModelRunner::~ModelRunner() {
+  for (rt::BufferId b : owned_) rt_.free(b);
+}
+
+DeviceTensor ModelRunner::alloc(const std::string& name, DType dtype, const Shape& shape) {
+  const int64_t bytes = std::max<int64_t>(1, dtype_storage_bytes(dtype, shape_numel(shape)));
+  const DType poison = (dtype == DType::u8) ? DType::u8 : dtype;
+  DeviceTensor d;
+  d.buffer = rt_.alloc(engine_options_.device, static_cast<uint64_t>(bytes), name, poison);
+  d.t = rt_.tensor(d.buffer, dtype, shape);
+  owned_.push_back(d.buffer);
+  return d;
+}
+
+DeviceTensor ModelRunner::view(const DeviceTensor& base, const Shape& shape) const {
+  return DeviceTensor{base.buffer, rt_.tensor(base.buffer, base.t.dtype(), shape, base.t.offset())};
+}
+
+DeviceTensor ModelRunner::rows(const DeviceTensor& base, int64_t count) const {
+  return DeviceTensor{base.buffer, base.t.narrow(0, 0, count)};
+}
+
+rt::ByteRange ModelRunner::range_of(const DeviceTensor& d) const {
+  const Tensor& t = d.t;
+  if (t.numel() == 0) return rt::ByteRange{d.buffer, 0, 0};
+  int64_t last = t.offset();
+  for (int64_t i = 0; i < t.dim(); ++i) last += (t.size(i) - 1) * t.stride(i);
+  const int64_t begin = t.dtype() == DType::f4_e2m1 ? t.offset() / 2 : dtype_storage_bytes(t.dtype(), t.offset());
+  const int64_t end = dtype_storage_bytes(t.dtype(), last + 1);
+  return rt_.range(d.buffer, static_cast<uint64_t>(begin), static_cast<uint64_t>(end));
+}
+
+void ModelRunner::op(rt::StreamId stream, const std::string& name, std::vector<DeviceTensor> reads,
+                     std::vector<DeviceTensor> writes, std::function<void()> fn, std::function<void()> check) {
+  rt::Launch launch;
+  launch.op = name;
+  for (const auto& r : reads) launch.accesses.push_back({range_of(r), rt::AccessKind::read});
+  for (const auto& w : writes) launch.accesses.push_back({range_of(w), rt::AccessKind::write});
+  launch.host = std::move(fn);
+  launch.check_contract = std::move(check);
+  rt_.launch(stream, std::move(launch));
+}
+
+void ModelRunner::probe(rt::StreamId stream, const std::string& key, const DeviceTensor& value, int64_t cols) {
+  if (!engine_options_.probes) return;
+  const int64_t n = value.t.size(0);
+  op(stream, "probe:" + key, {value}, {}, [this, key, value, n, cols] {
+    if (record_ != nullptr) record_->values[key] = to_mat(value.t, n, cols);
+  });
+}
+
+void ModelRunner::wait_on(rt::StreamId waiter, rt::StreamId producer, const std::string& event_name) {
+  if (waiter == producer) return;
+  auto it = events_.find(event_name);
+  if (it == events_.end()) it = events_.emplace(event_name, rt_.create_event(event_name)).first;
+  rt_.record(it->second, producer);
+  rt_.wait(waiter, it->second);
+}
+
+// ---- metadata -----------------------------------------------------------------------------------
+
+void ModelRunner::prepare_metadata(const serving::ForwardBatch& batch, serving::ForwardMetadata& metadata) {
+  if (metadata.upgrade()) ++metadata_upgrades_;
+  const serving::UpgradedForwardMetadata& up = metadata.upgraded();
+  const int64_t T = batch.token_count();
+  const int64_t W = swa_width_;
+  const int64_t max_seq = slots_.max_seq_len();
+
+  std::vector<int32_t> ids(batch.input_ids.begin(), batch.input_ids.end());
+  std::vector<int32_t> pos(static_cast<size_t>(T));
+  std::vector<int64_t> swa_loc(up.swa_loc.begin(), up.swa_loc.end());
+  std::vector<int32_t> swa_idx(static_cast<size_t>(T * W), -1), swa_len(static_cast<size_t>(T), 1);
+  std::vector<int32_t> last(static_cast<size_t>(batch.row_count()));
+  std::vector<int32_t> c4_ctx, c4_bt, c128_idx, c128_len;
+  if (has_c4_) {
+    c4_ctx.assign(static_cast<size_t>(T), 0);
+    c4_bt.assign(static_cast<size_t>(T * c4_pages_), 0);
+  }
+  if (c128_ratio_ > 0) {
+    c128_idx.assign(static_cast<size_t>(T * c128_width_), -1);
+    c128_len.assign(static_cast<size_t>(T), 1);
+  }
+  // The rows' requests for the compress plans, with their state rows.
+  std::vector<std::vector<int64_t>> rows4, rows128;
+  std::vector<kernels::CompressRequestBatch> req4, req128;
+  std::vector<int64_t> dest4, dest128;
+
+  auto full_row = [&](int64_t slot) { return slot == 0 ? slots_.null_row() : slots_.row(slot); };
+  int64_t token = 0;
+  for (int64_t r = 0; r < batch.row_count(); ++r) {
+    const serving::ForwardRow& row = batch.rows[static_cast<size_t>(r)];
+    const std::span<const int32_t> locs = full_row(row.req_slot);
+    for (int64_t i = 0; i < row.extend_len(); ++i, ++token) {
+      const auto t = static_cast<size_t>(token);
+      const int64_t p = up.positions[t];
+      pos[t] = static_cast<int32_t>(p);
+      int64_t n = 0;
+      for (int64_t q = std::max<int64_t>(0, p - W + 1); q <= p; ++q) {
+        swa_idx[t * static_cast<size_t>(W) + static_cast<size_t>(n++)] =
+            static_cast<int32_t>(swa_.full_to_swa(locs[static_cast<size_t>(q)]));
+      }
+      swa_len[t] = static_cast<int32_t>(std::max<int64_t>(1, n));
+      if (has_c4_) {
+        const int64_t ctx = (p + 1) / kC4;
+        c4_ctx[t] = static_cast<int32_t>(ctx);
+        for (int64_t j = 0; j * kernels::kIndexerPageKeys < ctx; ++j) {
+          const int64_t c4 = serving::compressed_loc(locs[static_cast<size_t>(j * kernels::kIndexerPageKeys * kC4)], kC4);
+          c4_bt[t * static_cast<size_t>(c4_pages_) + static_cast<size_t>(j)] =
+              static_cast<int32_t>(c4 / kernels::kIndexerPageKeys);
+        }
+      }
+      if (c128_ratio_ > 0) {
+        const int64_t visible = (p + 1) / c128_ratio_;
+        for (int64_t e = 0; e < visible; ++e) {
+          c128_idx[t * static_cast<size_t>(c128_width_) + static_cast<size_t>(e)] = static_cast<int32_t>(
+              serving::compressed_loc(locs[static_cast<size_t>(e * c128_ratio_)], c128_ratio_));
+        }
+        c128_len[t] = static_cast<int32_t>(std::max<int64_t>(1, visible));
+      }
+    }
+    last[static_cast<size_t>(r)] = static_cast<int32_t>(token - 1);
+    // State rows from the start of the unfinished block (one more block on ratio 4).
+    auto add_plan_row = [&](int64_t ratio, const serving::CompressStatePool& pool, std::vector<std::vector<int64_t>>& rows) {
+      const int64_t hist = kernels::compress_history_start(row.seq_len_before, ratio);
+      std::vector<int64_t> state(static_cast<size_t>(row.seq_len_after - hist), -1);
+      for (int64_t q = hist; q < row.seq_len_after; ++q) {
+        DSV4_ASSERT(q < max_seq, "position past max_seq_len");
+        state[static_cast<size_t>(q - hist)] = pool.translate_swa_loc_to_state_row(swa_.full_to_swa(locs[static_cast<size_t>(q)]));
+      }
+      rows.push_back(std::move(state));
+    };
+    if (has_c4_) add_plan_row(kC4, *c4_pool_, rows4);
+    if (c128_ratio_ > 0) add_plan_row(c128_ratio_, *c128_pool_, rows128);
+  }
+  auto build = [&](int64_t ratio, const serving::CompressStatePool& pool, const std::vector<std::vector<int64_t>>& rows,
+                   const DeviceTensor& buffer) {
+    std::vector<kernels::CompressRequestBatch> reqs;
+    for (int64_t r = 0; r < batch.row_count(); ++r) {
+      const serving::ForwardRow& row = batch.rows[static_cast<size_t>(r)];
+      reqs.push_back({row.seq_len_before, row.extend_len(), rows[static_cast<size_t>(r)]});
+    }
+    const kernels::CompressPlan plan = kernels::build_compress_plan(reqs, ratio, pool.used_row_count());
+    std::vector<int64_t> dest;
+    for (const auto& b : plan.blocks) {
+      const serving::ForwardRow& row = batch.rows[static_cast<size_t>(b.request)];
+      const std::span<const int32_t> locs = full_row(row.req_slot);
+      dest.push_back(serving::compressed_loc(locs[static_cast<size_t>(b.block * ratio)], ratio));
+    }
+    const std::vector<int64_t> words = encode_plan(plan, dest);
+    DSV4_ASSERT(static_cast<int64_t>(words.size()) <= plan_capacity_, "compress plan larger than its buffer");
+    upload_vec(rt_, buffer, words);
+  };
+  if (has_c4_) build(kC4, *c4_pool_, rows4, m_c4_plan_);
+  if (c128_ratio_ > 0) build(c128_ratio_, *c128_pool_, rows128, m_c128_plan_);
+  (void)req4;
+  (void)req128;
+  (void)dest4;
+  (void)dest128;
+
+  upload_vec(rt_, m_ids_, ids);
+  upload_vec(rt_, m_pos_, pos);
+  upload_vec(rt_, m_swa_loc_, swa_loc);
+  upload_vec(rt_, m_swa_idx_, swa_idx);
+  upload_vec(rt_, m_swa_len_, swa_len);
+  upload_vec(rt_, m_last_, last);
+  if (has_c4_) {
+    upload_vec(rt_, m_c4_ctx_, c4_ctx);
+    upload_vec(rt_, m_c4_block_table_, c4_bt);
+    Tensor ctx = Tensor::empty({T, 1}, DType::i32, "c4_context_lens");
+    if (T > 0) std::memcpy(ctx.data_ptr(), c4_ctx.data(), c4_ctx.size() * 4);
+    const Tensor sched = kernels::build_indexer_schedule(ctx, kernels::kIndexerPageKeys, engine_options_.indexer_sms);
+    rt_.upload(m_c4_schedule_.buffer, 0, sched.data_ptr(), static_cast<uint64_t>(sched.numel() * 4));
+  }
+  if (c128_ratio_ > 0) {
+    upload_vec(rt_, m_c128_idx_, c128_idx);
+    upload_vec(rt_, m_c128_len_, c128_len);
+  }
+}
+
+// ---- the forward --------------------------------------------------------------------------------
+
+void ModelRunner::issue_linear(rt::StreamId stream, const std::string& weight, const DeviceTensor& x,
+                               const DeviceTensor& out_ref) {
+  DeviceTensor out = out_ref;
+  const std::string scale = weight.substr(0, weight.size() - std::string(".weight").size()) + ".scale";
+  DeviceTensor w{weights_.buffer(weight), weights_.get(weight)};
+  if (!weights_.has(scale)) {
+    op(stream, weight, {x, w}, {out}, [x, w, out]() mutable { kernels::linear_fp8(x.t, w.t, kernels::kNoWeightScale, out.t); });
+    return;
+  }
+  DeviceTensor s{weights_.buffer(scale), weights_.get(scale)};
+  const int64_t block = config_.weight_block_size;
+  op(stream, weight, {x, w, s}, {out}, [x, w, s, out, block]() mutable {
+    const int64_t T = x.t.size(0), K = x.t.size(1);
+    Tensor q = Tensor::empty({T, K}, DType::f8_e4m3fn, "act_q");
+    Tensor qs = Tensor::empty({T, K / block}, DType::ue8m0, "act_scales");
+    kernels::act_quant_fp8(x.t, block, q, qs);
+    kernels::gemm_fp8_block_scaled(q, qs, w.t, s.t, out.t, block);
+  });
+}
+
+void ModelRunner::issue_compressor(rt::StreamId stream, Layer& L, bool indexer, int64_t T) {
+  const int64_t ratio = L.ratio;
+  const int64_t coff = ratio == kC4 ? 2 : 1;
+  const int64_t dims = indexer ? config_.index_head_dim : config_.head_dim;
+  const std::string p = L.prefix + (indexer ? ".attn.indexer.compressor" : ".attn.compressor");
+  DeviceTensor kv = view(indexer ? ikv_ : ckv_, {T, coff * dims});
+  DeviceTensor score = view(indexer ? iscore_ : cscore_, {T, coff * dims});
+  DeviceTensor xn = rows(xn_, T);
+  DeviceTensor wkv{weights_.buffer(p + ".wkv.weight"), weights_.get(p + ".wkv.weight")};
+  DeviceTensor wgate{weights_.buffer(p + ".wgate.weight"), weights_.get(p + ".wgate.weight")};
+  DeviceTensor ape{weights_.buffer(p + ".ape"), weights_.get(p + ".ape")};
+  DeviceTensor norm{weights_.buffer(p + ".norm.weight"), weights_.get(p + ".norm.weight")};
+  DeviceTensor pos = rows(m_pos_, T);
+  DeviceTensor plan_buf = ratio == kC4 ? m_c4_plan_ : m_c128_plan_;
+  DeviceTensor state = indexer ? L.idx_state : L.comp_state;
+  const kernels::CompressStateLayout layout = indexer ? L.idx_state_layout : L.comp_state_layout;
+  DeviceTensor entries = indexer ? ientries_ : centries_;
+  DeviceTensor cache = indexer ? L.idx_keys : L.comp_cache;
+
+  op(stream, p + ".wkv", {xn, wkv}, {kv}, [xn, wkv, kv]() mutable { kernels::moe_gate_logits(xn.t, wkv.t, kv.t); });
+  op(stream, p + ".wgate", {xn, wgate, ape, pos}, {score}, [xn, wgate, ape, pos, score, ratio]() mutable {
+    kernels::moe_gate_logits(xn.t, wgate.t, score.t);
+    const int64_t cols = score.t.size(1);
+    auto* s = score.t.data<float>();
+    const auto* a = ape.t.data<float>();
+    const auto* ps = pos.t.data<int32_t>();
+    for (int64_t t = 0; t < score.t.size(0); ++t) {
+      const float* ar = a + (ps[t] % ratio) * cols;
+      for (int64_t c = 0; c < cols; ++c) s[t * cols + c] += ar[c];
+    }
+  });
+  probe(stream, p + ".kv", kv, coff * dims);
+  probe(stream, p + ".score", score, coff * dims);
+
+  kernels::CompressPostprocess post;
+  post.bf16_act = true;
+  post.norm_eps = config_.norm_eps;
+  if (indexer) {
+    post.rotate = true;
+    if (config_.indexer_quant == "fp8") {
+      post.quant = kernels::CompressQuant::fp8_vector;
+      post.quant_block = dims;
+    } else {
+      post.quant = kernels::CompressQuant::fp4;
+      post.quant_block = config_.fp4_block_size;
+    }
+  } else {
+    post.quant = kernels::CompressQuant::fp8_nope;
+    post.quant_block = config_.kv_block_size;
+  }
+  const Tensor freqs = L.freqs;
+  const kernels::Model1Layout kv_layout = L.kv_layout;
+  const int64_t page_entries = L.comp_page_entries;
+  const int64_t rope_dim = config_.rope_head_dim;
+  (void)rope_dim;
+  // Pool every block completed in this batch, then store the new rows (a long batch may recycle a
+  // ring row that a block of the same batch still reads), then write the entries to the cache.
+  op(stream, p + ".pool", {kv, score, state, plan_buf, norm}, {entries},
+     [kv, score, state, plan_buf, norm, entries, layout, freqs, post, ratio]() mutable {
+       std::vector<int64_t> dest;
+       const kernels::CompressPlan plan = decode_plan(plan_buf.t.data<int64_t>(), ratio, dest);
+       const int64_t B = static_cast<int64_t>(plan.blocks.size());
+       Tensor out = entries.t.narrow(0, 0, B);
+       kernels::compressor_pool_host(plan, kv.t, score.t, state.t, layout, norm.t, freqs, post, out);
+     });
+  op(stream, p + ".write_state", {kv, score, plan_buf}, {state}, [kv, score, state, plan_buf, layout, ratio]() mutable {
+    std::vector<int64_t> dest;
+    const kernels::CompressPlan plan = decode_plan(plan_buf.t.data<int64_t>(), ratio, dest);
+    Tensor rows_t = Tensor::empty({plan.num_tokens()}, DType::i64, "write_rows");
+    std::memcpy(rows_t.data_ptr(), plan.write_rows.data(), plan.write_rows.size() * 8);
+    kernels::compressor_write_state_host(kv.t, score.t, rows_t, state.t, layout);
+  });
+  op(stream, p + ".store", {entries, plan_buf}, {cache},
+     [entries, plan_buf, cache, ratio, indexer, dims, kv_layout, page_entries]() mutable {
+       std::vector<int64_t> dest;
+       decode_plan(plan_buf.t.data<int64_t>(), ratio, dest);
+       const auto* e = entries.t.data<float>();
+       for (size_t b = 0; b < dest.size(); ++b) {
+         if (indexer) {
+           std::memcpy(cache.t.data<float>() + dest[b] * dims, e + static_cast<int64_t>(b) * dims,
+                       static_cast<size_t>(dims) * 4);
+         } else {
+           kernels::model1_pack(kv_layout, page_entries, e + static_cast<int64_t>(b) * dims, cache.t.data<uint8_t>(),
+                                dest[b]);
+         }
+       }
+     });
+}
+
+void ModelRunner::issue_indexer(Layer& L, int64_t T, rt::EventId q_lora_ready) {
+  const std::string p = L.prefix + ".attn.indexer";
+  const int64_t Hi = config_.index_n_heads, Di = config_.index_head_dim;
+  const rt::StreamId s_idx = streams_->indexer, s_q = streams_->indexer_q, s_w = streams_->indexer_w;
+  issue_compressor(s_idx, L, /*indexer=*/true, T);
+
+  // weights_proj(x) * (Di^-0.5 * Hi^-0.5), rounded to bf16, on the weights stream.
+  DeviceTensor xn = rows(xn_, T);
+  DeviceTensor wraw = rows(iw_bf16_, T), w = rows(iw_, T);
+  issue_linear(s_w, p + ".weights_proj.weight", xn, wraw);
+  const float w_scale = static_cast<float>(std::pow(static_cast<double>(Di), -0.5) * std::pow(static_cast<double>(Hi), -0.5));
+  op(s_w, p + ".weights_scale", {wraw}, {w}, [wraw, w, w_scale]() mutable {
+    const auto* src = wraw.t.data<uint16_t>();
+    auto* dst = w.t.data<float>();
+    for (int64_t i = 0; i < w.t.numel(); ++i) dst[i] = round_bf16(bf16_to_f32(src[i]) * w_scale);
+  });
+  probe(s_w, p + ".weights", w, Hi);
+
+  // The query on its own stream once q_lora and the weights are ready.
+  if (s_q != main_) rt_.wait(s_q, q_lora_ready);
+  wait_on(s_q, s_w, p + ".weights_ready");
+  DeviceTensor qr = rows(qr_, T), iq = rows(iq_, T), iq32 = rows(iq32_, T), pos = rows(m_pos_, T);
+  issue_linear(s_q, p + ".wq_b.weight", qr, iq);
+  const Tensor freqs = L.freqs;
+  const kernels::IndexerQuant quant = config_.indexer_quant == "fp8" ? kernels::IndexerQuant::fp8 : kernels::IndexerQuant::fp4;
+  const int64_t qblock = quant == kernels::IndexerQuant::fp8 ? Di : config_.fp4_block_size;
+  op(s_q, kernels::kIndexerQOp, {iq, pos}, {iq}, [iq, pos, Hi, Di, freqs, quant, qblock]() mutable {
+    kernels::indexer_q(iq.t, Hi, Di, freqs, pos.t, quant, qblock);
+  });
+  op(s_q, p + ".q_f32", {iq}, {iq32}, [iq, iq32]() mutable { kernels::cast_host(iq.t, iq32.t); });
+  probe(s_q, p + ".q", iq, Hi * Di);
+  wait_on(s_idx, s_q, p + ".q_ready");
+
+  // Logits: the persistent kernel over the (N_total, 1) layout, then the top-k.
+  kernels::IndexerLogitsArgs args;
+  args.q = iq32.t.view({T, 1, Hi, Di});
+  args.kv_pages = L.idx_keys.t;
+  args.block_table = rows(m_c4_block_table_, T).t;
+  args.weights = w.t;
+  args.context_lens = rows(m_c4_ctx_, T).t;
+  args.schedule = m_c4_schedule_.t;
+  args.logits = rows(ilogits_, T).t;
+  args.block_kv = kernels::kIndexerPageKeys;
+  args.num_sms = engine_options_.indexer_sms;
+  rt::Launch launch;
+  launch.op = kernels::kIndexerLogitsOp;
+  for (const DeviceTensor& r : {iq32, L.idx_keys, rows(m_c4_block_table_, T), w, rows(m_c4_ctx_, T), m_c4_schedule_}) {
+    launch.accesses.push_back({range_of(r), rt::AccessKind::read});
+  }
+  launch.accesses.push_back({range_of(rows(ilogits_, T)), rt::AccessKind::write});
+  launch.blocks = static_cast<int>(engine_options_.indexer_sms);
+  launch.cooperative = kernels::make_indexer_logits_launch(args);
+  rt_.launch(s_idx, std::move(launch));
+
+  DeviceTensor logits = rows(ilogits_, T), topk = rows(itopk_, T), bt = rows(m_c4_block_table_, T);
+  DeviceTensor idx = rows(m_c4_idx_, T), len = rows(m_c4_len_, T);
+  const int64_t K = config_.index_topk;
+  op(s_idx, p + ".topk", {logits, bt}, {topk, idx, len}, [logits, bt, topk, idx, len, K]() mutable {
+    const int64_t n = logits.t.size(0), pages = bt.t.size(1);
+    for (int64_t t = 0; t < n; ++t) {
+      const std::vector<int32_t> sel = kernels::topk_indices(logits.t, t, K);
+      int32_t count = 0;
+      for (int64_t j = 0; j < K; ++j) {
+        const int32_t e = sel[static_cast<size_t>(j)];
+        topk.t.data<int32_t>()[t * K + j] = e;
+        int32_t loc = -1;
+        if (e >= 0) {
+          const int32_t page = bt.t.data<int32_t>()[t * pages + e / kernels::kIndexerPageKeys];
+          loc = page * static_cast<int32_t>(kernels::kIndexerPageKeys) + e % static_cast<int32_t>(kernels::kIndexerPageKeys);
+          ++count;
+        }
+        idx.t.data<int32_t>()[t * K + j] = loc;
+      }
+      len.t.data<int32_t>()[t] = std::max(1, count);
+    }
+  });
+  probe(s_idx, p + ".topk", topk, K);
+}
+
+void ModelRunner::issue_attention(Layer& L, int64_t T) {
+  const std::string p = L.prefix + ".attn";
+  const int64_t H = config_.n_heads, D = config_.head_dim, ql = config_.q_lora_rank;
+  DeviceTensor xn = rows(xn_, T), qkv = rows(qkv_a_, T), qr = rows(qr_, T), q = rows(q_, T);
+  DeviceTensor pos = rows(m_pos_, T);
+
+  // Fork the alt streams from main (each waits for attn_norm's output).
+  const bool ms = engine_options_.multi_stream;
+  const std::string tag = L.prefix + ".";
+  if (ms) {
+    wait_on(streams_->kv, main_, tag + "fork");
+    if (L.ratio > 0) rt_.wait(streams_->compressor, events_.at(tag + "fork"));
+    if (L.ratio == kC4) {
+      rt_.wait(streams_->indexer, events_.at(tag + "fork"));
+      rt_.wait(streams_->indexer_w, events_.at(tag + "fork"));
+    }
+  }
+  // main: qkv_a = [wq_a(x) | wkv(x)], then q_lora = q_norm(qkv_a[:, :q_lora]).
+  DeviceTensor qa{qkv.buffer, qkv.t.narrow(1, 0, ql)}, kva{qkv.buffer, qkv.t.narrow(1, ql, D)};
+  issue_linear(main_, p + ".wq_a.weight", xn, qa);
+  issue_linear(main_, p + ".wkv.weight", xn, kva);
+  wait_on(streams_->kv, main_, tag + "qkv_a_ready");
+  DeviceTensor qnorm{weights_.buffer(p + ".q_norm.weight"), weights_.get(p + ".q_norm.weight")};
+  const double eps = config_.norm_eps;
+  op(main_, kernels::kRmsNormOp, {qa, qnorm}, {qr}, [qa, qnorm, qr, eps]() mutable { kernels::rms_norm(qa.t, qnorm.t, eps, qr.t); });
+  probe(main_, p + ".qr", qr, ql);
+  rt::EventId q_lora_ready;
+  if (ms) {
+    const std::string name = tag + "q_lora_ready";
+    auto it = events_.find(name);
+    if (it == events_.end()) it = events_.emplace(name, rt_.create_event(name)).first;
+    q_lora_ready = it->second;
+    rt_.record(q_lora_ready, main_);
+  }
+
+  // indexer streams (ratio 4).
+  if (L.ratio == kC4) issue_indexer(L, T, q_lora_ready);
+
+  // kv stream: norm + RoPE + FP8 store into the SWA cache.
+  DeviceTensor kvnorm{weights_.buffer(p + ".kv_norm.weight"), weights_.get(p + ".kv_norm.weight")};
+  DeviceTensor swa_loc = rows(m_swa_loc_, T);
+  const Tensor freqs = L.freqs;
+  const int64_t swa_ps = options_.swa_page_size, kvb = config_.kv_block_size;
+  DeviceTensor swa_cache = L.swa_cache;
+  op(streams_->kv, kernels::kNormRopeStoreOp, {kva, kvnorm, pos, swa_loc}, {swa_cache},
+     [kva, kvnorm, eps, freqs, pos, swa_loc, swa_cache, swa_ps, kvb]() mutable {
+       kernels::fused_norm_rope_store_kv(kva.t, kvnorm.t, eps, freqs, pos.t, swa_loc.t, swa_cache.t, swa_ps, kvb);
+     });
+  if (engine_options_.probes) {
+    const kernels::Model1Layout lay = L.kv_layout;
+    op(streams_->kv, "probe:" + p + ".kv", {swa_cache, swa_loc}, {}, [this, p, swa_cache, swa_loc, lay, swa_ps, T, D] {
+      if (record_ == nullptr) return;
+      ref::Mat m(T, D);
+      for (int64_t t = 0; t < T; ++t) {
+        kernels::model1_unpack(lay, swa_ps, swa_cache.t.data<uint8_t>(), swa_loc.t.data<int64_t>()[t], m.row(t));
+      }
+      record_->values[p + ".kv"] = std::move(m);
+    });
+  }
+
+  // compressor stream.
+  if (L.ratio > 0) issue_compressor(streams_->compressor, L, /*indexer=*/false, T);
+
+  // main: q = wq_b(q_lora), per-head norm + RoPE; then join and attend.
+  issue_linear(main_, p + ".wq_b.weight", qr, q);
+  op(main_, kernels::kQNormRopeOp, {q, pos}, {q}, [q, H, D, eps, freqs, pos]() mutable {
+    kernels::q_norm_rope_inplace(q.t, H, D, eps, freqs, pos.t);
+  });
+  probe(main_, p + ".q", q, H * D);
+  if (ms) {
+    wait_on(main_, streams_->kv, tag + "kv_done");
+    if (L.ratio > 0) wait_on(main_, streams_->compressor, tag + "compressor_done");
+    if (L.ratio == kC4) wait_on(main_, streams_->indexer, tag + "indexer_done");
+  }
+
+  kernels::SparseAttentionArgs a;
+  a.q = q.t.view({T, H, D});
+  a.swa_cache = L.swa_cache.t;
+  a.swa_page_size = swa_ps;
+  a.swa_indices = rows(m_swa_idx_, T).t;
+  a.swa_lens = rows(m_swa_len_, T).t;
+  std::vector<DeviceTensor> reads = {q, L.swa_cache, rows(m_swa_idx_, T), rows(m_swa_len_, T)};
+  if (L.ratio > 0) {
+    DeviceTensor ei = L.ratio == kC4 ? rows(m_c4_idx_, T) : rows(m_c128_idx_, T);
+    DeviceTensor el = L.ratio == kC4 ? rows(m_c4_len_, T) : rows(m_c128_len_, T);
+    a.extra_cache = L.comp_cache.t;
+    a.extra_page_size = L.comp_page_entries;
+    a.extra_indices = ei.t;
+    a.extra_lens = el.t;
+    reads.push_back(L.comp_cache);
+    reads.push_back(ei);
+    reads.push_back(el);
+  }
+  DeviceTensor sink{weights_.buffer(p + ".attn_sink"), weights_.get(p + ".attn_sink")};
+  reads.push_back(sink);
+  a.attn_sink = sink.t;
+  a.scale = 1.0f / std::sqrt(static_cast<float>(D));
+  a.rope_dim = config_.rope_head_dim;
+  a.kv_block = kvb;
+  DeviceTensor o = rows(o_, T);
+  a.out = o.t.view({T, H, D});
+  // The kernel checks its contract when it runs: the c4 indices come from the top-k launch before it.
+  op(main_, kernels::kSparseAttentionOp, reads, {o}, [a]() { kernels::sparse_attention(a); });
+  op(main_, kernels::kInverseRopeOp, {o, pos}, {o}, [o, H, D, freqs, pos]() mutable {
+    kernels::inverse_rope_inplace(o.t, H, D, freqs, pos.t);
+  });
+  probe(main_, p + ".o", o, H * D);
+  DeviceTensor u = rows(u_, T), out = rows(attn_out_, T);
+  DeviceTensor wo_a{weights_.buffer(p + ".wo_a.weight"), weights_.get(p + ".wo_a.weight")};
+  const int64_t G = config_.o_groups;
+  op(main_, kernels::kGroupedWoAOp, {o, wo_a}, {u}, [o, wo_a, G, u]() mutable { kernels::grouped_wo_a(o.t, wo_a.t, G, u.t); });
+  issue_linear(main_, p + ".wo_b.weight", u, out);
+  probe(main_, p + ".out", out, config_.dim);
+}
+
+void ModelRunner::issue_moe(Layer& L, int64_t T) {
+  const std::string p = L.prefix + ".ffn";
+  const int64_t d = config_.dim, E = config_.n_routed_experts, k = config_.n_activated_experts;
+  DeviceTensor xn = rows(xn_, T), logits = rows(gate_logits_, T), experts = rows(experts_, T);
+  DeviceTensor ew = rows(expert_weights_, T), ids = rows(m_ids_, T);
+  DeviceTensor gw{weights_.buffer(p + ".gate.weight"), weights_.get(p + ".gate.weight")};
+  op(main_, p + ".gate.logits", {xn, gw}, {logits}, [xn, gw, logits]() mutable { kernels::moe_gate_logits(xn.t, gw.t, logits.t); });
+  std::vector<DeviceTensor> gate_reads = {logits, ids};
+  Tensor bias, tid2eid;
+  if (L.hash) {
+    DeviceTensor tb{weights_.buffer(p + ".gate.tid2eid"), weights_.get(p + ".gate.tid2eid")};
+    gate_reads.push_back(tb);
+    tid2eid = tb.t;
+  } else {
+    DeviceTensor bb{weights_.buffer(p + ".gate.bias"), weights_.get(p + ".gate.bias")};
+    gate_reads.push_back(bb);
+    bias = bb.t;
+  }
+  const float route_scale = static_cast<float>(config_.route_scale);
+  op(main_, p + ".gate", gate_reads, {experts, ew}, [logits, bias, tid2eid, ids, k, route_scale, experts, ew]() mutable {
+    kernels::moe_gate(logits.t, bias, tid2eid, ids.t, k, route_scale, experts.t, ew.t);
+  });
+  probe(main_, p + ".gate.experts", experts, k);
+  probe(main_, p + ".gate.weights", ew, k);
+
+  // The shared expert on alt stream 0, overlapping the routed experts on main.
+  const bool ms = engine_options_.multi_stream;
+  const rt::StreamId s_shared = streams_->kv;
+  if (ms) wait_on(s_shared, main_, L.prefix + ".moe_fork");
+  DeviceTensor g = rows(sg_, T), u = rows(su_, T), h = rows(sh_, T), so = rows(shared_out_, T);
+  issue_linear(s_shared, p + ".shared_experts.w1.weight", xn, g);
+  issue_linear(s_shared, p + ".shared_experts.w3.weight", xn, u);
+  const float limit = config_.clamp_shared_expert ? static_cast<float>(config_.swiglu_limit) : 0.0f;
+  op(s_shared, p + ".shared_experts.swiglu", {g, u}, {h}, [g, u, h, limit]() mutable {
+    kernels::swiglu_clamp(g.t, u.t, limit, Tensor(), h.t);
+  });
+  issue_linear(s_shared, p + ".shared_experts.w2.weight", h, so);
+
+  // Routed experts: the rows of each expert gathered, FP4 (or FP8) GEMMs, SwiGLU with the routing
+  // weight, and scattered back to routed[t, j].
+  DeviceTensor routed = rows(routed_, T);
+  std::vector<DeviceTensor> reads = {xn, experts, ew};
+  struct ExpertW {
+    Tensor w1, s1, w2, s2, w3, s3;
+  };
+  std::vector<ExpertW> ws(static_cast<size_t>(E));
+  for (int64_t e = 0; e < E; ++e) {
+    const std::string ep = p + ".experts." + std::to_string(e) + ".";
+    auto get = [&](const std::string& n) {
+      reads.push_back(DeviceTensor{weights_.buffer(ep + n), weights_.get(ep + n)});
+      return reads.back().t;
+    };
+    ws[static_cast<size_t>(e)] = {get("w1.weight"), get("w1.scale"), get("w2.weight"),
+                                  get("w2.scale"),  get("w3.weight"), get("w3.scale")};
+  }
+  const bool fp4 = config_.expert_dtype == "fp4";
+  const int64_t ab = config_.act_block_size, fb = config_.fp4_block_size, wb = config_.weight_block_size;
+  const float rlimit = static_cast<float>(config_.swiglu_limit);
+  op(main_, p + ".experts", reads, {routed}, [xn, experts, ew, routed, ws, E, k, d, fp4, ab, fb, wb, rlimit]() mutable {
+    const int64_t n = xn.t.size(0);
+    const auto* ex = experts.t.data<int32_t>();
+    const auto* wt = ew.t.data<float>();
+    auto gemm = [&](const Tensor& a, const Tensor& w, const Tensor& s, Tensor& out) {
+      const int64_t R = a.size(0), K = a.size(1);
+      Tensor q = Tensor::empty({R, K}, DType::f8_e4m3fn, "act_q");
+      Tensor qs = Tensor::empty({R, K / ab}, DType::ue8m0, "act_scales");
+      kernels::act_quant_fp8(a, ab, q, qs);
+      if (fp4) {
+        kernels::gemm_fp4_weights(q, qs, w, s, out, ab, fb);
+      } else {
+        kernels::gemm_fp8_block_scaled(q, qs, w, s, out, wb);
+      }
+    };
+    for (int64_t e = 0; e < E; ++e) {
+      std::vector<int64_t> sel;  // flat (t * k + j)
+      for (int64_t i = 0; i < n * k; ++i) {
+        if (ex[i] == e) sel.push_back(i);
+      }
+      if (sel.empty()) continue;
+      const auto R = static_cast<int64_t>(sel.size());
+      const ExpertW& W = ws[static_cast<size_t>(e)];
+      const int64_t I = W.w1.size(0);
+      Tensor xe = Tensor::empty({R, d}, DType::bf16, "expert_x");
+      Tensor rw = Tensor::empty({R}, DType::f32, "expert_row_weight");
+      for (int64_t r = 0; r < R; ++r) {
+        const int64_t t = sel[static_cast<size_t>(r)] / k;
+        std::memcpy(xe.data<uint16_t>() + r * d, xn.t.data<uint16_t>() + t * xn.t.stride(0), static_cast<size_t>(d) * 2);
+        rw.data<float>()[r] = wt[sel[static_cast<size_t>(r)]];
+      }
+      Tensor g = Tensor::empty({R, I}, DType::bf16, "expert_g"), u = Tensor::empty({R, I}, DType::bf16, "expert_u");
+      Tensor h = Tensor::empty({R, I}, DType::bf16, "expert_h"), y = Tensor::empty({R, d}, DType::bf16, "expert_y");
+      gemm(xe, W.w1, W.s1, g);
+      gemm(xe, W.w3, W.s3, u);
+      kernels::swiglu_clamp(g, u, rlimit, rw, h);
+      gemm(h, W.w2, W.s2, y);
+      for (int64_t r = 0; r < R; ++r) {
+        std::memcpy(routed.t.data<uint16_t>() + sel[static_cast<size_t>(r)] * d, y.data<uint16_t>() + r * d,
+                    static_cast<size_t>(d) * 2);
+      }
+    }
+  });
+  if (ms) wait_on(main_, s_shared, L.prefix + ".shared_done");
+  DeviceTensor out = rows(ffn_out_, T);
+  op(main_, p + ".combine", {routed, so}, {out}, [routed, so, out]() mutable { kernels::moe_combine(routed.t, so.t, out.t); });
+  probe(main_, p + ".out", out, d);
+}
+
+void ModelRunner::issue_forward(int64_t T, int64_t nrows) {
+  const int64_t d = config_.dim, hc = config_.hc_mult;
+  const double eps = config_.norm_eps, hc_eps = config_.hc_eps;
+  const int64_t iters = config_.hc_sinkhorn_iters;
+  DeviceTensor ids = rows(m_ids_, T);
+  DeviceTensor R = rows(R_a_, T), Rn = rows(R_b_, T);
+  DeviceTensor Rm = rows(R_mid_, T), x = rows(x_, T), xn = rows(xn_, T), post = rows(post_, T), comb = rows(comb_, T);
+  DeviceTensor embed{weights_.buffer("embed.weight"), weights_.get("embed.weight")};
+  op(main_, "embed", {ids, embed}, {R}, [ids, embed, R, d, hc]() mutable {
+    for (int64_t t = 0; t < ids.t.size(0); ++t) {
+      const int32_t id = ids.t.data<int32_t>()[t];
+      if (id < 0 || id >= embed.t.size(0)) throw ContractError("embed", "input_ids", "token id " + std::to_string(id) + " outside the vocabulary");
+      for (int64_t c = 0; c < hc; ++c) {
+        std::memcpy(R.t.data<uint16_t>() + t * hc * d + c * d, embed.t.data<uint16_t>() + id * d, static_cast<size_t>(d) * 2);
+      }
+    }
+  });
+  auto w = [&](const std::string& n) { return DeviceTensor{weights_.buffer(n), weights_.get(n)}; };
+  for (auto& layer : layers_) {
+    Layer& L = *layer;
+    const std::string& p = L.prefix;
+    auto pre = [&](const std::string& which, const DeviceTensor& Rin, const std::string& norm, const std::string& key) {
+      DeviceTensor fn = w(p + ".hc_" + which + "_fn"), base = w(p + ".hc_" + which + "_base");
+      DeviceTensor scale = w(p + ".hc_" + which + "_scale"), nw = w(p + "." + norm + ".weight");
+      op(main_, kernels::kHcPreOp, {Rin, fn, base, scale}, {x, post, comb},
+         [Rin, fn, base, scale, hc_eps, eps, iters, x, post, comb]() mutable {
+           kernels::hc_pre(Rin.t, fn.t, base.t, scale.t, hc_eps, eps, iters, x.t, post.t, comb.t);
+         });
+      op(main_, kernels::kRmsNormOp, {x, nw}, {xn}, [x, nw, eps, xn]() mutable { kernels::rms_norm(x.t, nw.t, eps, xn.t); });
+      probe(main_, p + "." + key, xn, d);
+    };
+    auto hc_post = [&](DeviceTensor F, DeviceTensor Rin, DeviceTensor Rout) {
+      op(main_, kernels::kHcPostOp, {F, Rin, post, comb}, {Rout}, [F, Rin, post, comb, Rout]() mutable {
+        kernels::hc_post(F.t, Rin.t, post.t, comb.t, Rout.t);
+      });
+    };
+    pre("attn", R, "attn_norm", "attn_norm");
+    issue_attention(L, T);
+    hc_post(rows(attn_out_, T), R, Rm);
+    pre("ffn", Rm, "ffn_norm", "ffn_norm");
+    issue_moe(L, T);
+    hc_post(rows(ffn_out_, T), Rm, Rn);
+    probe(main_, p + ".residual", Rn, hc * d);
+    std::swap(R, Rn);
+  }
+  // The head on each row's last token.
+  DeviceTensor last = rows(m_last_, nrows), lR = rows(last_R_, nrows), y = rows(head_y_, nrows);
+  DeviceTensor yn = rows(head_yn_, nrows), logits = rows(logits_, nrows);
+  op(main_, "gather_last", {R, last}, {lR}, [R, last, lR, hc, d]() mutable {
+    for (int64_t r = 0; r < lR.t.size(0); ++r) {
+      const int32_t t = last.t.data<int32_t>()[r];
+      std::memcpy(lR.t.data<uint16_t>() + r * hc * d, R.t.data<uint16_t>() + t * hc * d, static_cast<size_t>(hc * d) * 2);
+    }
+  });
+  DeviceTensor fn = w("hc_head_fn"), base = w("hc_head_base"), scale = w("hc_head_scale"), nw = w("norm.weight");
+  DeviceTensor head = w("head.weight");
+  op(main_, kernels::kHcHeadOp, {lR, fn, base, scale}, {y}, [lR, fn, base, scale, hc_eps, eps, y]() mutable {
+    kernels::hc_head(lR.t, fn.t, base.t, scale.t, hc_eps, eps, y.t);
+  });
+  op(main_, kernels::kRmsNormOp, {y, nw}, {yn}, [y, nw, eps, yn]() mutable { kernels::rms_norm(y.t, nw.t, eps, yn.t); });
+  op(main_, "head", {yn, head}, {logits}, [yn, head, logits]() mutable { kernels::moe_gate_logits(yn.t, head.t, logits.t); });
+}
+
+StepRecord ModelRunner::forward(const serving::ForwardBatch& batch) {
+  serving::check_forward_batch(batch);
+  StepRecord rec;
+  rec.step = batch.step;
+  rec.mode = batch.mode;
+  if (batch.mode == serving::ForwardMode::idle || batch.real_row_count() == 0) return rec;
+  const int64_t T = batch.token_count(), nrows = batch.row_count();
+  DSV4_ASSERT(T <= max_tokens_ && nrows <= max_rows_, "batch larger than the engine's buffers");
+
+  const bool graph = engine_options_.graphs && batch.mode == serving::ForwardMode::decode;
+  const serving::RawForwardMetadata raw = serving::raw_forward_metadata(batch);
+  serving::ForwardMetadata* meta = eager_metadata_.get();
+  if (graph) {
+    auto it = bucket_metadata_.find(nrows);
+    if (it == bucket_metadata_.end()) {
+      std::vector<const serving::CompressStatePool*> pools;
+      if (c4_pool_) pools.push_back(c4_pool_.get());
+      if (c128_pool_) pools.push_back(c128_pool_.get());
+      it = bucket_metadata_.emplace(nrows, std::make_unique<serving::ForwardMetadata>(swa_, pools)).first;
+      it->second->set_raw(raw);
+    } else {
+      it->second->assign_from(raw);
+    }
+    meta = it->second.get();
+  } else {
+    meta->set_raw(raw);
+  }
+  record_ = &rec;
+  try {
+    prepare_metadata(batch, *meta);
+    if (graph) {
+      auto g = graphs_.find(nrows);
+      if (g == graphs_.end()) {
+        meta->freeze();
+        rt_.begin_capture(main_);
+        issue_forward(T, nrows);
+        g = graphs_.emplace(nrows, rt_.end_capture(main_)).first;
+      }
+      rt_.replay(g->second, main_);
+      ++graph_replays_;
+      rec.graph_replay = true;
+    } else {
+      issue_forward(T, nrows);
+    }
+    rt_.synchronize(main_);
+  } catch (...) {
+    record_ = nullptr;
+    throw;
+  }
+  record_ = nullptr;
+
+  // Sampling: greedy on each real row's last token.
+  std::vector<float> logits(static_cast<size_t>(nrows * config_.vocab_size));
+  rt_.download(logits_.buffer, 0, logits.data(), logits.size() * 4);
+  int64_t token = 0;
+  const int64_t real_tokens = batch.real_token_count();
+  for (int64_t r = 0; r < batch.real_row_count(); ++r) {
+    const serving::ForwardRow& row = batch.rows[static_cast<size_t>(r)];
+    StepRow out;
+    out.request_id = row.request_id;
+    out.start_pos = row.seq_len_before;
+    out.num_tokens = row.extend_len();
+    out.first_token = token;
+    out.input_ids.assign(batch.input_ids.begin() + token, batch.input_ids.begin() + token + row.extend_len());
+    token += row.extend_len();
+    out.samples = true;
+    out.logits.assign(logits.begin() + r * config_.vocab_size, logits.begin() + (r + 1) * config_.vocab_size);
+    out.sampled_id = static_cast<int32_t>(std::max_element(out.logits.begin(), out.logits.end()) - out.logits.begin());
+    rec.rows.push_back(std::move(out));
+  }
+  // Probes hold every computed row; the oracle sees the real tokens only.
+  for (auto& [key, m] : rec.values) {
+    if (m.rows > real_tokens) m = ref::rows_of(m, 0, real_tokens);
+  }
+  return rec;
+}
+
+}  // namespace dsv4::engine

@@ -1,0 +1,144 @@
+// The DeepSeek-V4 model on the runtime (dsv4-model §0-§6, sglang's model runner): device weights,
+// the paged caches and compress-state pools in runtime buffers, one batch's metadata in persistent
+// device buffers, and the layer forward issued as launches with the byte ranges they touch.
+//
+// Streams (dsv4-model §6). With multi_stream on, each attention block forks five alt streams from
+// the main stream after attn_norm: `kv` (fused norm+RoPE+FP8 store into the SWA cache, after
+// qkv_a_ready), `compressor` (the attention compressor), `indexer` (the indexer's compressor, then
+// its logits and top-k), `indexer_q` (the indexer query, after q_lora_ready and weights_ready) and
+// `indexer_w` (weights_proj); main computes qkv_a, q_lora, then wq_b and the q norm+RoPE, joins all
+// of them and runs the sparse attention. The MoE runs its shared expert on the `kv` stream while
+// main runs the routed experts. With multi_stream off, the same launches run on main in that order.
+//
+// Metadata. Each batch's raw metadata (ForwardMetadata) is upgraded once, on the host, before any
+// launch (bug class A2), and its full form (positions, SWA locations and window indices, compress
+// plans with their state rows and cache locations, the indexer's (N_total, 1) context lengths,
+// block table and persistent-kernel schedule, c128 entry indices) is written into persistent device
+// buffers. Launches read those buffers when they run, so a captured graph replays a new batch once
+// its values are copied in place (bug class A3: nothing is rebound).
+//
+// Graphs. With graphs on, a DECODE batch runs as the graph captured for its bucket (the first batch
+// of a bucket captures it), replayed with the batch's metadata assigned into the bucket's frozen
+// ForwardMetadata and written into the same buffers.
+#pragma once
+
+#include <functional>
+#include <map>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "engine/config/model_config.h"
+#include "engine/config/runtime_options.h"
+#include "engine/model/device_weights.h"
+#include "engine/model/step_record.h"
+#include "engine/runtime/runtime.h"
+#include "engine/serving/compress_state_pool.h"
+#include "engine/serving/forward_batch.h"
+#include "engine/serving/forward_metadata.h"
+#include "engine/serving/req_to_token_pool.h"
+#include "engine/serving/swa_token_allocator.h"
+#include "engine/serving/token_allocator.h"
+
+namespace dsv4::engine {
+
+struct EngineOptions {
+  bool multi_stream = true;  // the alt-stream overlap of dsv4-model §6
+  bool graphs = false;       // DECODE batches as graphs captured per batch-size bucket
+  bool probes = false;       // record every intermediate into the StepRecord (the oracle's input)
+  int64_t indexer_sms = 4;   // blocks of the persistent indexer-logits kernel
+  int device = 0;
+};
+
+// A device tensor: the buffer it lives in and the kernel's view of it.
+struct DeviceTensor {
+  rt::BufferId buffer;
+  Tensor t;
+};
+
+class ModelRunner {
+ public:
+  // The pools are the serving engine's; the runner reads them when it builds a batch's metadata.
+  // InputError for options the engine cannot run (naming the field).
+  ModelRunner(rt::Runtime& runtime, const ModelConfig& config, const RuntimeOptions& options,
+              const DeviceWeights& weights, EngineOptions engine_options, const serving::ReqToTokenPool& slots,
+              const serving::TokenAllocator& full, const serving::SwaTokenAllocator& swa);
+  ~ModelRunner();
+  ModelRunner(const ModelRunner&) = delete;
+  ModelRunner& operator=(const ModelRunner&) = delete;
+
+  // Runs one batch to completion and returns what it computed. IDLE batches run nothing.
+  StepRecord forward(const serving::ForwardBatch& batch);
+
+  int64_t graphs_captured() const { return static_cast<int64_t>(graphs_.size()); }
+  int64_t graph_replays() const { return graph_replays_; }
+  int64_t metadata_upgrades() const { return metadata_upgrades_; }
+  const EngineOptions& options() const { return engine_options_; }
+  rt::StreamId main_stream() const { return main_; }
+
+ private:
+  struct Layer;
+  struct Streams;
+
+  DeviceTensor alloc(const std::string& name, DType dtype, const Shape& shape);
+  DeviceTensor view(const DeviceTensor& base, const Shape& shape) const;     // leading part, contiguous
+  DeviceTensor rows(const DeviceTensor& base, int64_t count) const;          // first `count` rows
+  rt::ByteRange range_of(const DeviceTensor& d) const;
+  void op(rt::StreamId stream, const std::string& name, std::vector<DeviceTensor> reads,
+          std::vector<DeviceTensor> writes, std::function<void()> fn, std::function<void()> check = {});
+  void probe(rt::StreamId stream, const std::string& key, const DeviceTensor& value, int64_t cols);
+
+  // Host side of a step: upgrade the metadata and write it to the device buffers.
+  void prepare_metadata(const serving::ForwardBatch& batch, serving::ForwardMetadata& metadata);
+  // The whole forward of `tokens` tokens in `rows` rows as launches (run now, or captured).
+  void issue_forward(int64_t tokens, int64_t rows);
+  void issue_attention(Layer& layer, int64_t T);
+  void issue_compressor(rt::StreamId stream, Layer& layer, bool indexer, int64_t T);
+  void issue_indexer(Layer& layer, int64_t T, rt::EventId q_lora_ready);
+  void issue_moe(Layer& layer, int64_t T);
+  void issue_linear(rt::StreamId stream, const std::string& weight, const DeviceTensor& x, const DeviceTensor& out);
+  void wait_on(rt::StreamId waiter, rt::StreamId producer, const std::string& event_name);
+
+  rt::Runtime& rt_;
+  const ModelConfig& config_;
+  RuntimeOptions options_;
+  const DeviceWeights& weights_;
+  EngineOptions engine_options_;
+  const serving::ReqToTokenPool& slots_;
+  const serving::TokenAllocator& full_;
+  const serving::SwaTokenAllocator& swa_;
+
+  int64_t max_tokens_ = 0;  // per batch: the chunk budget or the largest bucket
+  int64_t max_rows_ = 0;
+  int64_t c128_ratio_ = 0;
+  bool has_c4_ = false;
+  std::unique_ptr<serving::CompressStatePool> c4_pool_, c128_pool_;  // geometry per ratio
+  std::vector<std::unique_ptr<Layer>> layers_;
+  std::vector<rt::BufferId> owned_;
+
+  rt::StreamId main_;
+  std::unique_ptr<Streams> streams_;
+  std::map<std::string, rt::EventId> events_;
+
+  // Activations (max_tokens_ rows each; launches view the first T).
+  DeviceTensor R_a_, R_b_, R_mid_, x_, xn_, post_, comb_, qkv_a_, qr_, q_, o_, u_, attn_out_;
+  DeviceTensor ckv_, cscore_, centries_, ikv_, iscore_, ientries_;
+  DeviceTensor iq_, iq32_, iw_bf16_, iw_, ilogits_, itopk_;
+  DeviceTensor gate_logits_, experts_, expert_weights_, routed_, sg_, su_, sh_, shared_out_, ffn_out_;
+  DeviceTensor last_R_, head_y_, head_yn_, logits_;
+  // Metadata (persistent; written on the host before each step).
+  DeviceTensor m_ids_, m_pos_, m_swa_loc_, m_swa_idx_, m_swa_len_, m_last_;
+  DeviceTensor m_c4_plan_, m_c128_plan_, m_c4_ctx_, m_c4_block_table_, m_c4_schedule_, m_c4_idx_, m_c4_len_;
+  DeviceTensor m_c128_idx_, m_c128_len_;
+  int64_t swa_width_ = 0, c128_width_ = 0, c4_pages_ = 0, max_context_ = 0, plan_capacity_ = 0;
+  Tensor freqs_dense_, freqs_compressed_;  // rope tables (host)
+
+  std::unique_ptr<serving::ForwardMetadata> eager_metadata_;
+  std::map<int64_t, std::unique_ptr<serving::ForwardMetadata>> bucket_metadata_;
+  std::map<int64_t, rt::GraphId> graphs_;
+  int64_t graph_replays_ = 0;
+  int64_t metadata_upgrades_ = 0;
+  StepRecord* record_ = nullptr;  // the step being run (probes write into it)
+};
+
+}  // namespace dsv4::engine

@@ -1,0 +1,54 @@
+// The serving engine on one rank: the pools (request slots, full-token pages, SWA pages), the
+// continuous-batching scheduler and the model runner, driven one step at a time as sglang's event
+// loop does: schedule a batch, run it, commit the sampled tokens.
+#pragma once
+
+#include <memory>
+#include <vector>
+
+#include "engine/model/model_runner.h"
+#include "engine/serving/scheduler.h"
+
+namespace dsv4::engine {
+
+// Pool sizes that hold max_running_requests requests of max_seq_len tokens at once.
+struct PoolSizes {
+  int64_t full_pages = 0;  // page 0 included
+  int64_t swa_pages = 0;   // page 0 included
+};
+PoolSizes default_pool_sizes(const ModelConfig& config, const RuntimeOptions& options);
+
+class ServingEngine {
+ public:
+  // InputError (naming the field) for options the engine or the pools refuse.
+  ServingEngine(rt::Runtime& runtime, const ModelConfig& config, const RuntimeOptions& options,
+                const CheckpointSource& weights, EngineOptions engine_options, std::vector<int32_t> stop_ids = {});
+  ~ServingEngine();
+
+  void add_request(int64_t id, std::vector<int32_t> prompt_ids, int64_t max_new_tokens, int64_t arrival_step);
+  bool abort(int64_t id) { return scheduler_->abort(id); }
+  bool has_unfinished() const { return scheduler_->has_unfinished(); }
+  const serving::Request& request(int64_t id) const { return scheduler_->request(id); }
+
+  // One scheduler step: the batch is built, run and committed. `samples` is set on the rows whose
+  // sampled token the scheduler keeps (decode rows and the chunk that ends a prompt).
+  StepRecord step();
+  int64_t steps() const { return step_; }
+
+  ModelRunner& runner() { return *runner_; }
+  const DeviceWeights& weights() const { return *weights_; }
+
+ private:
+  rt::Runtime& rt_;
+  const ModelConfig& config_;
+  RuntimeOptions options_;
+  std::unique_ptr<DeviceWeights> weights_;
+  std::unique_ptr<serving::ReqToTokenPool> slots_;
+  std::unique_ptr<serving::TokenAllocator> full_;
+  std::unique_ptr<serving::SwaTokenAllocator> swa_;
+  std::unique_ptr<serving::Scheduler> scheduler_;
+  std::unique_ptr<ModelRunner> runner_;
+  int64_t step_ = 0;
+};
+
+}  // namespace dsv4::engine
