@@ -18,12 +18,14 @@
 //   swa_indices / extra_indices i32 [T, topk] contiguous with values in [-1, pages * page_size);
 //   swa_lens / extra_lens i32 [T] with values in [1, topk] (topk_lengths_clamp1: never 0 or less);
 //   the extra triple is optional (all three absent: no compressed entries; extra_topk >= 1 when
-//   present); D - rope_dim a multiple of 64; host tensors.
+//   present); kv_block >= 1 (both caches' nope dims per ue8m0 scale, the config's kv_block_size)
+//   dividing D - rope_dim, else a ContractError naming `kv_block`; host tensors.
 #pragma once
 
 #include <cstdint>
 
 #include "engine/core/tensor.h"
+#include "kernels/norm_rope.h"
 
 namespace dsv4::kernels {
 
@@ -42,6 +44,7 @@ struct SparseAttentionArgs {
   Tensor attn_sink;    // [H] f32
   float scale = 0.0f;  // softmax scale (D^-0.5 on DeepSeek-V4)
   int64_t rope_dim = 64;
+  int64_t kv_block = kKvScaleBlock;  // nope dims per ue8m0 scale in both caches (kv_block_size)
   Tensor out;          // [T, H, D] bf16
 };
 

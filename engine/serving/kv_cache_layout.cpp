@@ -1,10 +1,7 @@
 #include "engine/serving/kv_cache_layout.h"
 
-#include <algorithm>
-#include <cmath>
-
 #include "engine/core/error.h"
-#include "engine/core/formats.h"
+#include "kernels/norm_rope.h"
 
 namespace dsv4::serving {
 
@@ -56,6 +53,15 @@ void expect_slot(const KvEntryLayout& l, size_t values_size, size_t scales_size,
   DSV4_ASSERT((slot_in_page + 1) * l.scale_bytes <= static_cast<int64_t>(scales_size), "slot past the page scales");
 }
 
+// The kernels' view of the same entry (kernels/norm_rope.h): one codec packs and unpacks both.
+kernels::Model1Layout model1_of(const KvEntryLayout& l) {
+  const kernels::Model1Layout m{l.head_dim(), l.rope_dims, l.block_dims};
+  DSV4_ASSERT(m.scale_count() == l.scale_count, "the kernels' MODEL1 scale count matches");
+  DSV4_ASSERT(m.value_bytes() == l.value_bytes, "the kernels' MODEL1 value bytes match");
+  DSV4_ASSERT(m.scale_bytes() == l.scale_bytes, "the kernels' MODEL1 scale bytes match");
+  return m;
+}
+
 }  // namespace
 
 KvPageSpans<uint8_t> split_kv_page(const KvPageLayout& layout, std::span<uint8_t> page) {
@@ -66,55 +72,20 @@ KvPageSpans<const uint8_t> view_kv_page(const KvPageLayout& layout, std::span<co
   return split(layout, page);
 }
 
-float e4m3_block_scale(float amax) {
-  const float clamped = std::max(amax, 1e-4f);
-  // A multiply by the fp32 reciprocal, not a divide (dsv4-model §2.9).
-  return round_ue8m0_ceil(clamped * (1.0f / kE4m3fnMaxF32));
-}
+float e4m3_block_scale(float amax) { return kernels::e4m3_block_scale(amax); }
 
 void pack_kv_entry(const KvEntryLayout& l, const float* kv, std::span<uint8_t> page_values,
                    std::span<uint8_t> page_scales, int64_t slot_in_page) {
   expect_slot(l, page_values.size(), page_scales.size(), slot_in_page);
-  uint8_t* values = page_values.data() + slot_in_page * l.value_bytes;
-  uint8_t* scales = page_scales.data() + slot_in_page * l.scale_bytes;
-  for (int64_t b = 0; b < l.scale_count; ++b) {
-    const float* block = kv + b * l.block_dims;
-    float amax = 0.0f;
-    for (int64_t i = 0; i < l.block_dims; ++i) amax = std::max(amax, std::fabs(block[i]));
-    const float scale = e4m3_block_scale(amax);
-    const uint8_t scale_code = f32_to_ue8m0_ceil(scale);
-    DSV4_ASSERT(ue8m0_to_f32(scale_code) == scale, "the block scale is a power of two");
-    scales[b] = scale_code;
-    for (int64_t i = 0; i < l.block_dims; ++i) {
-      values[b * l.block_dims + i] = f32_to_e4m3fn(std::clamp(block[i] / scale, -kE4m3fnMaxF32, kE4m3fnMaxF32));
-    }
-  }
-  for (int64_t b = l.scale_count; b < l.scale_bytes; ++b) scales[b] = 0;
-  uint8_t* rope = values + l.nope_dims;
-  for (int64_t i = 0; i < l.rope_dims; ++i) {
-    const uint16_t code = f32_to_bf16(kv[l.nope_dims + i]);
-    rope[2 * i] = static_cast<uint8_t>(code & 0xFFu);
-    rope[2 * i + 1] = static_cast<uint8_t>(code >> 8);
-  }
+  kernels::model1_pack_entry(model1_of(l), kv, page_values.data() + slot_in_page * l.value_bytes,
+                             page_scales.data() + slot_in_page * l.scale_bytes);
 }
 
 void unpack_kv_entry(const KvEntryLayout& l, std::span<const uint8_t> page_values,
                      std::span<const uint8_t> page_scales, int64_t slot_in_page, float* kv) {
   expect_slot(l, page_values.size(), page_scales.size(), slot_in_page);
-  const uint8_t* values = page_values.data() + slot_in_page * l.value_bytes;
-  const uint8_t* scales = page_scales.data() + slot_in_page * l.scale_bytes;
-  for (int64_t b = 0; b < l.scale_count; ++b) {
-    const float scale = ue8m0_to_f32(scales[b]);
-    for (int64_t i = 0; i < l.block_dims; ++i) {
-      const int64_t d = b * l.block_dims + i;
-      kv[d] = e4m3fn_to_f32(values[d]) * scale;
-    }
-  }
-  const uint8_t* rope = values + l.nope_dims;
-  for (int64_t i = 0; i < l.rope_dims; ++i) {
-    const uint16_t code = static_cast<uint16_t>(rope[2 * i] | (rope[2 * i + 1] << 8));
-    kv[l.nope_dims + i] = bf16_to_f32(code);
-  }
+  kernels::model1_unpack_entry(model1_of(l), page_values.data() + slot_in_page * l.value_bytes,
+                               page_scales.data() + slot_in_page * l.scale_bytes, kv);
 }
 
 }  // namespace dsv4::serving

@@ -5,6 +5,8 @@
 //   scales: | ue8m0 x nope/kv_block_size | 0-pad to 8 |            8 B on Flash
 // A page of page_tokens entries stores every entry's values, then every entry's scales, and is
 // padded to a multiple of the value stride: 256 x 576 + 256 x 8 -> 149760 B on Flash.
+// The entry codec itself is the kernels' (kernels/norm_rope.h model1_pack_entry / model1_unpack_entry),
+// so the serving layout and the cache kernels cannot drift apart.
 #pragma once
 
 #include <cstdint>

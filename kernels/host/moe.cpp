@@ -53,10 +53,17 @@ void moe_gate_logits(const Tensor& x, const Tensor& gate_w, Tensor& logits) {
   const int64_t d = x.size(1);
   const int64_t E = gate_w.size(0);
   float* y = logits.data<float>();
+  // Both operands widened to f32 once (exact), then plain loops.
+  std::vector<float> wf(static_cast<size_t>(E * d)), xf(static_cast<size_t>(d));
+  for (int64_t e = 0; e < E; ++e) {
+    for (int64_t i = 0; i < d; ++i) wf[static_cast<size_t>(e * d + i)] = load_rc(gate_w, e, i);
+  }
   for (int64_t t = 0; t < T; ++t) {
+    for (int64_t i = 0; i < d; ++i) xf[static_cast<size_t>(i)] = load_rc(x, t, i);
     for (int64_t e = 0; e < E; ++e) {
+      const float* wrow = wf.data() + e * d;
       float acc = 0.0f;  // bf16 x bf16 products are exact in fp32; the sum rounds in ascending d
-      for (int64_t i = 0; i < d; ++i) acc += load_rc(x, t, i) * load_rc(gate_w, e, i);
+      for (int64_t i = 0; i < d; ++i) acc += xf[static_cast<size_t>(i)] * wrow[i];
       y[t * E + e] = acc;
     }
   }

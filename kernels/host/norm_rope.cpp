@@ -86,32 +86,38 @@ const Contract& store_contract() {
 
 }  // namespace
 
-Model1Layout model1_layout(const char* op, int64_t head_dim, int64_t rope_dim) {
-  Model1Layout layout{head_dim, rope_dim};
-  if (rope_dim < 0 || rope_dim >= head_dim || layout.nope_dim() % kKvScaleBlock != 0) {
+Model1Layout model1_layout(const char* op, int64_t head_dim, int64_t rope_dim, int64_t scale_block,
+                           const char* block_argument) {
+  const Model1Layout layout{head_dim, rope_dim, scale_block};
+  if (rope_dim < 0 || rope_dim >= head_dim) {
     throw ContractError(op, "cache",
-                        "MODEL1 needs 0 <= rope_dim < head_dim with (head_dim - rope_dim) % " +
-                            std::to_string(kKvScaleBlock) + " == 0, got head_dim " + std::to_string(head_dim) +
+                        "MODEL1 needs 0 <= rope_dim < head_dim, got head_dim " + std::to_string(head_dim) +
+                            ", rope_dim " + std::to_string(rope_dim));
+  }
+  if (scale_block < 1 || layout.nope_dim() % scale_block != 0) {
+    throw ContractError(op, block_argument,
+                        "MODEL1 needs a scale block >= 1 dividing the nope dims (head_dim - rope_dim), got " +
+                            std::to_string(scale_block) + " for head_dim " + std::to_string(head_dim) +
                             ", rope_dim " + std::to_string(rope_dim));
   }
   return layout;
 }
 
-void model1_pack(const Model1Layout& l, int64_t page_size, const float* kv, uint8_t* cache, int64_t loc) {
-  uint8_t* page = cache + (loc / page_size) * l.page_bytes(page_size);
-  const int64_t slot = loc % page_size;
-  uint8_t* values = page + slot * l.value_bytes();
-  uint8_t* scales = page + page_size * l.value_bytes() + slot * l.scale_bytes();
+float e4m3_block_scale(float amax) {
+  // A multiply by the f32 reciprocal, not a divide (§2.9); the scale is a power of two.
+  return round_ue8m0_ceil(std::max(amax, 1e-4f) * (1.0f / kE4m3fnMaxF32));
+}
+
+void model1_pack_entry(const Model1Layout& l, const float* kv, uint8_t* values, uint8_t* scales) {
+  const int64_t block = l.scale_block;
   for (int64_t b = 0; b < l.scale_count(); ++b) {
-    const float* block = kv + b * kKvScaleBlock;
+    const float* x = kv + b * block;
     float amax = 0.0f;
-    for (int64_t i = 0; i < kKvScaleBlock; ++i) amax = std::max(amax, std::fabs(block[i]));
-    // A multiply by the f32 reciprocal, not a divide (§2.9); the scale is a power of two.
-    const uint8_t code = f32_to_ue8m0_ceil(std::max(amax, 1e-4f) * (1.0f / kE4m3fnMaxF32));
-    const float scale = ue8m0_to_f32(code);
-    scales[b] = code;
-    for (int64_t i = 0; i < kKvScaleBlock; ++i) {
-      values[b * kKvScaleBlock + i] = f32_to_e4m3fn(std::clamp(block[i] / scale, -kE4m3fnMaxF32, kE4m3fnMaxF32));
+    for (int64_t i = 0; i < block; ++i) amax = std::max(amax, std::fabs(x[i]));
+    const float scale = e4m3_block_scale(amax);
+    scales[b] = f32_to_ue8m0_ceil(scale);  // exact: the scale is a power of two
+    for (int64_t i = 0; i < block; ++i) {
+      values[b * block + i] = f32_to_e4m3fn(std::clamp(x[i] / scale, -kE4m3fnMaxF32, kE4m3fnMaxF32));
     }
   }
   std::fill(scales + l.scale_count(), scales + l.scale_bytes(), uint8_t{0});
@@ -123,15 +129,12 @@ void model1_pack(const Model1Layout& l, int64_t page_size, const float* kv, uint
   }
 }
 
-void model1_unpack(const Model1Layout& l, int64_t page_size, const uint8_t* cache, int64_t loc, float* kv) {
-  const uint8_t* page = cache + (loc / page_size) * l.page_bytes(page_size);
-  const int64_t slot = loc % page_size;
-  const uint8_t* values = page + slot * l.value_bytes();
-  const uint8_t* scales = page + page_size * l.value_bytes() + slot * l.scale_bytes();
+void model1_unpack_entry(const Model1Layout& l, const uint8_t* values, const uint8_t* scales, float* kv) {
+  const int64_t block = l.scale_block;
   for (int64_t b = 0; b < l.scale_count(); ++b) {
     const float scale = ue8m0_to_f32(scales[b]);
-    for (int64_t i = 0; i < kKvScaleBlock; ++i) {
-      const int64_t d = b * kKvScaleBlock + i;
+    for (int64_t i = 0; i < block; ++i) {
+      const int64_t d = b * block + i;
       kv[d] = e4m3fn_to_f32(values[d]) * scale;  // exact: the scale is a power of two
     }
   }
@@ -139,6 +142,19 @@ void model1_unpack(const Model1Layout& l, int64_t page_size, const uint8_t* cach
   for (int64_t i = 0; i < l.rope_dim; ++i) {
     kv[l.nope_dim() + i] = bf16_to_f32(static_cast<uint16_t>(rope[2 * i] | (rope[2 * i + 1] << 8)));
   }
+}
+
+void model1_pack(const Model1Layout& l, int64_t page_size, const float* kv, uint8_t* cache, int64_t loc) {
+  uint8_t* page = cache + (loc / page_size) * l.page_bytes(page_size);
+  const int64_t slot = loc % page_size;
+  model1_pack_entry(l, kv, page + slot * l.value_bytes(), page + page_size * l.value_bytes() + slot * l.scale_bytes());
+}
+
+void model1_unpack(const Model1Layout& l, int64_t page_size, const uint8_t* cache, int64_t loc, float* kv) {
+  const uint8_t* page = cache + (loc / page_size) * l.page_bytes(page_size);
+  const int64_t slot = loc % page_size;
+  model1_unpack_entry(l, page + slot * l.value_bytes(), page + page_size * l.value_bytes() + slot * l.scale_bytes(),
+                      kv);
 }
 
 void check_norm_rope_contract(const Tensor& kv, const Tensor& weight, const Tensor& freqs, const Tensor& positions) {
@@ -168,7 +184,7 @@ void fused_norm_rope_inplace(Tensor& kv, const Tensor& weight, double eps, const
 
 void check_norm_rope_store_contract(const Tensor& kv, const Tensor& weight, const Tensor& freqs,
                                     const Tensor& positions, const Tensor& swa_locs, const Tensor& cache,
-                                    int64_t page_size) {
+                                    int64_t page_size, int64_t scale_block) {
   store_contract().check({{"kv", &kv},
                           {"weight", &weight},
                           {"freqs", &freqs},
@@ -182,7 +198,7 @@ void check_norm_rope_store_contract(const Tensor& kv, const Tensor& weight, cons
   }
   if (page_size < 1) throw ContractError(kNormRopeStoreOp, "page_size", "must be >= 1, got " + std::to_string(page_size));
   const int64_t rope_dim = rope_dim_of(kNormRopeStoreOp, kv, freqs);
-  const Model1Layout layout = model1_layout(kNormRopeStoreOp, kv.size(1), rope_dim);
+  const Model1Layout layout = model1_layout(kNormRopeStoreOp, kv.size(1), rope_dim, scale_block);
   // The bounds depend on the geometry, so this part of the contract is built per launch.
   const int64_t entries = cache.size(0) * page_size;
   Contract(kNormRopeStoreOp)
@@ -192,12 +208,13 @@ void check_norm_rope_store_contract(const Tensor& kv, const Tensor& weight, cons
 }
 
 void fused_norm_rope_store_kv(const Tensor& kv, const Tensor& weight, double eps, const Tensor& freqs,
-                              const Tensor& positions, const Tensor& swa_locs, Tensor& cache, int64_t page_size) {
-  check_norm_rope_store_contract(kv, weight, freqs, positions, swa_locs, cache, page_size);
+                              const Tensor& positions, const Tensor& swa_locs, Tensor& cache, int64_t page_size,
+                              int64_t scale_block) {
+  check_norm_rope_store_contract(kv, weight, freqs, positions, swa_locs, cache, page_size, scale_block);
   const int64_t rows = kv.size(0);
   const int64_t dim = kv.size(1);
   const int64_t rope_dim = rope_dim_of(kNormRopeStoreOp, kv, freqs);
-  const Model1Layout layout = model1_layout(kNormRopeStoreOp, dim, rope_dim);
+  const Model1Layout layout = model1_layout(kNormRopeStoreOp, dim, rope_dim, scale_block);
   const auto* base = kv.data<const uint16_t>();
   const int32_t* pos = positions.data<int32_t>();
   const int64_t* locs = swa_locs.data<int64_t>();

@@ -1,5 +1,7 @@
 #include "kernels/quant_gemm.h"
 
+#include <vector>
+
 #include <algorithm>
 #include <array>
 #include <cmath>
@@ -185,15 +187,21 @@ void gemm_fp4_weights(const Tensor& q_act, const Tensor& act_scales, const Tenso
   auto* y = out.data<uint16_t>();
   const int64_t na = K / act_block;
   const int64_t nw = K / w_block;
+  // Both operands decoded once (the same values and products as decoding per use).
+  std::vector<float> wf(static_cast<size_t>(N * K)), af(static_cast<size_t>(K));
+  for (int64_t n = 0; n < N; ++n) {
+    for (int64_t k = 0; k < K; ++k) wf[static_cast<size_t>(n * K + k)] = e2m1_to_f32(fp4_get(qw + n * (K / 2), k));
+  }
   for (int64_t t = 0; t < T; ++t) {
     const uint8_t* arow = qa + t * q_act.stride(0);
+    for (int64_t k = 0; k < K; ++k) af[static_cast<size_t>(k)] = lut[arow[k]];
     for (int64_t n = 0; n < N; ++n) {
-      const uint8_t* wrow = qw + n * (K / 2);
+      const float* wrow = wf.data() + n * K;
       float acc = 0.0f;
       for (int64_t b = 0; b < nw; ++b) {
         // e4m3 x e2m1 products are exact in fp32; the block sum rounds in ascending k.
         float partial = 0.0f;
-        for (int64_t k = b * w_block; k < (b + 1) * w_block; ++k) partial += lut[arow[k]] * e2m1_to_f32(fp4_get(wrow, k));
+        for (int64_t k = b * w_block; k < (b + 1) * w_block; ++k) partial += af[static_cast<size_t>(k)] * wrow[k];
         const int64_t ka = (b * w_block) / act_block;  // the activation block holding this weight block
         const float scale = ue8m0_to_f32(sa[t * na + ka]) * ue8m0_to_f32(sw[n * nw + b]);
         acc += partial * scale;

@@ -92,7 +92,7 @@ void check_sparse_attention_contract(const SparseAttentionArgs& a) {
       throw ContractError(kSparseAttentionOp, name, "needs a host tensor, got one on " + t->device().str());
     }
   }
-  const Model1Layout layout = model1_layout(kSparseAttentionOp, a.q.size(2), a.rope_dim);
+  const Model1Layout layout = model1_layout(kSparseAttentionOp, a.q.size(2), a.rope_dim, a.kv_block, "kv_block");
   check_cache_values(layout, "swa_cache", a.swa_cache, a.swa_page_size, "swa_indices", a.swa_indices, "swa_lens",
                      a.swa_lens);
   if (has_extra(a)) {
@@ -106,7 +106,7 @@ void sparse_attention(const SparseAttentionArgs& a) {
   const int64_t tokens = a.q.size(0);
   const int64_t heads = a.q.size(1);
   const int64_t dim = a.q.size(2);
-  const Model1Layout layout = model1_layout(kSparseAttentionOp, dim, a.rope_dim);
+  const Model1Layout layout = model1_layout(kSparseAttentionOp, dim, a.rope_dim, a.kv_block, "kv_block");
   const auto* q_all = a.q.data<const uint16_t>();
   auto* out_all = a.out.data<uint16_t>();
   const float* sink = a.attn_sink.data<float>();

@@ -2,7 +2,9 @@
 // bit for bit; bug class A1 (a strided qkv_a[..., q_lora:] slice is a ContractError naming `kv` for
 // the contiguous-only kernel, while the stride-aware store variant reads it correctly); the MODEL1
 // cache bytes against serving's pack_kv_entry; sparse attention against reference attention_head
-// (quant-sim numerics) and its length / index contracts.
+// (quant-sim numerics) and its length / index contracts. The same at the micro preset's scale block
+// of 16 (head_dim 64, rope 16, nope 48), where the cache values are checked against the reference's
+// fp8_quant_dequant in blocks of 16, and the scale-block contracts (`scale_block`, `kv_block`).
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -25,6 +27,7 @@
 #include "reference/attention.h"
 #include "reference/context.h"
 #include "reference/norm.h"
+#include "reference/quant.h"
 #include "reference/rope.h"
 
 namespace dsv4::kernels {
@@ -34,12 +37,23 @@ constexpr int64_t kQLora = 1536;  // Pro's q_lora_rank: qkv_a rows are 2048 wide
 constexpr uint8_t kPoison = 0xA5;
 
 struct Fixture {
-  ModelConfig config = load_model_config("flash");
+  explicit Fixture(const char* preset = "flash") : config(load_model_config(preset)) {}
+  Fixture(const Fixture&) = delete;  // ctx refers to config
+  Fixture& operator=(const Fixture&) = delete;
+  ModelConfig config;
   ref::Context ctx{config, ref::Numerics{ref::Mode::quant_sim}};
   ref::RopeTable rope = ref::make_rope_table(config, 4);  // YaRN table: non-trivial frequencies
   int64_t dim() const { return config.head_dim; }
   int64_t nope() const { return config.nope_head_dim(); }
+  int64_t block() const { return config.kv_block_size; }
 };
+
+// micro: head_dim 64, rope 16, nope 48, kv_block_size 16 (three scales per entry).
+void expect_micro_geometry(const Fixture& f) {
+  ASSERT_EQ(f.dim(), 64);
+  ASSERT_EQ(f.config.rope_head_dim, 16);
+  ASSERT_EQ(f.block(), 16);
+}
 
 float rand_bf16(std::mt19937_64& rng, float lo, float hi) {
   return round_bf16(std::uniform_real_distribution<float>(lo, hi)(rng));
@@ -73,16 +87,32 @@ std::vector<float> row_values(const Tensor& t, int64_t row) {
   return out;
 }
 
-// Per-row inputs with a few magnitudes, so the FP8 blocks get different scales.
-std::vector<float> random_rows(std::mt19937_64& rng, int64_t rows, int64_t dim) {
+// Per-row inputs with a magnitude per `block` dims, so the FP8 blocks get different scales.
+std::vector<float> random_rows(std::mt19937_64& rng, int64_t rows, int64_t dim, int64_t block = 64) {
   std::vector<float> v(static_cast<size_t>(rows * dim));
   for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t b = 0; b < dim / 64; ++b) {
+    for (int64_t b = 0; b < dim / block; ++b) {
       const float mag = std::ldexp(1.0f, static_cast<int>(rng() % 9) - 4);
-      for (int64_t i = 0; i < 64; ++i) v[static_cast<size_t>(r * dim + b * 64 + i)] = rand_bf16(rng, -mag, mag);
+      for (int64_t i = 0; i < block; ++i) v[static_cast<size_t>(r * dim + b * block + i)] = rand_bf16(rng, -mag, mag);
     }
   }
   return v;
+}
+
+// The reference's cached view of one KV row (reference/attention.cpp key_value): the nope dims FP8
+// quant-dequant in blocks of `block`, the rope dims bf16.
+std::vector<float> reference_cached(std::vector<float> kv, int64_t nope, int64_t block) {
+  ref::fp8_quant_dequant(kv.data(), nope, block);
+  for (size_t i = static_cast<size_t>(nope); i < kv.size(); ++i) kv[i] = round_bf16(kv[i]);
+  return kv;
+}
+
+// Bitwise float comparison (NaN-safe, -0 vs +0 distinguished); the index of the first difference or -1.
+int64_t first_bit_difference(const float* got, const std::vector<float>& want) {
+  for (size_t i = 0; i < want.size(); ++i) {
+    if (f32_bits(got[i]) != f32_bits(want[i])) return static_cast<int64_t>(i);
+  }
+  return -1;
 }
 
 // The reference KV path on one bf16 row: rms_norm with weight, RoPE, bf16 (no FP8 step).
@@ -381,6 +411,189 @@ TEST(NormRopeStore, ContractRejectsLocationsAndGeometry) {
   EXPECT_EQ(argument_of({0, 7}, 4), "");
 }
 
+// ---- the MODEL1 entry at the micro preset's scale block of 16 -------------------------------------
+
+TEST(Model1Layout, ScaleBlock16GeometryMatchesServing) {
+  const Fixture f("micro");
+  expect_micro_geometry(f);
+  const Model1Layout l = model1_layout(kNormRopeStoreOp, f.dim(), f.config.rope_head_dim, f.block());
+  EXPECT_EQ(l.scale_block, 16);
+  EXPECT_EQ(l.scale_count(), 3);
+  EXPECT_EQ(l.value_bytes(), 48 + 2 * 16);
+  EXPECT_EQ(l.scale_bytes(), 8) << "three scales, padded to 8 bytes";
+  const serving::KvEntryLayout e = serving::kv_entry_layout(f.config);
+  EXPECT_EQ(l.scale_count(), e.scale_count);
+  EXPECT_EQ(l.value_bytes(), e.value_bytes);
+  EXPECT_EQ(l.scale_bytes(), e.scale_bytes);
+  for (int64_t ps : {1, 2, 3, 7, 64, 256}) {
+    EXPECT_EQ(l.page_bytes(ps), serving::kv_page_layout(f.config, ps).page_bytes) << ps;
+  }
+  // Flash's geometry at a block of 16: 28 scales, padded to 32 bytes.
+  ModelConfig flash16 = load_model_config("flash");
+  flash16.kv_block_size = 16;
+  const Model1Layout l16 = model1_layout(kNormRopeStoreOp, flash16.head_dim, flash16.rope_head_dim, 16);
+  EXPECT_EQ(l16.scale_count(), 28);
+  EXPECT_EQ(l16.scale_bytes(), 32);
+  EXPECT_EQ(l16.scale_bytes(), serving::kv_entry_layout(flash16).scale_bytes);
+  for (int64_t ps : {1, 2, 64, 256}) {
+    EXPECT_EQ(l16.page_bytes(ps), serving::kv_page_layout(flash16, ps).page_bytes) << ps;
+  }
+}
+
+TEST(Model1Layout, PackUnpackAtScaleBlock16EqualsReferenceQuantDequant) {
+  const Fixture f("micro");
+  expect_micro_geometry(f);
+  std::mt19937_64 rng(26);
+  const int64_t pages = 3, page_size = 5, entries = pages * page_size;
+  std::vector<float> rows = random_rows(rng, entries, f.dim(), f.block());
+  // Edge blocks: a zero block (amax clamped to 1e-4); 448 beside -1e30 in one block (clamped codes);
+  // in entry 2, blocks 2^12 apart, which one scale over the 48 nope dims would flush towards 0.
+  std::fill(rows.begin() + 16, rows.begin() + 32, 0.0f);
+  rows[static_cast<size_t>(f.dim() + 2)] = 448.0f;
+  rows[static_cast<size_t>(f.dim() + 3)] = -1e30f;
+  for (int64_t i = 0; i < 16; ++i) {
+    rows[static_cast<size_t>(2 * f.dim() + i)] = rand_bf16(rng, -1024.0f, 1024.0f);
+    rows[static_cast<size_t>(2 * f.dim() + 16 + i)] = rand_bf16(rng, -0.25f, 0.25f);
+  }
+  SwaCache c = make_cache(f, pages, page_size, "cache");
+  const Model1Layout l = model1_layout(kNormRopeStoreOp, f.dim(), f.config.rope_head_dim, f.block());
+  for (int64_t loc = 0; loc < entries; ++loc) model1_pack(l, page_size, rows.data() + loc * f.dim(), c.bytes.data<uint8_t>(), loc);
+  std::vector<float> mine(static_cast<size_t>(f.dim()));
+  int64_t entries_with_distinct_scales = 0;
+  for (int64_t loc = 0; loc < entries; ++loc) {
+    const std::vector<float> row(rows.begin() + loc * f.dim(), rows.begin() + (loc + 1) * f.dim());
+    model1_unpack(l, page_size, c.bytes.data<uint8_t>(), loc, mine.data());
+    ASSERT_EQ(first_bit_difference(mine.data(), reference_cached(row, f.nope(), 16)), -1) << "loc " << loc;
+    // Three scale bytes, each the reference's ue8m0 scale of its 16 dims, then a pad of 0.
+    const uint8_t* scales = c.bytes.data<uint8_t>() + (loc / page_size) * l.page_bytes(page_size) +
+                            page_size * l.value_bytes() + (loc % page_size) * l.scale_bytes();
+    for (int64_t b = 0; b < 3; ++b) {
+      float amax = 0.0f;
+      for (int64_t i = 0; i < 16; ++i) amax = std::max(amax, std::fabs(row[static_cast<size_t>(b * 16 + i)]));
+      ASSERT_EQ(scales[b], f32_to_ue8m0_ceil(ref::fp8_block_scale(amax))) << "loc " << loc << " block " << b;
+    }
+    for (int64_t b = 3; b < 8; ++b) ASSERT_EQ(scales[b], 0) << "loc " << loc << " pad byte " << b;
+    if (scales[0] != scales[1] || scales[1] != scales[2]) ++entries_with_distinct_scales;
+  }
+  EXPECT_GT(entries_with_distinct_scales, entries / 2);
+  // One scale over all 48 nope dims would read entry 2 differently: the test sees the block size.
+  model1_unpack(l, page_size, c.bytes.data<uint8_t>(), 2, mine.data());
+  const std::vector<float> row2(rows.begin() + 2 * f.dim(), rows.begin() + 3 * f.dim());
+  EXPECT_GE(first_bit_difference(mine.data(), reference_cached(row2, f.nope(), f.nope())), 0);
+  // serving's unpack reads the same bytes (one codec).
+  for (int64_t loc = 0; loc < entries; ++loc) {
+    model1_unpack(l, page_size, c.bytes.data<uint8_t>(), loc, mine.data());
+    ASSERT_EQ(first_bit_difference(mine.data(), serving_unpack(c, loc)), -1) << "loc " << loc;
+  }
+}
+
+TEST(Model1Layout, ScaleBlockNotDividingNopeIsContractErrorNamingIt) {
+  auto argument_of = [](int64_t head_dim, int64_t rope_dim, int64_t block) -> std::string {
+    try {
+      model1_layout(kNormRopeStoreOp, head_dim, rope_dim, block);
+    } catch (const ContractError& e) {
+      EXPECT_EQ(e.op(), kNormRopeStoreOp);
+      EXPECT_NE(e.rule().find(std::to_string(block)), std::string::npos) << e.what();
+      return e.argument();
+    }
+    return "";
+  };
+  EXPECT_EQ(argument_of(64, 16, 32), "scale_block") << "48 % 32";
+  EXPECT_EQ(argument_of(64, 16, 64), "scale_block") << "micro at the released block of 64";
+  EXPECT_EQ(argument_of(64, 16, 0), "scale_block");
+  EXPECT_EQ(argument_of(64, 16, -16), "scale_block");
+  EXPECT_EQ(argument_of(64, 16, 16), "");
+  EXPECT_EQ(argument_of(64, 16, 48), "");
+  EXPECT_EQ(argument_of(512, 64, 64), "");
+  EXPECT_EQ(argument_of(512, 64, 16), "");
+  try {
+    model1_layout(kSparseAttentionOp, 64, 16, 32, "kv_block");
+    FAIL() << "48 % 32 accepted";
+  } catch (const ContractError& e) {
+    EXPECT_EQ(e.argument(), "kv_block");
+  }
+}
+
+TEST(NormRopeStore, ScaleBlock16MatchesReferenceQuantDequant) {
+  const Fixture f("micro");
+  expect_micro_geometry(f);
+  std::mt19937_64 rng(27);
+  const int64_t rows = 6, pages = 3, page_size = 4;
+  const std::vector<float> x = random_rows(rng, rows, f.dim(), f.block());
+  NormInputs in = norm_inputs(f, rng, rows);
+  QkvA s = qkv_a_slice(f, rows, x);
+  ASSERT_FALSE(s.kv.is_contiguous());
+  const std::vector<int64_t> locs = {9, -1, 0, 4, -1, 11};
+  Tensor locs_t = int_tensor<int64_t>({rows}, DType::i64, locs, "swa_locs");
+  SwaCache got = make_cache(f, pages, page_size, "cache");
+  SwaCache want = make_cache(f, pages, page_size, "expected");
+  fused_norm_rope_store_kv(s.kv, in.weight_t, f.config.norm_eps, in.freqs_t, in.positions_t, locs_t, got.bytes,
+                           page_size, f.block());
+  const Model1Layout l = model1_layout(kNormRopeStoreOp, f.dim(), f.config.rope_head_dim, f.block());
+  std::vector<float> mine(static_cast<size_t>(f.dim()));
+  for (int64_t t = 0; t < rows; ++t) {
+    const int64_t loc = locs[static_cast<size_t>(t)];
+    if (loc < 0) continue;
+    const std::vector<float> row(x.begin() + t * f.dim(), x.begin() + (t + 1) * f.dim());
+    const std::vector<float> normed = reference_norm_rope(f, row, in.weight, in.positions[static_cast<size_t>(t)]);
+    model1_unpack(l, page_size, got.bytes.data<uint8_t>(), loc, mine.data());
+    EXPECT_EQ(first_bit_difference(mine.data(), reference_cached(normed, f.nope(), 16)), -1) << "row " << t;
+    serving_pack(want, normed.data(), loc);
+  }
+  EXPECT_TRUE(same_bytes(got.bytes, want.bytes)) << "cache bytes differ from serving's layout for micro";
+}
+
+TEST(NormRopeStore, ScaleBlockNotDividingNopeIsContractErrorNamingIt) {
+  const Fixture f("micro");
+  expect_micro_geometry(f);
+  std::mt19937_64 rng(28);
+  const int64_t rows = 2;
+  NormInputs in = norm_inputs(f, rng, rows);
+  Tensor kv = bf16_tensor({rows, f.dim()}, random_rows(rng, rows, f.dim(), f.block()), "kv");
+  Tensor locs_t = int_tensor<int64_t>({rows}, DType::i64, std::vector<int64_t>{0, 5}, "swa_locs");
+  SwaCache c = make_cache(f, 2, 4, "cache");
+  SwaCache untouched = make_cache(f, 2, 4, "poison");
+  auto argument_of = [&](const Tensor& x, const NormInputs& n, SwaCache& cache, int64_t block) -> std::string {
+    try {
+      fused_norm_rope_store_kv(x, n.weight_t, 1e-6, n.freqs_t, n.positions_t, locs_t, cache.bytes, 4, block);
+    } catch (const ContractError& e) {
+      EXPECT_EQ(e.op(), kNormRopeStoreOp);
+      return e.argument();
+    }
+    return "";
+  };
+  EXPECT_EQ(argument_of(kv, in, c, 32), "scale_block") << "48 % 32";
+  EXPECT_EQ(argument_of(kv, in, c, 0), "scale_block");
+  EXPECT_EQ(argument_of(kv, in, c, kKvScaleBlock), "scale_block") << "micro at the default block of 64";
+  try {
+    fused_norm_rope_store_kv(kv, in.weight_t, 1e-6, in.freqs_t, in.positions_t, locs_t, c.bytes, 4);
+    FAIL() << "the default scale block accepted micro's nope of 48";
+  } catch (const ContractError& e) {
+    EXPECT_EQ(e.argument(), "scale_block");
+  }
+  EXPECT_TRUE(same_bytes(c.bytes, untouched.bytes)) << "rejected before touching the cache";
+  EXPECT_EQ(argument_of(kv, in, c, 16), "");
+  // Flash rows into a cache laid out for blocks of 64: a block of 16 needs 32 scale bytes per entry,
+  // which pages of 32 entries do not absorb in their padding.
+  const Fixture flash;
+  NormInputs flash_in = norm_inputs(flash, rng, rows);
+  Tensor flash_kv = bf16_tensor({rows, flash.dim()}, random_rows(rng, rows, flash.dim()), "kv");
+  SwaCache flash_cache = make_cache(flash, 1, 32, "cache");
+  ASSERT_NE(model1_layout(kNormRopeStoreOp, flash.dim(), flash.config.rope_head_dim, 16).page_bytes(32),
+            flash_cache.layout.page_bytes);
+  auto flash_argument_of = [&](int64_t block) -> std::string {
+    try {
+      fused_norm_rope_store_kv(flash_kv, flash_in.weight_t, 1e-6, flash_in.freqs_t, flash_in.positions_t, locs_t,
+                               flash_cache.bytes, 32, block);
+    } catch (const ContractError& e) {
+      return e.argument();
+    }
+    return "";
+  };
+  EXPECT_EQ(flash_argument_of(16), "cache") << "page bytes of another scale block";
+  EXPECT_EQ(flash_argument_of(64), "");
+}
+
 // ---- sparse_attention ---------------------------------------------------------------------------
 
 // A cache whose every entry is packed by serving from random rows, with the dequantized keys kept
@@ -395,10 +608,14 @@ KeyCache make_key_cache(const Fixture& f, std::mt19937_64& rng, int64_t pages, i
                         const std::string& name) {
   KeyCache k;
   k.cache = make_cache(f, pages, page_size, name);
-  const std::vector<float> rows = random_rows(rng, pages * page_size, f.dim());
+  const std::vector<float> rows = random_rows(rng, pages * page_size, f.dim(), f.block());
   for (int64_t loc = 0; loc < pages * page_size; ++loc) {
     serving_pack(k.cache, rows.data() + loc * f.dim(), loc);
     k.keys.push_back(serving_unpack(k.cache, loc));
+    // The reference's keys are its own quant-dequant in kv_block_size blocks; the cache must hold them.
+    const std::vector<float> row(rows.begin() + loc * f.dim(), rows.begin() + (loc + 1) * f.dim());
+    EXPECT_EQ(first_bit_difference(k.keys.back().data(), reference_cached(row, f.nope(), f.block())), -1)
+        << name << " loc " << loc;
   }
   return k;
 }
@@ -451,6 +668,7 @@ struct AttentionCase {
     }
     a.scale = 1.0f / std::sqrt(static_cast<float>(f.dim()));
     a.rope_dim = f.config.rope_head_dim;
+    a.kv_block = f.config.kv_block_size;
     return a;
   }
 };
@@ -665,6 +883,49 @@ TEST(SparseAttention, ContractRejectsPartialExtraAndBadShapes) {
   a = c.args(f);
   a.q = c.q_t.transpose(0, 1);
   EXPECT_EQ(contract_argument(a), "q");
+}
+
+// ---- sparse_attention at the micro preset's scale block of 16 --------------------------------------
+
+TEST(SparseAttention, ScaleBlock16MatchesReference) {
+  const Fixture f("micro");
+  expect_micro_geometry(f);
+  for (uint64_t seed : {81, 82, 83}) {
+    for (bool with_extra : {false, true}) {
+      AttentionCase c = make_case(f, seed, 6, f.config.n_heads, with_extra);
+      ASSERT_EQ(c.args(f).kv_block, 16);
+      sparse_attention(c.args(f));
+      expect_close(compare_to_reference(f, c),
+                   "micro seed " + std::to_string(seed) + (with_extra ? " with compressed entries" : " window only"));
+    }
+  }
+}
+
+TEST(SparseAttention, KvBlockNotDividingNopeIsContractErrorNamingIt) {
+  const Fixture f("micro");
+  expect_micro_geometry(f);
+  AttentionCase c = make_case(f, 84, 3, 2, /*with_extra=*/true);
+  SparseAttentionArgs a = c.args(f);
+  a.kv_block = 32;  // 48 % 32
+  EXPECT_EQ(contract_argument(a), "kv_block");
+  a.kv_block = kKvScaleBlock;  // the default does not fit micro
+  EXPECT_EQ(contract_argument(a), "kv_block");
+  a.kv_block = 0;
+  EXPECT_EQ(contract_argument(a), "kv_block");
+  a.kv_block = 16;
+  EXPECT_EQ(contract_argument(a), "");
+  // A Flash cache laid out for blocks of 64 read at a block of 16: pages of 32 entries differ in
+  // size (pages of 8 or 2 absorb the 24 extra scale bytes per entry in their padding).
+  const Fixture flash;
+  AttentionCase fc = make_case(flash, 85, 2, 2, /*with_extra=*/false);
+  std::mt19937_64 rng(86);
+  const KeyCache big = make_key_cache(flash, rng, 1, 32, "swa_cache");
+  SparseAttentionArgs b = fc.args(flash);
+  b.swa_cache = big.cache.bytes;
+  b.swa_page_size = 32;
+  EXPECT_EQ(contract_argument(b), "");
+  b.kv_block = 16;
+  EXPECT_EQ(contract_argument(b), "swa_cache");
 }
 
 }  // namespace
