@@ -680,6 +680,7 @@ void ModelRunner::issue_indexer(Layer& L, int64_t T, rt::EventId q_lora_ready) {
   rt_.launch(s_idx, std::move(launch));
 
   DeviceTensor logits = rows(ilogits_, T), topk = rows(itopk_, T), bt = rows(m_c4_block_table_, T);
+  probe(s_idx, p + ".scores", logits, max_context_);
   DeviceTensor idx = rows(m_c4_idx_, T), len = rows(m_c4_len_, T);
   const int64_t K = config_.index_topk;
   op(s_idx, p + ".topk", {logits, bt}, {topk, idx, len}, [logits, bt, topk, idx, len, K]() mutable {
@@ -908,12 +909,12 @@ void ModelRunner::issue_moe(Layer& L, int64_t T) {
         std::memcpy(xe.data<uint16_t>() + r * d, xn.t.data<uint16_t>() + t * xn.t.stride(0), static_cast<size_t>(d) * 2);
         rw.data<float>()[r] = wt[sel[static_cast<size_t>(r)]];
       }
-      Tensor g = Tensor::empty({R, I}, DType::bf16, "expert_g"), u = Tensor::empty({R, I}, DType::bf16, "expert_u");
-      Tensor h = Tensor::empty({R, I}, DType::bf16, "expert_h"), y = Tensor::empty({R, d}, DType::bf16, "expert_y");
-      gemm(xe, W.w1, W.s1, g);
-      gemm(xe, W.w3, W.s3, u);
-      kernels::swiglu_clamp(g, u, rlimit, rw, h);
-      gemm(h, W.w2, W.s2, y);
+      Tensor eg = Tensor::empty({R, I}, DType::bf16, "expert_g"), eu = Tensor::empty({R, I}, DType::bf16, "expert_u");
+      Tensor eh = Tensor::empty({R, I}, DType::bf16, "expert_h"), y = Tensor::empty({R, d}, DType::bf16, "expert_y");
+      gemm(xe, W.w1, W.s1, eg);
+      gemm(xe, W.w3, W.s3, eu);
+      kernels::swiglu_clamp(eg, eu, rlimit, rw, eh);
+      gemm(eh, W.w2, W.s2, y);
       for (int64_t r = 0; r < R; ++r) {
         std::memcpy(routed.t.data<uint16_t>() + sel[static_cast<size_t>(r)] * d, y.data<uint16_t>() + r * d,
                     static_cast<size_t>(d) * 2);

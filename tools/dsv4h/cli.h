@@ -18,5 +18,6 @@ int run_cli(const std::vector<std::string>& args, std::ostream& out, std::ostrea
 int cmd_info(const std::vector<std::string>& args, std::ostream& out);
 int cmd_weights(const std::vector<std::string>& args, std::ostream& out);
 int cmd_reference(const std::vector<std::string>& args, std::ostream& out);
+int cmd_generate(const std::vector<std::string>& args, std::ostream& out);
 
 }  // namespace dsv4::cli

@@ -1,0 +1,170 @@
+#include <chrono>
+#include <cstdio>
+#include <iostream>
+#include <sstream>
+
+#include "engine/core/error.h"
+#include "engine/model/serving_engine.h"
+#include "engine/model/workload.h"
+#include "engine/oracle/oracle.h"
+#include "engine/runtime/hazard_detector.h"
+#include "engine/runtime/sim_runtime.h"
+#include "reference/weights.h"
+#include "tools/dsv4h/cli.h"
+#include "tools/dsv4h/cli_args.h"
+
+namespace dsv4::cli {
+
+namespace {
+
+std::string join_ids(const std::vector<int32_t>& ids, size_t limit) {
+  std::string out;
+  for (size_t i = 0; i < ids.size() && i < limit; ++i) out += (out.empty() ? "" : " ") + std::to_string(ids[i]);
+  if (ids.size() > limit) out += " ...";
+  return out;
+}
+
+bool parse_on_off(const std::string& flag, const std::string& value) {
+  if (value == "on") return true;
+  if (value == "off") return false;
+  throw InputError(flag, "", "expects on or off, got '" + value + "'");
+}
+
+}  // namespace
+
+int cmd_generate(const std::vector<std::string>& argv, std::ostream& out) {
+  const std::vector<FlagSpec> flags = {
+      {"--config", "NAME|PATH", "config preset or config.json", true},
+      {"--backend", "sim", "where the engine runs (the cuda backend needs the CUDA kernels of issue #9)", false},
+      {"--seed", "S", "weight seed for synthetic weights (default 1)", false},
+      {"--weights", "F.safetensors", "read the weights from a checkpoint instead of generating them", false},
+      {"--prompt-seed", "S", "seed of the synthetic prompts (default 1)", false},
+      {"--requests", "N", "requests in the standard mix (default 8)", false},
+      {"--decode", "K", "decode steps per request after its prefill (default 32)", false},
+      {"--graph", "", "run DECODE batches as graphs captured per batch-size bucket", false},
+      {"--multi-stream", "on|off", "overlap the kv, compressor and indexer work on alt streams (default on)", false},
+      {"--schedule", "S", "sim stream interleaving: in-order, random:SEED, pct:SEED:DEPTH, delay:STREAM:OPS", false},
+      {"--indexer-sms", "N", "blocks of the persistent indexer-logits kernel (default 4)", false},
+      {"--guards", "", "testing allocator: guard bytes and poison on every buffer, checked at the end", false},
+      {"--compare-reference", "", "compare every step with the scalar reference (tolerances, tie-aware decisions)", false},
+  };
+  const Args args("generate", argv, flags, /*runtime=*/true);
+  if (args.help()) {
+    out << usage("generate",
+                 "--config tiny|micro [--backend sim] [--graph] [--multi-stream on|off] [--schedule S] "
+                 "[--compare-reference]",
+                 flags, true);
+    return kExitOk;
+  }
+  if (!args.positionals().empty()) throw InputError(args.positionals()[0], "", "unexpected argument");
+  const std::string backend = args.optional_str("--backend").value_or("sim");
+  if (backend != "sim") {
+    throw InputError("--backend", "", "'" + backend + "': generate runs on sim; the cuda backend needs the CUDA "
+                                          "implementation of every engine op (issue #9)");
+  }
+  const ModelConfig config = load_model_config(args.str("--config"));
+  const uint64_t seed = args.has("--seed") ? args.u64("--seed") : 1;
+  const uint64_t prompt_seed = args.has("--prompt-seed") ? args.u64("--prompt-seed") : 1;
+  const int64_t count = args.i64("--requests", 8);
+  const int64_t decode = args.i64("--decode", 32);
+  RuntimeOptions options = args.runtime();
+  engine::EngineOptions eo;
+  eo.graphs = args.has("--graph");
+  eo.multi_stream = parse_on_off("--multi-stream", args.optional_str("--multi-stream").value_or("on"));
+  eo.indexer_sms = args.i64("--indexer-sms", 4);
+  if (eo.indexer_sms < 1) throw InputError("--indexer-sms", "", "must be >= 1");
+  const bool compare = args.has("--compare-reference");
+  eo.probes = compare;
+  rt::SimOptions sim;
+  sim.schedule = rt::Schedule::parse(args.optional_str("--schedule").value_or("in-order"));
+  const std::vector<engine::WorkloadRequest> workload = engine::standard_workload(config, prompt_seed, count, decode);
+  // Room for every request at once unless the user chose otherwise.
+  const bool user_set_running = std::find(argv.begin(), argv.end(), "--max-running-requests") != argv.end();
+  if (!user_set_running) options.max_running_requests = std::min<int64_t>(count, options.max_running_requests);
+  if (std::find(argv.begin(), argv.end(), "--batch-buckets") == argv.end()) {
+    // Buckets up to the running limit, the limit itself included, so every decode batch has one.
+    std::vector<int64_t> buckets;
+    for (int64_t b : options.batch_buckets) {
+      if (b < options.max_running_requests) buckets.push_back(b);
+    }
+    buckets.push_back(options.max_running_requests);
+    options.batch_buckets = buckets;
+  }
+  validate_runtime_options(options, config, "flags");
+
+  const CheckpointSource source =
+      args.has("--weights") ? CheckpointSource::file(args.str("--weights")) : CheckpointSource::synthetic(config, seed);
+  rt::RuntimeOptions ro;
+  if (args.has("--guards")) {
+    ro.allocator_mode = AllocatorMode::testing;
+    ro.caching_allocator = false;
+  }
+  rt::SimRuntime runtime(ro, sim);
+  rt::HazardDetector hazards;
+  runtime.add_observer(&hazards);
+
+  const auto t0 = std::chrono::steady_clock::now();
+  engine::ServingEngine engine(runtime, config, options, source, eo);
+  for (const auto& r : workload) engine.add_request(r.id, r.prompt_ids, r.max_new_tokens, r.arrival_step);
+  std::unique_ptr<ref::Weights> ref_weights;
+  std::unique_ptr<engine::ReferenceOracle> oracle;
+  if (compare) {
+    ref_weights = std::make_unique<ref::Weights>(args.has("--weights") ? ref::Weights::from_file(config, args.str("--weights"))
+                                                                        : ref::Weights::synthetic(config, seed));
+    oracle = std::make_unique<engine::ReferenceOracle>(config, *ref_weights, ref::Numerics{ref::Mode::quant_sim});
+    for (const auto& r : workload) oracle->add_request(r.id, r.prompt_ids);
+  }
+
+  out << "config " << config.source << ", weights " << source.description() << ", backend sim, schedule "
+      << sim.schedule.str() << ", graph " << (eo.graphs ? "on" : "off") << ", multi-stream "
+      << (eo.multi_stream ? "on" : "off") << "\n";
+  int64_t extend_steps = 0, decode_steps = 0;
+  std::string finding;
+  try {
+    const int64_t step_limit = 100000;
+    while (engine.has_unfinished()) {
+      if (engine.steps() >= step_limit) throw std::runtime_error("no progress after " + std::to_string(step_limit) + " steps");
+      const engine::StepRecord rec = engine.step();
+      extend_steps += rec.mode == serving::ForwardMode::extend;
+      decode_steps += rec.mode == serving::ForwardMode::decode;
+      if (oracle) oracle->check(rec);
+    }
+  } catch (const rt::HangError& e) {
+    finding = std::string("hang: ") + e.what();
+  } catch (const ContractError& e) {
+    finding = std::string("contract-error: ") + e.what();
+  }
+  const auto t1 = std::chrono::steady_clock::now();
+
+  out << "steps " << engine.steps() << " (" << extend_steps << " extend, " << decode_steps << " decode), graphs captured "
+      << engine.runner().graphs_captured() << ", graph replays " << engine.runner().graph_replays()
+      << ", metadata upgrades " << engine.runner().metadata_upgrades() << ", sim ops " << runtime.ops_executed() << "\n";
+  if (oracle) {
+    out << oracle->table();
+  } else {
+    out << "request  prompt  generated  tokens\n";
+    for (const auto& r : workload) {
+      const serving::Request& q = engine.request(r.id);
+      char line[64];
+      std::snprintf(line, sizeof line, "%7lld  %6lld  %9zu  ", static_cast<long long>(r.id),
+                    static_cast<long long>(q.prompt_len()), q.generated_ids.size());
+      out << line << join_ids(q.generated_ids, 12) << "\n";
+    }
+  }
+  const std::vector<GuardDamage> damage = runtime.check_guards();
+  out << "hazard detector: " << hazards.hazards().size() << " hazard(s)\n";
+  for (size_t i = 0; i < hazards.hazards().size() && i < 5; ++i) out << "  " << hazards.hazards()[i].describe() << "\n";
+  if (args.has("--guards")) out << "guards: " << damage.size() << " damaged buffer(s)\n";
+  std::fprintf(stderr, "generate: %.2f s\n", std::chrono::duration<double>(t1 - t0).count());
+
+  bool ok = finding.empty() && hazards.hazards().empty() && damage.empty();
+  if (!finding.empty()) out << finding << "\n";
+  if (oracle) {
+    ok = ok && oracle->ok();
+    if (auto d = oracle->first_divergence()) out << "first divergence: " << d->summary() << "\n";
+  }
+  out << "verdict: " << (ok ? "PASS" : "FAIL") << "\n";
+  return ok ? kExitOk : kExitFinding;
+}
+
+}  // namespace dsv4::cli
