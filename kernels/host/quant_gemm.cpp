@@ -189,8 +189,15 @@ void gemm_fp4_weights(const Tensor& q_act, const Tensor& act_scales, const Tenso
   const int64_t nw = K / w_block;
   // Both operands decoded once (the same values and products as decoding per use).
   std::vector<float> wf(static_cast<size_t>(N * K)), af(static_cast<size_t>(K));
+  float nibble[16];
+  for (uint8_t c = 0; c < 16; ++c) nibble[c] = e2m1_to_f32(c);
   for (int64_t n = 0; n < N; ++n) {
-    for (int64_t k = 0; k < K; ++k) wf[static_cast<size_t>(n * K + k)] = e2m1_to_f32(fp4_get(qw + n * (K / 2), k));
+    const uint8_t* packed = qw + n * (K / 2);
+    float* dst = wf.data() + n * K;
+    for (int64_t k = 0; k < K; k += 2) {  // low nibble = even k
+      dst[k] = nibble[packed[k / 2] & 0xF];
+      dst[k + 1] = nibble[packed[k / 2] >> 4];
+    }
   }
   for (int64_t t = 0; t < T; ++t) {
     const uint8_t* arow = qa + t * q_act.stride(0);

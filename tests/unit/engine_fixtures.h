@@ -1,0 +1,108 @@
+// Shared by the engine's tests: one engine run over a workload on a fresh sim runtime, with the
+// hazard detector attached, returning every StepRecord.
+#pragma once
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "engine/model/serving_engine.h"
+#include "engine/model/workload.h"
+#include "engine/runtime/hazard_detector.h"
+#include "engine/runtime/sim_runtime.h"
+
+namespace dsv4::engine::testing {
+
+struct RunConfig {
+  std::string schedule = "in-order";
+  bool graphs = false;
+  bool multi_stream = true;
+  bool probes = true;
+  bool guards = false;
+  RuntimeOptions options = {};
+};
+
+struct RunResult {
+  std::vector<StepRecord> steps;
+  std::vector<std::string> hazards;
+  size_t guard_damage = 0;
+  int64_t graphs_captured = 0;
+  int64_t graph_replays = 0;
+  int64_t metadata_upgrades = 0;
+  std::vector<std::vector<int32_t>> generated;  // per request, in workload order
+};
+
+// Buckets up to the workload's size so the scheduler accepts max_running_requests = requests.
+inline RuntimeOptions options_for(int64_t requests) {
+  RuntimeOptions o;
+  o.max_running_requests = requests;
+  o.batch_buckets.clear();
+  for (int64_t b : {1, 2, 4, 8, 16, 32, 64}) {
+    if (b < requests) o.batch_buckets.push_back(b);
+  }
+  o.batch_buckets.push_back(requests);
+  return o;
+}
+
+inline RunResult run_engine(const ModelConfig& config, uint64_t weight_seed, const std::vector<WorkloadRequest>& workload,
+                            const RunConfig& rc) {
+  rt::RuntimeOptions ro;
+  if (rc.guards) {
+    ro.allocator_mode = AllocatorMode::testing;
+    ro.caching_allocator = false;
+  }
+  rt::SimOptions sim;
+  sim.schedule = rt::Schedule::parse(rc.schedule);
+  rt::SimRuntime runtime(ro, sim);
+  rt::HazardDetector detector;
+  runtime.add_observer(&detector);
+  EngineOptions eo;
+  eo.graphs = rc.graphs;
+  eo.multi_stream = rc.multi_stream;
+  eo.probes = rc.probes;
+  RunResult out;
+  {
+    ServingEngine engine(runtime, config, rc.options, CheckpointSource::synthetic(config, weight_seed), eo);
+    for (const auto& r : workload) engine.add_request(r.id, r.prompt_ids, r.max_new_tokens, r.arrival_step);
+    while (engine.has_unfinished()) out.steps.push_back(engine.step());
+    out.graphs_captured = engine.runner().graphs_captured();
+    out.graph_replays = engine.runner().graph_replays();
+    out.metadata_upgrades = engine.runner().metadata_upgrades();
+    for (const auto& r : workload) out.generated.push_back(engine.request(r.id).generated_ids);
+    out.guard_damage = runtime.check_guards().size();
+  }
+  for (const auto& h : detector.hazards()) out.hazards.push_back(h.describe());
+  return out;
+}
+
+// The first difference between two runs' records (values bitwise, logits bitwise), or "".
+inline std::string first_difference(const RunResult& a, const RunResult& b) {
+  if (a.steps.size() != b.steps.size()) {
+    return "step count " + std::to_string(a.steps.size()) + " vs " + std::to_string(b.steps.size());
+  }
+  for (size_t s = 0; s < a.steps.size(); ++s) {
+    const StepRecord& x = a.steps[s];
+    const StepRecord& y = b.steps[s];
+    const std::string at = "step " + std::to_string(x.step) + ": ";
+    if (x.rows.size() != y.rows.size()) return at + "row count";
+    for (size_t r = 0; r < x.rows.size(); ++r) {
+      if (x.rows[r].request_id != y.rows[r].request_id || x.rows[r].sampled_id != y.rows[r].sampled_id) {
+        return at + "row " + std::to_string(r) + " request or sampled token";
+      }
+      if (x.rows[r].logits != y.rows[r].logits) return at + "row " + std::to_string(r) + " logits";
+    }
+    if (x.values.size() != y.values.size()) return at + "probe key count";
+    for (const auto& [key, m] : x.values) {
+      auto it = y.values.find(key);
+      if (it == y.values.end()) return at + "missing probe " + key;
+      if (it->second.rows != m.rows || it->second.cols != m.cols) return at + key + " shape";
+      for (size_t i = 0; i < m.data.size(); ++i) {
+        const float u = m.data[i], v = it->second.data[i];
+        if (!(u == v || (u != u && v != v))) return at + key + " element " + std::to_string(i);
+      }
+    }
+  }
+  return "";
+}
+
+}  // namespace dsv4::engine::testing
