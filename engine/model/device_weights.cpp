@@ -8,9 +8,10 @@
 namespace dsv4::engine {
 
 DeviceWeights::DeviceWeights(rt::Runtime& runtime, int device, const ModelConfig& config,
-                             const CheckpointSource& source)
+                             const CheckpointSource& source, const std::function<bool(const std::string&)>& keep)
     : runtime_(runtime) {
   for (const TensorSpec& spec : checkpoint_layout(config)) {
+    if (keep && !keep(spec.name)) continue;
     std::vector<uint8_t> bytes = source.bytes(spec);
     Entry e;
     e.dtype = spec.dtype;

@@ -5,6 +5,7 @@
 // and guard reports name the parameter.
 #pragma once
 
+#include <functional>
 #include <map>
 #include <string>
 
@@ -15,7 +16,9 @@ namespace dsv4::engine {
 
 class DeviceWeights {
  public:
-  DeviceWeights(rt::Runtime& runtime, int device, const ModelConfig& config, const CheckpointSource& source);
+  // `keep` selects the tensors to load (a pipeline stage holds only its own); all when empty.
+  DeviceWeights(rt::Runtime& runtime, int device, const ModelConfig& config, const CheckpointSource& source,
+                const std::function<bool(const std::string&)>& keep = {});
   ~DeviceWeights();
   DeviceWeights(const DeviceWeights&) = delete;
   DeviceWeights& operator=(const DeviceWeights&) = delete;

@@ -140,10 +140,50 @@ struct ModelRunner::Streams {
   rt::StreamId kv, compressor, indexer, indexer_q, indexer_w;
 };
 
+std::vector<int64_t> default_pp_partition(int64_t n_layers, int64_t pp) {
+  if (pp < 1 || pp > n_layers) {
+    throw InputError("--pp", "", "must be in [1, " + std::to_string(n_layers) + "] (one layer per stage at least), got " +
+                                     std::to_string(pp));
+  }
+  std::vector<int64_t> parts(static_cast<size_t>(pp), n_layers / pp);
+  const int64_t rest = n_layers % pp;
+  for (int64_t i = 2; i < rest + 2; ++i) parts[static_cast<size_t>(pp - i)] += 1;
+  return parts;
+}
+
+void validate_pp_partition(const std::vector<int64_t>& partition, int64_t n_layers, const std::string& source) {
+  if (partition.empty()) throw InputError(source, "", "names no stage");
+  int64_t sum = 0;
+  for (size_t i = 0; i < partition.size(); ++i) {
+    if (partition[i] < 1) {
+      throw InputError(source, "stage " + std::to_string(i), "holds " + std::to_string(partition[i]) + " layers; every stage needs at least one");
+    }
+    sum += partition[i];
+  }
+  if (sum != n_layers) {
+    throw InputError(source, "", "the stages hold " + std::to_string(sum) + " layers, the model has " + std::to_string(n_layers));
+  }
+}
+
+bool stage_holds_weight(const ModelConfig& config, int64_t layer_begin, int64_t layer_end, const std::string& name) {
+  if (name.rfind("layers.", 0) == 0) {
+    const int64_t layer = std::stoll(name.substr(7, name.find('.', 7) - 7));
+    return layer >= layer_begin && layer < layer_end;
+  }
+  if (name == "embed.weight") return layer_begin == 0;
+  return layer_end == config.n_layers;  // head, norm, hc_head_*, mtp.*
+}
+
 ModelRunner::ModelRunner(rt::Runtime& runtime, const ModelConfig& config, const RuntimeOptions& options,
                          const DeviceWeights& weights, EngineOptions engine_options,
                          const serving::ReqToTokenPool& slots, const serving::TokenAllocator& full,
                          const serving::SwaTokenAllocator& swa)
+    : ModelRunner(runtime, config, options, weights, std::move(engine_options), slots, full, swa, 0, config.n_layers) {}
+
+ModelRunner::ModelRunner(rt::Runtime& runtime, const ModelConfig& config, const RuntimeOptions& options,
+                         const DeviceWeights& weights, EngineOptions engine_options,
+                         const serving::ReqToTokenPool& slots, const serving::TokenAllocator& full,
+                         const serving::SwaTokenAllocator& swa, int64_t layer_begin, int64_t layer_end)
     : rt_(runtime),
       config_(config),
       options_(options),
@@ -151,15 +191,20 @@ ModelRunner::ModelRunner(rt::Runtime& runtime, const ModelConfig& config, const 
       engine_options_(engine_options),
       slots_(slots),
       full_(full),
-      swa_(swa) {
+      swa_(swa),
+      layer_begin_(layer_begin),
+      layer_end_(layer_end) {
   validate_runtime_options(options_, config_);
+  DSV4_ASSERT(0 <= layer_begin_ && layer_begin_ < layer_end_ && layer_end_ <= config_.n_layers, "a stage holds layers");
   const std::string src = "engine options";
   if (engine_options_.indexer_sms < 1) throw InputError(src, "indexer_sms", "must be >= 1");
   if (config_.act_block_size != config_.weight_block_size) {
     throw InputError("model config", "act_block_size", "the engine's FP8 GEMM needs act_block_size == weight_block_size");
   }
-  c128_ratio_ = config_.c128_ratio();
-  for (int64_t l = 0; l < config_.n_layers; ++l) has_c4_ = has_c4_ || config_.ratio(l) == kC4;
+  for (int64_t l = layer_begin_; l < layer_end_; ++l) {
+    has_c4_ = has_c4_ || config_.ratio(l) == kC4;
+    if (config_.ratio(l) > 0 && config_.ratio(l) != kC4) c128_ratio_ = config_.ratio(l);
+  }
   if (has_c4_ && options_.page_size % (kC4 * kernels::kIndexerPageKeys) != 0) {
     throw InputError(src, "page_size",
                      "must be a multiple of " + std::to_string(kC4 * kernels::kIndexerPageKeys) +
@@ -191,7 +236,7 @@ ModelRunner::ModelRunner(rt::Runtime& runtime, const ModelConfig& config, const 
   // Geometry of the state pools, one per ratio (every layer of a ratio has the same rows).
   const int64_t swa_pages = swa_.page_count();
   if (has_c4_) {
-    for (int64_t l = 0; l < config_.n_layers; ++l) {
+    for (int64_t l = layer_begin_; l < layer_end_; ++l) {
       if (config_.ratio(l) == kC4) {
         c4_pool_ = std::make_unique<serving::CompressStatePool>(config_, options_, l,
                                                                 serving::CompressStateOwner::attention, swa_pages);
@@ -200,7 +245,7 @@ ModelRunner::ModelRunner(rt::Runtime& runtime, const ModelConfig& config, const 
     }
   }
   if (c128_ratio_ > 0) {
-    for (int64_t l = 0; l < config_.n_layers; ++l) {
+    for (int64_t l = layer_begin_; l < layer_end_; ++l) {
       if (config_.ratio(l) == c128_ratio_) {
         c128_pool_ = std::make_unique<serving::CompressStatePool>(config_, options_, l,
                                                                   serving::CompressStateOwner::attention, swa_pages);
@@ -211,7 +256,7 @@ ModelRunner::ModelRunner(rt::Runtime& runtime, const ModelConfig& config, const 
 
   // Caches and state, per layer.
   const int64_t full_pages = full_.page_count();
-  for (int64_t l = 0; l < config_.n_layers; ++l) {
+  for (int64_t l = layer_begin_; l < layer_end_; ++l) {
     auto layer = std::make_unique<Layer>();
     layer->id = l;
     layer->ratio = config_.ratio(l);
@@ -270,7 +315,7 @@ ModelRunner::ModelRunner(rt::Runtime& runtime, const ModelConfig& config, const 
   attn_out_ = alloc("attn_out", DType::bf16, {T, d});
   max_context_ = config_.max_seq_len / kC4;
   const int64_t max_blocks = T + max_rows_ + 1;
-  if (config_.max_ratio() > 0) {
+  if (has_c4_ || c128_ratio_ > 0) {
     const int64_t coff_max = has_c4_ ? 2 : 1;
     ckv_ = alloc("compressor_kv", DType::f32, {T, coff_max * D});
     cscore_ = alloc("compressor_score", DType::f32, {T, coff_max * D});
@@ -300,10 +345,12 @@ ModelRunner::ModelRunner(rt::Runtime& runtime, const ModelConfig& config, const 
   sh_ = alloc("shared_h", DType::bf16, {T, I});
   shared_out_ = alloc("shared_out", DType::bf16, {T, d});
   ffn_out_ = alloc("ffn_out", DType::bf16, {T, d});
-  last_R_ = alloc("last_R", DType::bf16, {max_rows_, hc * d});
-  head_y_ = alloc("head_y", DType::bf16, {max_rows_, d});
-  head_yn_ = alloc("head_yn", DType::bf16, {max_rows_, d});
-  logits_ = alloc("logits", DType::f32, {max_rows_, config_.vocab_size});
+  if (is_last_stage()) {
+    last_R_ = alloc("last_R", DType::bf16, {max_rows_, hc * d});
+    head_y_ = alloc("head_y", DType::bf16, {max_rows_, d});
+    head_yn_ = alloc("head_yn", DType::bf16, {max_rows_, d});
+    logits_ = alloc("logits", DType::f32, {max_rows_, config_.vocab_size});
+  }
 
   // Metadata.
   swa_width_ = config_.window_size;
@@ -934,6 +981,7 @@ void ModelRunner::issue_forward(int64_t T, int64_t nrows) {
   DeviceTensor ids = rows(m_ids_, T);
   DeviceTensor R = rows(R_a_, T), Rn = rows(R_b_, T);
   DeviceTensor Rm = rows(R_mid_, T), x = rows(x_, T), xn = rows(xn_, T), post = rows(post_, T), comb = rows(comb_, T);
+  if (is_first_stage()) {
   DeviceTensor embed{weights_.buffer("embed.weight"), weights_.get("embed.weight")};
   op(main_, "embed", {ids, embed}, {R}, [ids, embed, R, d, hc]() mutable {
     for (int64_t t = 0; t < ids.t.size(0); ++t) {
@@ -944,6 +992,7 @@ void ModelRunner::issue_forward(int64_t T, int64_t nrows) {
       }
     }
   });
+  }
   auto w = [&](const std::string& n) { return DeviceTensor{weights_.buffer(n), weights_.get(n)}; };
   for (auto& layer : layers_) {
     Layer& L = *layer;
@@ -972,6 +1021,7 @@ void ModelRunner::issue_forward(int64_t T, int64_t nrows) {
     probe(main_, p + ".residual", Rn, hc * d);
     std::swap(R, Rn);
   }
+  if (!is_last_stage()) return;
   // The head on each row's last token.
   DeviceTensor last = rows(m_last_, nrows), lR = rows(last_R_, nrows), y = rows(head_y_, nrows);
   DeviceTensor yn = rows(head_yn_, nrows), logits = rows(logits_, nrows);
@@ -990,19 +1040,21 @@ void ModelRunner::issue_forward(int64_t T, int64_t nrows) {
   op(main_, "head", {yn, head}, {logits}, [yn, head, logits]() mutable { kernels::moe_gate_logits(yn.t, head.t, logits.t); });
 }
 
-StepRecord ModelRunner::forward(const serving::ForwardBatch& batch) {
+DeviceTensor ModelRunner::stage_input(int64_t tokens) const { return rows(R_a_, tokens); }
+
+DeviceTensor ModelRunner::stage_output(int64_t tokens) const {
+  // Each layer swaps the two residual buffers.
+  return rows((layer_end_ - layer_begin_) % 2 == 0 ? R_a_ : R_b_, tokens);
+}
+
+void ModelRunner::begin(const serving::ForwardBatch& batch, StepRecord* record) {
   serving::check_forward_batch(batch);
-  StepRecord rec;
-  rec.step = batch.step;
-  rec.mode = batch.mode;
-  if (batch.mode == serving::ForwardMode::idle || batch.real_row_count() == 0) return rec;
   const int64_t T = batch.token_count(), nrows = batch.row_count();
   DSV4_ASSERT(T <= max_tokens_ && nrows <= max_rows_, "batch larger than the engine's buffers");
-
-  const bool graph = engine_options_.graphs && batch.mode == serving::ForwardMode::decode;
+  graph_batch_ = engine_options_.graphs && batch.mode == serving::ForwardMode::decode;
   const serving::RawForwardMetadata raw = serving::raw_forward_metadata(batch);
   serving::ForwardMetadata* meta = eager_metadata_.get();
-  if (graph) {
+  if (graph_batch_) {
     auto it = bucket_metadata_.find(nrows);
     if (it == bucket_metadata_.end()) {
       std::vector<const serving::CompressStatePool*> pools;
@@ -1017,35 +1069,42 @@ StepRecord ModelRunner::forward(const serving::ForwardBatch& batch) {
   } else {
     meta->set_raw(raw);
   }
-  record_ = &rec;
-  try {
-    prepare_metadata(batch, *meta);
-    if (graph) {
-      auto g = graphs_.find(nrows);
-      if (g == graphs_.end()) {
-        meta->freeze();
-        rt_.begin_capture(main_);
-        issue_forward(T, nrows);
-        g = graphs_.emplace(nrows, rt_.end_capture(main_)).first;
-      }
-      rt_.replay(g->second, main_);
-      ++graph_replays_;
-      rec.graph_replay = true;
-    } else {
-      issue_forward(T, nrows);
-    }
-    rt_.synchronize(main_);
-  } catch (...) {
-    record_ = nullptr;
-    throw;
-  }
-  record_ = nullptr;
+  batch_metadata_ = meta;
+  record_ = record;
+  prepare_metadata(batch, *meta);
+}
 
-  // Sampling: greedy on each real row's last token.
+void ModelRunner::launch(const serving::ForwardBatch& batch) {
+  const int64_t T = batch.token_count(), nrows = batch.row_count();
+  if (!graph_batch_) {
+    issue_forward(T, nrows);
+    return;
+  }
+  auto g = graphs_.find(nrows);
+  if (g == graphs_.end()) {
+    batch_metadata_->freeze();
+    rt_.begin_capture(main_);
+    issue_forward(T, nrows);
+    g = graphs_.emplace(nrows, rt_.end_capture(main_)).first;
+  }
+  rt_.replay(g->second, main_);
+  ++graph_replays_;
+  if (record_ != nullptr) record_->graph_replay = true;
+}
+
+void ModelRunner::end() {
+  record_ = nullptr;
+  batch_metadata_ = nullptr;
+}
+
+std::vector<StepRow> ModelRunner::sample(const serving::ForwardBatch& batch) {
+  DSV4_ASSERT(is_last_stage(), "the last stage samples");
+  const int64_t nrows = batch.row_count();
+  // Greedy on each real row's last token.
   std::vector<float> logits(static_cast<size_t>(nrows * config_.vocab_size));
   rt_.download(logits_.buffer, 0, logits.data(), logits.size() * 4);
+  std::vector<StepRow> out_rows;
   int64_t token = 0;
-  const int64_t real_tokens = batch.real_token_count();
   for (int64_t r = 0; r < batch.real_row_count(); ++r) {
     const serving::ForwardRow& row = batch.rows[static_cast<size_t>(r)];
     StepRow out;
@@ -1058,12 +1117,35 @@ StepRecord ModelRunner::forward(const serving::ForwardBatch& batch) {
     out.samples = true;
     out.logits.assign(logits.begin() + r * config_.vocab_size, logits.begin() + (r + 1) * config_.vocab_size);
     out.sampled_id = static_cast<int32_t>(std::max_element(out.logits.begin(), out.logits.end()) - out.logits.begin());
-    rec.rows.push_back(std::move(out));
+    out_rows.push_back(std::move(out));
   }
-  // Probes hold every computed row; the oracle sees the real tokens only.
+  return out_rows;
+}
+
+// Probes hold every computed row; the oracle sees the real tokens only.
+void trim_probes(StepRecord& rec, int64_t real_tokens) {
   for (auto& [key, m] : rec.values) {
     if (m.rows > real_tokens) m = ref::rows_of(m, 0, real_tokens);
   }
+}
+
+StepRecord ModelRunner::forward(const serving::ForwardBatch& batch) {
+  DSV4_ASSERT(is_first_stage() && is_last_stage(), "forward() runs a single-stage model");
+  StepRecord rec;
+  rec.step = batch.step;
+  rec.mode = batch.mode;
+  if (batch.mode == serving::ForwardMode::idle || batch.real_row_count() == 0) return rec;
+  try {
+    begin(batch, &rec);
+    launch(batch);
+    rt_.synchronize(main_);
+  } catch (...) {
+    end();
+    throw;
+  }
+  end();
+  rec.rows = sample(batch);
+  trim_probes(rec, batch.real_token_count());
   return rec;
 }
 

@@ -48,7 +48,26 @@ struct EngineOptions {
   bool probes = false;       // record every intermediate into the StepRecord (the oracle's input)
   int64_t indexer_sms = 4;   // blocks of the persistent indexer-logits kernel
   int device = 0;
+  // Pipeline parallelism: the stage sizes (layers per rank, in order; empty = one stage with every
+  // layer). Rank r runs on device r; the embedding lives on the first stage, the head (and the MTP
+  // block) on the last.
+  std::vector<int64_t> pp_partition;
 };
+
+// vLLM's default split (get_pp_indices): n_layers / pp each, the remainder spread one by one over
+// the stages before the last (which carries the head). InputError (naming --pp) for pp outside
+// [1, n_layers].
+std::vector<int64_t> default_pp_partition(int64_t n_layers, int64_t pp);
+// Checks an explicit partition: every stage non-empty, the sizes sum to n_layers. InputError naming
+// `source` (e.g. "--pp-partition").
+void validate_pp_partition(const std::vector<int64_t>& partition, int64_t n_layers, const std::string& source);
+
+// Drops the probe rows of padding tokens (the oracle sees the real tokens only).
+void trim_probes(StepRecord& record, int64_t real_tokens);
+
+// The weights one PP stage holds: its layers, the embedding on the first, the final norm, hc_head,
+// the head and the MTP block on the last.
+bool stage_holds_weight(const ModelConfig& config, int64_t layer_begin, int64_t layer_end, const std::string& name);
 
 // A device tensor: the buffer it lives in and the kernel's view of it.
 struct DeviceTensor {
@@ -67,8 +86,29 @@ class ModelRunner {
   ModelRunner(const ModelRunner&) = delete;
   ModelRunner& operator=(const ModelRunner&) = delete;
 
-  // Runs one batch to completion and returns what it computed. IDLE batches run nothing.
+  // The stage this runner computes: layers [layer_begin, layer_end) of the model.
+  ModelRunner(rt::Runtime& runtime, const ModelConfig& config, const RuntimeOptions& options,
+              const DeviceWeights& weights, EngineOptions engine_options, const serving::ReqToTokenPool& slots,
+              const serving::TokenAllocator& full, const serving::SwaTokenAllocator& swa, int64_t layer_begin,
+              int64_t layer_end);
+
+  // Runs one batch to completion and returns what it computed. IDLE batches run nothing. A single
+  // stage that holds every layer.
   StepRecord forward(const serving::ForwardBatch& batch);
+
+  // The pieces of forward() that a pipeline driver interleaves with the stages' send/recv:
+  // begin() writes the batch's metadata (probes go to `record`), launch() issues the stage's work
+  // (or replays its graph) on the main stream without waiting, sample() (last stage, after the main
+  // stream is synchronized) reads the logits, end() lets go of the record.
+  void begin(const serving::ForwardBatch& batch, StepRecord* record);
+  void launch(const serving::ForwardBatch& batch);
+  std::vector<StepRow> sample(const serving::ForwardBatch& batch);
+  void end();
+  // The residual a stage receives (first rows of the input buffer) and the one it hands on.
+  DeviceTensor stage_input(int64_t tokens) const;
+  DeviceTensor stage_output(int64_t tokens) const;
+  bool is_first_stage() const { return layer_begin_ == 0; }
+  bool is_last_stage() const { return layer_end_ == config_.n_layers; }
 
   int64_t graphs_captured() const { return static_cast<int64_t>(graphs_.size()); }
   int64_t graph_replays() const { return graph_replays_; }
@@ -108,6 +148,9 @@ class ModelRunner {
   const serving::TokenAllocator& full_;
   const serving::SwaTokenAllocator& swa_;
 
+  int64_t layer_begin_ = 0, layer_end_ = 0;
+  bool graph_batch_ = false;
+  serving::ForwardMetadata* batch_metadata_ = nullptr;
   int64_t max_tokens_ = 0;  // per batch: the chunk budget or the largest bucket
   int64_t max_rows_ = 0;
   int64_t c128_ratio_ = 0;

@@ -27,11 +27,86 @@ ServingEngine::ServingEngine(rt::Runtime& runtime, const ModelConfig& config, co
   full_ = std::make_unique<serving::TokenAllocator>(config_, options_, sizes.full_pages, config_.max_seq_len);
   swa_ = std::make_unique<serving::SwaTokenAllocator>(config_, options_, sizes.swa_pages, full_->capacity_tokens());
   scheduler_ = std::make_unique<serving::Scheduler>(config_, options_, *slots_, *full_, *swa_, std::move(stop_ids));
-  weights_ = std::make_unique<DeviceWeights>(rt_, engine_options.device, config_, weights);
-  runner_ = std::make_unique<ModelRunner>(rt_, config_, options_, *weights_, engine_options, *slots_, *full_, *swa_);
+  partition_ = engine_options.pp_partition.empty() ? std::vector<int64_t>{config_.n_layers} : engine_options.pp_partition;
+  validate_pp_partition(partition_, config_.n_layers, "--pp-partition");
+  const auto stages = static_cast<int64_t>(partition_.size());
+  if (stages > 1 && rt_.device_count() < engine_options.device + stages) {
+    throw InputError("--pp", "", std::to_string(stages) + " stages need " + std::to_string(stages) +
+                                     " devices, the runtime has " + std::to_string(rt_.device_count()));
+  }
+  int64_t begin = 0;
+  std::vector<rt::StreamId> mains;
+  for (int64_t s = 0; s < stages; ++s) {
+    const int64_t end = begin + partition_[static_cast<size_t>(s)];
+    EngineOptions eo = engine_options;
+    eo.device = engine_options.device + static_cast<int>(s);
+    weights_.push_back(std::make_unique<DeviceWeights>(
+        rt_, eo.device, config_, weights,
+        [&](const std::string& name) { return stage_holds_weight(config_, begin, end, name); }));
+    runners_.push_back(std::make_unique<ModelRunner>(rt_, config_, options_, *weights_.back(), eo, *slots_, *full_,
+                                                     *swa_, begin, end));
+    mains.push_back(runners_.back()->main_stream());
+    begin = end;
+  }
+  if (stages > 1) pp_comm_ = rt_.create_communicator(mains, "pp");
 }
 
-ServingEngine::~ServingEngine() = default;
+int64_t ServingEngine::graphs_captured() const {
+  int64_t n = 0;
+  for (const auto& r : runners_) n += r->graphs_captured();
+  return n;
+}
+
+int64_t ServingEngine::graph_replays() const {
+  int64_t n = 0;
+  for (const auto& r : runners_) n += r->graph_replays();
+  return n;
+}
+
+int64_t ServingEngine::metadata_upgrades() const {
+  int64_t n = 0;
+  for (const auto& r : runners_) n += r->metadata_upgrades();
+  return n;
+}
+
+ServingEngine::~ServingEngine() {
+  runners_.clear();  // before the weights they read
+}
+
+// The stages one after the other, as each PP rank runs its part: receive the residual from the
+// previous rank, run the layers (eagerly or as the stage's graph), send the residual on. The
+// collectives stay outside the graphs, as sglang's PP does.
+StepRecord ServingEngine::forward_pipeline(const serving::ForwardBatch& batch) {
+  StepRecord rec;
+  rec.step = batch.step;
+  rec.mode = batch.mode;
+  if (batch.mode == serving::ForwardMode::idle || batch.real_row_count() == 0) return rec;
+  const int64_t T = batch.token_count();
+  const int last = static_cast<int>(runners_.size()) - 1;
+  try {
+    for (int r = 0; r <= last; ++r) {
+      ModelRunner& stage = *runners_[static_cast<size_t>(r)];
+      stage.begin(batch, &rec);
+      if (r > 0) {
+        const DeviceTensor in = stage.stage_input(T);
+        rt_.recv(pp_comm_, r, r - 1, rt_.range(in.buffer, 0, static_cast<uint64_t>(in.t.numel() * 2)));
+      }
+      stage.launch(batch);
+      if (r < last) {
+        const DeviceTensor out = stage.stage_output(T);
+        rt_.send(pp_comm_, r, r + 1, rt_.range(out.buffer, 0, static_cast<uint64_t>(out.t.numel() * 2)));
+      }
+    }
+    for (auto& stage : runners_) rt_.synchronize(stage->main_stream());
+  } catch (...) {
+    for (auto& stage : runners_) stage->end();
+    throw;
+  }
+  for (auto& stage : runners_) stage->end();
+  rec.rows = runners_.back()->sample(batch);
+  trim_probes(rec, batch.real_token_count());
+  return rec;
+}
 
 void ServingEngine::add_request(int64_t id, std::vector<int32_t> prompt_ids, int64_t max_new_tokens,
                                 int64_t arrival_step) {
@@ -40,7 +115,12 @@ void ServingEngine::add_request(int64_t id, std::vector<int32_t> prompt_ids, int
 
 StepRecord ServingEngine::step() {
   const serving::ForwardBatch batch = scheduler_->schedule(step_++);
-  StepRecord rec = runner_->forward(batch);
+  StepRecord rec;
+  if (runners_.size() == 1) {
+    rec = runners_.front()->forward(batch);
+  } else {
+    rec = forward_pipeline(batch);
+  }
   std::vector<int32_t> sampled;
   for (StepRow& row : rec.rows) {
     const serving::Request& r = scheduler_->request(row.request_id);

@@ -20,7 +20,8 @@ PoolSizes default_pool_sizes(const ModelConfig& config, const RuntimeOptions& op
 
 class ServingEngine {
  public:
-  // InputError (naming the field) for options the engine or the pools refuse.
+  // InputError (naming the field) for options the engine or the pools refuse. With a PP partition,
+  // stage r runs on device r (the runtime needs that many devices).
   ServingEngine(rt::Runtime& runtime, const ModelConfig& config, const RuntimeOptions& options,
                 const CheckpointSource& weights, EngineOptions engine_options, std::vector<int32_t> stop_ids = {});
   ~ServingEngine();
@@ -35,19 +36,30 @@ class ServingEngine {
   StepRecord step();
   int64_t steps() const { return step_; }
 
-  ModelRunner& runner() { return *runner_; }
-  const DeviceWeights& weights() const { return *weights_; }
+  // Stage 0's runner (the whole model without pipeline parallelism).
+  ModelRunner& runner() { return *runners_.front(); }
+  ModelRunner& runner(int64_t stage) { return *runners_.at(static_cast<size_t>(stage)); }
+  int64_t stages() const { return static_cast<int64_t>(runners_.size()); }
+  const std::vector<int64_t>& pp_partition() const { return partition_; }
+  // Counters summed over the stages.
+  int64_t graphs_captured() const;
+  int64_t graph_replays() const;
+  int64_t metadata_upgrades() const;
 
  private:
+  StepRecord forward_pipeline(const serving::ForwardBatch& batch);
+
   rt::Runtime& rt_;
   const ModelConfig& config_;
   RuntimeOptions options_;
-  std::unique_ptr<DeviceWeights> weights_;
+  std::vector<int64_t> partition_;
+  std::vector<std::unique_ptr<DeviceWeights>> weights_;
   std::unique_ptr<serving::ReqToTokenPool> slots_;
   std::unique_ptr<serving::TokenAllocator> full_;
   std::unique_ptr<serving::SwaTokenAllocator> swa_;
   std::unique_ptr<serving::Scheduler> scheduler_;
-  std::unique_ptr<ModelRunner> runner_;
+  std::vector<std::unique_ptr<ModelRunner>> runners_;
+  int pp_comm_ = -1;  // the stages' communicator (send/recv of the residual)
   int64_t step_ = 0;
 };
 

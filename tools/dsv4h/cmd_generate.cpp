@@ -1,4 +1,6 @@
+#include <algorithm>
 #include <chrono>
+#include <cstdlib>
 #include <cstdio>
 #include <iostream>
 #include <sstream>
@@ -44,6 +46,8 @@ int cmd_generate(const std::vector<std::string>& argv, std::ostream& out) {
       {"--graph", "", "run DECODE batches as graphs captured per batch-size bucket", false},
       {"--multi-stream", "on|off", "overlap the kv, compressor and indexer work on alt streams (default on)", false},
       {"--schedule", "S", "sim stream interleaving: in-order, random:SEED, pct:SEED:DEPTH, delay:STREAM:OPS", false},
+      {"--pp", "N", "pipeline-parallel stages, one simulated device each (default 1; vLLM's default split)", false},
+      {"--pp-partition", "a,b,...", "layers per stage, in order (sets the stage count)", false},
       {"--indexer-sms", "N", "blocks of the persistent indexer-logits kernel (default 4)", false},
       {"--guards", "", "testing allocator: guard bytes and poison on every buffer, checked at the end", false},
       {"--compare-reference", "", "compare every step with the scalar reference (tolerances, tie-aware decisions)", false},
@@ -73,6 +77,25 @@ int cmd_generate(const std::vector<std::string>& argv, std::ostream& out) {
   eo.multi_stream = parse_on_off("--multi-stream", args.optional_str("--multi-stream").value_or("on"));
   eo.indexer_sms = args.i64("--indexer-sms", 4);
   if (eo.indexer_sms < 1) throw InputError("--indexer-sms", "", "must be >= 1");
+  if (args.has("--pp-partition")) {
+    const std::string text = args.str("--pp-partition");
+    size_t pos = 0;
+    while (pos <= text.size()) {
+      const size_t comma = std::min(text.find(',', pos), text.size());
+      const std::string item = text.substr(pos, comma - pos);
+      char* endp = nullptr;
+      const long long v = std::strtoll(item.c_str(), &endp, 10);
+      if (item.empty() || *endp != '\0') throw InputError("--pp-partition", "", "expects comma-separated layer counts, got '" + text + "'");
+      eo.pp_partition.push_back(v);
+      pos = comma + 1;
+    }
+    engine::validate_pp_partition(eo.pp_partition, config.n_layers, "--pp-partition");
+    if (args.has("--pp") && args.i64("--pp", 1) != static_cast<int64_t>(eo.pp_partition.size())) {
+      throw InputError("--pp", "", "disagrees with --pp-partition's " + std::to_string(eo.pp_partition.size()) + " stages");
+    }
+  } else if (args.has("--pp")) {
+    eo.pp_partition = engine::default_pp_partition(config.n_layers, args.i64("--pp", 1));
+  }
   const bool compare = args.has("--compare-reference");
   eo.probes = compare;
   rt::SimOptions sim;
@@ -95,6 +118,7 @@ int cmd_generate(const std::vector<std::string>& argv, std::ostream& out) {
   const CheckpointSource source =
       args.has("--weights") ? CheckpointSource::file(args.str("--weights")) : CheckpointSource::synthetic(config, seed);
   rt::RuntimeOptions ro;
+  ro.devices = std::max<int>(1, static_cast<int>(eo.pp_partition.size()));
   if (args.has("--guards")) {
     ro.allocator_mode = AllocatorMode::testing;
     ro.caching_allocator = false;
@@ -117,7 +141,13 @@ int cmd_generate(const std::vector<std::string>& argv, std::ostream& out) {
 
   out << "config " << config.source << ", weights " << source.description() << ", backend sim, schedule "
       << sim.schedule.str() << ", graph " << (eo.graphs ? "on" : "off") << ", multi-stream "
-      << (eo.multi_stream ? "on" : "off") << "\n";
+      << (eo.multi_stream ? "on" : "off");
+  if (!eo.pp_partition.empty()) {
+    out << ", pp " << eo.pp_partition.size() << " (";
+    for (size_t i = 0; i < eo.pp_partition.size(); ++i) out << (i ? "," : "") << eo.pp_partition[i];
+    out << ")";
+  }
+  out << "\n";
   int64_t extend_steps = 0, decode_steps = 0;
   std::string finding;
   try {
@@ -137,8 +167,8 @@ int cmd_generate(const std::vector<std::string>& argv, std::ostream& out) {
   const auto t1 = std::chrono::steady_clock::now();
 
   out << "steps " << engine.steps() << " (" << extend_steps << " extend, " << decode_steps << " decode), graphs captured "
-      << engine.runner().graphs_captured() << ", graph replays " << engine.runner().graph_replays()
-      << ", metadata upgrades " << engine.runner().metadata_upgrades() << ", sim ops " << runtime.ops_executed() << "\n";
+      << engine.graphs_captured() << ", graph replays " << engine.graph_replays() << ", metadata upgrades "
+      << engine.metadata_upgrades() << ", sim ops " << runtime.ops_executed() << "\n";
   if (oracle) {
     out << oracle->table();
   } else {
