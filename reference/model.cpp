@@ -66,14 +66,25 @@ Mat Model::head(const Context& ctx, const Mat& R, const std::string& hc_prefix, 
   return linear(ctx, y, weights_.get("head.weight"), LinearKind::f32);
 }
 
+Block& Model::block(int64_t i) {
+  DSV4_ASSERT(i >= 0 && i < n_blocks(), "block index outside [0, n_layers)");
+  return *layers_[static_cast<size_t>(i)];
+}
+
+Mat Model::head_logits(const Context& ctx, const Mat& R) const {
+  DSV4_ASSERT(R.rows > 0 && R.cols == config_.hc_mult * config_.dim, "the head needs [T >= 1, hc_mult * dim]");
+  Mat logits = head(ctx, R, "", "norm.weight");
+  ctx.record("logits", logits);
+  return logits;
+}
+
 Model::Output Model::forward(const Context& ctx, const std::vector<int64_t>& tokens, int64_t start_pos) {
   DSV4_ASSERT(!tokens.empty(), "a forward call needs at least one token");
   DSV4_ASSERT(start_pos + static_cast<int64_t>(tokens.size()) <= config_.max_seq_len, "position past max_seq_len");
   Mat R = embed(tokens);
-  for (auto& block : layers_) R = block->forward(ctx, R, tokens, start_pos);
+  for (int64_t i = 0; i < n_blocks(); ++i) R = block(i).forward(ctx, R, tokens, start_pos);
   Output out;
-  out.logits = head(ctx, R, "", "norm.weight");
-  ctx.record("logits", out.logits);
+  out.logits = head_logits(ctx, R);
   out.final_residual = std::move(R);
   return out;
 }

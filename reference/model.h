@@ -50,8 +50,18 @@ class Model {
 
   const ModelConfig& config() const { return config_; }
 
- private:
+  // The pieces of forward, for callers that drive the layers themselves (the engine oracle feeds
+  // each block the engine's residual, engine/oracle/oracle.h). forward is exactly
+  //   R = embed(tokens); for i: R = block(i).forward(ctx, R, tokens, start_pos); head_logits(ctx, R).
+  // embed: [T, hc_mult * dim], the token's embedding row in every residual copy (bf16 values).
   Mat embed(const std::vector<int64_t>& tokens) const;
+  int64_t n_blocks() const { return static_cast<int64_t>(layers_.size()); }  // the main blocks, n_layers
+  Block& block(int64_t i);
+  // hc_head, the final norm and the fp32 head on the last row of R [T, hc_mult * dim]: the logits
+  // [1, vocab] that forward returns; recorded as "logits".
+  Mat head_logits(const Context& ctx, const Mat& R) const;
+
+ private:
   Mat head(const Context& ctx, const Mat& R, const std::string& hc_prefix, const std::string& norm_name) const;
 
   const ModelConfig& config_;

@@ -77,28 +77,33 @@ int64_t op_rank(const std::string& op) {
 
 }  // namespace
 
-bool DecisionTolerance::accepts(double s_a, double s_b) const {
+bool DecisionTolerance::accepts(double s_a, double s_b, double scale) const {
   if (std::isnan(s_a) || std::isnan(s_b)) return false;
   if (s_a <= s_b) return true;  // the engine's pick scores at least as well
-  if (std::isinf(s_a)) return false;
-  return s_a - s_b <= atol + rtol * std::max(std::fabs(s_a), std::fabs(s_b));
+  if (std::isinf(s_a) || std::isinf(s_b)) return false;
+  return s_a - s_b <= atol + rtol * std::fabs(scale);
+}
+
+bool DecisionTolerance::accepts(double s_a, double s_b) const {
+  return accepts(s_a, s_b, std::max(std::fabs(s_a), std::fabs(s_b)));
 }
 
 double calc_diff(const float* engine, const float* reference, int64_t n) {
-  double xy = 0.0, sq = 0.0;
+  double dd = 0.0, sq = 0.0;
   for (int64_t i = 0; i < n; ++i) {
     const double x = engine[i], y = reference[i];
-    xy += x * y;
+    dd += (x - y) * (x - y);
     sq += x * x + y * y;
   }
   if (sq == 0.0) return 0.0;
-  return 1.0 - 2.0 * xy / sq;
+  return dd / sq;
 }
 
 ValueComparison compare_values(const float* engine, const float* reference, int64_t n, const ValueTolerance& tol) {
   ValueComparison c;
   c.count = n;
-  double xy = 0.0, sq = 0.0;
+  double dd = 0.0, sq = 0.0;
+  int64_t finite = 0;
   for (int64_t i = 0; i < n; ++i) {
     const float e = engine[i], r = reference[i];
     const int ce = value_class(e), cr = value_class(r);
@@ -108,8 +113,9 @@ ValueComparison compare_values(const float* engine, const float* reference, int6
     }
     if (ce != 0) continue;
     const double x = e, y = r;
-    xy += x * y;
+    dd += (x - y) * (x - y);
     sq += x * x + y * y;
+    ++finite;
     const double abs_err = std::fabs(x - y);
     const double bound = tol.atol + tol.rtol * std::fabs(y);
     c.max_abs = std::max(c.max_abs, abs_err);
@@ -126,7 +132,8 @@ ValueComparison compare_values(const float* engine, const float* reference, int6
       c.worst_index = i;
     }
   }
-  c.calc_diff = sq == 0.0 ? 0.0 : 1.0 - 2.0 * xy / sq;
+  const double denom = std::max(sq, 2.0 * static_cast<double>(finite) * tol.atol * tol.atol);
+  c.calc_diff = denom == 0.0 ? 0.0 : dd / denom;
 
   if (c.mask_mismatches > 0) {
     const int64_t i = c.first_mask_mismatch;

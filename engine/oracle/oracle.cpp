@@ -120,10 +120,19 @@ std::vector<int64_t> top_k(const std::vector<double>& key, int64_t k) {
 struct SetVerdict {
   bool same = true;
   bool accepted = true;
-  double gap = 0.0;  // the largest s_a - s_b over swapped pairs
-  double scale = 0.0;
+  double gap = 0.0;    // the largest s_a - s_b over swapped pairs
+  double scale = 0.0;  // the decision's score scale (compare.h)
   std::vector<int64_t> ref_only, engine_only;
 };
+
+// The largest finite |score|: the scale of a decision's tolerance.
+double score_scale(const std::vector<double>& score) {
+  double m = 0.0;
+  for (const double v : score) {
+    if (std::isfinite(v)) m = std::max(m, std::fabs(v));
+  }
+  return m;
+}
 
 SetVerdict compare_sets(std::vector<int64_t> ref, std::vector<int64_t> eng, const std::vector<double>& score,
                         const DecisionTolerance& tol) {
@@ -135,14 +144,12 @@ SetVerdict compare_sets(std::vector<int64_t> ref, std::vector<int64_t> eng, cons
   if (v.ref_only.empty() && v.engine_only.empty()) return v;
   v.same = false;
   v.gap = -std::numeric_limits<double>::infinity();
+  v.scale = score_scale(score);
   for (int64_t a : v.ref_only) {
     for (int64_t b : v.engine_only) {
       const double sa = score[static_cast<size_t>(a)], sb = score[static_cast<size_t>(b)];
-      if (!tol.accepts(sa, sb)) v.accepted = false;
-      if (sa - sb > v.gap || std::isnan(sa - sb)) {
-        v.gap = sa - sb;
-        v.scale = std::max(std::fabs(sa), std::fabs(sb));
-      }
+      if (!tol.accepts(sa, sb, v.scale)) v.accepted = false;
+      if (sa - sb > v.gap || std::isnan(sa - sb)) v.gap = sa - sb;
     }
   }
   return v;
@@ -163,10 +170,17 @@ std::string Divergence::summary() const {
   return "step " + std::to_string(step) + " request " + std::to_string(request_id) + " " + key + ": " + detail;
 }
 
-void ErrorStats::add(double abs_err, double rel_err, double cdiff) {
+void ErrorStats::add(double abs_err, double rel_err, double cdiff, double bound_ratio) {
   max_abs = std::max(max_abs, abs_err);
   max_rel = std::max(max_rel, rel_err);
   max_calc_diff = std::max(max_calc_diff, cdiff);
+  max_bound_ratio = std::max(max_bound_ratio, bound_ratio);
+}
+
+void GapStats::add(double gap, double scale) {
+  ++count;
+  max_gap = std::max(max_gap, gap);
+  if (scale > 0) max_rel_gap = std::max(max_rel_gap, gap / scale);
 }
 
 struct ReferenceOracle::Request {
@@ -376,15 +390,45 @@ void ReferenceOracle::check_row(const StepRecord& step, const StepRow& row, Requ
   for (const auto& [key, value] : step.values) {
     if (starts_with(key, "mtp.")) want_mtp = true;
   }
+  // Under resync: the engine's residual rows of this row's tokens for `key`, when it probed the key
+  // with the residual's width, enough rows and finite values only (a damaged residual fails its own
+  // key below; the reference then keeps its own value).
+  auto engine_residual = [&](const std::string& key) -> std::optional<ref::Mat> {
+    if (!tol_.resync_layers) return std::nullopt;
+    auto it = step.values.find(key);
+    if (it == step.values.end()) return std::nullopt;
+    const ref::Mat& E = it->second;
+    if (E.cols != cfg.hc_mult * cfg.dim || row.first_token + T > E.rows) return std::nullopt;
+    ref::Mat m = ref::rows_of(E, row.first_token, T);
+    for (const float v : m.data) {
+      if (!std::isfinite(v)) return std::nullopt;
+    }
+    return m;
+  };
   try {
-    ref::Model::Output out = req.model->forward(ctx, tokens, row.start_pos);
+    ref::Model& model = *req.model;
+    ref::Mat R = model.embed(tokens);
+    for (int64_t l = 0; l < model.n_blocks(); ++l) {
+      if (l > 0) {
+        if (std::optional<ref::Mat> e = engine_residual("layers." + std::to_string(l - 1) + ".residual")) {
+          R = std::move(*e);
+          ++rep.resynced_inputs;
+        }
+      }
+      R = model.block(l).forward(ctx, R, tokens, row.start_pos);
+    }
+    if (std::optional<ref::Mat> e = engine_residual("layers." + std::to_string(model.n_blocks() - 1) + ".residual")) {
+      R = std::move(*e);
+      ++rep.resynced_inputs;
+    }
+    model.head_logits(ctx, R);
     if (want_mtp && cfg.n_mtp_layers > 0 && !req.mtp_lost) {
       const bool can = row.samples && row.sampled_id >= 0 && row.sampled_id < cfg.vocab_size &&
                        req.mtp_next_pos == row.start_pos;
       if (can) {
         std::vector<int64_t> next(tokens.begin() + 1, tokens.end());
         next.push_back(row.sampled_id);
-        req.model->mtp_forward(ctx, out.final_residual, next, row.start_pos);
+        model.mtp_forward(ctx, R, next, row.start_pos);
         req.mtp_next_pos = row.start_pos + T;
       } else {
         req.mtp_lost = true;
@@ -456,7 +500,8 @@ void ReferenceOracle::check_row(const StepRecord& step, const StepRow& row, Requ
       std::copy(R.row(t), R.row(t) + cols, r_block.begin() + t * cols);
     }
     const ValueComparison c = compare_values(e_block.data(), r_block.data(), T * cols, tol_.for_key(key));
-    rep.activations.add(c.max_abs, c.max_rel, c.calc_diff);
+    rep.activations.add(c.max_abs, c.max_rel, c.calc_diff, c.worst_ratio);
+    rep.ops[op].add(c.max_abs, c.max_rel, c.calc_diff, c.worst_ratio);
     ++rep.values_checked;
     if (c.failed) {
       std::string where;
@@ -524,6 +569,7 @@ void ReferenceOracle::check_row(const StepRecord& step, const StepRow& row, Requ
       }
       const SetVerdict v = compare_sets(own, eng.picks, score, *dtol);
       if (v.same) continue;
+      if (!exact) (v.accepted ? rep.swaps_accepted : rep.swaps_rejected)[op].add(v.gap, v.scale);
       if (!exact && v.accepted) {
         ++rep.forced_decisions;
         continue;
@@ -558,7 +604,8 @@ void ReferenceOracle::check_row(const StepRecord& step, const StepRow& row, Requ
       logits_ok = false;
     } else {
       const ValueComparison c = compare_values(row.logits.data(), ref_logits.data.data(), V, tol_.logits);
-      rep.logits.add(c.max_abs, c.max_rel, c.calc_diff);
+      rep.logits.add(c.max_abs, c.max_rel, c.calc_diff, c.worst_ratio);
+      rep.ops["logits"].add(c.max_abs, c.max_rel, c.calc_diff, c.worst_ratio);
       if (c.failed) {
         fail("logits", c.reason + fmt("; max abs %.3g, max rel %.3g", c.max_abs, c.max_rel), c.max_abs, c.max_rel,
              c.calc_diff);
@@ -580,10 +627,15 @@ void ReferenceOracle::check_row(const StepRecord& step, const StepRow& row, Requ
       const int64_t a = ref::argmax(ref_logits);
       if (a != b) {
         const double la = ref_logits.data[static_cast<size_t>(a)], lb = ref_logits.data[static_cast<size_t>(b)];
-        if (tol_.greedy.accepts(la, lb)) {
+        double scale = 0.0;
+        for (const float v : ref_logits.data) {
+          if (std::isfinite(v)) scale = std::max(scale, static_cast<double>(std::fabs(v)));
+        }
+        const bool accepted = tol_.greedy.accepts(la, lb, scale);
+        (accepted ? rep.swaps_accepted : rep.swaps_rejected)["sample"].add(la - lb, scale);
+        if (accepted) {
           ++rep.forced_decisions;
         } else {
-          const double scale = std::max(std::fabs(la), std::fabs(lb));
           fail("sample",
                "engine sampled " + std::to_string(b) + ", the reference's argmax is " + std::to_string(a) +
                    fmt("; logit gap %.6g > tolerance %.3g", la - lb, tol_.greedy.atol + tol_.greedy.rtol * scale),
@@ -615,6 +667,45 @@ std::string ReferenceOracle::table() const {
                   static_cast<long long>(r.tokens_sampled), r.logits.max_abs, r.logits.max_rel, r.logits.max_calc_diff,
                   r.activations.max_calc_diff, static_cast<long long>(r.forced_decisions));
     out += line + status + "\n";
+  }
+  return out;
+}
+
+std::string ReferenceOracle::op_table() const {
+  std::map<std::string, std::pair<ErrorStats, int64_t>> ops;  // op -> (worst, requests seen)
+  std::map<std::string, std::pair<GapStats, GapStats>> swaps;  // op -> (accepted, rejected)
+  for (const RequestReport& r : reports_) {
+    for (const auto& [op, e] : r.ops) {
+      auto& [worst, n] = ops[op];
+      worst.add(e.max_abs, e.max_rel, e.max_calc_diff, e.max_bound_ratio);
+      ++n;
+    }
+    for (int k = 0; k < 2; ++k) {
+      for (const auto& [op, g] : k == 0 ? r.swaps_accepted : r.swaps_rejected) {
+        GapStats& into = k == 0 ? swaps[op].first : swaps[op].second;
+        into.count += g.count;
+        into.max_gap = std::max(into.max_gap, g.max_gap);
+        into.max_rel_gap = std::max(into.max_rel_gap, g.max_rel_gap);
+      }
+    }
+  }
+  std::string out;
+  char line[512];
+  std::snprintf(line, sizeof line, "%-32s %10s %10s %10s %10s %9s %9s\n", "op", "calc_diff", "limit", "max_abs",
+                "max_rel", "x_bound", "limit");
+  out += line;
+  for (const auto& [op, v] : ops) {
+    const ErrorStats& e = v.first;
+    const ValueTolerance& t = tol_.for_key(op);
+    std::snprintf(line, sizeof line, "%-32s %10.3g %10.3g %10.3g %10.3g %9.3g %9.3g\n", op.c_str(), e.max_calc_diff,
+                  t.max_calc_diff, e.max_abs, e.max_rel, e.max_bound_ratio, t.gross_factor);
+    out += line;
+  }
+  for (const auto& [op, v] : swaps) {
+    std::snprintf(line, sizeof line, "%-32s accepted %lld (max gap %.4g, rel %.4g), rejected %lld (max gap %.4g, rel %.4g)\n",
+                  op.c_str(), static_cast<long long>(v.first.count), v.first.max_gap, v.first.max_rel_gap,
+                  static_cast<long long>(v.second.count), v.second.max_gap, v.second.max_rel_gap);
+    out += line;
   }
   return out;
 }

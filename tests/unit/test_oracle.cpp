@@ -4,6 +4,7 @@
 // forced decisions exactly up to the decision tolerance, and the replay continues with the engine's
 // choice; chunked prefill and the MTP block are replayed.
 #include <algorithm>
+#include <bit>
 #include <cmath>
 #include <functional>
 #include <limits>
@@ -54,6 +55,10 @@ class FakeEngine {
   Decision indexer_tweak;  // an engine decision different from its own (nullopt: its own)
   Decision experts_tweak;
   Sample sample_tweak;
+  // Changes the residual after block `layer` of a row (tokens from `start_pos`); returns whether it
+  // did. The engine's later blocks, its head and its caches then run on the changed residual, and
+  // the probe "layers.{layer}.residual" shows it.
+  std::function<bool(int64_t request, int64_t layer, int64_t start_pos, ref::Mat& residual)> residual_tweak;
   bool mtp = false;        // run and probe the MTP block on sampling rows
 
   void add(int64_t id, std::vector<int32_t> prompt) {
@@ -89,16 +94,22 @@ class FakeEngine {
       ref::Trace trace;
       const ref::Context ctx{cfg, kQuant, &trace, &forcing};
       const std::vector<int64_t> tokens(row.input_ids.begin(), row.input_ids.end());
-      const ref::Model::Output out = r.model->forward(ctx, tokens, r.pos);
+      // Model::forward, block by block, with the residual tweak between blocks.
+      ref::Mat R = r.model->embed(tokens);
+      for (int64_t l = 0; l < r.model->n_blocks(); ++l) {
+        R = r.model->block(l).forward(ctx, R, tokens, r.pos);
+        if (residual_tweak && residual_tweak(id, l, r.pos, R)) ctx.record("layers." + std::to_string(l) + ".residual", R);
+      }
+      const ref::Mat logits = r.model->head_logits(ctx, R);
       if (row.samples) {
-        row.logits = out.logits.data;
-        row.sampled_id = static_cast<int32_t>(ref::argmax(out.logits));
+        row.logits = logits.data;
+        row.sampled_id = static_cast<int32_t>(ref::argmax(logits));
         if (sample_tweak) sample_tweak(id, rec.step, row.logits, row.sampled_id);
         r.last = row.sampled_id;
         if (mtp && r.mtp_pos == r.pos) {
           std::vector<int64_t> next(tokens.begin() + 1, tokens.end());
           next.push_back(row.sampled_id);
-          r.model->mtp_forward(ctx, out.final_residual, next, r.pos);
+          r.model->mtp_forward(ctx, R, next, r.pos);
           r.mtp_pos = r.pos + n;
         }
       }
@@ -172,7 +183,23 @@ std::vector<StepRecord> run_both(FakeEngine& engine, int64_t decodes) {
   return steps;
 }
 
-ReferenceOracle check_all(const std::vector<StepRecord>& steps, OracleTolerances tol = {}) {
+// The oracle tests run in both modes: per-layer resync (the default) and one chained reference
+// forward per row. The FakeEngine is the reference itself, so both see the same values.
+bool g_resync = true;
+
+OracleTolerances base_tol() {
+  OracleTolerances tol;
+  tol.resync_layers = g_resync;
+  return tol;
+}
+
+class Oracle : public ::testing::TestWithParam<bool> {
+ protected:
+  void SetUp() override { g_resync = GetParam(); }
+  void TearDown() override { g_resync = true; }
+};
+
+ReferenceOracle check_all(const std::vector<StepRecord>& steps, OracleTolerances tol = base_tol()) {
   ReferenceOracle oracle(micro().config, micro().weights, kQuant, std::move(tol));
   oracle.add_request(kA, prompt_of(1, 24));
   oracle.add_request(kB, prompt_of(2, 30));
@@ -293,6 +320,23 @@ TEST(OracleCompare, CalcDiffMasksAndGrossElements) {
   ValueTolerance no_gross = tol;
   no_gross.gross_factor = std::numeric_limits<double>::infinity();
   EXPECT_FALSE(compare_values(big_e.data(), big.data(), 4096, no_gross).failed);
+
+  // A block whose values are all below atol (a ReLU'd indexer score row, micro): calc_diff's
+  // denominator is floored at 2·n·atol², so it is judged by its absolute error.
+  const std::vector<float> small_r = {0.0f, 0.001953125f, 0.0f, 0.0f}, small_e = {0.0f, 0.00265503f, 0.0f, 0.0f};
+  EXPECT_NEAR(calc_diff(small_e.data(), small_r.data(), 4), 0.0453, 1e-4);  // unfloored
+  const ValueTolerance scores{1.0 / 16, 1.0 / 16, 1e-2, 16.0};
+  c = compare_values(small_e.data(), small_r.data(), 4, scores);
+  EXPECT_FALSE(c.failed) << c.reason;
+  EXPECT_NEAR(c.calc_diff, 4.9e-7 / (8.0 / 256.0), 1e-7);
+  ValueTolerance no_floor = scores;
+  no_floor.atol = 0.0;
+  c = compare_values(small_e.data(), small_r.data(), 4, no_floor);
+  EXPECT_TRUE(c.failed);
+  EXPECT_NEAR(c.calc_diff, 0.0453, 1e-4);
+  // Above atol the floor does not act: a 1 % error on O(1) values reads the plain calc_diff.
+  const std::vector<float> one = {1.0f, -1.0f, 1.0f, -1.0f}, off = {1.01f, -1.01f, 1.01f, -1.01f};
+  EXPECT_DOUBLE_EQ(compare_values(off.data(), one.data(), 4, tol).calc_diff, calc_diff(off.data(), one.data(), 4));
 }
 
 TEST(OracleCompare, DecisionToleranceAndKeyOrder) {
@@ -302,6 +346,12 @@ TEST(OracleCompare, DecisionToleranceAndKeyOrder) {
   EXPECT_TRUE(d.accepts(1.0, 0.895));  // 0.105 <= 0.01 + 0.1
   EXPECT_FALSE(d.accepts(1.0, 0.88));
   EXPECT_FALSE(DecisionTolerance{}.accepts(1.0, 0.999));
+  // On the decision's row scale: a gap near 0 (ReLU'd indexer scores) judged against the row's magnitude.
+  EXPECT_TRUE(d.accepts(0.1, 0.0, 2.0));  // 0.1 <= 0.01 + 0.1 * 2
+  EXPECT_FALSE(d.accepts(0.1, 0.0));      // pair scale 0.1: 0.1 > 0.01 + 0.01
+  EXPECT_FALSE(d.accepts(0.5, 0.0, 2.0));
+  EXPECT_FALSE(d.accepts(1.0, -std::numeric_limits<double>::infinity(), 1e300));
+  EXPECT_FALSE(d.accepts(std::nan(""), 0.0, 1.0));
 
   const int64_t L = 5;
   const std::vector<std::string> ordered = {
@@ -340,7 +390,7 @@ TEST(OracleCompare, DecisionToleranceAndKeyOrder) {
   EXPECT_EQ(split_key("logits"), (std::pair<std::string, std::string>{"", "logits"}));
 }
 
-TEST(Oracle, CleanRunWithChunkedPrefillPasses) {
+TEST_P(Oracle, CleanRunWithChunkedPrefillPasses) {
   FakeEngine engine;
   const std::vector<StepRecord> steps = run_both(engine, 3);
   const ReferenceOracle oracle = check_all(steps);
@@ -365,12 +415,14 @@ TEST(Oracle, CleanRunWithChunkedPrefillPasses) {
     EXPECT_EQ(r->activations.max_calc_diff, 0.0);  // the same computation on both sides
     EXPECT_EQ(r->logits.max_abs, 0.0);
     EXPECT_TRUE(r->unchecked_keys.empty());
+    // Under resync every block after the first and the head take the engine's residual.
+    EXPECT_EQ(r->resynced_inputs, g_resync ? r->steps_checked * micro().config.n_layers : 0);
   }
   EXPECT_NE(oracle.table().find(" ok"), std::string::npos);
   EXPECT_EQ(oracle.table().find("DIVERGED"), std::string::npos);
 }
 
-TEST(Oracle, PerturbedActivationIsTheFirstDivergence) {
+TEST_P(Oracle, PerturbedActivationIsTheFirstDivergence) {
   FakeEngine engine;
   std::vector<StepRecord> steps = run_both(engine, 2);
   auto bump = [&](int64_t step, int64_t request, const std::string& key, float by) {
@@ -403,7 +455,7 @@ TEST(Oracle, PerturbedActivationIsTheFirstDivergence) {
   EXPECT_NE(oracle.table().find("DIVERGED step 2 layers.2.attn.o"), std::string::npos) << oracle.table();
 }
 
-TEST(Oracle, WidthAndMaskMismatchesAreNamed) {
+TEST_P(Oracle, WidthAndMaskMismatchesAreNamed) {
   FakeEngine engine;
   std::vector<StepRecord> steps = run_both(engine, 1);
   ref::Mat& q = steps[2].values.at("layers.1.attn.q");
@@ -424,7 +476,7 @@ TEST(Oracle, WidthAndMaskMismatchesAreNamed) {
   EXPECT_EQ(oracle.first_divergence()->key, "layers.3.ffn_norm");
 }
 
-TEST(Oracle, ClearlyWorseIndexerChoiceIsAMismatch) {
+TEST_P(Oracle, ClearlyWorseIndexerChoiceIsAMismatch) {
   FakeEngine clean;
   const std::vector<StepRecord> ref_steps = run_both(clean, 1);
   const Swap sw = find_swap(ref_steps, true, [](double gap, double best) { return gap > best; });
@@ -444,7 +496,7 @@ TEST(Oracle, ClearlyWorseIndexerChoiceIsAMismatch) {
   EXPECT_EQ(oracle.report(sw.request)->activations.max_calc_diff, 0.0);
 }
 
-TEST(Oracle, IndexerNearTieIsAcceptedExactlyUpToTheTolerance) {
+TEST_P(Oracle, IndexerNearTieIsAcceptedExactlyUpToTheTolerance) {
   FakeEngine clean;
   const std::vector<StepRecord> ref_steps = run_both(clean, 1);
   // The closest call with a positive gap: accepted just above it, rejected just below it.
@@ -457,7 +509,7 @@ TEST(Oracle, IndexerNearTieIsAcceptedExactlyUpToTheTolerance) {
     engine.indexer_tweak = decide(sw);
     return run_both(engine, 1);
   }();
-  OracleTolerances loose;
+  OracleTolerances loose = base_tol();
   loose.indexer = DecisionTolerance{sw.gap * 1.01, 0.0};
   const ReferenceOracle accepted = check_all(engine_steps, loose);
   EXPECT_TRUE(accepted.ok()) << accepted.table();
@@ -466,7 +518,7 @@ TEST(Oracle, IndexerNearTieIsAcceptedExactlyUpToTheTolerance) {
   EXPECT_EQ(accepted.report(sw.request)->activations.max_calc_diff, 0.0);
   EXPECT_EQ(accepted.report(sw.request)->logits.max_abs, 0.0);
 
-  OracleTolerances tight;
+  OracleTolerances tight = base_tol();
   tight.indexer = DecisionTolerance{sw.gap * 0.99, 0.0};
   const ReferenceOracle rejected = check_all(engine_steps, tight);
   ASSERT_TRUE(rejected.first_divergence().has_value());
@@ -475,7 +527,7 @@ TEST(Oracle, IndexerNearTieIsAcceptedExactlyUpToTheTolerance) {
   EXPECT_EQ(rejected.report(sw.request)->forced_decisions, 0);
 }
 
-TEST(Oracle, ExpertChoicesAreTieAwareOnScoreLayersAndExactOnHashLayers) {
+TEST_P(Oracle, ExpertChoicesAreTieAwareOnScoreLayersAndExactOnHashLayers) {
   FakeEngine clean;
   const std::vector<StepRecord> ref_steps = run_both(clean, 1);
 
@@ -498,13 +550,13 @@ TEST(Oracle, ExpertChoicesAreTieAwareOnScoreLayersAndExactOnHashLayers) {
   FakeEngine engine;
   engine.experts_tweak = decide(close);
   const std::vector<StepRecord> steps = run_both(engine, 1);
-  OracleTolerances loose;
+  OracleTolerances loose = base_tol();
   loose.experts = DecisionTolerance{close.gap * 1.01, 0.0};
   const ReferenceOracle accepted = check_all(steps, loose);
   EXPECT_TRUE(accepted.ok()) << accepted.table();
   EXPECT_EQ(accepted.report(close.request)->forced_decisions, 1);
   EXPECT_EQ(accepted.report(close.request)->activations.max_calc_diff, 0.0);
-  OracleTolerances tight;
+  OracleTolerances tight = base_tol();
   tight.experts = DecisionTolerance{close.gap * 0.99, 0.0};
   const ReferenceOracle rejected = check_all(steps, tight);
   ASSERT_TRUE(rejected.first_divergence().has_value());
@@ -530,7 +582,7 @@ TEST(Oracle, ExpertChoicesAreTieAwareOnScoreLayersAndExactOnHashLayers) {
     if (request == kA && layer == 1 && pos == 26) return set;
     return std::nullopt;
   };
-  OracleTolerances huge;
+  OracleTolerances huge = base_tol();
   huge.experts = DecisionTolerance{1e9, 1e9};
   const ReferenceOracle oracle = check_all(run_both(hashed, 2), huge);
   ASSERT_TRUE(oracle.first_divergence().has_value());
@@ -539,7 +591,7 @@ TEST(Oracle, ExpertChoicesAreTieAwareOnScoreLayersAndExactOnHashLayers) {
   EXPECT_NE(oracle.first_divergence()->detail.find("hash-routed"), std::string::npos);
 }
 
-TEST(Oracle, MalformedDecisionsAreMismatchesAndNotForced) {
+TEST_P(Oracle, MalformedDecisionsAreMismatchesAndNotForced) {
   FakeEngine engine;
   std::vector<StepRecord> steps = run_both(engine, 1);
   // Request 7's prefill: position 23 sees 6 entries; name entry 9, which it cannot see.
@@ -562,7 +614,7 @@ TEST(Oracle, MalformedDecisionsAreMismatchesAndNotForced) {
   EXPECT_NE(b.first_divergence->detail.find("repeated"), std::string::npos) << b.first_divergence->detail;
 }
 
-TEST(Oracle, GreedyTokenIsTieAware) {
+TEST_P(Oracle, GreedyTokenIsTieAware) {
   // The engine samples its runner-up at step 2 for request 7 (and makes it its own argmax), then
   // feeds it: the reference continues with it.
   auto runner_up = [](int64_t request, int64_t step, std::vector<float>& logits, int32_t& sampled) {
@@ -580,7 +632,7 @@ TEST(Oracle, GreedyTokenIsTieAware) {
   const std::vector<StepRecord> steps = run_both(engine, 3);
   // The engine's logits differ from the reference's in one element by the runner-up's gap; this
   // test is about the token, so the logits may differ freely.
-  OracleTolerances huge;
+  OracleTolerances huge = base_tol();
   huge.logits = ValueTolerance{0.0, 0.0, 2.0, std::numeric_limits<double>::infinity()};
   huge.greedy = DecisionTolerance{1e9, 0.0};
   const ReferenceOracle accepted = check_all(steps, huge);
@@ -598,7 +650,7 @@ TEST(Oracle, GreedyTokenIsTieAware) {
   EXPECT_TRUE(rejected.report(kB)->ok());
 }
 
-TEST(Oracle, WrongSampledTokenIsAMismatch) {
+TEST_P(Oracle, WrongSampledTokenIsAMismatch) {
   FakeEngine engine;
   engine.sample_tweak = [](int64_t request, int64_t step, std::vector<float>& logits, int32_t& sampled) {
     if (request == kB && step == 1) {
@@ -617,9 +669,9 @@ TEST(Oracle, WrongSampledTokenIsAMismatch) {
   EXPECT_NE(oracle.table().find("DIVERGED step 1 sample"), std::string::npos) << oracle.table();
 }
 
-TEST(Oracle, ThreeChunkPrefillBesideDecodes) {
+TEST_P(Oracle, ThreeChunkPrefillBesideDecodes) {
   FakeEngine engine;
-  ReferenceOracle oracle(micro().config, micro().weights, kQuant);
+  ReferenceOracle oracle(micro().config, micro().weights, kQuant, base_tol());
   engine.add(1, prompt_of(5, 40));
   engine.add(2, prompt_of(6, 8));
   oracle.add_request(1, prompt_of(5, 40));
@@ -635,7 +687,7 @@ TEST(Oracle, ThreeChunkPrefillBesideDecodes) {
   EXPECT_EQ(oracle.report(2)->tokens_sampled, 4);
 }
 
-TEST(Oracle, UnprobedDecisionsAreNotForced) {
+TEST_P(Oracle, UnprobedDecisionsAreNotForced) {
   FakeEngine engine;
   std::vector<StepRecord> steps = run_both(engine, 1);
   for (StepRecord& s : steps) {
@@ -649,7 +701,7 @@ TEST(Oracle, UnprobedDecisionsAreNotForced) {
   EXPECT_EQ(oracle.report(kA)->decisions_checked, oracle.report(kA)->tokens_sampled);  // greedy only
 }
 
-TEST(Oracle, RowsMustContinueTheirRequest) {
+TEST_P(Oracle, RowsMustContinueTheirRequest) {
   FakeEngine engine;
   std::vector<StepRecord> steps = run_both(engine, 2);
   steps.erase(steps.begin() + 2);  // request 7 and 9 skip a decode
@@ -661,10 +713,10 @@ TEST(Oracle, RowsMustContinueTheirRequest) {
   EXPECT_TRUE(oracle.report(kA)->stopped);
 }
 
-TEST(Oracle, AbortedRequestsKeepTheirReport) {
+TEST_P(Oracle, AbortedRequestsKeepTheirReport) {
   FakeEngine engine;
   add_both(engine, nullptr);
-  ReferenceOracle oracle(micro().config, micro().weights, kQuant);
+  ReferenceOracle oracle(micro().config, micro().weights, kQuant, base_tol());
   oracle.add_request(kA, prompt_of(1, 24));
   oracle.add_request(kB, prompt_of(2, 30));
   oracle.check(engine.step({{kA, 24}, {kB, 16}}));
@@ -681,7 +733,7 @@ TEST(Oracle, AbortedRequestsKeepTheirReport) {
   EXPECT_THROW(oracle.check(StepRecord{3, serving::ForwardMode::decode, false, {StepRow{42}}, {}}), ContractError);
 }
 
-TEST(Oracle, MtpBlockIsReplayedWhenProbed) {
+TEST_P(Oracle, MtpBlockIsReplayedWhenProbed) {
   FakeEngine engine;
   engine.mtp = true;
   std::vector<StepRecord> steps = run_both(engine, 2);
@@ -703,6 +755,105 @@ TEST(Oracle, MtpBlockIsReplayedWhenProbed) {
   EXPECT_EQ(oracle.first_divergence()->layer, "mtp.0");
   EXPECT_EQ(oracle.first_divergence()->step, 3);
 }
+
+// One bf16 ulp away from zero (v holds a finite bf16 value).
+float bf16_ulp_up(float v) { return std::bit_cast<float>(std::bit_cast<uint32_t>(v) + 0x10000u); }
+
+TEST_P(Oracle, UlpNoiseInOneResidualStaysLocalUnderResync) {
+  // The engine's layer-1 residual of request 9 is one bf16 ulp larger in magnitude in every element,
+  // in every step: its later blocks, its caches and its head run on it (accumulation-order noise).
+  FakeEngine engine;
+  engine.residual_tweak = [](int64_t request, int64_t layer, int64_t, ref::Mat& R) {
+    if (request != kB || layer != 1) return false;
+    for (float& v : R.data) v = bf16_ulp_up(v);
+    return true;
+  };
+  const std::vector<StepRecord> steps = run_both(engine, 2);
+  // Exact everywhere but at the residual itself: any difference past layer 1 fails.
+  constexpr double kInf = std::numeric_limits<double>::infinity();
+  OracleTolerances tol = base_tol();
+  tol.activations = ValueTolerance{0.0, 0.0, 1e-12, kInf};
+  tol.logits = ValueTolerance{0.0, 0.0, 1e-12, kInf};
+  tol.op_overrides = {{"residual", ValueTolerance{1.0 / 32, 1.0 / 64, 1e-3, 16.0}}};
+  tol.indexer = tol.experts = tol.greedy = DecisionTolerance{0.0, 0.0};
+  const ReferenceOracle oracle = check_all(steps, tol);
+  const RequestReport& b = *oracle.report(kB);
+  EXPECT_TRUE(oracle.report(kA)->ok());
+  ASSERT_GT(b.ops.count("residual"), 0u);
+  EXPECT_GT(b.ops.at("residual").max_calc_diff, 0.0);  // the ulp itself is seen, and passes
+  if (g_resync) {
+    // Layers 2.. and the head are compared against the reference run on the engine's residual.
+    EXPECT_TRUE(oracle.ok()) << oracle.table();
+    EXPECT_LT(b.ops.at("residual").max_calc_diff, 1e-4);
+    for (const auto& [op, e] : b.ops) {
+      if (op != "residual") {
+        EXPECT_EQ(e.max_calc_diff, 0.0) << op;
+      }
+    }
+    EXPECT_EQ(b.logits.max_abs, 0.0);
+    EXPECT_EQ(b.forced_decisions, 0);
+  } else {
+    // The chained reference blames the harmless ulp on the next layer.
+    ASSERT_TRUE(b.first_divergence.has_value());
+    EXPECT_EQ(b.first_divergence->layer, "layers.2") << b.first_divergence->summary();
+    EXPECT_GT(b.logits.max_abs, 0.0);
+  }
+}
+
+TEST_P(Oracle, WrongAttentionOutputIsNamedAtItsLayer) {
+  // Request 9's decode at position 30 (step 2): the engine's layer-2 attention output is wrong, and
+  // so is the residual it feeds (half of it negated, still bf16) to layers 3 and 4, the head and the
+  // caches of later steps.
+  FakeEngine engine;
+  engine.residual_tweak = [](int64_t request, int64_t layer, int64_t start_pos, ref::Mat& R) {
+    if (request != kB || layer != 2 || start_pos != 30) return false;
+    for (int64_t c = 0; c < R.cols / 2; ++c) R.at(0, c) = -R.at(0, c);
+    return true;
+  };
+  std::vector<StepRecord> steps = run_both(engine, 2);
+  ref::Mat& o = steps[2].values.at("layers.2.attn.o");
+  const int64_t r = batch_row(steps[2], kB, 30);
+  for (int64_t c = 0; c < o.cols; ++c) o.at(r, c) += 10.0f;
+  const ReferenceOracle oracle = check_all(steps);
+  ASSERT_TRUE(oracle.first_divergence().has_value());
+  EXPECT_EQ(oracle.first_divergence()->key, "layers.2.attn.o");
+  EXPECT_EQ(oracle.first_divergence()->step, 2);
+  EXPECT_EQ(oracle.first_divergence()->request_id, kB);
+  const RequestReport& b = *oracle.report(kB);
+  ASSERT_TRUE(b.first_divergence.has_value());
+  EXPECT_EQ(b.first_divergence->key, "layers.2.attn.o");
+  EXPECT_TRUE(oracle.report(kA)->ok());
+  if (g_resync) {
+    // Only the wrong values differ: layers 3 and 4 and the head ran on the engine's residual.
+    for (const auto& [op, e] : b.ops) {
+      if (op != "attn.o" && op != "residual") {
+        EXPECT_EQ(e.max_calc_diff, 0.0) << op;
+      }
+    }
+    EXPECT_EQ(b.logits.max_abs, 0.0);
+  }
+}
+
+TEST_P(Oracle, UnprobedResidualsLeaveTheReferenceItsOwn) {
+  FakeEngine engine;
+  std::vector<StepRecord> steps = run_both(engine, 1);
+  for (StepRecord& s : steps) s.values.erase("layers.1.residual");
+  steps[1].values.at("layers.3.residual").at(0, 0) = std::nanf("");  // request 7's decode row: not used
+  const ReferenceOracle oracle = check_all(steps);
+  const RequestReport& a = *oracle.report(kA);
+  const RequestReport& b = *oracle.report(kB);
+  ASSERT_TRUE(a.first_divergence.has_value());
+  EXPECT_EQ(a.first_divergence->key, "layers.3.residual");
+  EXPECT_NE(a.first_divergence->detail.find("mask"), std::string::npos) << a.first_divergence->detail;
+  EXPECT_TRUE(b.ok()) << oracle.table();
+  EXPECT_EQ(a.activations.max_calc_diff, 0.0);
+  const int64_t n = micro().config.n_layers;
+  EXPECT_EQ(a.resynced_inputs, g_resync ? a.steps_checked * (n - 1) - 1 : 0);
+  EXPECT_EQ(b.resynced_inputs, g_resync ? b.steps_checked * (n - 1) : 0);
+}
+
+INSTANTIATE_TEST_SUITE_P(Modes, Oracle, ::testing::Values(true, false),
+                         [](const ::testing::TestParamInfo<bool>& p) { return p.param ? "Resync" : "Chained"; });
 
 }  // namespace
 }  // namespace dsv4::engine

@@ -51,6 +51,8 @@ int cmd_generate(const std::vector<std::string>& argv, std::ostream& out) {
       {"--indexer-sms", "N", "blocks of the persistent indexer-logits kernel (default 4)", false},
       {"--guards", "", "testing allocator: guard bytes and poison on every buffer, checked at the end", false},
       {"--compare-reference", "", "compare every step with the scalar reference (tolerances, tie-aware decisions)", false},
+      {"--no-resync", "", "with --compare-reference: chain the reference's own layers instead of feeding each layer the engine's residual (the tolerances assume resync)", false},
+      {"--op-table", "", "with --compare-reference: also print the largest error per op", false},
   };
   const Args args("generate", argv, flags, /*runtime=*/true);
   if (args.help()) {
@@ -135,7 +137,10 @@ int cmd_generate(const std::vector<std::string>& argv, std::ostream& out) {
   if (compare) {
     ref_weights = std::make_unique<ref::Weights>(args.has("--weights") ? ref::Weights::from_file(config, args.str("--weights"))
                                                                         : ref::Weights::synthetic(config, seed));
-    oracle = std::make_unique<engine::ReferenceOracle>(config, *ref_weights, ref::Numerics{ref::Mode::quant_sim});
+    engine::OracleTolerances tolerances;
+    tolerances.resync_layers = !args.has("--no-resync");
+    oracle = std::make_unique<engine::ReferenceOracle>(config, *ref_weights, ref::Numerics{ref::Mode::quant_sim},
+                                                       tolerances);
     for (const auto& r : workload) oracle->add_request(r.id, r.prompt_ids);
   }
 
@@ -171,6 +176,7 @@ int cmd_generate(const std::vector<std::string>& argv, std::ostream& out) {
       << engine.metadata_upgrades() << ", sim ops " << runtime.ops_executed() << "\n";
   if (oracle) {
     out << oracle->table();
+    if (args.has("--op-table")) out << oracle->op_table();
   } else {
     out << "request  prompt  generated  tokens\n";
     for (const auto& r : workload) {
