@@ -20,6 +20,7 @@ struct RunConfig {
   bool probes = true;
   bool guards = false;
   RuntimeOptions options = {};
+  std::vector<int64_t> pp_partition = {};  // empty: one stage
 };
 
 struct RunResult {
@@ -47,6 +48,7 @@ inline RuntimeOptions options_for(int64_t requests) {
 inline RunResult run_engine(const ModelConfig& config, uint64_t weight_seed, const std::vector<WorkloadRequest>& workload,
                             const RunConfig& rc) {
   rt::RuntimeOptions ro;
+  ro.devices = std::max<int>(1, static_cast<int>(rc.pp_partition.size()));
   if (rc.guards) {
     ro.allocator_mode = AllocatorMode::testing;
     ro.caching_allocator = false;
@@ -60,14 +62,15 @@ inline RunResult run_engine(const ModelConfig& config, uint64_t weight_seed, con
   eo.graphs = rc.graphs;
   eo.multi_stream = rc.multi_stream;
   eo.probes = rc.probes;
+  eo.pp_partition = rc.pp_partition;
   RunResult out;
   {
     ServingEngine engine(runtime, config, rc.options, CheckpointSource::synthetic(config, weight_seed), eo);
     for (const auto& r : workload) engine.add_request(r.id, r.prompt_ids, r.max_new_tokens, r.arrival_step);
     while (engine.has_unfinished()) out.steps.push_back(engine.step());
-    out.graphs_captured = engine.runner().graphs_captured();
-    out.graph_replays = engine.runner().graph_replays();
-    out.metadata_upgrades = engine.runner().metadata_upgrades();
+    out.graphs_captured = engine.graphs_captured();
+    out.graph_replays = engine.graph_replays();
+    out.metadata_upgrades = engine.metadata_upgrades();
     for (const auto& r : workload) out.generated.push_back(engine.request(r.id).generated_ids);
     out.guard_damage = runtime.check_guards().size();
   }

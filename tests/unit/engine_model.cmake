@@ -12,3 +12,10 @@ dsv4_add_gtest(test_engine_sweep DISCOVER
   LIBS dsv4_engine dsv4_oracle
   LABELS unit slow property
   TIMEOUT 900)
+
+# Pipeline (and context) parallelism on simulated devices against one rank.
+dsv4_add_gtest(test_engine_parallel DISCOVER
+  SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_engine_parallel.cpp
+  LIBS dsv4_engine
+  LABELS unit slow
+  TIMEOUT 900)
