@@ -1,6 +1,7 @@
 // The quantized linear path (dsv4-model §2.9): FP8 activation quantization per 1 x block with ue8m0
 // scales, the FP8 x FP8 GEMM with 128 x 128 weight block scales, the FP8 x FP4 GEMM of the routed
-// experts, and the fused projection entry point linear_fp8 that chains them.
+// experts, and the fused projection entry points linear_fp8 and linear_projection that chain them
+// (linear_projection also runs the w8a8-int8 path of kernels/int8_gemm.h).
 //
 // Layouts are the checkpoint's (engine/checkpoint/checkpoint_layout.h) and the GPU kernels':
 //   x        [T, K]            bf16 or f32, last dim contiguous (rows may be padded)
@@ -25,6 +26,7 @@
 
 #include <cstdint>
 #include <type_traits>
+#include <utility>
 
 #include "engine/core/tensor.h"
 
@@ -66,5 +68,68 @@ void linear_fp8(const Tensor& x, const Tensor& w, NoWeightScale w_scale, Tensor&
 template <class S>
   requires std::is_arithmetic_v<std::remove_cvref_t<S>>
 void linear_fp8(const Tensor& x, const Tensor& w, S&& w_scale, Tensor& out) = delete;
+
+// ---- the typed weight scale and the projection entry point for every weight format --------------
+//
+// linear_projection takes the weight scale as a WeightScale, which has exactly three spellings:
+//   BlockScales{t}   FP8 e4m3 weights: t = the [ceil(N / 128), K / 128] ue8m0 block scales
+//   ChannelScales{t} int8 weights (w8a8-int8): t = the [N] f32 per-output-channel scales
+//   kNoWeightScale   bf16 weights
+// BlockScales and ChannelScales are built from a Tensor only explicitly, so the spelling states the
+// layout; WeightScale converts from those three and from nothing else: not from a number (A5) and
+// not from a bare Tensor, whose layout would be a guess. At run time the weight's dtype must agree
+// with the spelling (e4m3 with BlockScales, i8 with ChannelScales, bf16 with kNoWeightScale) and
+// the scale tensor's shape with the weight; a mismatch is a ContractError naming "w_scale".
+class BlockScales {
+ public:
+  explicit BlockScales(Tensor scales) : scales_(std::move(scales)) {}
+  const Tensor& tensor() const { return scales_; }
+
+ private:
+  Tensor scales_;
+};
+
+class ChannelScales {
+ public:
+  explicit ChannelScales(Tensor scales) : scales_(std::move(scales)) {}
+  const Tensor& tensor() const { return scales_; }
+
+ private:
+  Tensor scales_;
+};
+
+class WeightScale {
+ public:
+  enum class Kind : uint8_t { none, block, channel };
+
+  // Implicit from the three typed spellings only (each already says what it is).
+  WeightScale(NoWeightScale) {}
+  WeightScale(BlockScales s) : kind_(Kind::block), scales_(s.tensor()) {}
+  WeightScale(ChannelScales s) : kind_(Kind::channel), scales_(s.tensor()) {}
+  // Neither a number nor a bare tensor is a weight scale; deleted so the mistake reads as a "use of
+  // deleted function" at compile time.
+  template <class T>
+    requires(std::is_arithmetic_v<std::remove_cvref_t<T>> || std::is_same_v<std::remove_cvref_t<T>, Tensor>)
+  WeightScale(T&&) = delete;
+
+  Kind kind() const { return kind_; }
+  const Tensor& tensor() const { return scales_; }  // undefined for Kind::none
+  const char* spelling() const;                     // "kNoWeightScale", "BlockScales", "ChannelScales"
+
+ private:
+  Kind kind_ = Kind::none;
+  Tensor scales_;
+};
+
+// out [T, N] bf16 = the projection of x [T, K] (bf16/f32, last dim contiguous) by w [N, K]:
+//   w f8_e4m3fn + BlockScales   : linear_fp8's FP8 path (act_quant_fp8 per 128, gemm_fp8_block_scaled)
+//   w i8        + ChannelScales : act_quant_int8 per token, gemm_int8_per_channel (kernels/int8_gemm.h)
+//   w bf16      + kNoWeightScale: linear_fp8's bf16 path (fp32 accumulation, no activation quantization)
+// Bit for bit the same as calling those steps directly.
+void linear_projection(const Tensor& x, const Tensor& w, const WeightScale& w_scale, Tensor& out);
+// A scalar is never a weight scale (A5).
+template <class S>
+  requires std::is_arithmetic_v<std::remove_cvref_t<S>>
+void linear_projection(const Tensor& x, const Tensor& w, S&& w_scale, Tensor& out) = delete;
 
 }  // namespace dsv4::kernels

@@ -20,11 +20,24 @@ enum class Mode {
   quant_sim,  // the official code's numerics: bf16 activations, FP8/FP4 quantize-dequantize points
 };
 
+// How quant-sim runs the LinearKind::fp8 and LinearKind::fp4 linears (reference/linear.h).
+enum class LinearQuant {
+  fp8_block,  // the official code: FP8 activations per 1 x act_block_size, the checkpoint's FP8/FP4 weights
+  w8a8_int8,  // sglang's `--quantization w8a8_int8`: int8 weights per output channel (requantized
+              // from the dequantized checkpoint weight), int8 activations per token, exact integer
+              // accumulation, one bf16 rounding (docs/numerics.md, "The w8a8-int8 linear path")
+};
+// "fp8_block" / "w8a8_int8".
+const char* linear_quant_name(LinearQuant q);
+
 struct Numerics {
   Mode mode = Mode::exact;
   // quant-sim only: the KV nope dims go through e4m3 (the current official code); false keeps the
   // initial release's behaviour, a clamp without FP8 rounding.
   bool kv_fp8_rounding = true;
+  // quant-sim only: the quantization of the FP8/FP4 linears. bf16 and f32 linears, and exact mode,
+  // do not depend on it.
+  LinearQuant linear = LinearQuant::fp8_block;
 
   bool quant() const { return mode == Mode::quant_sim; }
 };

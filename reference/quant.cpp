@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <limits>
 
 #include "engine/core/formats.h"
 
@@ -51,6 +52,37 @@ void fp4_quant_dequant_rows(Mat& m, int64_t block) {
 
 void round_bf16_inplace(Mat& m) {
   for (float& v : m.data) v = round_bf16(v);
+}
+
+float int8_quantize_row(const float* x, int64_t n, int8_t* q) {
+  float amax = 0.0f;
+  bool finite = true;
+  for (int64_t i = 0; i < n; ++i) {
+    finite = finite && std::isfinite(x[i]);
+    amax = std::max(amax, std::fabs(x[i]));
+  }
+  if (!finite) {
+    std::fill(q, q + n, int8_t{0});
+    return std::numeric_limits<float>::quiet_NaN();
+  }
+  amax = std::max(amax, kInt8AmaxFloor);
+  const float inv = kInt8Max / amax;
+  for (int64_t i = 0; i < n; ++i) {
+    const float scaled = x[i] * inv;  // rounded to f32 before the integer rounding
+    // nearbyint rounds half to even in the default rounding mode; |scaled| <= 127 * (1 + 2^-23).
+    q[i] = static_cast<int8_t>(std::clamp(std::nearbyint(scaled), -kInt8Max, kInt8Max));
+  }
+  return amax / kInt8Max;
+}
+
+Int8Rows int8_quantize_rows(const Mat& m) {
+  Int8Rows r;
+  r.rows = m.rows;
+  r.cols = m.cols;
+  r.q.resize(static_cast<size_t>(m.rows * m.cols));
+  r.scales.resize(static_cast<size_t>(m.rows));
+  for (int64_t i = 0; i < m.rows; ++i) r.scales[static_cast<size_t>(i)] = int8_quantize_row(m.row(i), m.cols, r.q.data() + i * m.cols);
+  return r;
 }
 
 }  // namespace dsv4::ref

@@ -3,6 +3,7 @@
 #pragma once
 
 #include <cstdint>
+#include <vector>
 
 #include "reference/tensor.h"
 
@@ -24,5 +25,29 @@ void fp4_quant_dequant_rows(Mat& m, int64_t block);
 
 // Rounds every element to bf16 (round to nearest even).
 void round_bf16_inplace(Mat& m);
+
+// ---- symmetric int8 per row (w8a8-int8: weights per output channel, activations per token) -----
+//
+// One rule for both operands (docs/numerics.md), the one sglang's CPU kernel applies to a token:
+//   amax = max(max_i |x_i|, kInt8AmaxFloor)           (an all-zero row gets amax = the floor)
+//   s    = f32(amax / 127)                            the row's scale
+//   inv  = f32(127 / amax)                            its reciprocal, rounded on its own
+//   q_i  = clamp(rne(f32(x_i * inv)), -127, 127)      rne = round half to even; -128 never occurs
+// A row holding an infinity or a NaN gets s = NaN and q = 0, so every output of that row is NaN.
+inline constexpr float kInt8AmaxFloor = 1e-7f;
+inline constexpr float kInt8Max = 127.0f;
+
+// Quantizes x[0, n) into q[0, n); returns the scale.
+float int8_quantize_row(const float* x, int64_t n, int8_t* q);
+
+// Every row of m: q [rows * cols] row-major, one scale per row.
+struct Int8Rows {
+  int64_t rows = 0;
+  int64_t cols = 0;
+  std::vector<int8_t> q;
+  std::vector<float> scales;
+  int8_t at(int64_t r, int64_t c) const { return q[static_cast<size_t>(r * cols + c)]; }
+};
+Int8Rows int8_quantize_rows(const Mat& m);
 
 }  // namespace dsv4::ref

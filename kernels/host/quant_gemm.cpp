@@ -11,6 +11,7 @@
 #include "engine/core/error.h"
 #include "engine/core/formats.h"
 #include "kernels/host/host_common.h"
+#include "kernels/int8_gemm.h"
 
 namespace dsv4::kernels {
 
@@ -218,14 +219,15 @@ void gemm_fp4_weights(const Tensor& q_act, const Tensor& act_scales, const Tenso
   }
 }
 
-void linear_fp8(const Tensor& x, const Tensor& w, const Tensor& w_scale, Tensor& out) {
-  const char* op = "linear_fp8";
-  Contract(op).arg("x").dtype_in({DType::bf16, DType::f32}).rank(2).inner_contiguous().check({{"x", &x}});
+namespace {
+
+// linear_fp8's and linear_projection's FP8 path; `op` names the caller in the errors.
+void project_fp8(const char* op, const Tensor& x, const Tensor& w, const Tensor& w_scale, Tensor& out) {
   if (!w_scale.defined()) {
     throw ContractError(op, "w_scale", "undefined; pass kNoWeightScale for bf16 weights");
   }
   if (w.defined() && w.dtype() != DType::f8_e4m3fn) {
-    throw ContractError(op, "w_scale", "a scale tensor needs f8_e4m3fn weights, w is " + std::string(dtype_name(w.dtype())));
+    throw ContractError(op, "w_scale", "a block-scale tensor needs f8_e4m3fn weights, w is " + std::string(dtype_name(w.dtype())));
   }
   if (!w.defined() || w.dim() != 2) throw ContractError(op, "w", "must be a defined rank-2 tensor");
   const int64_t K = x.size(1);
@@ -237,20 +239,14 @@ void linear_fp8(const Tensor& x, const Tensor& w, const Tensor& w_scale, Tensor&
   check_fp8_w_scales(op, "w_scale", w_scale, w.size(0), K, kFp8Block);
 
   const int64_t T = x.size(0);
-  Tensor q = Tensor::empty({T, K}, DType::f8_e4m3fn, "linear_fp8.q");
-  Tensor s = Tensor::empty({T, K / kFp8Block}, DType::ue8m0, "linear_fp8.s");
+  Tensor q = Tensor::empty({T, K}, DType::f8_e4m3fn, std::string(op) + ".q");
+  Tensor s = Tensor::empty({T, K / kFp8Block}, DType::ue8m0, std::string(op) + ".s");
   act_quant_fp8(x, kFp8Block, q, s);
   gemm_fp8_block_scaled(q, s, w, w_scale, out, kFp8Block);
 }
 
-void linear_fp8(const Tensor& x, const Tensor& w, NoWeightScale, Tensor& out) {
-  const char* op = "linear_fp8";
-  Contract(op)
-      .arg("x").dtype_in({DType::bf16, DType::f32}).rank(2).inner_contiguous()
-      .check({{"x", &x}});
-  if (w.defined() && w.dtype() == DType::f8_e4m3fn) {
-    throw ContractError(op, "w_scale", "f8_e4m3fn weights need their block-scale tensor, got kNoWeightScale");
-  }
+// linear_fp8's and linear_projection's bf16 path.
+void project_bf16(const char* op, const Tensor& x, const Tensor& w, Tensor& out) {
   const int64_t T = x.size(0);
   const int64_t K = x.size(1);
   Contract(op)
@@ -270,6 +266,74 @@ void linear_fp8(const Tensor& x, const Tensor& w, NoWeightScale, Tensor& out) {
       for (int64_t k = 0; k < K; ++k) acc += load_act(x, xb, t, k) * bf16_to_f32(wb[n * K + k]);
       y[t * out.stride(0) + n] = f32_to_bf16(acc);
     }
+  }
+}
+
+// linear_projection's int8 path: the [N] f32 channel scales, then act_quant_int8 + the GEMM.
+void project_int8(const char* op, const Tensor& x, const Tensor& w, const Tensor& w_scale, Tensor& out) {
+  if (!w_scale.defined()) throw ContractError(op, "w_scale", "ChannelScales holds an undefined tensor");
+  Contract(op)
+      .arg("w").dtype(DType::i8).rank(2).contiguous().dim(1, x.size(1))
+      .arg("w_scale").dtype(DType::f32).rank(1).contiguous().same_size(0, "w", 0)
+      .check({{"w", &w}, {"w_scale", &w_scale}});
+  require_host(op, "w_scale", w_scale);
+  const int64_t T = x.size(0);
+  Tensor q = Tensor::empty({T, x.size(1)}, DType::i8, std::string(op) + ".q");
+  Tensor s = Tensor::empty({T}, DType::f32, std::string(op) + ".s");
+  act_quant_int8(x, q, s);
+  gemm_int8_per_channel(q, s, w, w_scale, out);
+}
+
+}  // namespace
+
+void linear_fp8(const Tensor& x, const Tensor& w, const Tensor& w_scale, Tensor& out) {
+  const char* op = "linear_fp8";
+  Contract(op).arg("x").dtype_in({DType::bf16, DType::f32}).rank(2).inner_contiguous().check({{"x", &x}});
+  project_fp8(op, x, w, w_scale, out);
+}
+
+void linear_fp8(const Tensor& x, const Tensor& w, NoWeightScale, Tensor& out) {
+  const char* op = "linear_fp8";
+  Contract(op)
+      .arg("x").dtype_in({DType::bf16, DType::f32}).rank(2).inner_contiguous()
+      .check({{"x", &x}});
+  if (w.defined() && w.dtype() == DType::f8_e4m3fn) {
+    throw ContractError(op, "w_scale", "f8_e4m3fn weights need their block-scale tensor, got kNoWeightScale");
+  }
+  project_bf16(op, x, w, out);
+}
+
+const char* WeightScale::spelling() const {
+  switch (kind_) {
+    case Kind::block: return "BlockScales";
+    case Kind::channel: return "ChannelScales";
+    case Kind::none: break;
+  }
+  return "kNoWeightScale";
+}
+
+void linear_projection(const Tensor& x, const Tensor& w, const WeightScale& w_scale, Tensor& out) {
+  const char* op = "linear_projection";
+  Contract(op).arg("x").dtype_in({DType::bf16, DType::f32}).rank(2).inner_contiguous().check({{"x", &x}});
+  if (!w.defined() || w.dim() != 2) throw ContractError(op, "w", "must be a defined rank-2 tensor");
+  // The weight's dtype picks the format; the scale's spelling must be that format's.
+  WeightScale::Kind wanted = WeightScale::Kind::none;
+  switch (w.dtype()) {
+    case DType::f8_e4m3fn: wanted = WeightScale::Kind::block; break;
+    case DType::i8: wanted = WeightScale::Kind::channel; break;
+    case DType::bf16: wanted = WeightScale::Kind::none; break;
+    default:
+      throw ContractError(op, "w", "dtype must be f8_e4m3fn, i8 or bf16, got " + std::string(dtype_name(w.dtype())));
+  }
+  if (w_scale.kind() != wanted) {
+    static const char* const needs[] = {"kNoWeightScale", "BlockScales", "ChannelScales"};
+    throw ContractError(op, "w_scale", std::string(dtype_name(w.dtype())) + " weights need " +
+                                           needs[static_cast<int>(wanted)] + ", got " + w_scale.spelling());
+  }
+  switch (wanted) {
+    case WeightScale::Kind::block: project_fp8(op, x, w, w_scale.tensor(), out); return;
+    case WeightScale::Kind::channel: project_int8(op, x, w, w_scale.tensor(), out); return;
+    case WeightScale::Kind::none: project_bf16(op, x, w, out); return;
   }
 }
 

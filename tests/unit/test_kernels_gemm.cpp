@@ -1,7 +1,8 @@
 // The quantized linear path and the MoE pieces on the host (kernels/quant_gemm.h, kernels/moe.h)
 // against the scalar reference (dsv4-model §2.9, §3), fed the tiny config's synthetic checkpoint
-// bytes exactly as stored (e4m3 / packed e2m1 / ue8m0); their contracts; and the A5 check that a
-// scalar cannot stand where the per-block weight-scale tensor is expected.
+// bytes exactly as stored (e4m3 / packed e2m1 / ue8m0); the w8a8-int8 path (kernels/int8_gemm.h)
+// bit for bit against the reference's int8 linear; their contracts; and the A5 check that neither a
+// scalar nor an untyped tensor can stand where a weight scale is expected.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -17,8 +18,10 @@
 #include "engine/config/model_config.h"
 #include "engine/core/error.h"
 #include "engine/core/formats.h"
+#include "kernels/int8_gemm.h"
 #include "kernels/moe.h"
 #include "kernels/quant_gemm.h"
+#include "reference/context.h"
 #include "reference/linear.h"
 #include "reference/moe.h"
 #include "reference/quant.h"
@@ -43,6 +46,49 @@ static_assert(!LinearTakesScale<double>, "A5: nor a double");
 static_assert(!LinearTakesScale<int>, "A5: nor an integer (0 for 'no scale')");
 static_assert(!std::is_convertible_v<float, Tensor>, "no implicit Tensor from a number");
 static_assert(!std::is_convertible_v<float, NoWeightScale>, "no implicit 'none' from a number");
+
+// linear_projection's WeightScale: BlockScales{t}, ChannelScales{t} or kNoWeightScale, nothing else.
+template <class S>
+concept ProjectionTakesScale = requires(const Tensor& x, const Tensor& w, S s, Tensor& out) {
+  linear_projection(x, w, s, out);
+};
+static_assert(ProjectionTakesScale<BlockScales>, "FP8 block scales");
+static_assert(ProjectionTakesScale<ChannelScales>, "int8 channel scales");
+static_assert(ProjectionTakesScale<NoWeightScale>, "bf16 weights");
+static_assert(ProjectionTakesScale<const WeightScale&>, "an already-typed scale passes through");
+static_assert(!ProjectionTakesScale<float>, "A5: linear_projection(x, w, 0.5f, out) does not compile");
+static_assert(!ProjectionTakesScale<double>, "A5: nor a double");
+static_assert(!ProjectionTakesScale<int>, "A5: nor an integer");
+static_assert(!ProjectionTakesScale<bool>, "A5: nor a bool");
+static_assert(!ProjectionTakesScale<Tensor>, "a bare tensor does not say which layout it is");
+static_assert(!ProjectionTakesScale<const Tensor&>, "nor a bare tensor by reference");
+static_assert(!ProjectionTakesScale<std::nullptr_t>, "None is spelled kNoWeightScale");
+// The literal spellings of the mistake (templated on the tensor type so that the requires-expression
+// is checked in a SFINAE context instead of being a hard error).
+template <class T>
+concept ProjectionTakesBraces = requires(const T& x, const T& w, T& out) { linear_projection(x, w, {}, out); };
+template <class T>
+concept ProjectionTakesHalf = requires(const T& x, const T& w, T& out) { linear_projection(x, w, 0.5f, out); };
+template <class T>
+concept ProjectionTakesTensor = requires(const T& x, const T& w, const T& some_tensor, T& out) {
+  linear_projection(x, w, some_tensor, out);
+};
+template <class T>
+concept ProjectionTakesTypedTensor = requires(const T& x, const T& w, const T& some_tensor, T& out) {
+  linear_projection(x, w, ChannelScales{some_tensor}, out);
+};
+static_assert(!ProjectionTakesBraces<Tensor>, "`{}` does not stand for 'no scale'");
+static_assert(!ProjectionTakesHalf<Tensor>, "A5: linear_projection(x, w, 0.5f, out)");
+static_assert(!ProjectionTakesTensor<Tensor>, "linear_projection(x, w, some_tensor, out)");
+static_assert(ProjectionTakesTypedTensor<Tensor>, "linear_projection(x, w, ChannelScales{some_tensor}, out)");
+static_assert(!std::is_convertible_v<Tensor, BlockScales> && !std::is_convertible_v<Tensor, ChannelScales>,
+              "a scale tensor becomes typed only explicitly");
+static_assert(std::is_constructible_v<BlockScales, Tensor> && std::is_constructible_v<ChannelScales, Tensor>);
+static_assert(!std::is_constructible_v<WeightScale, float> && !std::is_constructible_v<WeightScale, int>);
+static_assert(!std::is_constructible_v<WeightScale, Tensor> && !std::is_constructible_v<WeightScale, const Tensor&>);
+static_assert(!std::is_convertible_v<double, WeightScale> && !std::is_convertible_v<Tensor, WeightScale>);
+static_assert(!std::is_default_constructible_v<WeightScale>, "no scale is spelled, never defaulted");
+static_assert(!std::is_convertible_v<float, BlockScales> && !std::is_convertible_v<float, ChannelScales>);
 
 // ---- fixtures ---------------------------------------------------------------------------------
 
@@ -356,6 +402,373 @@ TEST(QuantGemmContract, LinearWeightScaleA5) {
   const Tensor wb = Tensor::empty({256, 256}, DType::bf16, "wb");
   Tensor s22 = Tensor::empty({2, 2}, DType::ue8m0, "s22");
   expect_contract_error([&] { linear_fp8(x, wb, s22, out); }, "w_scale");
+}
+
+// ---- the w8a8-int8 path against ref::linear(quant-sim, LinearQuant::w8a8_int8) --------------------
+
+ref::Context int8_ctx(const ModelConfig& c) {
+  ref::Numerics n{ref::Mode::quant_sim};
+  n.linear = ref::LinearQuant::w8a8_int8;
+  return ref::Context{c, n, nullptr, nullptr};
+}
+
+// Rows that exercise every branch of the row rule (values bf16-representable, so a bf16 and an f32
+// copy of the matrix are the same numbers): random O(1) rows, an all-zero row, a row whose amax is
+// 127/64 (inv = 64 exactly, so (j + 0.5) / 64 lands on a rounding tie, both ways, and ±amax on ±127),
+// a row below the 1e-7 amax floor, a row where the largest magnitude is negative, and a large-scale
+// row. Row r uses case r % 6.
+Mat int8_cases(int64_t rows, int64_t cols, unsigned seed) {
+  Mat m = random_mat(rows, cols, seed);
+  for (int64_t r = 0; r < rows; ++r) {
+    float* v = m.row(r);
+    switch (r % 6) {
+      case 1: std::fill(v, v + cols, 0.0f); break;
+      case 2:
+        for (int64_t k = 0; k < cols; ++k) {
+          const int64_t j = (k * 37) % 127;  // (j + 0.5) / 64: ties at 0.5, 1.5, ..., 126.5
+          v[k] = static_cast<float>((2 * j + 1) * ((k % 2) ? -1 : 1)) / 128.0f;
+        }
+        v[0] = 127.0f / 64.0f;
+        if (cols > 1) v[cols - 1] = -127.0f / 64.0f;
+        break;
+      case 3:
+        for (int64_t k = 0; k < cols; ++k) v[k] = round_bf16(v[k] * 1e-8f);
+        break;
+      case 4:
+        v[cols / 2] = -40.0f;
+        break;
+      case 5:
+        for (int64_t k = 0; k < cols; ++k) v[k] = round_bf16(v[k] * 3e4f);
+        break;
+      default: break;
+    }
+  }
+  return m;
+}
+
+Tensor f32_tensor(const Mat& m, const std::string& name) { return to_tensor(m, DType::f32, name); }
+
+// got and want equal bit for bit (as f32 values; NaN compared as NaN).
+void expect_bits_equal(const Mat& got, const Mat& want) {
+  ASSERT_EQ(got.rows, want.rows);
+  ASSERT_EQ(got.cols, want.cols);
+  int64_t bad = 0;
+  for (int64_t t = 0; t < want.rows; ++t) {
+    for (int64_t n = 0; n < want.cols; ++n) {
+      const float g = got.at(t, n), w = want.at(t, n);
+      const bool same = (std::isnan(g) && std::isnan(w)) || f32_bits(g) == f32_bits(w);
+      if (!same && ++bad <= 10) ADD_FAILURE() << "t " << t << " n " << n << ": " << g << " vs " << w;
+    }
+  }
+  EXPECT_EQ(bad, 0);
+}
+
+// The kernels' codes and scales equal reference/quant.h's int8_quantize_rows bit for bit.
+void expect_codes_equal(const Tensor& q, const Tensor& scales, const Mat& m) {
+  const ref::Int8Rows want = ref::int8_quantize_rows(m);
+  ASSERT_EQ(q.size(0), m.rows);
+  for (int64_t r = 0; r < m.rows; ++r) {
+    const float s = scales.data<float>()[r];
+    EXPECT_EQ(f32_bits(s), f32_bits(want.scales[static_cast<size_t>(r)])) << "row " << r;
+    const int8_t* qr = q.data<int8_t>() + r * q.stride(0);
+    for (int64_t k = 0; k < m.cols; ++k) ASSERT_EQ(qr[k], want.at(r, k)) << "row " << r << " k " << k;
+  }
+}
+
+struct Int8Act {
+  Tensor q;
+  Tensor s;
+};
+Int8Act quantize_int8(const Tensor& x) {
+  Int8Act r{Tensor::empty({x.size(0), x.size(1)}, DType::i8, "q"), Tensor::empty({x.size(0)}, DType::f32, "s")};
+  act_quant_int8(x, r.q, r.s);
+  return r;
+}
+
+TEST(ActQuantInt8, CodesAndScalesEqualReferenceBitForBit) {
+  const Mat x = int8_cases(12, 200, 111);
+  for (DType dtype : {DType::bf16, DType::f32}) {
+    SCOPED_TRACE(std::string(dtype_name(dtype)));
+    const Int8Act a = quantize_int8(to_tensor(x, dtype, "x"));
+    expect_codes_equal(a.q, a.s, x);
+  }
+  // The rule itself, by hand: amax 127/64 gives s = 1/64 and inv = 64; the ties round to even.
+  const Int8Act a = quantize_int8(to_tensor(x, DType::f32, "x"));
+  EXPECT_EQ(a.s.data<float>()[2], 1.0f / 64.0f);
+  EXPECT_EQ(a.q.data<int8_t>()[2 * 200 + 0], 127);
+  EXPECT_EQ(a.q.data<int8_t>()[2 * 200 + 199], -127);
+  EXPECT_EQ(a.s.data<float>()[1], 1e-7f / 127.0f) << "an all-zero token gets the floor's scale";
+  EXPECT_EQ(a.s.data<float>()[3], 1e-7f / 127.0f) << "a token below the floor too";
+  int64_t ties = 0;
+  for (int64_t k = 0; k < 200; ++k) {
+    const float v = x.at(2, k) * 64.0f;  // exact
+    const int8_t q = a.q.data<int8_t>()[2 * 200 + k];
+    if (v - std::floor(v) == 0.5f) {
+      ++ties;
+      EXPECT_EQ(q % 2, 0) << "k " << k << ": " << v << " -> " << int(q) << ", not the even neighbour";
+    }
+  }
+  EXPECT_GT(ties, 100);
+  // A row above the floor reaches ±127 at its amax; the zero and below-floor rows (cases 1, 3) do not.
+  for (int64_t r = 0; r < 12; ++r) {
+    int max_code = 0;
+    for (int64_t k = 0; k < 200; ++k) max_code = std::max(max_code, std::abs(int{a.q.data<int8_t>()[r * 200 + k]}));
+    EXPECT_EQ(max_code == 127, r % 6 != 1 && r % 6 != 3) << "row " << r << " max code " << max_code;
+  }
+}
+
+TEST(ActQuantInt8, NonBf16F32InputPaddedRowsAndNonFiniteTokens) {
+  // f32 values that are not bf16 values, read through a row-padded view.
+  Mat wide = random_mat(4, 96, 112);
+  for (float& v : wide.data) v *= 1.0001f;
+  const Tensor view = f32_tensor(wide, "wide").narrow(1, 0, 80);
+  ASSERT_FALSE(view.is_contiguous());
+  const Int8Act a = quantize_int8(view);
+  expect_codes_equal(a.q, a.s, ref::cols_of(wide, 0, 80));
+  // A token holding inf or NaN: scale NaN, codes 0; the other tokens are untouched.
+  Mat x = random_mat(3, 16, 113);
+  x.at(0, 5) = std::numeric_limits<float>::infinity();
+  x.at(2, 0) = std::numeric_limits<float>::quiet_NaN();
+  const Int8Act b = quantize_int8(f32_tensor(x, "x"));
+  EXPECT_TRUE(std::isnan(b.s.data<float>()[0]));
+  EXPECT_TRUE(std::isnan(b.s.data<float>()[2]));
+  EXPECT_FALSE(std::isnan(b.s.data<float>()[1]));
+  for (int64_t k = 0; k < 16; ++k) EXPECT_EQ(b.q.data<int8_t>()[k], 0);
+  const ref::Int8Rows want = ref::int8_quantize_rows(x);
+  for (int64_t k = 0; k < 16; ++k) EXPECT_EQ(b.q.data<int8_t>()[16 + k], want.at(1, k));
+  // T = 0 is a no-op.
+  const Int8Act none = quantize_int8(Tensor::empty({0, 16}, DType::bf16, "none"));
+  EXPECT_EQ(none.q.numel(), 0);
+}
+
+TEST(QuantizeWeightInt8, PerChannelEqualsReference) {
+  const Mat w = int8_cases(18, 130, 121);
+  const Int8Weight q = quantize_weight_int8(f32_tensor(w, "w"));
+  EXPECT_EQ(q.q.dtype(), DType::i8);
+  EXPECT_EQ(q.q.shape(), (Shape{18, 130}));
+  EXPECT_EQ(q.scales.dtype(), DType::f32);
+  EXPECT_EQ(q.scales.shape(), (Shape{18}));
+  expect_codes_equal(q.q, q.scales, w);
+  EXPECT_EQ(q.scales.data<float>()[1], 1e-7f / 127.0f) << "an all-zero channel: codes 0, the floor's scale";
+}
+
+// Runs the three int8 steps on x and the dequantized weight; the output as a Mat.
+Mat kernel_int8_linear(const Mat& x, const Mat& w, DType x_dtype = DType::bf16) {
+  const Int8Act a = quantize_int8(to_tensor(x, x_dtype, "x"));
+  const Int8Weight q = quantize_weight_int8(f32_tensor(w, "w"));
+  Tensor out = Tensor::empty({x.rows, w.rows}, DType::bf16, "out");
+  gemm_int8_per_channel(a.q, a.s, q.q, q.scales, out);
+  // The fused entry point gives the same bytes.
+  Tensor fused = Tensor::empty({x.rows, w.rows}, DType::bf16, "fused");
+  linear_projection(to_tensor(x, x_dtype, "x"), q.q, ChannelScales{q.scales}, fused);
+  EXPECT_EQ(std::memcmp(fused.data_ptr(), out.data_ptr(), static_cast<size_t>(out.numel()) * 2), 0);
+  Mat y(x.rows, w.rows);  // (to_mat cannot tell the width of an empty [0, N] tensor)
+  const std::vector<double> v = out.values();
+  for (size_t i = 0; i < v.size(); ++i) y.data[i] = static_cast<float>(v[i]);
+  return y;
+}
+
+TEST(GemmInt8, EqualsReferenceLinearBitForBitAcrossShapes) {
+  const ref::Context ctx = int8_ctx(tiny());
+  struct Shape3 {
+    int64_t T, N, K;
+  };
+  // K not a multiple of 128 (1, 7, 100, 200), T = 0 and 1, N not a multiple of anything.
+  for (const Shape3 sh : {Shape3{0, 8, 100}, Shape3{1, 16, 128}, Shape3{1, 1, 1}, Shape3{5, 33, 200},
+                          Shape3{7, 64, 384}, Shape3{4, 24, 7}, Shape3{13, 19, 1000}}) {
+    SCOPED_TRACE("T " + std::to_string(sh.T) + " N " + std::to_string(sh.N) + " K " + std::to_string(sh.K));
+    const Mat x = int8_cases(sh.T, sh.K, 131 + static_cast<unsigned>(sh.K));
+    const Mat w = int8_cases(sh.N, sh.K, 137 + static_cast<unsigned>(sh.N));
+    const Mat want = ref::linear(ctx, x, w, ref::LinearKind::fp8);
+    expect_bits_equal(kernel_int8_linear(x, w), want);
+    expect_bits_equal(kernel_int8_linear(x, w, DType::f32), want);
+    // fp4 linears take the same int8 path.
+    expect_bits_equal(ref::linear(ctx, x, w, ref::LinearKind::fp4), want);
+  }
+}
+
+TEST(GemmInt8, CheckpointWeightsEqualReferenceBitForBit) {
+  // The dequantized FP8 and FP4 checkpoint weights, requantized per channel offline.
+  const ref::Context ctx = int8_ctx(tiny());
+  for (const std::string w : {"layers.0.ffn.shared_experts.w1", "layers.1.attn.wq_b", "layers.3.ffn.experts.5.w3",
+                              "layers.3.ffn.experts.7.w2"}) {
+    SCOPED_TRACE(w);
+    const Mat& w_hat = tiny_weights().get(w + ".weight");
+    const Mat x = random_mat(6, w_hat.cols, 141);
+    const ref::LinearKind kind = w.find("experts.") != std::string::npos && w.find("shared") == std::string::npos
+                                     ? ref::LinearKind::fp4
+                                     : ref::LinearKind::fp8;
+    const Mat want = ref::linear(ctx, x, w_hat, kind);
+    expect_bits_equal(kernel_int8_linear(x, w_hat), want);
+    // And the int8 path is a different numerics from the FP8 one (while close to it).
+    const Mat fp8 = ref::linear(quant_ctx(tiny()), x, w_hat, kind);
+    EXPECT_NE(fp8.data, want.data);
+  }
+}
+
+TEST(GemmInt8, ExactIntegerAccumulationAtTheInt32Limit) {
+  // K = kInt8MaxK with every code -128: acc = K · 16384 = 2147467264 <= 2^31 - 1, exact in int32;
+  // the f32 conversion rounds once (to nearest even), then the scales and the bf16 rounding.
+  const int64_t K = kInt8MaxK;
+  ASSERT_LE(K * 128 * 128, int64_t{std::numeric_limits<int32_t>::max()});
+  ASSERT_GT((K + 1) * 128 * 128, int64_t{std::numeric_limits<int32_t>::max()});
+  Tensor q = Tensor::empty({1, K}, DType::i8, "q");
+  Tensor w = Tensor::empty({2, K}, DType::i8, "w");
+  std::fill(q.data<int8_t>(), q.data<int8_t>() + K, int8_t{-128});
+  std::fill(w.data<int8_t>(), w.data<int8_t>() + K, int8_t{-128});
+  std::fill(w.data<int8_t>() + K, w.data<int8_t>() + 2 * K, int8_t{127});
+  const Tensor sa = Tensor::from_values({1}, DType::f32, {0.5}, "sa");
+  const Tensor sw = Tensor::from_values({2}, DType::f32, {0x1.0p-20, 3.0}, "sw");
+  Tensor out = Tensor::empty({1, 2}, DType::bf16, "out");
+  gemm_int8_per_channel(q, sa, w, sw, out);
+  const int64_t acc0 = K * 128 * 128, acc1 = -K * 128 * 127;
+  EXPECT_EQ(out.get({0, 0}), round_bf16((static_cast<float>(acc0) * 0.5f) * 0x1.0p-20f));
+  EXPECT_EQ(out.get({0, 1}), round_bf16((static_cast<float>(acc1) * 0.5f) * 3.0f));
+  // One more column is refused: the accumulation could overflow.
+  Tensor q2 = Tensor::empty({1, K + 1}, DType::i8, "q2");
+  Tensor w2 = Tensor::empty({2, K + 1}, DType::i8, "w2");
+  expect_contract_error([&] { gemm_int8_per_channel(q2, sa, w2, sw, out); }, "q_act");
+}
+
+TEST(GemmInt8, ScalingOrderIsActivationThenWeight) {
+  // out = bf16((f32(acc) * s_a) * s_w). The other association, acc * (s_a * s_w), differs after the
+  // bf16 rounding only rarely: search random inputs for such cases, then check the kernel gives the
+  // documented order's value on each; and one case where only the order decides overflow.
+  struct Case {
+    int a0, a1;
+    float sa, sw;
+  };
+  std::vector<Case> cases = {{127, 127, 0x1.0p+120f, 0x1.0p-120f}};  // 16129 · 2^120 overflows first
+  std::mt19937 rng(151);
+  std::uniform_real_distribution<float> u(1.0f, 2.0f);
+  for (int i = 0; i < 50'000'000 && cases.size() < 40; ++i) {
+    const Case c{static_cast<int>(rng() % 255) - 127, static_cast<int>(rng() % 255) - 127, u(rng), u(rng)};
+    const float acc = static_cast<float>(c.a0 + c.a1);
+    if (round_bf16((acc * c.sa) * c.sw) != round_bf16(acc * (c.sa * c.sw))) cases.push_back(c);
+  }
+  ASSERT_GE(cases.size(), 20u) << "the search must find inputs that tell the two orders apart";
+  const Tensor w = Tensor::from_values({1, 2}, DType::i8, {1, 1}, "w");
+  Tensor out = Tensor::empty({1, 1}, DType::bf16, "out");
+  for (const Case& c : cases) {
+    const Tensor q = Tensor::from_values({1, 2}, DType::i8, {double(c.a0), double(c.a1)}, "q");
+    const Tensor sa = Tensor::from_values({1}, DType::f32, {c.sa}, "sa");
+    const Tensor sw = Tensor::from_values({1}, DType::f32, {c.sw}, "sw");
+    gemm_int8_per_channel(q, sa, w, sw, out);
+    const float acc = static_cast<float>(c.a0 + c.a1);
+    EXPECT_EQ(out.get({0, 0}), round_bf16((acc * c.sa) * c.sw)) << "acc " << acc << " sa " << c.sa << " sw " << c.sw;
+  }
+  EXPECT_TRUE(std::isinf(round_bf16((16129.0f * 0x1.0p+120f) * 0x1.0p-120f)));
+}
+
+TEST(LinearProjection, DispatchesOnTheWeightDtypeLikeTheDirectCalls) {
+  // FP8 weights with BlockScales: linear_fp8's bytes; bf16 weights with kNoWeightScale: likewise.
+  const std::string name = "layers.0.ffn.shared_experts.w1";
+  const Tensor& wt = raw(name + ".weight");
+  const Mat x = random_mat(3, wt.size(1), 161);
+  const Tensor xt = to_tensor(x, DType::bf16, "x");
+  Tensor direct = Tensor::empty({3, wt.size(0)}, DType::bf16, "direct");
+  Tensor projected = Tensor::empty({3, wt.size(0)}, DType::bf16, "projected");
+  linear_fp8(xt, wt, raw(name + ".scale"), direct);
+  linear_projection(xt, wt, BlockScales{raw(name + ".scale")}, projected);
+  EXPECT_EQ(projected.values(), direct.values());
+  const Tensor& wb = raw("layers.3.ffn.gate.weight");
+  const Mat xb = random_mat(2, wb.size(1), 162);
+  Tensor d2 = Tensor::empty({2, wb.size(0)}, DType::bf16, "d2");
+  Tensor p2 = Tensor::empty({2, wb.size(0)}, DType::bf16, "p2");
+  linear_fp8(to_tensor(xb, DType::bf16, "xb"), wb, kNoWeightScale, d2);
+  linear_projection(to_tensor(xb, DType::bf16, "xb"), wb, kNoWeightScale, p2);
+  EXPECT_EQ(p2.values(), d2.values());
+  // int8 weights with ChannelScales: the reference's w8a8-int8 linear (kernel_int8_linear checks
+  // linear_projection against the three steps).
+  const Mat& w_hat = tiny_weights().get(name + ".weight");
+  expect_bits_equal(kernel_int8_linear(x, w_hat), ref::linear(int8_ctx(tiny()), x, w_hat, ref::LinearKind::fp8));
+}
+
+TEST(Int8Contract, ArgumentsAreNamed) {
+  const Mat x = random_mat(2, 64, 171);
+  const Tensor xt = to_tensor(x, DType::bf16, "x");
+  Tensor q = Tensor::empty({2, 64}, DType::i8, "q");
+  Tensor s = Tensor::empty({2}, DType::f32, "s");
+  Tensor q_u8 = Tensor::empty({2, 64}, DType::u8, "q_u8");
+  Tensor s_2d = Tensor::empty({2, 1}, DType::f32, "s_2d");
+  Tensor s_bf16 = Tensor::empty({2}, DType::bf16, "s_bf16");
+  expect_contract_error([&] { act_quant_int8(xt, q_u8, s); }, "q");
+  expect_contract_error([&] { act_quant_int8(xt, q, s_2d); }, "scales");
+  expect_contract_error([&] { act_quant_int8(xt, q, s_bf16); }, "scales");
+  expect_contract_error([&] { act_quant_int8(Tensor::empty({2, 64}, DType::i8, "xi8"), q, s); }, "x");
+  const Tensor xt_t = to_tensor(random_mat(64, 2, 172), DType::bf16, "xt").transpose(0, 1);  // inner stride 2
+  expect_contract_error([&] { act_quant_int8(xt_t, q, s); }, "x");
+
+  expect_contract_error([&] { quantize_weight_int8(to_tensor(x, DType::bf16, "wb")); }, "w_dequantized");
+  Mat bad = x;
+  bad.at(1, 3) = std::numeric_limits<float>::quiet_NaN();
+  expect_contract_error([&] { quantize_weight_int8(f32_tensor(bad, "w")); }, "w_dequantized");
+  bad.at(1, 3) = -std::numeric_limits<float>::infinity();
+  expect_contract_error([&] { quantize_weight_int8(f32_tensor(bad, "w")); }, "w_dequantized");
+
+  act_quant_int8(xt, q, s);
+  const Int8Weight w = quantize_weight_int8(f32_tensor(random_mat(8, 64, 173), "w"));
+  Tensor out = Tensor::empty({2, 8}, DType::bf16, "out");
+  expect_contract_error([&] { gemm_int8_per_channel(q, s_2d, w.q, w.scales, out); }, "act_scales");
+  expect_contract_error([&] { gemm_int8_per_channel(q, Tensor::empty({3}, DType::f32, "s3"), w.q, w.scales, out); },
+                           "act_scales");
+  Tensor ws_short = Tensor::empty({7}, DType::f32, "ws_short");
+  expect_contract_error([&] { gemm_int8_per_channel(q, s, w.q, ws_short, out); }, "w_scales");
+  Tensor ws_ue8m0 = Tensor::empty({8}, DType::ue8m0, "ws_ue8m0");
+  expect_contract_error([&] { gemm_int8_per_channel(q, s, w.q, ws_ue8m0, out); }, "w_scales");
+  Tensor ws_blocks = Tensor::empty({1, 1}, DType::f32, "ws_blocks");  // a block layout, not per channel
+  expect_contract_error([&] { gemm_int8_per_channel(q, s, w.q, ws_blocks, out); }, "w_scales");
+  expect_contract_error([&] { gemm_int8_per_channel(q, s, Tensor::empty({8, 64}, DType::f8_e4m3fn, "w8"), w.scales, out); },
+                           "w");
+  expect_contract_error([&] { gemm_int8_per_channel(q, s, Tensor::empty({8, 63}, DType::i8, "w63"), w.scales, out); },
+                           "w");
+  const Tensor w_t = Tensor::empty({64, 8}, DType::i8, "w_t").transpose(0, 1);
+  expect_contract_error([&] { gemm_int8_per_channel(q, s, w_t, w.scales, out); }, "w");
+  Tensor out_f32 = Tensor::empty({2, 8}, DType::f32, "out_f32");
+  expect_contract_error([&] { gemm_int8_per_channel(q, s, w.q, w.scales, out_f32); }, "out");
+  Tensor out_wide = Tensor::empty({2, 9}, DType::bf16, "out_wide");
+  expect_contract_error([&] { gemm_int8_per_channel(q, s, w.q, w.scales, out_wide); }, "out");
+  expect_contract_error([&] { gemm_int8_per_channel(Tensor::empty({2, 64}, DType::u8, "qu"), s, w.q, w.scales, out); },
+                           "q_act");
+}
+
+TEST(Int8Contract, LinearProjectionRefusesMismatchedScaleSpellings) {
+  const Tensor x = to_tensor(random_mat(2, 256, 181), DType::bf16, "x");
+  Tensor out = Tensor::empty({2, 128}, DType::bf16, "out");
+  const Tensor w8 = Tensor::empty({128, 256}, DType::f8_e4m3fn, "w8");
+  const Tensor wi = Tensor::empty({128, 256}, DType::i8, "wi");
+  const Tensor wb = Tensor::empty({128, 256}, DType::bf16, "wb");
+  Tensor blocks = Tensor::empty({1, 2}, DType::ue8m0, "blocks");
+  blocks.fill(1.0);
+  Tensor channels = Tensor::empty({128}, DType::f32, "channels");
+  channels.fill(1.0);
+  // Each weight dtype with each wrong spelling.
+  expect_contract_error([&] { linear_projection(x, wi, BlockScales{blocks}, out); }, "w_scale");
+  expect_contract_error([&] { linear_projection(x, wi, kNoWeightScale, out); }, "w_scale");
+  expect_contract_error([&] { linear_projection(x, w8, ChannelScales{channels}, out); }, "w_scale");
+  expect_contract_error([&] { linear_projection(x, w8, kNoWeightScale, out); }, "w_scale");
+  expect_contract_error([&] { linear_projection(x, wb, BlockScales{blocks}, out); }, "w_scale");
+  expect_contract_error([&] { linear_projection(x, wb, ChannelScales{channels}, out); }, "w_scale");
+  // The right spelling with the wrong tensor.
+  expect_contract_error([&] { linear_projection(x, wi, ChannelScales{Tensor()}, out); }, "w_scale");
+  expect_contract_error([&] { linear_projection(x, wi, ChannelScales{Tensor::empty({127}, DType::f32, "c")}, out); },
+                           "w_scale");
+  expect_contract_error([&] { linear_projection(x, wi, ChannelScales{blocks}, out); }, "w_scale");
+  expect_contract_error([&] { linear_projection(x, w8, BlockScales{channels}, out); }, "w_scale");
+  expect_contract_error([&] { linear_projection(x, w8, BlockScales{Tensor()}, out); }, "w_scale");
+  expect_contract_error([&] { linear_projection(x, w8, BlockScales{Tensor::empty({}, DType::ue8m0, "one")}, out); },
+                           "w_scale");
+  // Formats linear_projection does not take, and a missing weight.
+  expect_contract_error([&] { linear_projection(x, Tensor::empty({128, 256}, DType::f32, "wf"), kNoWeightScale, out); },
+                           "w");
+  expect_contract_error([&] { linear_projection(x, Tensor(), kNoWeightScale, out); }, "w");
+  // The int8 path takes any K (no block), and its other arguments are still named.
+  const Tensor x_odd = to_tensor(random_mat(2, 200, 182), DType::bf16, "x_odd");
+  const Int8Weight q = quantize_weight_int8(f32_tensor(random_mat(128, 200, 183), "w200"));
+  linear_projection(x_odd, q.q, ChannelScales{q.scales}, out);
+  expect_contract_error([&] { linear_projection(x_odd, wi, ChannelScales{channels}, out); }, "w");
+  Tensor out_bad = Tensor::empty({2, 127}, DType::bf16, "out_bad");
+  expect_contract_error([&] { linear_projection(x_odd, q.q, ChannelScales{q.scales}, out_bad); }, "out");
 }
 
 // ---- the gate against the reference MoE's recorded routing -----------------------------------------
