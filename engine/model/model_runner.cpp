@@ -26,6 +26,27 @@ namespace {
 
 constexpr int64_t kC4 = 4;
 
+// Tokens per CP rank: the round-robin shares padded to equal length.
+int64_t cp_local_tokens(int64_t T, int64_t size) { return (T + size - 1) / size; }
+
+// Rows t = i * size + rank of a [T, width] array, padded with `pad` rows to cp_local_tokens.
+template <class V>
+std::vector<V> cp_slice(const std::vector<V>& v, int64_t T, int64_t width, int64_t rank, int64_t size,
+                        const std::vector<V>& pad) {
+  const int64_t L = cp_local_tokens(T, size);
+  std::vector<V> out;
+  out.reserve(static_cast<size_t>(L * width));
+  for (int64_t i = 0; i < L; ++i) {
+    const int64_t t = i * size + rank;
+    if (t < T) {
+      out.insert(out.end(), v.begin() + t * width, v.begin() + (t + 1) * width);
+    } else {
+      out.insert(out.end(), pad.begin(), pad.end());
+    }
+  }
+  return out;
+}
+
 Tensor host_f32(const std::vector<float>& v) {
   Tensor t = Tensor::empty({static_cast<int64_t>(v.size())}, DType::f32, "rope_freqs");
   std::memcpy(t.data_ptr(), v.data(), v.size() * 4);
@@ -541,6 +562,26 @@ void ModelRunner::prepare_metadata(const serving::ForwardBatch& batch, serving::
   (void)dest4;
   (void)dest128;
 
+  int64_t T_local = T;
+  if (cp_active_) {
+    // Per-query arrays hold this rank's tokens; locations, plans and last-token rows stay global.
+    const int64_t n = cp_size_, r = cp_rank_;
+    T_local = cp_local_tokens(T, n);
+    ids = cp_slice(ids, T, 1, r, n, {0});
+    pos = cp_slice(pos, T, 1, r, n, {0});
+    std::vector<int32_t> swa_pad(static_cast<size_t>(W), -1);
+    swa_pad[0] = 0;
+    swa_idx = cp_slice(swa_idx, T, W, r, n, swa_pad);
+    swa_len = cp_slice(swa_len, T, 1, r, n, {1});
+    if (has_c4_) {
+      c4_ctx = cp_slice(c4_ctx, T, 1, r, n, {0});
+      c4_bt = cp_slice(c4_bt, T, c4_pages_, r, n, std::vector<int32_t>(static_cast<size_t>(c4_pages_), 0));
+    }
+    if (c128_ratio_ > 0) {
+      c128_idx = cp_slice(c128_idx, T, c128_width_, r, n, std::vector<int32_t>(static_cast<size_t>(c128_width_), -1));
+      c128_len = cp_slice(c128_len, T, 1, r, n, {1});
+    }
+  }
   upload_vec(rt_, m_ids_, ids);
   upload_vec(rt_, m_pos_, pos);
   upload_vec(rt_, m_swa_loc_, swa_loc);
@@ -550,8 +591,8 @@ void ModelRunner::prepare_metadata(const serving::ForwardBatch& batch, serving::
   if (has_c4_) {
     upload_vec(rt_, m_c4_ctx_, c4_ctx);
     upload_vec(rt_, m_c4_block_table_, c4_bt);
-    Tensor ctx = Tensor::empty({T, 1}, DType::i32, "c4_context_lens");
-    if (T > 0) std::memcpy(ctx.data_ptr(), c4_ctx.data(), c4_ctx.size() * 4);
+    Tensor ctx = Tensor::empty({T_local, 1}, DType::i32, "c4_context_lens");
+    if (T_local > 0) std::memcpy(ctx.data_ptr(), c4_ctx.data(), c4_ctx.size() * 4);
     const Tensor sched = kernels::build_indexer_schedule(ctx, kernels::kIndexerPageKeys, engine_options_.indexer_sms);
     rt_.upload(m_c4_schedule_.buffer, 0, sched.data_ptr(), static_cast<uint64_t>(sched.numel() * 4));
   }
@@ -602,6 +643,14 @@ void ModelRunner::issue_compressor(rt::StreamId stream, Layer& L, bool indexer, 
   DeviceTensor entries = indexer ? ientries_ : centries_;
   DeviceTensor cache = indexer ? L.idx_keys : L.comp_cache;
 
+  // Under CP the projections are the rank's rows, gathered into global order before pooling.
+  DeviceTensor kv_global = kv, score_global = score;
+  if (cp_active_) {
+    kv_global = view(indexer ? ikv_ : ckv_, {cp_global_tokens_, coff * dims});
+    score_global = view(indexer ? iscore_ : cscore_, {cp_global_tokens_, coff * dims});
+    kv = view(cp_c_local_kv_, {T, coff * dims});
+    score = view(cp_c_local_score_, {T, coff * dims});
+  }
   op(stream, p + ".wkv", {xn, wkv}, {kv}, [xn, wkv, kv]() mutable { kernels::moe_gate_logits(xn.t, wkv.t, kv.t); });
   op(stream, p + ".wgate", {xn, wgate, ape, pos}, {score}, [xn, wgate, ape, pos, score, ratio]() mutable {
     kernels::moe_gate_logits(xn.t, wgate.t, score.t);
@@ -616,6 +665,12 @@ void ModelRunner::issue_compressor(rt::StreamId stream, Layer& L, bool indexer, 
   });
   probe(stream, p + ".kv", kv, coff * dims);
   probe(stream, p + ".score", score, coff * dims);
+  if (cp_active_) {
+    cp_gather(kv, kv_global);
+    cp_gather(score, score_global);
+    kv = kv_global;
+    score = score_global;
+  }
 
   kernels::CompressPostprocess post;
   post.bf16_act = true;
@@ -759,7 +814,7 @@ void ModelRunner::issue_attention(Layer& L, int64_t T) {
   DeviceTensor pos = rows(m_pos_, T);
 
   // Fork the alt streams from main (each waits for attn_norm's output).
-  const bool ms = engine_options_.multi_stream;
+  const bool ms = multi_stream_now();
   const std::string tag = L.prefix + ".";
   if (ms) {
     wait_on(streams_->kv, main_, tag + "fork");
@@ -796,11 +851,38 @@ void ModelRunner::issue_attention(Layer& L, int64_t T) {
   const Tensor freqs = L.freqs;
   const int64_t swa_ps = options_.swa_page_size, kvb = config_.kv_block_size;
   DeviceTensor swa_cache = L.swa_cache;
-  op(streams_->kv, kernels::kNormRopeStoreOp, {kva, kvnorm, pos, swa_loc}, {swa_cache},
-     [kva, kvnorm, eps, freqs, pos, swa_loc, swa_cache, swa_ps, kvb]() mutable {
-       kernels::fused_norm_rope_store_kv(kva.t, kvnorm.t, eps, freqs, pos.t, swa_loc.t, swa_cache.t, swa_ps, kvb);
-     });
-  if (engine_options_.probes) {
+  if (cp_active_) {
+    // Prefill CP: the slice qkv_a[:, q_lora:] made contiguous, normed and rotated in place (the
+    // in-place kernel refuses the strided slice itself), gathered in global order, and stored whole.
+    DeviceTensor kvc = rows(cp_kv_local_, T), kvg = rows(cp_kv_global_, cp_global_tokens_);
+    op(main_, "contiguous", {kva}, {kvc}, [kva, kvc]() mutable {
+      for (int64_t t = 0; t < kva.t.size(0); ++t) {
+        std::memcpy(kvc.t.data<uint16_t>() + t * kvc.t.size(1), kva.t.data<uint16_t>() + t * kva.t.stride(0),
+                    static_cast<size_t>(kvc.t.size(1)) * 2);
+      }
+    });
+    op(main_, kernels::kNormRopeOp, {kvc, kvnorm, pos}, {kvc}, [kvc, kvnorm, eps, freqs, pos]() mutable {
+      kernels::fused_norm_rope_inplace(kvc.t, kvnorm.t, eps, freqs, pos.t);
+    });
+    cp_gather(kvc, kvg);
+    DeviceTensor gloc = rows(m_swa_loc_, cp_global_tokens_);
+    const kernels::Model1Layout lay = L.kv_layout;
+    op(main_, "store_kv", {kvg, gloc}, {swa_cache}, [kvg, gloc, swa_cache, lay, swa_ps, D]() mutable {
+      std::vector<float> row(static_cast<size_t>(D));
+      for (int64_t t = 0; t < kvg.t.size(0); ++t) {
+        const int64_t loc = gloc.t.data<int64_t>()[t];
+        if (loc < 0) continue;
+        for (int64_t i = 0; i < D; ++i) row[static_cast<size_t>(i)] = bf16_to_f32(kvg.t.data<uint16_t>()[t * D + i]);
+        kernels::model1_pack(lay, swa_ps, row.data(), swa_cache.t.data<uint8_t>(), loc);
+      }
+    });
+  } else {
+    op(streams_->kv, kernels::kNormRopeStoreOp, {kva, kvnorm, pos, swa_loc}, {swa_cache},
+       [kva, kvnorm, eps, freqs, pos, swa_loc, swa_cache, swa_ps, kvb]() mutable {
+         kernels::fused_norm_rope_store_kv(kva.t, kvnorm.t, eps, freqs, pos.t, swa_loc.t, swa_cache.t, swa_ps, kvb);
+       });
+  }
+  if (engine_options_.probes && !cp_active_) {
     const kernels::Model1Layout lay = L.kv_layout;
     op(streams_->kv, "probe:" + p + ".kv", {swa_cache, swa_loc}, {}, [this, p, swa_cache, swa_loc, lay, swa_ps, T, D] {
       if (record_ == nullptr) return;
@@ -893,7 +975,7 @@ void ModelRunner::issue_moe(Layer& L, int64_t T) {
   probe(main_, p + ".gate.weights", ew, k);
 
   // The shared expert on alt stream 0, overlapping the routed experts on main.
-  const bool ms = engine_options_.multi_stream;
+  const bool ms = multi_stream_now();
   const rt::StreamId s_shared = streams_->kv;
   if (ms) wait_on(s_shared, main_, L.prefix + ".moe_fork");
   DeviceTensor g = rows(sg_, T), u = rows(su_, T), h = rows(sh_, T), so = rows(shared_out_, T);
@@ -1022,6 +1104,11 @@ void ModelRunner::issue_forward(int64_t T, int64_t nrows) {
     std::swap(R, Rn);
   }
   if (!is_last_stage()) return;
+  if (cp_active_) {
+    DeviceTensor Rg = rows(cp_R_global_, cp_global_tokens_);
+    cp_gather(R, Rg);
+    R = Rg;
+  }
   // The head on each row's last token.
   DeviceTensor last = rows(m_last_, nrows), lR = rows(last_R_, nrows), y = rows(head_y_, nrows);
   DeviceTensor yn = rows(head_yn_, nrows), logits = rows(logits_, nrows);
@@ -1038,6 +1125,50 @@ void ModelRunner::issue_forward(int64_t T, int64_t nrows) {
   });
   op(main_, kernels::kRmsNormOp, {y, nw}, {yn}, [y, nw, eps, yn]() mutable { kernels::rms_norm(y.t, nw.t, eps, yn.t); });
   op(main_, "head", {yn, head}, {logits}, [yn, head, logits]() mutable { kernels::moe_gate_logits(yn.t, head.t, logits.t); });
+}
+
+void ModelRunner::set_context_parallel(int comm, int rank, int size) {
+  DSV4_ASSERT(size >= 1 && rank >= 0 && rank < size, "a CP rank of the group");
+  cp_comm_ = comm;
+  cp_rank_ = rank;
+  cp_size_ = size;
+  if (size == 1) return;
+  const int64_t T = max_tokens_, D = config_.head_dim, Di = has_c4_ ? config_.index_head_dim : 0;
+  const int64_t w = std::max(D, Di) * 2;  // widest compressor projection (f32)
+  const int64_t row_bytes = std::max({2 * D, 4 * w, 2 * config_.hc_mult * config_.dim});
+  cp_gather_buf_ = alloc("cp.gather", DType::u8, {(T + size) * row_bytes});
+  cp_kv_local_ = alloc("cp.kv_local", DType::bf16, {T, D});
+  cp_kv_global_ = alloc("cp.kv_global", DType::bf16, {T, D});
+  cp_c_local_kv_ = alloc("cp.compressor_kv_local", DType::f32, {T, w});
+  cp_c_local_score_ = alloc("cp.compressor_score_local", DType::f32, {T, w});
+  cp_R_global_ = alloc("cp.R_global", DType::bf16, {T, config_.hc_mult * config_.dim});
+}
+
+void ModelRunner::cp_gather(const DeviceTensor& local, const DeviceTensor& global) {
+  const int64_t L = local.t.size(0), W = local.t.size(1), T = global.t.size(0);
+  const int64_t esize = dtype_storage_bytes(local.t.dtype(), 1);
+  const uint64_t part = static_cast<uint64_t>(L * W * esize);
+  const uint64_t begin = static_cast<uint64_t>(local.t.offset() * esize);
+  rt_.all_gather(cp_comm_, cp_rank_, rt_.range(local.buffer, begin, begin + part),
+                 rt_.range(cp_gather_buf_.buffer, 0, part * static_cast<uint64_t>(cp_size_)));
+  DeviceTensor gathered{cp_gather_buf_.buffer, rt_.tensor(cp_gather_buf_.buffer, DType::u8,
+                                                          {static_cast<int64_t>(part) * cp_size_})};
+  const int64_t n = cp_size_;
+  op(main_, "cp_reorder", {gathered}, {global}, [gathered, global, L, W, T, n, esize]() mutable {
+    const auto* src = gathered.t.data<uint8_t>();
+    auto* dst = static_cast<uint8_t*>(global.t.data_ptr());
+    const size_t row = static_cast<size_t>(W * esize);
+    for (int64_t t = 0; t < T; ++t) std::memcpy(dst + t * row, src + ((t % n) * L + t / n) * row, row);
+  });
+}
+
+void ModelRunner::begin_cp(const serving::ForwardBatch& batch, StepRecord* record) {
+  DSV4_ASSERT(cp_size_ > 1 && batch.mode == serving::ForwardMode::extend, "CP runs EXTEND batches");
+  cp_active_ = true;
+  cp_global_tokens_ = batch.token_count();
+  streams_saved_ = std::make_unique<Streams>(*streams_);
+  streams_->kv = streams_->compressor = streams_->indexer = streams_->indexer_q = streams_->indexer_w = main_;
+  begin(batch, record);
 }
 
 DeviceTensor ModelRunner::stage_input(int64_t tokens) const { return rows(R_a_, tokens); }
@@ -1075,7 +1206,8 @@ void ModelRunner::begin(const serving::ForwardBatch& batch, StepRecord* record) 
 }
 
 void ModelRunner::launch(const serving::ForwardBatch& batch) {
-  const int64_t T = batch.token_count(), nrows = batch.row_count();
+  const int64_t nrows = batch.row_count();
+  const int64_t T = cp_active_ ? cp_local_tokens(batch.token_count(), cp_size_) : batch.token_count();
   if (!graph_batch_) {
     issue_forward(T, nrows);
     return;
@@ -1095,6 +1227,11 @@ void ModelRunner::launch(const serving::ForwardBatch& batch) {
 void ModelRunner::end() {
   record_ = nullptr;
   batch_metadata_ = nullptr;
+  if (streams_saved_) {
+    *streams_ = *streams_saved_;
+    streams_saved_.reset();
+  }
+  cp_active_ = false;
 }
 
 std::vector<StepRow> ModelRunner::sample(const serving::ForwardBatch& batch) {

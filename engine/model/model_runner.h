@@ -52,6 +52,9 @@ struct EngineOptions {
   // layer). Rank r runs on device r; the embedding lives on the first stage, the head (and the MTP
   // block) on the last.
   std::vector<int64_t> pp_partition;
+  // Prefill context parallelism: EXTEND batches split round-robin over `cp` ranks (one simulated
+  // device each, every rank a whole model with its own full caches); DECODE runs on rank 0.
+  int64_t cp = 1;
 };
 
 // vLLM's default split (get_pp_indices): n_layers / pp each, the remainder spread one by one over
@@ -107,6 +110,16 @@ class ModelRunner {
   // The residual a stage receives (first rows of the input buffer) and the one it hands on.
   DeviceTensor stage_input(int64_t tokens) const;
   DeviceTensor stage_output(int64_t tokens) const;
+  // Prefill CP: this runner is rank `rank` of `size` ranks meeting in communicator `comm`. During a
+  // CP batch (begin_cp) every per-token op runs on the rank's share of the tokens (global token t
+  // lives on rank t % size, row t / size, padded to equal shares), the kv (bf16, normed and rotated
+  // in place on a contiguous copy of the qkv_a slice) and the compressors' projections are
+  // all-gathered and put back in global order so that every rank writes the whole SWA cache, every
+  // compressed entry and every state row, and the final residual is gathered for the head. All on
+  // the main stream (sglang disables the overlap for prefill CP).
+  void set_context_parallel(int comm, int rank, int size);
+  void begin_cp(const serving::ForwardBatch& batch, StepRecord* record);
+  int cp_rank() const { return cp_rank_; }
   bool is_first_stage() const { return layer_begin_ == 0; }
   bool is_last_stage() const { return layer_end_ == config_.n_layers; }
 
@@ -138,6 +151,9 @@ class ModelRunner {
   void issue_moe(Layer& layer, int64_t T);
   void issue_linear(rt::StreamId stream, const std::string& weight, const DeviceTensor& x, const DeviceTensor& out);
   void wait_on(rt::StreamId waiter, rt::StreamId producer, const std::string& event_name);
+  bool multi_stream_now() const { return engine_options_.multi_stream && !cp_active_; }
+  // Local rows of every rank -> all-gathered -> global token order in `global` (contiguous [T, W]).
+  void cp_gather(const DeviceTensor& local, const DeviceTensor& global);
 
   rt::Runtime& rt_;
   const ModelConfig& config_;
@@ -149,6 +165,11 @@ class ModelRunner {
   const serving::SwaTokenAllocator& swa_;
 
   int64_t layer_begin_ = 0, layer_end_ = 0;
+  int cp_comm_ = -1, cp_rank_ = 0, cp_size_ = 1;
+  bool cp_active_ = false;
+  int64_t cp_global_tokens_ = 0;  // T of the batch during a CP batch
+  DeviceTensor cp_gather_buf_, cp_kv_local_, cp_kv_global_, cp_c_local_kv_, cp_c_local_score_, cp_R_global_;
+  std::unique_ptr<Streams> streams_saved_;
   bool graph_batch_ = false;
   serving::ForwardMetadata* batch_metadata_ = nullptr;
   int64_t max_tokens_ = 0;  // per batch: the chunk budget or the largest bucket

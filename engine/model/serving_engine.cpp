@@ -27,6 +27,30 @@ ServingEngine::ServingEngine(rt::Runtime& runtime, const ModelConfig& config, co
   full_ = std::make_unique<serving::TokenAllocator>(config_, options_, sizes.full_pages, config_.max_seq_len);
   swa_ = std::make_unique<serving::SwaTokenAllocator>(config_, options_, sizes.swa_pages, full_->capacity_tokens());
   scheduler_ = std::make_unique<serving::Scheduler>(config_, options_, *slots_, *full_, *swa_, std::move(stop_ids));
+  cp_ = engine_options.cp;
+  if (cp_ < 1) throw InputError("--cp", "", "must be >= 1, got " + std::to_string(cp_));
+  if (cp_ > 1 && engine_options.pp_partition.size() > 1) {
+    throw InputError("--cp", "", "prefill context parallelism runs without pipeline parallelism here (--pp 1)");
+  }
+  if (cp_ > 1) {
+    if (rt_.device_count() < engine_options.device + cp_) {
+      throw InputError("--cp", "", std::to_string(cp_) + " ranks need " + std::to_string(cp_) +
+                                       " devices, the runtime has " + std::to_string(rt_.device_count()));
+    }
+    std::vector<rt::StreamId> mains;
+    for (int64_t r = 0; r < cp_; ++r) {
+      EngineOptions eo = engine_options;
+      eo.device = engine_options.device + static_cast<int>(r);
+      weights_.push_back(std::make_unique<DeviceWeights>(rt_, eo.device, config_, weights));
+      runners_.push_back(std::make_unique<ModelRunner>(rt_, config_, options_, *weights_.back(), eo, *slots_, *full_,
+                                                       *swa_));
+      mains.push_back(runners_.back()->main_stream());
+    }
+    const int comm = rt_.create_communicator(mains, "cp");
+    for (int64_t r = 0; r < cp_; ++r) runners_[static_cast<size_t>(r)]->set_context_parallel(comm, static_cast<int>(r), static_cast<int>(cp_));
+    partition_ = {config_.n_layers};
+    return;
+  }
   partition_ = engine_options.pp_partition.empty() ? std::vector<int64_t>{config_.n_layers} : engine_options.pp_partition;
   validate_pp_partition(partition_, config_.n_layers, "--pp-partition");
   const auto stages = static_cast<int64_t>(partition_.size());
@@ -73,6 +97,44 @@ ServingEngine::~ServingEngine() {
   runners_.clear();  // before the weights they read
 }
 
+// Prefill CP: every rank issues its share (the all-gathers match across ranks in issue order), then
+// the per-token probes of the ranks are put back in global token order.
+StepRecord ServingEngine::forward_context_parallel(const serving::ForwardBatch& batch) {
+  StepRecord rec;
+  rec.step = batch.step;
+  rec.mode = batch.mode;
+  if (batch.real_row_count() == 0) return rec;
+  const int64_t T = batch.token_count();
+  std::vector<StepRecord> parts(runners_.size());
+  try {
+    for (size_t r = 0; r < runners_.size(); ++r) runners_[r]->begin_cp(batch, &parts[r]);
+    for (auto& rank : runners_) rank->launch(batch);
+    for (auto& rank : runners_) rt_.synchronize(rank->main_stream());
+  } catch (...) {
+    for (auto& rank : runners_) rank->end();
+    throw;
+  }
+  for (auto& rank : runners_) rank->end();
+  rec.rows = runners_.front()->sample(batch);
+  const int64_t n = cp_, local = (T + n - 1) / n;
+  for (const auto& [key, m0] : parts.front().values) {
+    ref::Mat global(T, m0.cols);
+    bool complete = true;
+    for (const StepRecord& p : parts) {
+      auto it = p.values.find(key);
+      complete = complete && it != p.values.end() && it->second.rows == local && it->second.cols == m0.cols;
+    }
+    if (!complete) continue;
+    for (int64_t t = 0; t < T; ++t) {
+      const ref::Mat& src = parts[static_cast<size_t>(t % n)].values.at(key);
+      std::copy(src.row(t / n), src.row(t / n) + m0.cols, global.row(t));
+    }
+    rec.values[key] = std::move(global);
+  }
+  trim_probes(rec, batch.real_token_count());
+  return rec;
+}
+
 // The stages one after the other, as each PP rank runs its part: receive the residual from the
 // previous rank, run the layers (eagerly or as the stage's graph), send the residual on. The
 // collectives stay outside the graphs, as sglang's PP does.
@@ -116,8 +178,10 @@ void ServingEngine::add_request(int64_t id, std::vector<int32_t> prompt_ids, int
 StepRecord ServingEngine::step() {
   const serving::ForwardBatch batch = scheduler_->schedule(step_++);
   StepRecord rec;
-  if (runners_.size() == 1) {
-    rec = runners_.front()->forward(batch);
+  if (cp_ > 1 && batch.mode == serving::ForwardMode::extend) {
+    rec = forward_context_parallel(batch);
+  } else if (runners_.size() == 1 || cp_ > 1) {
+    rec = runners_.front()->forward(batch);  // CP: decode on rank 0, whose caches are whole
   } else {
     rec = forward_pipeline(batch);
   }

@@ -48,6 +48,7 @@ class ServingEngine {
 
  private:
   StepRecord forward_pipeline(const serving::ForwardBatch& batch);
+  StepRecord forward_context_parallel(const serving::ForwardBatch& batch);
 
   rt::Runtime& rt_;
   const ModelConfig& config_;
@@ -59,7 +60,8 @@ class ServingEngine {
   std::unique_ptr<serving::SwaTokenAllocator> swa_;
   std::unique_ptr<serving::Scheduler> scheduler_;
   std::vector<std::unique_ptr<ModelRunner>> runners_;
-  int pp_comm_ = -1;  // the stages' communicator (send/recv of the residual)
+  int pp_comm_ = -1;
+  int64_t cp_ = 1;  // the stages' communicator (send/recv of the residual)
   int64_t step_ = 0;
 };
 

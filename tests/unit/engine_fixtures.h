@@ -2,6 +2,8 @@
 // hazard detector attached, returning every StepRecord.
 #pragma once
 
+#include <algorithm>
+#include <cmath>
 #include <memory>
 #include <string>
 #include <vector>
@@ -21,6 +23,7 @@ struct RunConfig {
   bool guards = false;
   RuntimeOptions options = {};
   std::vector<int64_t> pp_partition = {};  // empty: one stage
+  int64_t cp = 1;
 };
 
 struct RunResult {
@@ -48,7 +51,7 @@ inline RuntimeOptions options_for(int64_t requests) {
 inline RunResult run_engine(const ModelConfig& config, uint64_t weight_seed, const std::vector<WorkloadRequest>& workload,
                             const RunConfig& rc) {
   rt::RuntimeOptions ro;
-  ro.devices = std::max<int>(1, static_cast<int>(rc.pp_partition.size()));
+  ro.devices = std::max<int>({1, static_cast<int>(rc.pp_partition.size()), static_cast<int>(rc.cp)});
   if (rc.guards) {
     ro.allocator_mode = AllocatorMode::testing;
     ro.caching_allocator = false;
@@ -63,6 +66,7 @@ inline RunResult run_engine(const ModelConfig& config, uint64_t weight_seed, con
   eo.multi_stream = rc.multi_stream;
   eo.probes = rc.probes;
   eo.pp_partition = rc.pp_partition;
+  eo.cp = rc.cp;
   RunResult out;
   {
     ServingEngine engine(runtime, config, rc.options, CheckpointSource::synthetic(config, weight_seed), eo);
@@ -76,6 +80,23 @@ inline RunResult run_engine(const ModelConfig& config, uint64_t weight_seed, con
   }
   for (const auto& h : detector.hazards()) out.hazards.push_back(h.describe());
   return out;
+}
+
+// The largest |logit difference| over every sampled row of two runs with the same rows (inf when
+// the rows differ).
+inline double max_logit_difference(const RunResult& a, const RunResult& b) {
+  if (a.steps.size() != b.steps.size()) return HUGE_VAL;
+  double worst = 0.0;
+  for (size_t s = 0; s < a.steps.size(); ++s) {
+    if (a.steps[s].rows.size() != b.steps[s].rows.size()) return HUGE_VAL;
+    for (size_t r = 0; r < a.steps[s].rows.size(); ++r) {
+      const auto& x = a.steps[s].rows[r].logits;
+      const auto& y = b.steps[s].rows[r].logits;
+      if (x.size() != y.size()) return HUGE_VAL;
+      for (size_t i = 0; i < x.size(); ++i) worst = std::max(worst, static_cast<double>(std::fabs(x[i] - y[i])));
+    }
+  }
+  return worst;
 }
 
 // The first difference between two runs' records (values bitwise, logits bitwise), or "".

@@ -48,6 +48,7 @@ int cmd_generate(const std::vector<std::string>& argv, std::ostream& out) {
       {"--schedule", "S", "sim stream interleaving: in-order, random:SEED, pct:SEED:DEPTH, delay:STREAM:OPS", false},
       {"--pp", "N", "pipeline-parallel stages, one simulated device each (default 1; vLLM's default split)", false},
       {"--pp-partition", "a,b,...", "layers per stage, in order (sets the stage count)", false},
+      {"--cp", "N", "prefill context-parallel ranks, one simulated device each (default 1)", false},
       {"--indexer-sms", "N", "blocks of the persistent indexer-logits kernel (default 4)", false},
       {"--guards", "", "testing allocator: guard bytes and poison on every buffer, checked at the end", false},
       {"--compare-reference", "", "compare every step with the scalar reference (tolerances, tie-aware decisions)", false},
@@ -98,6 +99,8 @@ int cmd_generate(const std::vector<std::string>& argv, std::ostream& out) {
   } else if (args.has("--pp")) {
     eo.pp_partition = engine::default_pp_partition(config.n_layers, args.i64("--pp", 1));
   }
+  eo.cp = args.i64("--cp", 1);
+  if (eo.cp < 1) throw InputError("--cp", "", "must be >= 1");
   const bool compare = args.has("--compare-reference");
   eo.probes = compare;
   rt::SimOptions sim;
@@ -120,7 +123,7 @@ int cmd_generate(const std::vector<std::string>& argv, std::ostream& out) {
   const CheckpointSource source =
       args.has("--weights") ? CheckpointSource::file(args.str("--weights")) : CheckpointSource::synthetic(config, seed);
   rt::RuntimeOptions ro;
-  ro.devices = std::max<int>(1, static_cast<int>(eo.pp_partition.size()));
+  ro.devices = std::max<int>({1, static_cast<int>(eo.pp_partition.size()), static_cast<int>(eo.cp)});
   if (args.has("--guards")) {
     ro.allocator_mode = AllocatorMode::testing;
     ro.caching_allocator = false;
@@ -152,6 +155,7 @@ int cmd_generate(const std::vector<std::string>& argv, std::ostream& out) {
     for (size_t i = 0; i < eo.pp_partition.size(); ++i) out << (i ? "," : "") << eo.pp_partition[i];
     out << ")";
   }
+  if (eo.cp > 1) out << ", cp " << eo.cp;
   out << "\n";
   int64_t extend_steps = 0, decode_steps = 0;
   std::string finding;
