@@ -5,6 +5,7 @@
 
 #include "engine/checkpoint/checkpoint_layout.h"
 #include "engine/checkpoint/checkpoint_source.h"
+#include "engine/checkpoint/dequantize.h"
 #include "engine/core/error.h"
 #include "engine/core/formats.h"
 
@@ -23,30 +24,11 @@ Mat dense(const TensorSpec& spec, const std::vector<uint8_t>& bytes) {
   return m;
 }
 
-// FP8 weight [out, in] times its [ceil(out/b), ceil(in/b)] scales.
-Mat dequantize_fp8(const TensorSpec& w, const std::vector<uint8_t>& wb, const std::vector<uint8_t>& sb, int64_t block) {
-  const int64_t out = w.shape[0], in = w.shape[1];
-  const int64_t scale_cols = (in + block - 1) / block;
-  Mat m(out, in);
-  for (int64_t r = 0; r < out; ++r) {
-    for (int64_t c = 0; c < in; ++c) {
-      const float s = ue8m0_to_f32(sb[static_cast<size_t>((r / block) * scale_cols + c / block)]);
-      m.at(r, c) = e4m3fn_to_f32(wb[static_cast<size_t>(r * in + c)]) * s;
-    }
-  }
-  return m;
-}
-
-// FP4 pairs [out, in/2] times their [out, in/block] scales, unpacked to [out, in].
-Mat dequantize_fp4(const TensorSpec& w, const std::vector<uint8_t>& wb, const std::vector<uint8_t>& sb, int64_t block) {
-  const int64_t out = w.shape[0], in = w.shape[1] * 2;
-  Mat m(out, in);
-  for (int64_t r = 0; r < out; ++r) {
-    for (int64_t c = 0; c < in; ++c) {
-      const float s = ue8m0_to_f32(sb[static_cast<size_t>(r * (in / block) + c / block)]);
-      m.at(r, c) = e2m1_to_f32(fp4_get(wb.data(), r * in + c)) * s;
-    }
-  }
+Mat as_mat(int64_t rows, std::vector<float> values) {
+  Mat m;
+  m.rows = rows;
+  m.cols = rows == 0 ? 0 : static_cast<int64_t>(values.size()) / rows;
+  m.data = std::move(values);
   return m;
 }
 
@@ -61,12 +43,12 @@ std::map<std::string, Mat> load(const ModelConfig& config, const BytesOf& bytes_
         break;  // folded into its weight
       case TensorRole::fp8_weight: {
         const TensorSpec& scale = *by_name.at(spec.weight_name);
-        out[spec.name] = dequantize_fp8(spec, bytes_of(spec), bytes_of(scale), config.weight_block_size);
+        out[spec.name] = as_mat(spec.shape[0], dequantize_fp8_weight(spec, bytes_of(spec), bytes_of(scale), config.weight_block_size));
         break;
       }
       case TensorRole::fp4_weight: {
         const TensorSpec& scale = *by_name.at(spec.weight_name);
-        out[spec.name] = dequantize_fp4(spec, bytes_of(spec), bytes_of(scale), config.fp4_block_size);
+        out[spec.name] = as_mat(spec.shape[0], dequantize_fp4_weight(spec, bytes_of(spec), bytes_of(scale), config.fp4_block_size));
         break;
       }
       default:

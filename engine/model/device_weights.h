@@ -16,9 +16,11 @@ namespace dsv4::engine {
 
 class DeviceWeights {
  public:
-  // `keep` selects the tensors to load (a pipeline stage holds only its own); all when empty.
+  // `keep` selects the tensors to load (a pipeline stage holds only its own); all when empty. With
+  // `int8`, every FP8 and FP4 weight is dequantized and requantized per output channel (w8a8-int8,
+  // kernels/int8_gemm.h): "X.weight" becomes i8 [N, K] and "X.scale" f32 [N].
   DeviceWeights(rt::Runtime& runtime, int device, const ModelConfig& config, const CheckpointSource& source,
-                const std::function<bool(const std::string&)>& keep = {});
+                const std::function<bool(const std::string&)>& keep = {}, bool int8 = false);
   ~DeviceWeights();
   DeviceWeights(const DeviceWeights&) = delete;
   DeviceWeights& operator=(const DeviceWeights&) = delete;

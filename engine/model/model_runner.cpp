@@ -12,6 +12,7 @@
 #include "kernels/cast.h"
 #include "kernels/compressor.h"
 #include "kernels/indexer_logits.h"
+#include "kernels/int8_gemm.h"
 #include "kernels/mhc.h"
 #include "kernels/moe.h"
 #include "kernels/norm_rope.h"
@@ -614,6 +615,12 @@ void ModelRunner::issue_linear(rt::StreamId stream, const std::string& weight, c
     return;
   }
   DeviceTensor s{weights_.buffer(scale), weights_.get(scale)};
+  if (w.t.dtype() == DType::i8) {
+    op(stream, weight, {x, w, s}, {out}, [x, w, s, out]() mutable {
+      kernels::linear_projection(x.t, w.t, kernels::ChannelScales{s.t}, out.t);
+    });
+    return;
+  }
   const int64_t block = config_.weight_block_size;
   op(stream, weight, {x, w, s}, {out}, [x, w, s, out, block]() mutable {
     const int64_t T = x.t.size(0), K = x.t.size(1);
@@ -1004,10 +1011,11 @@ void ModelRunner::issue_moe(Layer& L, int64_t T) {
     ws[static_cast<size_t>(e)] = {get("w1.weight"), get("w1.scale"), get("w2.weight"),
                                   get("w2.scale"),  get("w3.weight"), get("w3.scale")};
   }
-  const bool fp4 = config_.expert_dtype == "fp4";
+  const bool int8 = engine_options_.w8a8_int8;
+  const bool fp4 = !int8 && config_.expert_dtype == "fp4";
   const int64_t ab = config_.act_block_size, fb = config_.fp4_block_size, wb = config_.weight_block_size;
   const float rlimit = static_cast<float>(config_.swiglu_limit);
-  op(main_, p + ".experts", reads, {routed}, [xn, experts, ew, routed, ws, E, k, d, fp4, ab, fb, wb, rlimit]() mutable {
+  op(main_, p + ".experts", reads, {routed}, [xn, experts, ew, routed, ws, E, k, d, int8, fp4, ab, fb, wb, rlimit]() mutable {
     const int64_t n = xn.t.size(0);
     const auto* ex = experts.t.data<int32_t>();
     const auto* wt = ew.t.data<float>();
@@ -1015,6 +1023,10 @@ void ModelRunner::issue_moe(Layer& L, int64_t T) {
       const int64_t R = a.size(0), K = a.size(1);
       Tensor q = Tensor::empty({R, K}, DType::f8_e4m3fn, "act_q");
       Tensor qs = Tensor::empty({R, K / ab}, DType::ue8m0, "act_scales");
+      if (int8) {
+        kernels::linear_projection(a, w, kernels::ChannelScales{s}, out);
+        return;
+      }
       kernels::act_quant_fp8(a, ab, q, qs);
       if (fp4) {
         kernels::gemm_fp4_weights(q, qs, w, s, out, ab, fb);

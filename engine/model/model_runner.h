@@ -55,6 +55,9 @@ struct EngineOptions {
   // Prefill context parallelism: EXTEND batches split round-robin over `cp` ranks (one simulated
   // device each, every rank a whole model with its own full caches); DECODE runs on rank 0.
   int64_t cp = 1;
+  // The quantized linears: FP8 block-scaled (the checkpoint's) or w8a8-int8 (per-channel int8
+  // weights requantized at load, dynamic per-token int8 activations).
+  bool w8a8_int8 = false;
 };
 
 // vLLM's default split (get_pp_indices): n_layers / pp each, the remainder spread one by one over

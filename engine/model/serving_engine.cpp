@@ -41,7 +41,7 @@ ServingEngine::ServingEngine(rt::Runtime& runtime, const ModelConfig& config, co
     for (int64_t r = 0; r < cp_; ++r) {
       EngineOptions eo = engine_options;
       eo.device = engine_options.device + static_cast<int>(r);
-      weights_.push_back(std::make_unique<DeviceWeights>(rt_, eo.device, config_, weights));
+      weights_.push_back(std::make_unique<DeviceWeights>(rt_, eo.device, config_, weights, nullptr, eo.w8a8_int8));
       runners_.push_back(std::make_unique<ModelRunner>(rt_, config_, options_, *weights_.back(), eo, *slots_, *full_,
                                                        *swa_));
       mains.push_back(runners_.back()->main_stream());
@@ -66,7 +66,7 @@ ServingEngine::ServingEngine(rt::Runtime& runtime, const ModelConfig& config, co
     eo.device = engine_options.device + static_cast<int>(s);
     weights_.push_back(std::make_unique<DeviceWeights>(
         rt_, eo.device, config_, weights,
-        [&](const std::string& name) { return stage_holds_weight(config_, begin, end, name); }));
+        [&](const std::string& name) { return stage_holds_weight(config_, begin, end, name); }, eo.w8a8_int8));
     runners_.push_back(std::make_unique<ModelRunner>(rt_, config_, options_, *weights_.back(), eo, *slots_, *full_,
                                                      *swa_, begin, end));
     mains.push_back(runners_.back()->main_stream());

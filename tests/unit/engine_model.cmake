@@ -13,9 +13,9 @@ dsv4_add_gtest(test_engine_sweep DISCOVER
   LABELS unit slow property
   TIMEOUT 900)
 
-# Pipeline (and context) parallelism on simulated devices against one rank.
+# Pipeline and context parallelism on simulated devices against one rank; the w8a8-int8 path.
 dsv4_add_gtest(test_engine_parallel DISCOVER
   SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_engine_parallel.cpp
-  LIBS dsv4_engine
+  LIBS dsv4_engine dsv4_oracle
   LABELS unit slow
   TIMEOUT 900)

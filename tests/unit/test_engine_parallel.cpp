@@ -1,9 +1,11 @@
-// Pipeline parallelism on sim: every partition of the tiny config's 5 layers into 1..5 non-empty
+// Pipeline and context parallelism and the w8a8-int8 path on sim. Pipeline parallelism: every partition of the tiny config's 5 layers into 1..5 non-empty
 // stages (one simulated device per stage, the head on the last) gives StepRecords bitwise equal to
 // one stage, in eager and graph mode, multi-stream on and off, with the hazard detector silent.
 #include <gtest/gtest.h>
 
 #include "engine/core/error.h"
+#include "engine/oracle/oracle.h"
+#include "reference/weights.h"
 #include "tests/unit/engine_fixtures.h"
 
 namespace dsv4::engine {
@@ -144,6 +146,41 @@ TEST_P(ContextParallelTiny, EqualsOneRank) {
   }
 }
 INSTANTIATE_TEST_SUITE_P(Modes, ContextParallelTiny, ::testing::ValuesIn(kModes));
+
+}  // namespace
+}  // namespace dsv4::engine
+
+namespace dsv4::engine {
+namespace {
+
+// w8a8-int8: the in-order eager run through the oracle against the reference's int8 simulation,
+// and the other modes and schedules bitwise equal to it.
+TEST(W8a8Int8, MicroMixMatchesReferenceInEveryMode) {
+  const ModelConfig config = load_model_config("micro");
+  const auto mix = standard_workload(config, 1, 8, 12);
+  RunConfig rc;
+  rc.options = options_for(8);
+  rc.w8a8_int8 = true;
+  const RunResult base = run_engine(config, 1, mix, rc);
+  const ref::Weights weights = ref::Weights::synthetic(config, 1);
+  ref::Numerics numerics{ref::Mode::quant_sim};
+  numerics.linear = ref::LinearQuant::w8a8_int8;
+  ReferenceOracle oracle(config, weights, numerics);
+  for (const auto& r : mix) oracle.add_request(r.id, r.prompt_ids);
+  for (const StepRecord& s : base.steps) oracle.check(s);
+  ASSERT_TRUE(oracle.ok()) << oracle.first_divergence()->summary() << "\n" << oracle.table();
+  for (const Mode& m : kModes) {
+    rc.graphs = m.graphs;
+    rc.multi_stream = m.multi_stream;
+    rc.schedule = "pct:9:3";
+    const RunResult r = run_engine(config, 1, mix, rc);
+    EXPECT_EQ(first_difference(base, r), "") << m.name;
+    EXPECT_TRUE(r.hazards.empty()) << m.name << ": " << r.hazards.front();
+  }
+  // And it is a different path from FP8.
+  rc.w8a8_int8 = false;
+  EXPECT_NE(first_difference(base, run_engine(config, 1, mix, rc)), "");
+}
 
 }  // namespace
 }  // namespace dsv4::engine

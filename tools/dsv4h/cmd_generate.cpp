@@ -48,6 +48,7 @@ int cmd_generate(const std::vector<std::string>& argv, std::ostream& out) {
       {"--schedule", "S", "sim stream interleaving: in-order, random:SEED, pct:SEED:DEPTH, delay:STREAM:OPS", false},
       {"--pp", "N", "pipeline-parallel stages, one simulated device each (default 1; vLLM's default split)", false},
       {"--pp-partition", "a,b,...", "layers per stage, in order (sets the stage count)", false},
+      {"--quant", "fp8|w8a8-int8", "quantized linears: FP8 block-scaled (default) or per-channel int8 with per-token int8 activations", false},
       {"--cp", "N", "prefill context-parallel ranks, one simulated device each (default 1)", false},
       {"--indexer-sms", "N", "blocks of the persistent indexer-logits kernel (default 4)", false},
       {"--guards", "", "testing allocator: guard bytes and poison on every buffer, checked at the end", false},
@@ -100,6 +101,9 @@ int cmd_generate(const std::vector<std::string>& argv, std::ostream& out) {
     eo.pp_partition = engine::default_pp_partition(config.n_layers, args.i64("--pp", 1));
   }
   eo.cp = args.i64("--cp", 1);
+  const std::string quant = args.optional_str("--quant").value_or("fp8");
+  if (quant != "fp8" && quant != "w8a8-int8") throw InputError("--quant", "", "expects fp8 or w8a8-int8, got '" + quant + "'");
+  eo.w8a8_int8 = quant == "w8a8-int8";
   if (eo.cp < 1) throw InputError("--cp", "", "must be >= 1");
   const bool compare = args.has("--compare-reference");
   eo.probes = compare;
@@ -142,8 +146,9 @@ int cmd_generate(const std::vector<std::string>& argv, std::ostream& out) {
                                                                         : ref::Weights::synthetic(config, seed));
     engine::OracleTolerances tolerances;
     tolerances.resync_layers = !args.has("--no-resync");
-    oracle = std::make_unique<engine::ReferenceOracle>(config, *ref_weights, ref::Numerics{ref::Mode::quant_sim},
-                                                       tolerances);
+    ref::Numerics numerics{ref::Mode::quant_sim};
+    if (eo.w8a8_int8) numerics.linear = ref::LinearQuant::w8a8_int8;
+    oracle = std::make_unique<engine::ReferenceOracle>(config, *ref_weights, numerics, tolerances);
     for (const auto& r : workload) oracle->add_request(r.id, r.prompt_ids);
   }
 
@@ -156,6 +161,7 @@ int cmd_generate(const std::vector<std::string>& argv, std::ostream& out) {
     out << ")";
   }
   if (eo.cp > 1) out << ", cp " << eo.cp;
+  out << ", quant " << quant;
   out << "\n";
   int64_t extend_steps = 0, decode_steps = 0;
   std::string finding;
