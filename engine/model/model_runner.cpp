@@ -192,7 +192,8 @@ bool stage_holds_weight(const ModelConfig& config, int64_t layer_begin, int64_t 
     const int64_t layer = std::stoll(name.substr(7, name.find('.', 7) - 7));
     return layer >= layer_begin && layer < layer_end;
   }
-  if (name == "embed.weight") return layer_begin == 0;
+  // The embedding on the first stage, and on the last for the MTP block, which shares it.
+  if (name == "embed.weight") return layer_begin == 0 || layer_end == config.n_layers;
   return layer_end == config.n_layers;  // head, norm, hc_head_*, mtp.*
 }
 
@@ -276,49 +277,11 @@ ModelRunner::ModelRunner(rt::Runtime& runtime, const ModelConfig& config, const 
     }
   }
 
-  // Caches and state, per layer.
-  const int64_t full_pages = full_.page_count();
-  for (int64_t l = layer_begin_; l < layer_end_; ++l) {
-    auto layer = std::make_unique<Layer>();
-    layer->id = l;
-    layer->ratio = config_.ratio(l);
-    layer->prefix = "layers." + std::to_string(l);
-    layer->hash = l < config_.n_hash_layers;
-    layer->freqs = layer->ratio > 0 ? freqs_compressed_ : freqs_dense_;
-    layer->kv_layout = kernels::model1_layout("engine", D, config_.rope_head_dim, config_.kv_block_size);
-    const std::string p = layer->prefix;
-    layer->swa_cache = alloc(p + ".swa_kv", DType::u8, {swa_pages, layer->kv_layout.page_bytes(options_.swa_page_size)});
-    if (layer->ratio > 0) {
-      layer->comp_page_entries = options_.page_size / layer->ratio;
-      layer->comp_cache = alloc(p + ".c" + std::to_string(layer->ratio) + "_kv", DType::u8,
-                                {full_pages, layer->kv_layout.page_bytes(layer->comp_page_entries)});
-      const serving::CompressStatePool& pool = layer->ratio == kC4 ? *c4_pool_ : *c128_pool_;
-      layer->comp_state_layout = kernel_state_layout(pool.row_layout());
-      layer->comp_state = alloc(p + ".compress_state", DType::u8, {pool.row_count(), pool.row_layout().row_bytes});
-      std::vector<uint8_t> clean(static_cast<size_t>(pool.buffer_bytes()));
-      for (int64_t r = 0; r < pool.row_count(); ++r) {
-        serving::fill_clean_state_row(pool.row_layout(), std::span<uint8_t>(clean).subspan(
-                                                              static_cast<size_t>(r * pool.row_layout().row_bytes),
-                                                              static_cast<size_t>(pool.row_layout().row_bytes)));
-      }
-      rt_.upload(layer->comp_state.buffer, 0, clean.data(), clean.size());
-    }
-    if (layer->ratio == kC4) {
-      const int64_t entries = full_.capacity_tokens() / kC4;
-      layer->idx_keys = alloc(p + ".indexer_keys", DType::f32,
-                              {entries / kernels::kIndexerPageKeys, kernels::kIndexerPageKeys, config_.index_head_dim});
-      serving::CompressStatePool ipool(config_, options_, l, serving::CompressStateOwner::indexer, swa_pages);
-      layer->idx_state_layout = kernel_state_layout(ipool.row_layout());
-      layer->idx_state = alloc(p + ".indexer_compress_state", DType::u8, {ipool.row_count(), ipool.row_layout().row_bytes});
-      std::vector<uint8_t> clean(static_cast<size_t>(ipool.buffer_bytes()));
-      for (int64_t r = 0; r < ipool.row_count(); ++r) {
-        serving::fill_clean_state_row(ipool.row_layout(), std::span<uint8_t>(clean).subspan(
-                                                               static_cast<size_t>(r * ipool.row_layout().row_bytes),
-                                                               static_cast<size_t>(ipool.row_layout().row_bytes)));
-      }
-      rt_.upload(layer->idx_state.buffer, 0, clean.data(), clean.size());
-    }
-    layers_.push_back(std::move(layer));
+  // Caches and state, per layer (and the MTP block's SWA cache on the last stage).
+  for (int64_t l = layer_begin_; l < layer_end_; ++l) layers_.push_back(make_layer(l, "layers." + std::to_string(l)));
+  if (engine_options_.mtp && is_last_stage()) {
+    if (config_.n_mtp_layers < 1) throw InputError("--mtp", "", "the config has no MTP block (n_mtp_layers = 0)");
+    mtp_layer_ = make_layer(config_.n_layers, "mtp.0");
   }
 
   // Activations.
@@ -373,6 +336,19 @@ ModelRunner::ModelRunner(rt::Runtime& runtime, const ModelConfig& config, const 
     head_yn_ = alloc("head_yn", DType::bf16, {max_rows_, d});
     logits_ = alloc("logits", DType::f32, {max_rows_, config_.vocab_size});
   }
+  if (mtp_layer_) {
+    m_row_next_ = alloc("meta.row_next_ids", DType::i32, {max_rows_});
+    m_sampled_ = alloc("sampled_ids", DType::i32, {max_rows_});
+    m_next_ids_ = alloc("mtp.next_ids", DType::i32, {T});
+    mtp_e_ = alloc("mtp.e", DType::bf16, {T, d});
+    mtp_en_ = alloc("mtp.e_norm", DType::bf16, {T, d});
+    mtp_ep_ = alloc("mtp.e_proj", DType::bf16, {T, d});
+    mtp_hn_ = alloc("mtp.h_norm", DType::bf16, {T, d});
+    mtp_hp_ = alloc("mtp.h_proj", DType::bf16, {T, d});
+    mtp_R_ = alloc("mtp.R", DType::bf16, {T, hc * d});
+    mtp_R_out_ = alloc("mtp.R_out", DType::bf16, {T, hc * d});
+    draft_logits_ = alloc("draft_logits", DType::f32, {max_rows_, config_.vocab_size});
+  }
 
   // Metadata.
   swa_width_ = config_.window_size;
@@ -404,6 +380,47 @@ ModelRunner::ModelRunner(rt::Runtime& runtime, const ModelConfig& config, const 
   eager_metadata_ = std::make_unique<serving::ForwardMetadata>(swa_, pools);
 }
 
+DeviceTensor ModelRunner::alloc_state(const std::string& name, const serving::CompressStatePool& pool) {
+  DeviceTensor d = alloc(name, DType::u8, {pool.row_count(), pool.row_layout().row_bytes});
+  // Every row clean (kv 0, score -inf), the dummy row included.
+  std::vector<uint8_t> clean(static_cast<size_t>(pool.buffer_bytes()));
+  const auto row = static_cast<size_t>(pool.row_layout().row_bytes);
+  for (int64_t r = 0; r < pool.row_count(); ++r) {
+    serving::fill_clean_state_row(pool.row_layout(), std::span<uint8_t>(clean).subspan(static_cast<size_t>(r) * row, row));
+  }
+  rt_.upload(d.buffer, 0, clean.data(), clean.size());
+  return d;
+}
+
+std::unique_ptr<ModelRunner::Layer> ModelRunner::make_layer(int64_t id, const std::string& prefix) {
+  auto layer = std::make_unique<Layer>();
+  layer->id = id;
+  layer->ratio = config_.ratio(id);
+  layer->prefix = prefix;
+  layer->hash = id < config_.n_hash_layers;
+  layer->freqs = layer->ratio > 0 ? freqs_compressed_ : freqs_dense_;
+  layer->kv_layout = kernels::model1_layout("engine", config_.head_dim, config_.rope_head_dim, config_.kv_block_size);
+  const int64_t swa_pages = swa_.page_count();
+  layer->swa_cache = alloc(prefix + ".swa_kv", DType::u8, {swa_pages, layer->kv_layout.page_bytes(options_.swa_page_size)});
+  if (layer->ratio > 0) {
+    layer->comp_page_entries = options_.page_size / layer->ratio;
+    layer->comp_cache = alloc(prefix + ".c" + std::to_string(layer->ratio) + "_kv", DType::u8,
+                              {full_.page_count(), layer->kv_layout.page_bytes(layer->comp_page_entries)});
+    const serving::CompressStatePool& pool = layer->ratio == kC4 ? *c4_pool_ : *c128_pool_;
+    layer->comp_state_layout = kernel_state_layout(pool.row_layout());
+    layer->comp_state = alloc_state(prefix + ".compress_state", pool);
+  }
+  if (layer->ratio == kC4) {
+    const int64_t entries = full_.capacity_tokens() / kC4;
+    layer->idx_keys = alloc(prefix + ".indexer_keys", DType::f32,
+                            {entries / kernels::kIndexerPageKeys, kernels::kIndexerPageKeys, config_.index_head_dim});
+    const serving::CompressStatePool ipool(config_, options_, id, serving::CompressStateOwner::indexer, swa_pages);
+    layer->idx_state_layout = kernel_state_layout(ipool.row_layout());
+    layer->idx_state = alloc_state(prefix + ".indexer_compress_state", ipool);
+  }
+  return layer;
+}
+
 ModelRunner::~ModelRunner() {
   for (rt::BufferId b : owned_) rt_.free(b);
 }
@@ -425,6 +442,8 @@ DeviceTensor ModelRunner::view(const DeviceTensor& base, const Shape& shape) con
 DeviceTensor ModelRunner::rows(const DeviceTensor& base, int64_t count) const {
   return DeviceTensor{base.buffer, base.t.narrow(0, 0, count)};
 }
+
+DeviceTensor ModelRunner::weight(const std::string& name) const { return DeviceTensor{weights_.buffer(name), weights_.get(name)}; }
 
 rt::ByteRange ModelRunner::range_of(const DeviceTensor& d) const {
   const Tensor& t = d.t;
@@ -582,6 +601,11 @@ void ModelRunner::prepare_metadata(const serving::ForwardBatch& batch, serving::
       c128_idx = cp_slice(c128_idx, T, c128_width_, r, n, std::vector<int32_t>(static_cast<size_t>(c128_width_), -1));
       c128_len = cp_slice(c128_len, T, 1, r, n, {1});
     }
+  }
+  if (mtp_layer_) {
+    std::vector<int32_t> hint(static_cast<size_t>(batch.row_count()), -1);
+    for (size_t r = 0; r < row_next_ids_.size() && r < hint.size(); ++r) hint[r] = row_next_ids_[r];
+    upload_vec(rt_, m_row_next_, hint);
   }
   upload_vec(rt_, m_ids_, ids);
   upload_vec(rt_, m_pos_, pos);
@@ -1068,51 +1092,153 @@ void ModelRunner::issue_moe(Layer& L, int64_t T) {
   probe(main_, p + ".out", out, d);
 }
 
-void ModelRunner::issue_forward(int64_t T, int64_t nrows) {
+// One block (attention and MoE between their mHC mixes): R -> Rout, with Rm in between.
+void ModelRunner::issue_block(Layer& L, int64_t T, const DeviceTensor& R, const DeviceTensor& Rout) {
   const int64_t d = config_.dim, hc = config_.hc_mult;
   const double eps = config_.norm_eps, hc_eps = config_.hc_eps;
   const int64_t iters = config_.hc_sinkhorn_iters;
-  DeviceTensor ids = rows(m_ids_, T);
-  DeviceTensor R = rows(R_a_, T), Rn = rows(R_b_, T);
   DeviceTensor Rm = rows(R_mid_, T), x = rows(x_, T), xn = rows(xn_, T), post = rows(post_, T), comb = rows(comb_, T);
-  if (is_first_stage()) {
-  DeviceTensor embed{weights_.buffer("embed.weight"), weights_.get("embed.weight")};
-  op(main_, "embed", {ids, embed}, {R}, [ids, embed, R, d, hc]() mutable {
-    for (int64_t t = 0; t < ids.t.size(0); ++t) {
-      const int32_t id = ids.t.data<int32_t>()[t];
-      if (id < 0 || id >= embed.t.size(0)) throw ContractError("embed", "input_ids", "token id " + std::to_string(id) + " outside the vocabulary");
-      for (int64_t c = 0; c < hc; ++c) {
-        std::memcpy(R.t.data<uint16_t>() + t * hc * d + c * d, embed.t.data<uint16_t>() + id * d, static_cast<size_t>(d) * 2);
-      }
+  const std::string& p = L.prefix;
+  auto pre = [&](const std::string& which, const DeviceTensor& Rin, const std::string& norm, const std::string& key) {
+    DeviceTensor fn = weight(p + ".hc_" + which + "_fn"), base = weight(p + ".hc_" + which + "_base");
+    DeviceTensor scale = weight(p + ".hc_" + which + "_scale"), nw = weight(p + "." + norm + ".weight");
+    op(main_, kernels::kHcPreOp, {Rin, fn, base, scale}, {x, post, comb},
+       [Rin, fn, base, scale, hc_eps, eps, iters, x, post, comb]() mutable {
+         kernels::hc_pre(Rin.t, fn.t, base.t, scale.t, hc_eps, eps, iters, x.t, post.t, comb.t);
+       });
+    op(main_, kernels::kRmsNormOp, {x, nw}, {xn}, [x, nw, eps, xn]() mutable { kernels::rms_norm(x.t, nw.t, eps, xn.t); });
+    probe(main_, p + "." + key, xn, d);
+  };
+  auto hc_post = [&](DeviceTensor F, DeviceTensor Rin, DeviceTensor Rnext) {
+    op(main_, kernels::kHcPostOp, {F, Rin, post, comb}, {Rnext}, [F, Rin, post, comb, Rnext]() mutable {
+      kernels::hc_post(F.t, Rin.t, post.t, comb.t, Rnext.t);
+    });
+  };
+  pre("attn", R, "attn_norm", "attn_norm");
+  issue_attention(L, T);
+  hc_post(rows(attn_out_, T), R, Rm);
+  pre("ffn", Rm, "ffn_norm", "ffn_norm");
+  issue_moe(L, T);
+  hc_post(rows(ffn_out_, T), Rm, Rout);
+  probe(main_, p + ".residual", Rout, hc * d);
+}
+
+// hc_head (of `prefix`: "" or "mtp.0."), the final norm and the shared f32 head on each row's last
+// token of R, into logits [nrows, vocab].
+void ModelRunner::issue_head(const DeviceTensor& R, int64_t nrows, const std::string& prefix, const std::string& norm,
+                             const DeviceTensor& logits) {
+  const int64_t d = config_.dim, hc = config_.hc_mult;
+  const double eps = config_.norm_eps, hc_eps = config_.hc_eps;
+  DeviceTensor last = rows(m_last_, nrows), lR = rows(last_R_, nrows), y = rows(head_y_, nrows);
+  DeviceTensor yn = rows(head_yn_, nrows);
+  op(main_, "gather_last", {R, last}, {lR}, [R, last, lR, hc, d]() mutable {
+    for (int64_t r = 0; r < lR.t.size(0); ++r) {
+      const int32_t t = last.t.data<int32_t>()[r];
+      std::memcpy(lR.t.data<uint16_t>() + r * hc * d, R.t.data<uint16_t>() + t * hc * d, static_cast<size_t>(hc * d) * 2);
     }
   });
+  DeviceTensor fn = weight(prefix + "hc_head_fn"), base = weight(prefix + "hc_head_base");
+  DeviceTensor scale = weight(prefix + "hc_head_scale"), nw = weight(norm), head = weight("head.weight");
+  op(main_, kernels::kHcHeadOp, {lR, fn, base, scale}, {y}, [lR, fn, base, scale, hc_eps, eps, y]() mutable {
+    kernels::hc_head(lR.t, fn.t, base.t, scale.t, hc_eps, eps, y.t);
+  });
+  op(main_, kernels::kRmsNormOp, {y, nw}, {yn}, [y, nw, eps, yn]() mutable { kernels::rms_norm(y.t, nw.t, eps, yn.t); });
+  DeviceTensor out = logits;
+  op(main_, "head", {yn, head}, {out}, [yn, head, out]() mutable { kernels::moe_gate_logits(yn.t, head.t, out.t); });
+}
+
+// The MTP block (dsv4-model §4.3) drafting from this batch: position p takes the target's final
+// residual at p and the token at p + 1 (the row's next input, or for its last token the token just
+// sampled, or the next prompt token for a chunk inside the prompt); e_proj(enorm(embed)) is added
+// to h_proj(hnorm(copy c)) for every copy, the SWA-only block runs on its own cache, and its
+// hc_head, norm and the shared head give the draft logits of each row's last token.
+void ModelRunner::issue_mtp(const DeviceTensor& R_final, int64_t T, int64_t nrows) {
+  const int64_t d = config_.dim, hc = config_.hc_mult, V = config_.vocab_size;
+  const double eps = config_.norm_eps;
+  Layer& L = *mtp_layer_;
+  DeviceTensor logits = rows(logits_, nrows), sampled = rows(m_sampled_, nrows), last = rows(m_last_, nrows);
+  DeviceTensor hint = rows(m_row_next_, nrows), ids = rows(m_ids_, T), next = rows(m_next_ids_, T);
+  op(main_, "greedy", {logits}, {sampled}, [logits, sampled, V]() mutable {
+    for (int64_t r = 0; r < sampled.t.size(0); ++r) {
+      const float* row = logits.t.data<float>() + r * V;
+      sampled.t.data<int32_t>()[r] = static_cast<int32_t>(std::max_element(row, row + V) - row);
+    }
+  });
+  op(main_, "mtp_next_ids", {ids, last, hint, sampled}, {next}, [ids, last, hint, sampled, next]() mutable {
+    int64_t t = 0;
+    for (int64_t r = 0; r < last.t.size(0); ++r) {
+      const int32_t end = last.t.data<int32_t>()[r];
+      for (; t < end; ++t) next.t.data<int32_t>()[t] = ids.t.data<int32_t>()[t + 1];
+      const int32_t h = hint.t.data<int32_t>()[r];
+      next.t.data<int32_t>()[t++] = h >= 0 ? h : sampled.t.data<int32_t>()[r];
+    }
+  });
+  DeviceTensor embed = weight("embed.weight"), e = rows(mtp_e_, T), en = rows(mtp_en_, T), ep = rows(mtp_ep_, T);
+  op(main_, "mtp.embed", {next, embed}, {e}, [next, embed, e, d]() mutable {
+    for (int64_t t = 0; t < next.t.size(0); ++t) {
+      const int32_t id = next.t.data<int32_t>()[t];
+      if (id < 0 || id >= embed.t.size(0)) throw ContractError("mtp.embed", "next_ids", "token id " + std::to_string(id) + " outside the vocabulary");
+      std::memcpy(e.t.data<uint16_t>() + t * d, embed.t.data<uint16_t>() + id * d, static_cast<size_t>(d) * 2);
+    }
+  });
+  DeviceTensor enorm = weight("mtp.0.enorm.weight"), hnorm = weight("mtp.0.hnorm.weight");
+  op(main_, kernels::kRmsNormOp, {e, enorm}, {en}, [e, enorm, eps, en]() mutable { kernels::rms_norm(e.t, enorm.t, eps, en.t); });
+  issue_linear(main_, "mtp.0.e_proj.weight", en, ep);
+  DeviceTensor R = rows(mtp_R_, T), hn = rows(mtp_hn_, T), hp = rows(mtp_hp_, T);
+  for (int64_t c = 0; c < hc; ++c) {
+    DeviceTensor copy{R_final.buffer, R_final.t.narrow(1, c * d, d)};
+    op(main_, kernels::kRmsNormOp, {copy, hnorm}, {hn}, [copy, hnorm, eps, hn]() mutable {
+      kernels::rms_norm(copy.t, hnorm.t, eps, hn.t);
+    });
+    issue_linear(main_, "mtp.0.h_proj.weight", hn, hp);
+    op(main_, "mtp.combine", {ep, hp}, {R}, [ep, hp, R, c, d, hc]() mutable {
+      for (int64_t t = 0; t < ep.t.size(0); ++t) {
+        for (int64_t i = 0; i < d; ++i) {
+          const float v = bf16_to_f32(ep.t.data<uint16_t>()[t * d + i]) + bf16_to_f32(hp.t.data<uint16_t>()[t * d + i]);
+          R.t.data<uint16_t>()[t * hc * d + c * d + i] = f32_to_bf16(v);
+        }
+      }
+    });
   }
-  auto w = [&](const std::string& n) { return DeviceTensor{weights_.buffer(n), weights_.get(n)}; };
+  DeviceTensor Rout = rows(mtp_R_out_, T);
+  issue_block(L, T, R, Rout);
+  DeviceTensor draft = rows(draft_logits_, nrows);
+  issue_head(Rout, nrows, "mtp.0.", "mtp.0.norm.weight", draft);
+  if (engine_options_.probes) {
+    op(main_, "probe:mtp.logits", {draft, last}, {}, [this, draft, last, T, V] {
+      if (record_ == nullptr) return;
+      // One row per token; a row's draft logits sit at its last token (the oracle reads those).
+      ref::Mat m(T, V, std::numeric_limits<float>::quiet_NaN());
+      for (int64_t r = 0; r < draft.t.size(0); ++r) {
+        const int32_t t = last.t.data<int32_t>()[r];
+        std::memcpy(m.row(t), draft.t.data<float>() + r * V, static_cast<size_t>(V) * 4);
+      }
+      record_->values["mtp.logits"] = std::move(m);
+    });
+  }
+}
+
+void ModelRunner::issue_forward(int64_t T, int64_t nrows) {
+  const int64_t d = config_.dim, hc = config_.hc_mult;
+  DeviceTensor ids = rows(m_ids_, T);
+  DeviceTensor R = rows(R_a_, T), Rn = rows(R_b_, T);
+  if (is_first_stage()) {
+    DeviceTensor embed = weight("embed.weight");
+    op(main_, "embed", {ids, embed}, {R}, [ids, embed, R, d, hc]() mutable {
+      for (int64_t t = 0; t < ids.t.size(0); ++t) {
+        const int32_t id = ids.t.data<int32_t>()[t];
+        if (id < 0 || id >= embed.t.size(0)) {
+          throw ContractError("embed", "input_ids", "token id " + std::to_string(id) + " outside the vocabulary");
+        }
+        for (int64_t c = 0; c < hc; ++c) {
+          std::memcpy(R.t.data<uint16_t>() + t * hc * d + c * d, embed.t.data<uint16_t>() + id * d,
+                      static_cast<size_t>(d) * 2);
+        }
+      }
+    });
+  }
   for (auto& layer : layers_) {
-    Layer& L = *layer;
-    const std::string& p = L.prefix;
-    auto pre = [&](const std::string& which, const DeviceTensor& Rin, const std::string& norm, const std::string& key) {
-      DeviceTensor fn = w(p + ".hc_" + which + "_fn"), base = w(p + ".hc_" + which + "_base");
-      DeviceTensor scale = w(p + ".hc_" + which + "_scale"), nw = w(p + "." + norm + ".weight");
-      op(main_, kernels::kHcPreOp, {Rin, fn, base, scale}, {x, post, comb},
-         [Rin, fn, base, scale, hc_eps, eps, iters, x, post, comb]() mutable {
-           kernels::hc_pre(Rin.t, fn.t, base.t, scale.t, hc_eps, eps, iters, x.t, post.t, comb.t);
-         });
-      op(main_, kernels::kRmsNormOp, {x, nw}, {xn}, [x, nw, eps, xn]() mutable { kernels::rms_norm(x.t, nw.t, eps, xn.t); });
-      probe(main_, p + "." + key, xn, d);
-    };
-    auto hc_post = [&](DeviceTensor F, DeviceTensor Rin, DeviceTensor Rout) {
-      op(main_, kernels::kHcPostOp, {F, Rin, post, comb}, {Rout}, [F, Rin, post, comb, Rout]() mutable {
-        kernels::hc_post(F.t, Rin.t, post.t, comb.t, Rout.t);
-      });
-    };
-    pre("attn", R, "attn_norm", "attn_norm");
-    issue_attention(L, T);
-    hc_post(rows(attn_out_, T), R, Rm);
-    pre("ffn", Rm, "ffn_norm", "ffn_norm");
-    issue_moe(L, T);
-    hc_post(rows(ffn_out_, T), Rm, Rn);
-    probe(main_, p + ".residual", Rn, hc * d);
+    issue_block(*layer, T, R, Rn);
     std::swap(R, Rn);
   }
   if (!is_last_stage()) return;
@@ -1121,22 +1247,8 @@ void ModelRunner::issue_forward(int64_t T, int64_t nrows) {
     cp_gather(R, Rg);
     R = Rg;
   }
-  // The head on each row's last token.
-  DeviceTensor last = rows(m_last_, nrows), lR = rows(last_R_, nrows), y = rows(head_y_, nrows);
-  DeviceTensor yn = rows(head_yn_, nrows), logits = rows(logits_, nrows);
-  op(main_, "gather_last", {R, last}, {lR}, [R, last, lR, hc, d]() mutable {
-    for (int64_t r = 0; r < lR.t.size(0); ++r) {
-      const int32_t t = last.t.data<int32_t>()[r];
-      std::memcpy(lR.t.data<uint16_t>() + r * hc * d, R.t.data<uint16_t>() + t * hc * d, static_cast<size_t>(hc * d) * 2);
-    }
-  });
-  DeviceTensor fn = w("hc_head_fn"), base = w("hc_head_base"), scale = w("hc_head_scale"), nw = w("norm.weight");
-  DeviceTensor head = w("head.weight");
-  op(main_, kernels::kHcHeadOp, {lR, fn, base, scale}, {y}, [lR, fn, base, scale, hc_eps, eps, y]() mutable {
-    kernels::hc_head(lR.t, fn.t, base.t, scale.t, hc_eps, eps, y.t);
-  });
-  op(main_, kernels::kRmsNormOp, {y, nw}, {yn}, [y, nw, eps, yn]() mutable { kernels::rms_norm(y.t, nw.t, eps, yn.t); });
-  op(main_, "head", {yn, head}, {logits}, [yn, head, logits]() mutable { kernels::moe_gate_logits(yn.t, head.t, logits.t); });
+  issue_head(R, nrows, "", "norm.weight", rows(logits_, nrows));
+  if (mtp_layer_) issue_mtp(R, cp_active_ ? cp_global_tokens_ : T, nrows);
 }
 
 void ModelRunner::set_context_parallel(int comm, int rank, int size) {
@@ -1266,6 +1378,13 @@ std::vector<StepRow> ModelRunner::sample(const serving::ForwardBatch& batch) {
     out.samples = true;
     out.logits.assign(logits.begin() + r * config_.vocab_size, logits.begin() + (r + 1) * config_.vocab_size);
     out.sampled_id = static_cast<int32_t>(std::max_element(out.logits.begin(), out.logits.end()) - out.logits.begin());
+    if (mtp_layer_) {
+      out.draft_logits.resize(static_cast<size_t>(config_.vocab_size));
+      rt_.download(draft_logits_.buffer, static_cast<uint64_t>(r * config_.vocab_size * 4), out.draft_logits.data(),
+                   out.draft_logits.size() * 4);
+      out.draft_id =
+          static_cast<int32_t>(std::max_element(out.draft_logits.begin(), out.draft_logits.end()) - out.draft_logits.begin());
+    }
     out_rows.push_back(std::move(out));
   }
   return out_rows;

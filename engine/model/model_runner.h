@@ -58,6 +58,9 @@ struct EngineOptions {
   // The quantized linears: FP8 block-scaled (the checkpoint's) or w8a8-int8 (per-channel int8
   // weights requantized at load, dynamic per-token int8 activations).
   bool w8a8_int8 = false;
+  // Run the MTP block after every batch (on the last stage): draft logits of each row's next-next
+  // token, probed as "mtp.logits" and the MTP block's intermediates.
+  bool mtp = false;
 };
 
 // vLLM's default split (get_pp_indices): n_layers / pp each, the remainder spread one by one over
@@ -72,7 +75,7 @@ void validate_pp_partition(const std::vector<int64_t>& partition, int64_t n_laye
 void trim_probes(StepRecord& record, int64_t real_tokens);
 
 // The weights one PP stage holds: its layers, the embedding on the first, the final norm, hc_head,
-// the head and the MTP block on the last.
+// the head, the MTP block and (for the MTP block) the embedding on the last.
 bool stage_holds_weight(const ModelConfig& config, int64_t layer_begin, int64_t layer_end, const std::string& name);
 
 // A device tensor: the buffer it lives in and the kernel's view of it.
@@ -97,6 +100,10 @@ class ModelRunner {
               const DeviceWeights& weights, EngineOptions engine_options, const serving::ReqToTokenPool& slots,
               const serving::TokenAllocator& full, const serving::SwaTokenAllocator& swa, int64_t layer_begin,
               int64_t layer_end);
+
+  // With MTP on: per real row, the token after the row's last one when it is already known (the
+  // next prompt token of a chunk inside the prompt), -1 when the row samples it. Set before begin().
+  void set_row_next_ids(std::vector<int32_t> next) { row_next_ids_ = std::move(next); }
 
   // Runs one batch to completion and returns what it computed. IDLE batches run nothing. A single
   // stage that holds every layer.
@@ -137,6 +144,8 @@ class ModelRunner {
   struct Streams;
 
   DeviceTensor alloc(const std::string& name, DType dtype, const Shape& shape);
+  DeviceTensor alloc_state(const std::string& name, const serving::CompressStatePool& pool);
+  std::unique_ptr<Layer> make_layer(int64_t id, const std::string& prefix);
   DeviceTensor view(const DeviceTensor& base, const Shape& shape) const;     // leading part, contiguous
   DeviceTensor rows(const DeviceTensor& base, int64_t count) const;          // first `count` rows
   rt::ByteRange range_of(const DeviceTensor& d) const;
@@ -148,6 +157,11 @@ class ModelRunner {
   void prepare_metadata(const serving::ForwardBatch& batch, serving::ForwardMetadata& metadata);
   // The whole forward of `tokens` tokens in `rows` rows as launches (run now, or captured).
   void issue_forward(int64_t tokens, int64_t rows);
+  void issue_block(Layer& layer, int64_t T, const DeviceTensor& R, const DeviceTensor& R_out);
+  void issue_head(const DeviceTensor& R, int64_t nrows, const std::string& prefix, const std::string& norm,
+                  const DeviceTensor& logits);
+  void issue_mtp(const DeviceTensor& R_final, int64_t T, int64_t nrows);
+  DeviceTensor weight(const std::string& name) const;
   void issue_attention(Layer& layer, int64_t T);
   void issue_compressor(rt::StreamId stream, Layer& layer, bool indexer, int64_t T);
   void issue_indexer(Layer& layer, int64_t T, rt::EventId q_lora_ready);
@@ -193,6 +207,9 @@ class ModelRunner {
   DeviceTensor iq_, iq32_, iw_bf16_, iw_, ilogits_, itopk_;
   DeviceTensor gate_logits_, experts_, expert_weights_, routed_, sg_, su_, sh_, shared_out_, ffn_out_;
   DeviceTensor last_R_, head_y_, head_yn_, logits_;
+  std::unique_ptr<Layer> mtp_layer_;
+  DeviceTensor m_row_next_, m_sampled_, m_next_ids_, mtp_e_, mtp_en_, mtp_ep_, mtp_hn_, mtp_hp_, mtp_R_, mtp_R_out_;
+  DeviceTensor draft_logits_;
   // Metadata (persistent; written on the host before each step).
   DeviceTensor m_ids_, m_pos_, m_swa_loc_, m_swa_idx_, m_swa_len_, m_last_;
   DeviceTensor m_c4_plan_, m_c128_plan_, m_c4_ctx_, m_c4_block_table_, m_c4_schedule_, m_c4_idx_, m_c4_len_;
@@ -206,6 +223,7 @@ class ModelRunner {
   int64_t graph_replays_ = 0;
   int64_t metadata_upgrades_ = 0;
   StepRecord* record_ = nullptr;  // the step being run (probes write into it)
+  std::vector<int32_t> row_next_ids_;
 };
 
 }  // namespace dsv4::engine

@@ -32,6 +32,9 @@ ServingEngine::ServingEngine(rt::Runtime& runtime, const ModelConfig& config, co
   if (cp_ > 1 && engine_options.pp_partition.size() > 1) {
     throw InputError("--cp", "", "prefill context parallelism runs without pipeline parallelism here (--pp 1)");
   }
+  if (cp_ > 1 && engine_options.mtp) {
+    throw InputError("--mtp", "", "the MTP block runs without prefill context parallelism here (--cp 1)");
+  }
   if (cp_ > 1) {
     if (rt_.device_count() < engine_options.device + cp_) {
       throw InputError("--cp", "", std::to_string(cp_) + " ranks need " + std::to_string(cp_) +
@@ -177,6 +180,14 @@ void ServingEngine::add_request(int64_t id, std::vector<int32_t> prompt_ids, int
 
 StepRecord ServingEngine::step() {
   const serving::ForwardBatch batch = scheduler_->schedule(step_++);
+  // MTP: the token after each row's last one when the prompt already holds it.
+  std::vector<int32_t> next;
+  for (int64_t r = 0; r < batch.real_row_count(); ++r) {
+    const serving::ForwardRow& row = batch.rows[static_cast<size_t>(r)];
+    const serving::Request& q = scheduler_->request(row.request_id);
+    next.push_back(row.seq_len_after < q.prompt_len() ? q.prompt_ids[static_cast<size_t>(row.seq_len_after)] : -1);
+  }
+  for (auto& runner : runners_) runner->set_row_next_ids(next);
   StepRecord rec;
   if (cp_ > 1 && batch.mode == serving::ForwardMode::extend) {
     rec = forward_context_parallel(batch);

@@ -24,6 +24,9 @@ struct StepRow {
   bool samples = false;         // the row's last token produces a sampled token (decode, or last prefill chunk)
   int32_t sampled_id = -1;      // greedy argmax of `logits`, when samples
   std::vector<float> logits;    // [vocab] fp32 of the row's last token, when samples
+  // MTP on: the MTP block's draft for the token after the sampled one (greedy) and its logits.
+  int32_t draft_id = -1;
+  std::vector<float> draft_logits;
 };
 
 struct StepRecord {

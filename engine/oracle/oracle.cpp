@@ -160,8 +160,8 @@ SetVerdict compare_sets(std::vector<int64_t> ref, std::vector<int64_t> eng, cons
 // ---------------------------------------------------------------------------------------------
 
 const ValueTolerance& OracleTolerances::for_key(const std::string& key) const {
-  const std::string op = split_key(key).second;
-  if (op == "logits") return logits;
+  const auto [prefix, op] = split_key(key);
+  if (op == "logits") return prefix == "mtp" ? mtp_logits : logits;
   auto it = op_overrides.find(op);
   return it == op_overrides.end() ? activations : it->second;
 }
@@ -423,11 +423,15 @@ void ReferenceOracle::check_row(const StepRecord& step, const StepRow& row, Requ
     }
     model.head_logits(ctx, R);
     if (want_mtp && cfg.n_mtp_layers > 0 && !req.mtp_lost) {
-      const bool can = row.samples && row.sampled_id >= 0 && row.sampled_id < cfg.vocab_size &&
+      // The token after the row's last: the sampled one, or the next prompt token for a chunk
+      // that ends inside the prompt.
+      const int64_t end = row.start_pos + T;
+      const bool in_prompt = !row.samples && end < static_cast<int64_t>(req.prompt.size());
+      const bool can = (in_prompt || (row.samples && row.sampled_id >= 0 && row.sampled_id < cfg.vocab_size)) &&
                        req.mtp_next_pos == row.start_pos;
       if (can) {
         std::vector<int64_t> next(tokens.begin() + 1, tokens.end());
-        next.push_back(row.sampled_id);
+        next.push_back(in_prompt ? req.prompt[static_cast<size_t>(end)] : row.sampled_id);
         model.mtp_forward(ctx, R, next, row.start_pos);
         req.mtp_next_pos = row.start_pos + T;
       } else {
@@ -452,12 +456,26 @@ void ReferenceOracle::check_row(const StepRecord& step, const StepRow& row, Requ
       req.unchecked.insert(key);  // not recorded by the reference (or an MTP key with the block not run)
       continue;
     }
-    const ref::Mat& R = rt->second;
-    if (R.rows != T) {
+    ref::Mat R = rt->second;
+    ref::Mat E_last;
+    int64_t first = row.first_token;
+    if (R.rows == 1 && T > 1 && (key == "logits" || key == "mtp.logits")) {
+      // Logits of a multi-token call are the last position's; the engine's row holds them at the
+      // row's last token.
+      if (row.first_token + T > E.rows) {
+        fail(key, "the engine value has " + std::to_string(E.rows) + " rows, the row ends at " +
+                      std::to_string(row.first_token + T));
+        continue;
+      }
+      E_last = ref::rows_of(E, row.first_token + T - 1, 1);
+      first = 0;
+    } else if (R.rows != T) {
       req.unchecked.insert(key);  // not one row per token of the call
       continue;
     }
-    if (row.first_token + T > E.rows) {
+    const ref::Mat& Ev = E_last.rows > 0 ? E_last : E;
+    const int64_t Tn = R.rows;
+    if (first + Tn > Ev.rows) {
       fail(key, "the engine value has " + std::to_string(E.rows) + " rows, the row needs [" +
                     std::to_string(row.first_token) + ", " + std::to_string(row.first_token + T) + ")");
       continue;
@@ -490,16 +508,16 @@ void ReferenceOracle::check_row(const StepRecord& step, const StepRow& row, Requ
         fail(key, "mask: " + why);
         continue;
       }
-    } else if (E.cols != R.cols) {
-      fail(key, "width: engine " + std::to_string(E.cols) + ", reference " + std::to_string(R.cols));
+    } else if (Ev.cols != R.cols) {
+      fail(key, "width: engine " + std::to_string(Ev.cols) + ", reference " + std::to_string(R.cols));
       continue;
     }
-    std::vector<float> e_block(static_cast<size_t>(T * cols)), r_block(static_cast<size_t>(T * cols));
-    for (int64_t t = 0; t < T; ++t) {
-      std::copy(E.row(row.first_token + t), E.row(row.first_token + t) + cols, e_block.begin() + t * cols);
+    std::vector<float> e_block(static_cast<size_t>(Tn * cols)), r_block(static_cast<size_t>(Tn * cols));
+    for (int64_t t = 0; t < Tn; ++t) {
+      std::copy(Ev.row(first + t), Ev.row(first + t) + cols, e_block.begin() + t * cols);
       std::copy(R.row(t), R.row(t) + cols, r_block.begin() + t * cols);
     }
-    const ValueComparison c = compare_values(e_block.data(), r_block.data(), T * cols, tol_.for_key(key));
+    const ValueComparison c = compare_values(e_block.data(), r_block.data(), Tn * cols, tol_.for_key(key));
     rep.activations.add(c.max_abs, c.max_rel, c.calc_diff, c.worst_ratio);
     rep.ops[op].add(c.max_abs, c.max_rel, c.calc_diff, c.worst_ratio);
     ++rep.values_checked;
@@ -507,7 +525,9 @@ void ReferenceOracle::check_row(const StepRecord& step, const StepRow& row, Requ
       std::string where;
       if (c.first_mask_mismatch >= 0 || c.worst_index >= 0) {
         const int64_t i = c.mask_mismatches > 0 ? c.first_mask_mismatch : c.worst_index;
-        where = " (position " + std::to_string(row.start_pos + i / cols) + ", column " + std::to_string(i % cols) + ")";
+        const int64_t shift = E_last.rows > 0 ? T - 1 : 0;  // the last-row comparison of a logits key
+        where = " (position " + std::to_string(row.start_pos + shift + i / cols) + ", column " +
+                std::to_string(i % cols) + ")";
       }
       fail(key, c.reason + fmt("; max abs %.3g, max rel %.3g", c.max_abs, c.max_rel) + where, c.max_abs, c.max_rel,
            c.calc_diff);

@@ -139,6 +139,10 @@ struct OracleTolerances {
   ValueTolerance logits{1.0 / 64, 1.0 / 64, 1e-6, 16.0};
   // Per-op overrides by op name (the key without its layer prefix): the values behind an FP8 / FP4
   // activation quantization point, which turns an input ulp into a rounding step of an element.
+  // The MTP block's draft logits: the head on the MTP block's own output residual, which the
+  // reference computes itself (only the MTP block's input is resynchronized), so they carry one
+  // block's noise: the residual's limit. Worst seen: 8.2e-5 (tiny, graph, in-order, step 28).
+  ValueTolerance mtp_logits{1.0 / 32, 1.0 / 64, 4e-3, 48.0};
   std::map<std::string, ValueTolerance> op_overrides = {
       // FP8 on o before the output projection: worst 5.1e-4.
       {"attn.out", ValueTolerance{1.0 / 32, 1.0 / 64, 2e-3, 16.0}},

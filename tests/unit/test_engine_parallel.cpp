@@ -60,7 +60,8 @@ TEST(PipelineParallel, ExplicitPartitionsAreValidated) {
 TEST(PipelineParallel, StagesHoldOnlyTheirWeights) {
   const ModelConfig config = load_model_config("tiny");
   EXPECT_TRUE(stage_holds_weight(config, 0, 2, "embed.weight"));
-  EXPECT_FALSE(stage_holds_weight(config, 2, 5, "embed.weight"));
+  EXPECT_FALSE(stage_holds_weight(config, 1, 3, "embed.weight"));
+  EXPECT_TRUE(stage_holds_weight(config, 2, 5, "embed.weight"));  // the MTP block shares it
   EXPECT_TRUE(stage_holds_weight(config, 2, 5, "head.weight"));
   EXPECT_TRUE(stage_holds_weight(config, 2, 5, "mtp.0.e_proj.weight"));
   EXPECT_FALSE(stage_holds_weight(config, 0, 2, "hc_head_fn"));

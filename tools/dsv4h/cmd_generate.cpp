@@ -49,6 +49,7 @@ int cmd_generate(const std::vector<std::string>& argv, std::ostream& out) {
       {"--pp", "N", "pipeline-parallel stages, one simulated device each (default 1; vLLM's default split)", false},
       {"--pp-partition", "a,b,...", "layers per stage, in order (sets the stage count)", false},
       {"--quant", "fp8|w8a8-int8", "quantized linears: FP8 block-scaled (default) or per-channel int8 with per-token int8 activations", false},
+      {"--mtp", "", "run the MTP block after every batch: draft tokens, compared with the reference's MTP block", false},
       {"--cp", "N", "prefill context-parallel ranks, one simulated device each (default 1)", false},
       {"--indexer-sms", "N", "blocks of the persistent indexer-logits kernel (default 4)", false},
       {"--guards", "", "testing allocator: guard bytes and poison on every buffer, checked at the end", false},
@@ -104,6 +105,7 @@ int cmd_generate(const std::vector<std::string>& argv, std::ostream& out) {
   const std::string quant = args.optional_str("--quant").value_or("fp8");
   if (quant != "fp8" && quant != "w8a8-int8") throw InputError("--quant", "", "expects fp8 or w8a8-int8, got '" + quant + "'");
   eo.w8a8_int8 = quant == "w8a8-int8";
+  eo.mtp = args.has("--mtp");
   if (eo.cp < 1) throw InputError("--cp", "", "must be >= 1");
   const bool compare = args.has("--compare-reference");
   eo.probes = compare;
@@ -162,6 +164,7 @@ int cmd_generate(const std::vector<std::string>& argv, std::ostream& out) {
   }
   if (eo.cp > 1) out << ", cp " << eo.cp;
   out << ", quant " << quant;
+  if (eo.mtp) out << ", mtp";
   out << "\n";
   int64_t extend_steps = 0, decode_steps = 0;
   std::string finding;
