@@ -25,6 +25,7 @@ struct RunConfig {
   std::vector<int64_t> pp_partition = {};  // empty: one stage
   int64_t cp = 1;
   bool w8a8_int8 = false;
+  bool mtp = false;
 };
 
 struct RunResult {
@@ -69,6 +70,7 @@ inline RunResult run_engine(const ModelConfig& config, uint64_t weight_seed, con
   eo.pp_partition = rc.pp_partition;
   eo.cp = rc.cp;
   eo.w8a8_int8 = rc.w8a8_int8;
+  eo.mtp = rc.mtp;
   RunResult out;
   {
     ServingEngine engine(runtime, config, rc.options, CheckpointSource::synthetic(config, weight_seed), eo);

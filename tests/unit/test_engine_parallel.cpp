@@ -185,3 +185,62 @@ TEST(W8a8Int8, MicroMixMatchesReferenceInEveryMode) {
 
 }  // namespace
 }  // namespace dsv4::engine
+
+namespace dsv4::engine {
+namespace {
+
+// The MTP block after every batch: its draft logits and intermediates through the oracle (with
+// the reference's MTP block) on the in-order eager run; the four modes and PP 2 bitwise equal; the
+// main model's tokens unchanged by drafting.
+TEST(Mtp, MicroMixDraftsMatchReferenceInEveryMode) {
+  const ModelConfig config = load_model_config("micro");
+  const auto mix = standard_workload(config, 1, 8, 12);
+  RunConfig rc;
+  rc.options = options_for(8);
+  rc.mtp = true;
+  const RunResult base = run_engine(config, 1, mix, rc);
+  const ref::Weights weights = ref::Weights::synthetic(config, 1);
+  ReferenceOracle oracle(config, weights, ref::Numerics{ref::Mode::quant_sim});
+  for (const auto& r : mix) oracle.add_request(r.id, r.prompt_ids);
+  int64_t drafts = 0;
+  for (const StepRecord& s : base.steps) {
+    oracle.check(s);
+    for (const StepRow& row : s.rows) drafts += row.draft_id >= 0;
+    if (!s.rows.empty()) {
+      EXPECT_EQ(s.values.count("mtp.logits"), 1u);
+    }
+  }
+  ASSERT_TRUE(oracle.ok()) << oracle.first_divergence()->summary() << "\n" << oracle.table();
+  for (const auto& report : oracle.reports()) {
+    for (const std::string& key : report.unchecked_keys) EXPECT_NE(key.rfind("mtp", 0), 0u) << key << " unchecked";
+  }
+  EXPECT_GT(drafts, 0);
+  rc.mtp = false;
+  EXPECT_EQ(run_engine(config, 1, mix, rc).generated, base.generated);
+  rc.mtp = true;
+  for (const Mode& m : kModes) {
+    rc.graphs = m.graphs;
+    rc.multi_stream = m.multi_stream;
+    rc.schedule = "random:7";
+    for (const std::vector<int64_t>& pp : {std::vector<int64_t>{}, std::vector<int64_t>{3, 2}}) {
+      rc.pp_partition = pp;
+      const RunResult r = run_engine(config, 1, mix, rc);
+      EXPECT_EQ(first_difference(base, r), "") << m.name << " pp " << pp.size();
+      EXPECT_TRUE(r.hazards.empty()) << m.name << ": " << r.hazards.front();
+    }
+  }
+}
+
+TEST(Mtp, RefusedWithContextParallelism) {
+  const ModelConfig config = load_model_config("micro");
+  rt::RuntimeOptions two;
+  two.devices = 2;
+  rt::SimRuntime runtime(two, rt::SimOptions{});
+  EngineOptions eo;
+  eo.cp = 2;
+  eo.mtp = true;
+  EXPECT_THROW(ServingEngine(runtime, config, options_for(2), CheckpointSource::synthetic(config, 1), eo), InputError);
+}
+
+}  // namespace
+}  // namespace dsv4::engine
