@@ -54,18 +54,6 @@ Tensor host_f32(const std::vector<float>& v) {
   return t;
 }
 
-kernels::CompressStateLayout kernel_state_layout(const serving::StateRowLayout& l) {
-  kernels::CompressStateLayout k;
-  k.coff = l.coff;
-  k.dims = l.dims;
-  k.row_bytes = l.row_bytes;
-  for (int64_t p = 0; p < l.coff; ++p) {
-    k.kv_offset_bytes[p] = l.kv_offset_bytes(p);
-    k.score_offset_bytes[p] = l.score_offset_bytes(p);
-  }
-  return k;
-}
-
 // A compress plan and each block's cache location, flattened into int64s so that a launch reads it
 // from a device buffer when it runs: [T, B, S, positions[T], write_rows[T], (request, block,
 // buffer_len)[B], (kind, index)[B * S], dest_loc[B]].
@@ -407,7 +395,7 @@ std::unique_ptr<ModelRunner::Layer> ModelRunner::make_layer(int64_t id, const st
     layer->comp_cache = alloc(prefix + ".c" + std::to_string(layer->ratio) + "_kv", DType::u8,
                               {full_.page_count(), layer->kv_layout.page_bytes(layer->comp_page_entries)});
     const serving::CompressStatePool& pool = layer->ratio == kC4 ? *c4_pool_ : *c128_pool_;
-    layer->comp_state_layout = kernel_state_layout(pool.row_layout());
+    layer->comp_state_layout = pool.row_layout().kernel_layout();
     layer->comp_state = alloc_state(prefix + ".compress_state", pool);
   }
   if (layer->ratio == kC4) {
@@ -415,7 +403,7 @@ std::unique_ptr<ModelRunner::Layer> ModelRunner::make_layer(int64_t id, const st
     layer->idx_keys = alloc(prefix + ".indexer_keys", DType::f32,
                             {entries / kernels::kIndexerPageKeys, kernels::kIndexerPageKeys, config_.index_head_dim});
     const serving::CompressStatePool ipool(config_, options_, id, serving::CompressStateOwner::indexer, swa_pages);
-    layer->idx_state_layout = kernel_state_layout(ipool.row_layout());
+    layer->idx_state_layout = ipool.row_layout().kernel_layout();
     layer->idx_state = alloc_state(prefix + ".indexer_compress_state", ipool);
   }
   return layer;

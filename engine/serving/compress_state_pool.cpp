@@ -20,6 +20,18 @@ int64_t StateRowLayout::score_offset_bytes(int64_t part) const {
   return (coff + part) * part_bytes();
 }
 
+kernels::CompressStateLayout StateRowLayout::kernel_layout() const {
+  kernels::CompressStateLayout k;
+  k.coff = coff;
+  k.dims = dims;
+  k.row_bytes = row_bytes;
+  for (int64_t p = 0; p < coff; ++p) {
+    k.kv_offset_bytes[p] = kv_offset_bytes(p);
+    k.score_offset_bytes[p] = score_offset_bytes(p);
+  }
+  return k;
+}
+
 StateRowLayout state_row_layout(int64_t ratio, int64_t dims) {
   DSV4_ASSERT(ratio >= 1, "a compressed layer has a ratio >= 1");
   DSV4_ASSERT(dims >= 1, "dims must be >= 1");

@@ -8,6 +8,8 @@
 // the runtime, and the row layout is a pure function over bytes.
 #pragma once
 
+#include "kernels/compressor.h"
+
 #include <cstdint>
 #include <span>
 
@@ -28,6 +30,8 @@ struct StateRowLayout {
   int64_t part_bytes() const { return dims * 4; }
   int64_t kv_offset_bytes(int64_t part) const;     // part < coff
   int64_t score_offset_bytes(int64_t part) const;  // part < coff
+  // The same geometry as the compressor kernels take it (kernels/compressor.h).
+  kernels::CompressStateLayout kernel_layout() const;
 };
 
 StateRowLayout state_row_layout(int64_t ratio, int64_t dims);

@@ -11,9 +11,21 @@
 #include "engine/model/serving_engine.h"
 #include "engine/model/workload.h"
 #include "engine/runtime/hazard_detector.h"
+#include "engine/oracle/oracle.h"
 #include "engine/runtime/sim_runtime.h"
+#include "reference/weights.h"
 
 namespace dsv4::engine::testing {
+
+// The four ways a batch can run: eager or graph, multi-stream on or off.
+struct Mode {
+  bool graphs;
+  bool multi_stream;
+  const char* name;
+};
+inline void PrintTo(const Mode& m, std::ostream* os) { *os << m.name; }
+inline constexpr Mode kModes[] = {{false, true, "eager_ms_on"}, {true, true, "graph_ms_on"},
+                                  {false, false, "eager_ms_off"}, {true, false, "graph_ms_off"}};
 
 struct RunConfig {
   std::string schedule = "in-order";
@@ -84,6 +96,24 @@ inline RunResult run_engine(const ModelConfig& config, uint64_t weight_seed, con
   }
   for (const auto& h : detector.hazards()) out.hazards.push_back(h.describe());
   return out;
+}
+
+// Every step of a run through the oracle against the reference on the same synthetic weights: ""
+// when it matches, else the first divergence and the per-request table.
+inline std::string reference_divergence(const ModelConfig& config, uint64_t weight_seed,
+                                        const std::vector<WorkloadRequest>& workload, const RunResult& run,
+                                        ref::Numerics numerics = ref::Numerics{ref::Mode::quant_sim}) {
+  const ref::Weights weights = ref::Weights::synthetic(config, weight_seed);
+  ReferenceOracle oracle(config, weights, numerics);
+  for (const auto& r : workload) oracle.add_request(r.id, r.prompt_ids);
+  for (const StepRecord& s : run.steps) oracle.check(s);
+  for (const auto& report : oracle.reports()) {
+    for (const std::string& key : report.unchecked_keys) {
+      if (key.rfind("mtp", 0) == 0) return "MTP key " + key + " was never compared\n" + oracle.table();
+    }
+  }
+  if (oracle.ok()) return "";
+  return oracle.first_divergence()->summary() + "\n" + oracle.table();
 }
 
 // The largest |logit difference| over every sampled row of two runs with the same rows (inf when

@@ -5,8 +5,6 @@
 #include <gtest/gtest.h>
 
 #include "engine/core/error.h"
-#include "engine/oracle/oracle.h"
-#include "reference/weights.h"
 #include "tests/unit/engine_fixtures.h"
 
 namespace dsv4::engine {
@@ -171,21 +169,10 @@ TEST(EngineModel, AbortFreesTheRequestAndOthersFinish) {
   EXPECT_EQ(engine.request(2).generated_ids.size(), 9u);
 }
 
-// The reference comparison of a run: every step through the oracle.
-std::string compare_with_reference(const ModelConfig& config, const std::vector<WorkloadRequest>& mix,
-                                   const RunResult& run) {
-  const ref::Weights weights = ref::Weights::synthetic(config, 1);
-  ReferenceOracle oracle(config, weights, ref::Numerics{ref::Mode::quant_sim});
-  for (const auto& r : mix) oracle.add_request(r.id, r.prompt_ids);
-  for (const StepRecord& s : run.steps) oracle.check(s);
-  if (oracle.ok()) return "";
-  return oracle.first_divergence()->summary() + "\n" + oracle.table();
-}
-
 TEST(EngineModel, MicroMixMatchesReference) {
   const auto mix = standard_workload(micro(), 1, 8, 32);
   const RunResult r = run_engine(micro(), 1, mix, config_for(8));
-  EXPECT_EQ(compare_with_reference(micro(), mix, r), "");
+  EXPECT_EQ(testing::reference_divergence(micro(), 1, mix, r), "");
 }
 
 }  // namespace

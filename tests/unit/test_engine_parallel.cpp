@@ -4,8 +4,6 @@
 #include <gtest/gtest.h>
 
 #include "engine/core/error.h"
-#include "engine/oracle/oracle.h"
-#include "reference/weights.h"
 #include "tests/unit/engine_fixtures.h"
 
 namespace dsv4::engine {
@@ -77,14 +75,8 @@ TEST(PipelineParallel, TooFewDevicesIsAnInputError) {
   EXPECT_THROW(ServingEngine(runtime, config, options_for(2), CheckpointSource::synthetic(config, 1), eo), InputError);
 }
 
-struct Mode {
-  bool graphs;
-  bool multi_stream;
-  const char* name;
-};
-void PrintTo(const Mode& m, std::ostream* os) { *os << m.name; }
-const Mode kModes[] = {{false, true, "eager_ms_on"}, {true, true, "graph_ms_on"},
-                       {false, false, "eager_ms_off"}, {true, false, "graph_ms_off"}};
+using testing::kModes;
+using testing::Mode;
 
 class PipelineParallelTiny : public ::testing::TestWithParam<Mode> {};
 
@@ -148,11 +140,6 @@ TEST_P(ContextParallelTiny, EqualsOneRank) {
 }
 INSTANTIATE_TEST_SUITE_P(Modes, ContextParallelTiny, ::testing::ValuesIn(kModes));
 
-}  // namespace
-}  // namespace dsv4::engine
-
-namespace dsv4::engine {
-namespace {
 
 // w8a8-int8: the in-order eager run through the oracle against the reference's int8 simulation,
 // and the other modes and schedules bitwise equal to it.
@@ -163,13 +150,9 @@ TEST(W8a8Int8, MicroMixMatchesReferenceInEveryMode) {
   rc.options = options_for(8);
   rc.w8a8_int8 = true;
   const RunResult base = run_engine(config, 1, mix, rc);
-  const ref::Weights weights = ref::Weights::synthetic(config, 1);
   ref::Numerics numerics{ref::Mode::quant_sim};
   numerics.linear = ref::LinearQuant::w8a8_int8;
-  ReferenceOracle oracle(config, weights, numerics);
-  for (const auto& r : mix) oracle.add_request(r.id, r.prompt_ids);
-  for (const StepRecord& s : base.steps) oracle.check(s);
-  ASSERT_TRUE(oracle.ok()) << oracle.first_divergence()->summary() << "\n" << oracle.table();
+  ASSERT_EQ(testing::reference_divergence(config, 1, mix, base, numerics), "");
   for (const Mode& m : kModes) {
     rc.graphs = m.graphs;
     rc.multi_stream = m.multi_stream;
@@ -183,11 +166,6 @@ TEST(W8a8Int8, MicroMixMatchesReferenceInEveryMode) {
   EXPECT_NE(first_difference(base, run_engine(config, 1, mix, rc)), "");
 }
 
-}  // namespace
-}  // namespace dsv4::engine
-
-namespace dsv4::engine {
-namespace {
 
 // The MTP block after every batch: its draft logits and intermediates through the oracle (with
 // the reference's MTP block) on the in-order eager run; the four modes and PP 2 bitwise equal; the
@@ -199,20 +177,13 @@ TEST(Mtp, MicroMixDraftsMatchReferenceInEveryMode) {
   rc.options = options_for(8);
   rc.mtp = true;
   const RunResult base = run_engine(config, 1, mix, rc);
-  const ref::Weights weights = ref::Weights::synthetic(config, 1);
-  ReferenceOracle oracle(config, weights, ref::Numerics{ref::Mode::quant_sim});
-  for (const auto& r : mix) oracle.add_request(r.id, r.prompt_ids);
+  ASSERT_EQ(testing::reference_divergence(config, 1, mix, base), "");
   int64_t drafts = 0;
   for (const StepRecord& s : base.steps) {
-    oracle.check(s);
     for (const StepRow& row : s.rows) drafts += row.draft_id >= 0;
     if (!s.rows.empty()) {
       EXPECT_EQ(s.values.count("mtp.logits"), 1u);
     }
-  }
-  ASSERT_TRUE(oracle.ok()) << oracle.first_divergence()->summary() << "\n" << oracle.table();
-  for (const auto& report : oracle.reports()) {
-    for (const std::string& key : report.unchecked_keys) EXPECT_NE(key.rfind("mtp", 0), 0u) << key << " unchecked";
   }
   EXPECT_GT(drafts, 0);
   rc.mtp = false;

@@ -7,8 +7,6 @@
 // the reference exactly as well.
 #include <gtest/gtest.h>
 
-#include "engine/oracle/oracle.h"
-#include "reference/weights.h"
 #include "tests/unit/engine_fixtures.h"
 
 namespace dsv4::engine {
@@ -20,15 +18,8 @@ using testing::run_engine;
 using testing::RunConfig;
 using testing::RunResult;
 
-struct Mode {
-  bool graphs;
-  bool multi_stream;
-  const char* name;
-};
-const Mode kModes[] = {{false, true, "eager_ms_on"}, {true, true, "graph_ms_on"},
-                       {false, false, "eager_ms_off"}, {true, false, "graph_ms_off"}};
-
-void PrintTo(const Mode& m, std::ostream* os) { *os << m.name; }
+using testing::kModes;
+using testing::Mode;
 
 struct Fixture {
   ModelConfig config;
@@ -66,11 +57,7 @@ std::vector<std::string> schedules(const char* kind, int from, int count, const 
 TEST(TinySweep, ReferenceInOrder) {
   const Fixture f("tiny");
   const RunResult r = baseline(f);
-  const ref::Weights weights = ref::Weights::synthetic(f.config, 1);
-  ReferenceOracle oracle(f.config, weights, ref::Numerics{ref::Mode::quant_sim});
-  for (const auto& q : f.mix) oracle.add_request(q.id, q.prompt_ids);
-  for (const StepRecord& s : r.steps) oracle.check(s);
-  EXPECT_TRUE(oracle.ok()) << oracle.first_divergence()->summary() << "\n" << oracle.table();
+  EXPECT_EQ(testing::reference_divergence(f.config, 1, f.mix, r), "");
   EXPECT_TRUE(r.hazards.empty());
 }
 

@@ -61,18 +61,6 @@ Tensor i64_tensor(const std::vector<int64_t>& v, const std::string& name) {
   return t;
 }
 
-CompressStateLayout layout_of(const serving::StateRowLayout& l) {
-  CompressStateLayout k;
-  k.coff = l.coff;
-  k.dims = l.dims;
-  k.row_bytes = l.row_bytes;
-  for (int64_t p = 0; p < l.coff; ++p) {
-    k.kv_offset_bytes[p] = l.kv_offset_bytes(p);
-    k.score_offset_bytes[p] = l.score_offset_bytes(p);
-  }
-  return k;
-}
-
 // One request: its tokens, its SWA pages, its chunk schedule (then decode steps of 1) and the
 // reference compressor it is checked against.
 struct Request {
@@ -118,7 +106,7 @@ TEST_P(KernelsCompressor, ChunkedPrefillThenDecodeEqualsReference) {
   const serving::CompressStatePool pool(c, options, k.layer,
                                         k.indexer ? serving::CompressStateOwner::indexer : serving::CompressStateOwner::attention,
                                         /*swa_page_count=*/8);
-  const CompressStateLayout layout = layout_of(pool.row_layout());
+  const CompressStateLayout layout = pool.row_layout().kernel_layout();
   ASSERT_EQ(layout.coff, ratio == 4 ? 2 : 1);
   // Garbage (NaN bytes) everywhere but the clean row: a read of a row no token wrote poisons the entry.
   Tensor state = Tensor::empty({pool.row_count(), layout.row_bytes}, DType::u8, "state");
@@ -306,7 +294,7 @@ struct Small {
   std::vector<int64_t> rows;
   Small() {
     const serving::StateRowLayout l = serving::state_row_layout(4, 8);
-    layout = layout_of(l);
+    layout = l.kernel_layout();
     state = Tensor::empty({16, layout.row_bytes}, DType::u8, "state");
     state.fill(0);
     kv = Tensor::empty({4, 16}, DType::f32, "kv");
