@@ -224,7 +224,25 @@ ModelRunner::ModelRunner(rt::Runtime& runtime, const ModelConfig& config, const 
   }
   max_rows_ = *std::max_element(options_.batch_buckets.begin(), options_.batch_buckets.end());
   max_rows_ = std::max(max_rows_, options_.max_running_requests);
-  max_tokens_ = std::max(options_.chunked_prefill_tokens, max_rows_);
+  if (engine_options_.draft_tokens < 0 || engine_options_.draft_tokens > 4) {
+    throw InputError(src, "draft_tokens", "must be in [0, 4], got " + std::to_string(engine_options_.draft_tokens));
+  }
+  if (engine_options_.draft_tokens > 0 && !engine_options_.mtp) {
+    throw InputError(src, "draft_tokens", "speculative decoding drafts with the MTP block (--mtp)");
+  }
+  if (engine_options_.draft_tokens > 1) {
+    throw InputError(src, "draft_tokens", "the MTP block drafts one token per step (sglang's setting); " +
+                                              std::to_string(engine_options_.draft_tokens) + " needs chained drafting");
+  }
+  if (engine_options_.draft_tokens > 0 && !options_.speculative) {
+    throw InputError("runtime options", "speculative",
+                     "must be true with speculative decoding: the rings double so that drafts never overwrite "
+                     "committed compress state");
+  }
+  // A TARGET_VERIFY batch feeds 1 + draft_tokens tokens per row, and every one of them goes through
+  // the head (each is a prediction to verify).
+  max_tokens_ = std::max(options_.chunked_prefill_tokens, max_rows_ * (1 + engine_options_.draft_tokens));
+  max_head_rows_ = std::max(max_rows_, max_rows_ * (1 + engine_options_.draft_tokens));
   const int64_t T = max_tokens_;
   const int64_t d = config_.dim, hc = config_.hc_mult, H = config_.n_heads, D = config_.head_dim;
   const int64_t ql = config_.q_lora_rank;
@@ -319,14 +337,14 @@ ModelRunner::ModelRunner(rt::Runtime& runtime, const ModelConfig& config, const 
   shared_out_ = alloc("shared_out", DType::bf16, {T, d});
   ffn_out_ = alloc("ffn_out", DType::bf16, {T, d});
   if (is_last_stage()) {
-    last_R_ = alloc("last_R", DType::bf16, {max_rows_, hc * d});
-    head_y_ = alloc("head_y", DType::bf16, {max_rows_, d});
-    head_yn_ = alloc("head_yn", DType::bf16, {max_rows_, d});
-    logits_ = alloc("logits", DType::f32, {max_rows_, config_.vocab_size});
+    last_R_ = alloc("last_R", DType::bf16, {max_head_rows_, hc * d});
+    head_y_ = alloc("head_y", DType::bf16, {max_head_rows_, d});
+    head_yn_ = alloc("head_yn", DType::bf16, {max_head_rows_, d});
+    logits_ = alloc("logits", DType::f32, {max_head_rows_, config_.vocab_size});
   }
   if (mtp_layer_) {
-    m_row_next_ = alloc("meta.row_next_ids", DType::i32, {max_rows_});
-    m_sampled_ = alloc("sampled_ids", DType::i32, {max_rows_});
+    m_row_next_ = alloc("meta.row_next_ids", DType::i32, {max_head_rows_});
+    m_sampled_ = alloc("sampled_ids", DType::i32, {max_head_rows_});
     m_next_ids_ = alloc("mtp.next_ids", DType::i32, {T});
     mtp_e_ = alloc("mtp.e", DType::bf16, {T, d});
     mtp_en_ = alloc("mtp.e_norm", DType::bf16, {T, d});
@@ -335,7 +353,7 @@ ModelRunner::ModelRunner(rt::Runtime& runtime, const ModelConfig& config, const 
     mtp_hp_ = alloc("mtp.h_proj", DType::bf16, {T, d});
     mtp_R_ = alloc("mtp.R", DType::bf16, {T, hc * d});
     mtp_R_out_ = alloc("mtp.R_out", DType::bf16, {T, hc * d});
-    draft_logits_ = alloc("draft_logits", DType::f32, {max_rows_, config_.vocab_size});
+    draft_logits_ = alloc("draft_logits", DType::f32, {max_head_rows_, config_.vocab_size});
   }
 
   // Metadata.
@@ -345,7 +363,7 @@ ModelRunner::ModelRunner(rt::Runtime& runtime, const ModelConfig& config, const 
   m_swa_loc_ = alloc("meta.swa_loc", DType::i64, {T});
   m_swa_idx_ = alloc("meta.swa_indices", DType::i32, {T, swa_width_});
   m_swa_len_ = alloc("meta.swa_lens", DType::i32, {T});
-  m_last_ = alloc("meta.last_token", DType::i32, {max_rows_});
+  m_last_ = alloc("meta.last_token", DType::i32, {max_head_rows_});
   if (has_c4_) {
     c4_pages_ = (max_context_ + kernels::kIndexerPageKeys - 1) / kernels::kIndexerPageKeys;
     m_c4_plan_ = alloc("meta.c4_plan", DType::i64, {plan_capacity_});
@@ -483,7 +501,9 @@ void ModelRunner::prepare_metadata(const serving::ForwardBatch& batch, serving::
   std::vector<int32_t> pos(static_cast<size_t>(T));
   std::vector<int64_t> swa_loc(up.swa_loc.begin(), up.swa_loc.end());
   std::vector<int32_t> swa_idx(static_cast<size_t>(T * W), -1), swa_len(static_cast<size_t>(T), 1);
-  std::vector<int32_t> last(static_cast<size_t>(batch.row_count()));
+  // The head's rows: each row's last token, or every token of a TARGET_VERIFY batch.
+  const bool verify = batch.mode == serving::ForwardMode::target_verify;
+  std::vector<int32_t> last(static_cast<size_t>(verify ? T : batch.row_count()));
   std::vector<int32_t> c4_ctx, c4_bt, c128_idx, c128_len;
   if (has_c4_) {
     c4_ctx.assign(static_cast<size_t>(T), 0);
@@ -531,7 +551,13 @@ void ModelRunner::prepare_metadata(const serving::ForwardBatch& batch, serving::
         c128_len[t] = static_cast<int32_t>(std::max<int64_t>(1, visible));
       }
     }
-    last[static_cast<size_t>(r)] = static_cast<int32_t>(token - 1);
+    if (verify) {
+      for (int64_t i = 0; i < row.extend_len(); ++i) {
+        last[static_cast<size_t>(token - row.extend_len() + i)] = static_cast<int32_t>(token - row.extend_len() + i);
+      }
+    } else {
+      last[static_cast<size_t>(r)] = static_cast<int32_t>(token - 1);
+    }
     // State rows from the start of the unfinished block (one more block on ratio 4).
     auto add_plan_row = [&](int64_t ratio, const serving::CompressStatePool& pool, std::vector<std::vector<int64_t>>& rows) {
       const int64_t hist = kernels::compress_history_start(row.seq_len_before, ratio);
@@ -552,7 +578,21 @@ void ModelRunner::prepare_metadata(const serving::ForwardBatch& batch, serving::
       const serving::ForwardRow& row = batch.rows[static_cast<size_t>(r)];
       reqs.push_back({row.seq_len_before, row.extend_len(), rows[static_cast<size_t>(r)]});
     }
-    const kernels::CompressPlan plan = kernels::build_compress_plan(reqs, ratio, pool.used_row_count());
+    kernels::CompressPlan plan = kernels::build_compress_plan(reqs, ratio, pool.used_row_count());
+    if (verify) {
+      // The plan leaves out the state rows of blocks this batch completes, as no later batch reads
+      // them; but a verify row's tail may be rejected, and the next batch then re-pools such a
+      // block from the state. So every token stores its row (the speculative rings keep these
+      // writes off rows that committed positions still need).
+      int64_t t = 0;
+      for (int64_t r = 0; r < batch.row_count(); ++r) {
+        const serving::ForwardRow& row = batch.rows[static_cast<size_t>(r)];
+        const int64_t hist = kernels::compress_history_start(row.seq_len_before, ratio);
+        for (int64_t q = row.seq_len_before; q < row.seq_len_after; ++q, ++t) {
+          plan.write_rows[static_cast<size_t>(t)] = rows[static_cast<size_t>(r)][static_cast<size_t>(q - hist)];
+        }
+      }
+    }
     std::vector<int64_t> dest;
     for (const auto& b : plan.blocks) {
       const serving::ForwardRow& row = batch.rows[static_cast<size_t>(b.request)];
@@ -591,8 +631,11 @@ void ModelRunner::prepare_metadata(const serving::ForwardBatch& batch, serving::
     }
   }
   if (mtp_layer_) {
-    std::vector<int32_t> hint(static_cast<size_t>(batch.row_count()), -1);
-    for (size_t r = 0; r < row_next_ids_.size() && r < hint.size(); ++r) hint[r] = row_next_ids_[r];
+    // Verify batches take every token's next id from the target's own prediction (the hints stay -1).
+    std::vector<int32_t> hint(last.size(), -1);
+    if (!verify) {
+      for (size_t r = 0; r < row_next_ids_.size() && r < hint.size(); ++r) hint[r] = row_next_ids_[r];
+    }
     upload_vec(rt_, m_row_next_, hint);
   }
   upload_vec(rt_, m_ids_, ids);
@@ -1294,16 +1337,19 @@ void ModelRunner::begin(const serving::ForwardBatch& batch, StepRecord* record) 
   serving::check_forward_batch(batch);
   const int64_t T = batch.token_count(), nrows = batch.row_count();
   DSV4_ASSERT(T <= max_tokens_ && nrows <= max_rows_, "batch larger than the engine's buffers");
-  graph_batch_ = engine_options_.graphs && batch.mode == serving::ForwardMode::decode;
+  graph_batch_ = engine_options_.graphs && (batch.mode == serving::ForwardMode::decode ||
+                                            batch.mode == serving::ForwardMode::target_verify);
+  // Graphs and their frozen metadata per (mode, bucket).
+  const int64_t key = nrows * 2 + (batch.mode == serving::ForwardMode::target_verify ? 1 : 0);
   const serving::RawForwardMetadata raw = serving::raw_forward_metadata(batch);
   serving::ForwardMetadata* meta = eager_metadata_.get();
   if (graph_batch_) {
-    auto it = bucket_metadata_.find(nrows);
+    auto it = bucket_metadata_.find(key);
     if (it == bucket_metadata_.end()) {
       std::vector<const serving::CompressStatePool*> pools;
       if (c4_pool_) pools.push_back(c4_pool_.get());
       if (c128_pool_) pools.push_back(c128_pool_.get());
-      it = bucket_metadata_.emplace(nrows, std::make_unique<serving::ForwardMetadata>(swa_, pools)).first;
+      it = bucket_metadata_.emplace(key, std::make_unique<serving::ForwardMetadata>(swa_, pools)).first;
       it->second->set_raw(raw);
     } else {
       it->second->assign_from(raw);
@@ -1318,18 +1364,20 @@ void ModelRunner::begin(const serving::ForwardBatch& batch, StepRecord* record) 
 }
 
 void ModelRunner::launch(const serving::ForwardBatch& batch) {
-  const int64_t nrows = batch.row_count();
+  const bool verify = batch.mode == serving::ForwardMode::target_verify;
   const int64_t T = cp_active_ ? cp_local_tokens(batch.token_count(), cp_size_) : batch.token_count();
+  const int64_t head_rows = verify ? batch.token_count() : batch.row_count();
   if (!graph_batch_) {
-    issue_forward(T, nrows);
+    issue_forward(T, head_rows);
     return;
   }
-  auto g = graphs_.find(nrows);
+  const int64_t key = batch.row_count() * 2 + (verify ? 1 : 0);
+  auto g = graphs_.find(key);
   if (g == graphs_.end()) {
     batch_metadata_->freeze();
     rt_.begin_capture(main_);
-    issue_forward(T, nrows);
-    g = graphs_.emplace(nrows, rt_.end_capture(main_)).first;
+    issue_forward(T, head_rows);
+    g = graphs_.emplace(key, rt_.end_capture(main_)).first;
   }
   rt_.replay(g->second, main_);
   ++graph_replays_;
@@ -1348,10 +1396,16 @@ void ModelRunner::end() {
 
 std::vector<StepRow> ModelRunner::sample(const serving::ForwardBatch& batch) {
   DSV4_ASSERT(is_last_stage(), "the last stage samples");
-  const int64_t nrows = batch.row_count();
-  // Greedy on each real row's last token.
-  std::vector<float> logits(static_cast<size_t>(nrows * config_.vocab_size));
+  const bool verify = batch.mode == serving::ForwardMode::target_verify;
+  const int64_t V = config_.vocab_size;
+  const int64_t head_rows = verify ? batch.token_count() : batch.row_count();
+  std::vector<float> logits(static_cast<size_t>(head_rows * V)), drafts;
   rt_.download(logits_.buffer, 0, logits.data(), logits.size() * 4);
+  if (mtp_layer_) {
+    drafts.resize(logits.size());
+    rt_.download(draft_logits_.buffer, 0, drafts.data(), drafts.size() * 4);
+  }
+  auto argmax = [V](const float* row) { return static_cast<int32_t>(std::max_element(row, row + V) - row); };
   std::vector<StepRow> out_rows;
   int64_t token = 0;
   for (int64_t r = 0; r < batch.real_row_count(); ++r) {
@@ -1362,16 +1416,27 @@ std::vector<StepRow> ModelRunner::sample(const serving::ForwardBatch& batch) {
     out.num_tokens = row.extend_len();
     out.first_token = token;
     out.input_ids.assign(batch.input_ids.begin() + token, batch.input_ids.begin() + token + row.extend_len());
+    // The head row that decides: the row's last token, or in a verify row the first token whose
+    // prediction differs from the next draft (greedy acceptance).
+    int64_t head = r;
+    if (verify) {
+      int64_t j = 0;
+      out.new_tokens.push_back(argmax(logits.data() + (token + j) * V));
+      while (j + 1 < row.extend_len() && out.input_ids[static_cast<size_t>(j + 1)] == out.new_tokens.back()) {
+        ++j;
+        out.new_tokens.push_back(argmax(logits.data() + (token + j) * V));
+      }
+      out.accepted_tokens = j + 1;
+      head = token + j;
+    }
     token += row.extend_len();
     out.samples = true;
-    out.logits.assign(logits.begin() + r * config_.vocab_size, logits.begin() + (r + 1) * config_.vocab_size);
-    out.sampled_id = static_cast<int32_t>(std::max_element(out.logits.begin(), out.logits.end()) - out.logits.begin());
+    out.logits.assign(logits.begin() + head * V, logits.begin() + (head + 1) * V);
+    out.sampled_id = argmax(out.logits.data());
+    if (!verify) out.new_tokens = {out.sampled_id};
     if (mtp_layer_) {
-      out.draft_logits.resize(static_cast<size_t>(config_.vocab_size));
-      rt_.download(draft_logits_.buffer, static_cast<uint64_t>(r * config_.vocab_size * 4), out.draft_logits.data(),
-                   out.draft_logits.size() * 4);
-      out.draft_id =
-          static_cast<int32_t>(std::max_element(out.draft_logits.begin(), out.draft_logits.end()) - out.draft_logits.begin());
+      out.draft_logits.assign(drafts.begin() + head * V, drafts.begin() + (head + 1) * V);
+      out.draft_id = argmax(out.draft_logits.data());
     }
     out_rows.push_back(std::move(out));
   }

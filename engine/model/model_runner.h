@@ -61,6 +61,11 @@ struct EngineOptions {
   // Run the MTP block after every batch (on the last stage): draft logits of each row's next-next
   // token, probed as "mtp.logits" and the MTP block's intermediates.
   bool mtp = false;
+  // Speculative decoding with the MTP block's drafts (EAGLE, greedy acceptance): draft tokens per
+  // step (sglang runs 1; 0 = off). DECODE becomes TARGET_VERIFY; the MTP block runs over every
+  // verified position with the target's own predictions as next tokens (the overlap scheduler's
+  // DRAFT_EXTEND_V2), and the draft for the next step is read at the first rejected position.
+  int64_t draft_tokens = 0;
 };
 
 // vLLM's default split (get_pp_indices): n_layers / pp each, the remainder spread one by one over
@@ -190,6 +195,7 @@ class ModelRunner {
   bool graph_batch_ = false;
   serving::ForwardMetadata* batch_metadata_ = nullptr;
   int64_t max_tokens_ = 0;  // per batch: the chunk budget or the largest bucket
+  int64_t max_head_rows_ = 0;  // rows through the head: rows, or every token of a verify batch
   int64_t max_rows_ = 0;
   int64_t c128_ratio_ = 0;
   bool has_c4_ = false;

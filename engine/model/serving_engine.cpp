@@ -27,6 +27,7 @@ ServingEngine::ServingEngine(rt::Runtime& runtime, const ModelConfig& config, co
   full_ = std::make_unique<serving::TokenAllocator>(config_, options_, sizes.full_pages, config_.max_seq_len);
   swa_ = std::make_unique<serving::SwaTokenAllocator>(config_, options_, sizes.swa_pages, full_->capacity_tokens());
   scheduler_ = std::make_unique<serving::Scheduler>(config_, options_, *slots_, *full_, *swa_, std::move(stop_ids));
+  if (engine_options.draft_tokens > 0) scheduler_->set_draft_tokens(engine_options.draft_tokens);
   cp_ = engine_options.cp;
   if (cp_ < 1) throw InputError("--cp", "", "must be >= 1, got " + std::to_string(cp_));
   if (cp_ > 1 && engine_options.pp_partition.size() > 1) {
@@ -196,13 +197,19 @@ StepRecord ServingEngine::step() {
   } else {
     rec = forward_pipeline(batch);
   }
-  std::vector<int32_t> sampled;
+  std::vector<std::vector<int32_t>> tokens, drafts;
   for (StepRow& row : rec.rows) {
     const serving::Request& r = scheduler_->request(row.request_id);
     row.samples = row.start_pos + row.num_tokens >= r.prompt_len();
-    sampled.push_back(row.sampled_id);
+    tokens.push_back(row.new_tokens.empty() ? std::vector<int32_t>{row.sampled_id} : row.new_tokens);
+    int32_t draft = row.draft_id;
+    if (draft_override_ && scheduler_->draft_tokens() > 0) {
+      // The draft stands at the position after the row's newest committed token.
+      draft = draft_override_(row.request_id, row.start_pos + row.checked_tokens() + 1, draft);
+    }
+    drafts.push_back(scheduler_->draft_tokens() > 0 ? std::vector<int32_t>{draft} : std::vector<int32_t>{});
   }
-  scheduler_->commit(batch, sampled);
+  scheduler_->commit(batch, tokens, drafts);
   return rec;
 }
 

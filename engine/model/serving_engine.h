@@ -3,6 +3,7 @@
 // loop does: schedule a batch, run it, commit the sampled tokens.
 #pragma once
 
+#include <functional>
 #include <memory>
 #include <vector>
 
@@ -30,6 +31,11 @@ class ServingEngine {
   bool abort(int64_t id) { return scheduler_->abort(id); }
   bool has_unfinished() const { return scheduler_->has_unfinished(); }
   const serving::Request& request(int64_t id) const { return scheduler_->request(id); }
+
+  // Tests: replaces the MTP block's draft for a request's next verify step. Called with the request
+  // id, the position the draft would take, and the MTP block's own draft; returns the draft to use.
+  using DraftOverride = std::function<int32_t(int64_t request_id, int64_t position, int32_t mtp_draft)>;
+  void set_draft_override(DraftOverride fn) { draft_override_ = std::move(fn); }
 
   // One scheduler step: the batch is built, run and committed. `samples` is set on the rows whose
   // sampled token the scheduler keeps (decode rows and the chunk that ends a prompt).
@@ -63,6 +69,7 @@ class ServingEngine {
   int pp_comm_ = -1;
   int64_t cp_ = 1;  // the stages' communicator (send/recv of the residual)
   int64_t step_ = 0;
+  DraftOverride draft_override_;
 };
 
 }  // namespace dsv4::engine

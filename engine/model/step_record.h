@@ -24,6 +24,12 @@ struct StepRow {
   bool samples = false;         // the row's last token produces a sampled token (decode, or last prefill chunk)
   int32_t sampled_id = -1;      // greedy argmax of `logits`, when samples
   std::vector<float> logits;    // [vocab] fp32 of the row's last token, when samples
+  // The tokens the row commits: its sampled token, or in a TARGET_VERIFY row the target's tokens up
+  // to the first that rejects a draft (accepted_tokens of them); the positions past those are not
+  // kept, so the oracle replays only the first accepted_tokens inputs.
+  std::vector<int32_t> new_tokens;
+  int64_t accepted_tokens = -1;  // TARGET_VERIFY rows; -1 elsewhere (every token counts)
+  int64_t checked_tokens() const { return accepted_tokens >= 0 ? accepted_tokens : num_tokens; }
   // MTP on: the MTP block's draft for the token after the sampled one (greedy) and its logits.
   int32_t draft_id = -1;
   std::vector<float> draft_logits;

@@ -272,7 +272,9 @@ void ReferenceOracle::check_row(const StepRecord& step, const StepRow& row, Requ
                                 std::vector<Failure>& failures) {
   const ModelConfig& cfg = *config_;
   RequestReport& rep = reports_[req.report];
-  const int64_t T = row.num_tokens;
+  // A TARGET_VERIFY row is replayed up to its accepted tokens: the positions of rejected drafts
+  // are not kept, and the reference must not see them.
+  const int64_t T = row.checked_tokens();
 
   auto fail = [&](const std::string& key, const std::string& detail, double abs_err = 0.0, double rel_err = 0.0,
                   double cdiff = 0.0) {
@@ -302,8 +304,9 @@ void ReferenceOracle::check_row(const StepRecord& step, const StepRow& row, Requ
     fail("input", detail);
     rep.stopped = true;
   };
-  if (T <= 0 || static_cast<int64_t>(row.input_ids.size()) != T) {
-    stop("num_tokens " + std::to_string(T) + " with " + std::to_string(row.input_ids.size()) + " input ids");
+  if (T <= 0 || T > row.num_tokens || static_cast<int64_t>(row.input_ids.size()) != row.num_tokens) {
+    stop("num_tokens " + std::to_string(row.num_tokens) + " (" + std::to_string(T) + " checked) with " +
+         std::to_string(row.input_ids.size()) + " input ids");
     return;
   }
   if (row.start_pos != req.next_pos) {
@@ -336,6 +339,15 @@ void ReferenceOracle::check_row(const StepRecord& step, const StepRow& row, Requ
                         ", the prompt has " + std::to_string(req.prompt[static_cast<size_t>(p)]));
       break;
     }
+  }
+  if (row.accepted_tokens >= 0) {
+    // Greedy acceptance: each kept draft is the target's own token at the position before it, the
+    // last token committed is the sampled one, and a shorter row stopped at a real rejection.
+    const auto& nt = row.new_tokens;
+    bool consistent = static_cast<int64_t>(nt.size()) == T && !nt.empty() && nt.back() == row.sampled_id;
+    for (int64_t t = 0; consistent && t + 1 < T; ++t) consistent = row.input_ids[static_cast<size_t>(t + 1)] == nt[static_cast<size_t>(t)];
+    if (consistent && T < row.num_tokens) consistent = row.input_ids[static_cast<size_t>(T)] != nt.back();
+    if (!consistent) fail("input", "the verify row's accepted drafts do not follow the target's own tokens");
   }
   if (req.expect_input && row.input_ids[0] != *req.expect_input) {
     fail("input", "position " + std::to_string(row.start_pos) + " feeds " + std::to_string(row.input_ids[0]) +
@@ -385,7 +397,7 @@ void ReferenceOracle::check_row(const StepRecord& step, const StepRow& row, Requ
   // --- The reference forward (and the MTP block when the engine probes it).
   ref::Trace trace;
   const ref::Context ctx{cfg, numerics_, &trace, &forcing};
-  std::vector<int64_t> tokens(row.input_ids.begin(), row.input_ids.end());
+  std::vector<int64_t> tokens(row.input_ids.begin(), row.input_ids.begin() + T);
   bool want_mtp = false;
   for (const auto& [key, value] : step.values) {
     if (starts_with(key, "mtp.")) want_mtp = true;

@@ -13,6 +13,7 @@ std::string_view forward_mode_name(ForwardMode mode) {
     case ForwardMode::extend: return "extend";
     case ForwardMode::decode: return "decode";
     case ForwardMode::idle: return "idle";
+    case ForwardMode::target_verify: return "target_verify";
   }
   DSV4_ASSERT(false, "unknown forward mode");
   return "";
@@ -64,10 +65,10 @@ void pad_to_bucket(ForwardBatch& batch, std::span<const int64_t> buckets) {
   batch.bucket_rows = batch_bucket(buckets, std::max<int64_t>(batch.row_count(), 1));
   const int64_t padding_rows = batch.bucket_rows - batch.row_count();
   DSV4_ASSERT(padding_rows >= 0, "the bucket holds the rows");
-  const int64_t null_loc[1] = {0};
-  const int32_t null_id[1] = {0};
+  const std::vector<int64_t> null_loc(static_cast<size_t>(batch.tokens_per_row), 0);
+  const std::vector<int32_t> null_id(static_cast<size_t>(batch.tokens_per_row), 0);
   for (int64_t i = 0; i < padding_rows; ++i) {
-    append_row(batch, ForwardRow{ForwardRow::kPaddingRequest, 0, 0, 1}, null_loc, null_id);
+    append_row(batch, ForwardRow{ForwardRow::kPaddingRequest, 0, 0, batch.tokens_per_row}, null_loc, null_id);
   }
   DSV4_ASSERT(batch.row_count() == batch.bucket_rows, "padded to the bucket");
 }
@@ -82,12 +83,15 @@ void check_forward_batch(const ForwardBatch& batch) {
       seen_padding = true;
       DSV4_ASSERT(batch.mode != ForwardMode::extend, "EXTEND has no padding rows");
       DSV4_ASSERT(row.req_slot == 0, "a padding row uses the null slot");
-      DSV4_ASSERT(row.seq_len_before == 0 && row.seq_len_after == 1, "a padding row has seq_len 1");
+      DSV4_ASSERT(row.seq_len_before == 0 && row.seq_len_after == batch.tokens_per_row,
+                  "a padding row has seq_len 1 (1 + draft tokens in TARGET_VERIFY)");
     } else {
       DSV4_ASSERT(!seen_padding, "real rows come before padding rows");
       DSV4_ASSERT(batch.mode != ForwardMode::idle, "IDLE has padding rows only");
       DSV4_ASSERT(row.req_slot >= 1, "a real row holds a live slot");
       DSV4_ASSERT(batch.mode != ForwardMode::decode || row.extend_len() == 1, "DECODE feeds one token per row");
+      DSV4_ASSERT(batch.mode != ForwardMode::target_verify || row.extend_len() == batch.tokens_per_row,
+                  "TARGET_VERIFY feeds 1 + draft tokens per row");
     }
     for (int64_t i = 0; i < row.extend_len(); ++i, ++token) {
       DSV4_ASSERT(token < batch.token_count(), "fewer tokens than the rows feed");

@@ -13,7 +13,9 @@
 
 namespace dsv4::serving {
 
-enum class ForwardMode { extend, decode, idle };
+// TARGET_VERIFY (speculative decoding): each decoding request feeds its newest token and its k draft
+// tokens, 1 + k tokens at consecutive positions; padded like DECODE with null rows of 1 + k tokens.
+enum class ForwardMode { extend, decode, idle, target_verify };
 
 std::string_view forward_mode_name(ForwardMode mode);
 
@@ -32,7 +34,8 @@ struct ForwardRow {
 struct ForwardBatch {
   ForwardMode mode = ForwardMode::idle;
   int64_t step = 0;
-  int64_t bucket_rows = 0;             // DECODE and IDLE: the graph's batch size; EXTEND: 0
+  int64_t bucket_rows = 0;             // DECODE, TARGET_VERIFY and IDLE: the graph's batch size; EXTEND: 0
+  int64_t tokens_per_row = 1;          // TARGET_VERIFY: 1 + draft tokens; 1 otherwise
   std::vector<ForwardRow> rows;        // real rows, then padding rows
   std::vector<int64_t> positions;      // one per new token, in row order
   std::vector<int64_t> out_cache_loc;  // the full-token location of each new token

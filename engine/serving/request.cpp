@@ -19,7 +19,7 @@ std::string_view request_state_name(RequestState state) {
 int64_t Request::max_cached_len() const {
   DSV4_ASSERT(prompt_len() >= 1, "a request has a prompt");
   DSV4_ASSERT(max_new_tokens >= 1, "a request generates at least one token");
-  return prompt_len() + max_new_tokens - 1;
+  return prompt_len() + max_new_tokens - 1 + draft_tokens;
 }
 
 }  // namespace dsv4::serving

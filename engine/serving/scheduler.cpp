@@ -63,8 +63,14 @@ int64_t Scheduler::full_pages_for(const Request& r) const {
 int64_t Scheduler::swa_pages_for(const Request& r) const {
   const int64_t sps = swa_.swa_page_size();
   const int64_t whole = ceil_div(r.max_cached_len(), sps);
-  const int64_t windowed = ceil_div(window_size_ + chunked_prefill_tokens_, sps) + 1;
+  const int64_t windowed = ceil_div(window_size_ + std::max(chunked_prefill_tokens_, 1 + draft_tokens_), sps) + 1;
   return std::min(whole, windowed);
+}
+
+void Scheduler::set_draft_tokens(int64_t k) {
+  if (k < 0 || k > 4) throw ContractError("Scheduler::set_draft_tokens", "k", "must be in [0, 4], got " + std::to_string(k));
+  DSV4_ASSERT(requests_.empty(), "the draft count is set before the first request");
+  draft_tokens_ = k;
 }
 
 void Scheduler::add_request(int64_t id, std::vector<int32_t> prompt_ids, int64_t max_new_tokens,
@@ -78,6 +84,7 @@ void Scheduler::add_request(int64_t id, std::vector<int32_t> prompt_ids, int64_t
   r.prompt_ids = std::move(prompt_ids);
   r.max_new_tokens = max_new_tokens;
   r.arrival_step = arrival_step;
+  r.draft_tokens = draft_tokens_;
   if (r.max_cached_len() > std::min(full_.max_seq_len(), slots_.max_seq_len())) {
     throw ContractError("Scheduler::add_request", "max_new_tokens",
                         "prompt + max_new_tokens - 1 = " + std::to_string(r.max_cached_len()) + " exceeds max_seq_len");
@@ -174,6 +181,23 @@ void Scheduler::build_decode(ForwardBatch& batch) {
   }
 }
 
+void Scheduler::build_verify(ForwardBatch& batch) {
+  const int64_t n = 1 + draft_tokens_;
+  for (const int64_t id : queue_) {
+    Request& r = mutable_request(id);
+    if (r.state != RequestState::decoding) continue;
+    DSV4_ASSERT(static_cast<int64_t>(r.draft_ids.size()) == draft_tokens_, "a decoding request holds its drafts");
+    const int64_t before = r.cached_len;
+    if (!try_grow(r, before + n)) continue;
+    std::vector<int64_t> locs;
+    std::vector<int32_t> ids = {r.generated_ids.back()};
+    for (int64_t i = 0; i < n; ++i) locs.push_back(full_.loc(r.slot, before + i));
+    ids.insert(ids.end(), r.draft_ids.begin(), r.draft_ids.end());
+    append_row(batch, ForwardRow{r.id, r.slot, before, before + n}, locs, ids);
+    r.cached_len = before + n;
+  }
+}
+
 ForwardBatch Scheduler::schedule(int64_t step) {
   DSV4_ASSERT(!batch_in_flight_, "commit the previous batch first");
   if (step < last_step_) throw ContractError("Scheduler::schedule", "step", "steps never go back");
@@ -182,10 +206,15 @@ ForwardBatch Scheduler::schedule(int64_t step) {
   batch.step = step;
   batch.mode = ForwardMode::extend;
   build_extend(batch);
-  if (batch.rows.empty()) {
+  if (batch.rows.empty() && draft_tokens_ > 0) {
+    batch.mode = ForwardMode::target_verify;
+    batch.tokens_per_row = 1 + draft_tokens_;
+    build_verify(batch);
+  } else if (batch.rows.empty()) {
     batch.mode = ForwardMode::decode;
     build_decode(batch);
   }
+  if (batch.rows.empty()) batch.tokens_per_row = 1;
   if (batch.rows.empty()) batch.mode = ForwardMode::idle;
   if (batch.mode != ForwardMode::extend) pad_to_bucket(batch, batch_buckets_);
   DSV4_ASSERT(batch.mode != ForwardMode::extend || batch.token_count() <= chunked_prefill_tokens_,
@@ -196,9 +225,20 @@ ForwardBatch Scheduler::schedule(int64_t step) {
 }
 
 void Scheduler::commit(const ForwardBatch& batch, std::span<const int32_t> sampled_ids) {
-  DSV4_ASSERT(batch_in_flight_, "commit follows schedule");
+  DSV4_ASSERT(draft_tokens_ == 0 || batch.real_row_count() == 0, "speculative decoding commits tokens and drafts");
   if (static_cast<int64_t>(sampled_ids.size()) != batch.real_row_count()) {
     throw ContractError("Scheduler::commit", "sampled_ids", "one sampled id per real row");
+  }
+  std::vector<std::vector<int32_t>> tokens;
+  for (const int32_t id : sampled_ids) tokens.push_back({id});
+  commit(batch, tokens, std::vector<std::vector<int32_t>>(tokens.size()));
+}
+
+void Scheduler::commit(const ForwardBatch& batch, std::span<const std::vector<int32_t>> tokens,
+                       std::span<const std::vector<int32_t>> drafts) {
+  DSV4_ASSERT(batch_in_flight_, "commit follows schedule");
+  if (static_cast<int64_t>(tokens.size()) != batch.real_row_count() || drafts.size() != tokens.size()) {
+    throw ContractError("Scheduler::commit", "tokens", "one entry of tokens and of drafts per real row");
   }
   batch_in_flight_ = false;
   for (int64_t i = 0; i < batch.real_row_count(); ++i) {
@@ -212,11 +252,37 @@ void Scheduler::commit(const ForwardBatch& batch, std::span<const int32_t> sampl
       if (r.prefilled_len < r.prompt_len()) continue;  // a chunk inside the prompt samples nothing
       r.state = RequestState::decoding;
     }
-    const int32_t token = sampled_ids[static_cast<size_t>(i)];
-    r.generated_ids.push_back(token);
-    const bool stopped = std::binary_search(stop_ids_.begin(), stop_ids_.end(), token);
-    if (stopped || static_cast<int64_t>(r.generated_ids.size()) == r.max_new_tokens) {
+    const std::vector<int32_t>& new_tokens = tokens[static_cast<size_t>(i)];
+    if (new_tokens.empty() || static_cast<int64_t>(new_tokens.size()) > row.extend_len()) {
+      throw ContractError("Scheduler::commit", "tokens", "a row commits 1 to " + std::to_string(row.extend_len()) + " tokens");
+    }
+    if (batch.mode == ForwardMode::target_verify) {
+      // The positions of rejected drafts leave the cache: the newest token is never cached.
+      const int64_t kept = row.seq_len_before + static_cast<int64_t>(new_tokens.size());
+      if (kept < r.cached_len) {
+        full_.truncate(r.slot, kept);
+        swa_.truncate(r.slot, kept);
+        r.cached_len = kept;
+      }
+    }
+    bool done = false;
+    for (const int32_t token : new_tokens) {
+      r.generated_ids.push_back(token);
+      const bool stopped = std::binary_search(stop_ids_.begin(), stop_ids_.end(), token);
+      if (stopped || static_cast<int64_t>(r.generated_ids.size()) == r.max_new_tokens) {
+        done = true;
+        break;
+      }
+    }
+    if (done) {
       release(r, RequestState::finished);
+      continue;
+    }
+    if (draft_tokens_ > 0) {
+      if (static_cast<int64_t>(drafts[static_cast<size_t>(i)].size()) != draft_tokens_) {
+        throw ContractError("Scheduler::commit", "drafts", "a row of a speculative run needs " + std::to_string(draft_tokens_) + " drafts");
+      }
+      r.draft_ids = drafts[static_cast<size_t>(i)];
     }
   }
 }

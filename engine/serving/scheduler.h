@@ -46,6 +46,17 @@ class Scheduler {
   // The model's result: one sampled id per real row (ignored for a prefill chunk that does not end
   // the prompt). Rows of requests aborted in between are skipped.
   void commit(const ForwardBatch& batch, std::span<const int32_t> sampled_ids);
+  // Speculative decoding (set_draft_tokens(k), k >= 1): DECODE becomes TARGET_VERIFY, each decoding
+  // request feeding its newest token and its k drafts. Per real row, `tokens` are the new tokens
+  // (a verify row: the target's tokens up to and including the first that differs from a draft, so
+  // 1 to k + 1; a prefill row that ends the prompt: its sampled token) and `drafts` the k drafts for
+  // the next verify. The cache keeps the accepted positions only: the rejected drafts' positions are
+  // given back to both allocators.
+  void commit(const ForwardBatch& batch, std::span<const std::vector<int32_t>> tokens,
+              std::span<const std::vector<int32_t>> drafts);
+  // Before the first add_request. ContractError for k outside [0, 4].
+  void set_draft_tokens(int64_t k);
+  int64_t draft_tokens() const { return draft_tokens_; }
   // Aborts a waiting or running request and gives back its slot and pages. False when it is
   // finished or aborted already; ContractError for an unknown id.
   bool abort(int64_t request_id);
@@ -68,6 +79,9 @@ class Scheduler {
   void build_extend(ForwardBatch& batch);
   void build_decode(ForwardBatch& batch);
 
+  void build_verify(ForwardBatch& batch);
+
+  int64_t draft_tokens_ = 0;
   int64_t window_size_ = 0;
   int64_t chunked_prefill_tokens_ = 0;
   std::vector<int64_t> batch_buckets_;

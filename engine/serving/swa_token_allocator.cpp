@@ -109,6 +109,26 @@ PageAllocation SwaTokenAllocator::extend(int64_t req_slot, int64_t new_seq_len, 
   return out;
 }
 
+void SwaTokenAllocator::truncate(int64_t req_slot, int64_t new_seq_len) {
+  (void)request(req_slot);  // range checks
+  Request& r = requests_[static_cast<size_t>(req_slot)];
+  DSV4_ASSERT(new_seq_len <= r.seq_len, "truncate shrinks a request");
+  DSV4_ASSERT(new_seq_len >= r.first_held_page_index * swa_page_size_, "truncate keeps the pages given back behind the window");
+  for (int64_t pos = new_seq_len; pos < r.seq_len; ++pos) {
+    const int64_t swa_loc = loc(req_slot, pos);
+    const int64_t full_loc = full_by_swa_loc_[static_cast<size_t>(swa_loc)];
+    DSV4_ASSERT(full_loc != kNoLoc, "a held position is mapped");
+    swa_by_full_loc_[static_cast<size_t>(full_loc)] = static_cast<int32_t>(kNoLoc);
+    full_by_swa_loc_[static_cast<size_t>(swa_loc)] = static_cast<int32_t>(kNoLoc);
+  }
+  const auto keep = static_cast<size_t>(ceil_div(new_seq_len, swa_page_size_));
+  for (size_t i = std::max(keep, static_cast<size_t>(r.first_held_page_index)); i < r.pages.size(); ++i) {
+    give_back_page(r.pages[i], req_slot);
+  }
+  r.pages.resize(std::max(keep, static_cast<size_t>(r.first_held_page_index)));
+  r.seq_len = new_seq_len;
+}
+
 void SwaTokenAllocator::release(int64_t req_slot) {
   (void)request(req_slot);  // range checks
   Request& r = requests_[static_cast<size_t>(req_slot)];

@@ -39,6 +39,10 @@ class SwaTokenAllocator {
   // full_locs is the request's req_to_token row, already holding the full locations of
   // [0, new_seq_len). All or nothing, like TokenAllocator::extend.
   [[nodiscard]] PageAllocation extend(int64_t req_slot, int64_t new_seq_len, std::span<const int32_t> full_locs);
+  // Shrinks a request to new_seq_len (>= the first position it still holds a page for, <= its
+  // length): the positions of rejected draft tokens are unmapped and pages wholly past the new
+  // length go back to the pool.
+  void truncate(int64_t req_slot, int64_t new_seq_len);
   // Returns every page of a request and unmaps its full locations.
   void release(int64_t req_slot);
 

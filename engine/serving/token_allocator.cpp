@@ -65,6 +65,16 @@ PageAllocation TokenAllocator::extend(int64_t req_slot, int64_t new_seq_len) {
   return out;
 }
 
+void TokenAllocator::truncate(int64_t req_slot, int64_t new_seq_len) {
+  (void)request(req_slot);  // range checks
+  Request& r = requests_[static_cast<size_t>(req_slot)];
+  DSV4_ASSERT(new_seq_len >= 0 && new_seq_len <= r.seq_len, "truncate shrinks a request");
+  const auto keep = static_cast<size_t>(ceil_div(new_seq_len, page_size_));
+  for (size_t i = keep; i < r.pages.size(); ++i) pages_.give_back(r.pages[i], req_slot);
+  r.pages.resize(keep);
+  r.seq_len = new_seq_len;
+}
+
 void TokenAllocator::release(int64_t req_slot) {
   (void)request(req_slot);  // range checks
   Request& r = requests_[static_cast<size_t>(req_slot)];

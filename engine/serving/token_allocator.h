@@ -31,6 +31,9 @@ class TokenAllocator {
   // Grows a request (token by token or by a chunk) to new_seq_len. All or nothing: when the pool
   // is short of pages nothing changes and the result says how many were needed.
   [[nodiscard]] PageAllocation extend(int64_t req_slot, int64_t new_seq_len);
+  // Shrinks a request to new_seq_len (<= its length): speculative decoding gives back the positions
+  // of rejected draft tokens. Pages wholly past the new length go back to the pool.
+  void truncate(int64_t req_slot, int64_t new_seq_len);
   // Returns every page of a request (finished or aborted); its length becomes 0.
   void release(int64_t req_slot);
 

@@ -38,6 +38,8 @@ struct RunConfig {
   int64_t cp = 1;
   bool w8a8_int8 = false;
   bool mtp = false;
+  int64_t draft_tokens = 0;  // speculative decoding (needs mtp)
+  ServingEngine::DraftOverride draft_override = {};
 };
 
 struct RunResult {
@@ -83,9 +85,13 @@ inline RunResult run_engine(const ModelConfig& config, uint64_t weight_seed, con
   eo.cp = rc.cp;
   eo.w8a8_int8 = rc.w8a8_int8;
   eo.mtp = rc.mtp;
+  eo.draft_tokens = rc.draft_tokens;
+  RuntimeOptions options = rc.options;
+  if (rc.draft_tokens > 0) options.speculative = true;
   RunResult out;
   {
-    ServingEngine engine(runtime, config, rc.options, CheckpointSource::synthetic(config, weight_seed), eo);
+    ServingEngine engine(runtime, config, options, CheckpointSource::synthetic(config, weight_seed), eo);
+    if (rc.draft_override) engine.set_draft_override(rc.draft_override);
     for (const auto& r : workload) engine.add_request(r.id, r.prompt_ids, r.max_new_tokens, r.arrival_step);
     while (engine.has_unfinished()) out.steps.push_back(engine.step());
     out.graphs_captured = engine.graphs_captured();

@@ -202,6 +202,87 @@ TEST(Mtp, MicroMixDraftsMatchReferenceInEveryMode) {
   }
 }
 
+// Speculative decoding (EAGLE with the MTP block's drafts, greedy acceptance, the MTP block over
+// every verified position): the greedy tokens equal those without speculation, and every step
+// matches the reference (accepted prefixes only), with the MTP block's own drafts (untrained
+// synthetic weights: almost none accepted), perfect drafts (from the non-speculative run: all
+// accepted) and alternating right and wrong drafts; in the four modes.
+TEST(Speculative, GreedyTokensEqualNonSpeculativeAndReferenceForAnyDrafts) {
+  const ModelConfig config = load_model_config("micro");
+  const auto mix = standard_workload(config, 1, 8, 12);
+  RunConfig rc;
+  rc.options = options_for(8);
+  const RunResult plain = run_engine(config, 1, mix, rc);
+  // The right token at `position` of request `id` (its prompt, then its greedy tokens).
+  auto right = [&](int64_t id, int64_t position) -> int32_t {
+    const auto& prompt = mix[static_cast<size_t>(id)].prompt_ids;
+    const auto& gen = plain.generated[static_cast<size_t>(id)];
+    const int64_t i = position - static_cast<int64_t>(prompt.size());
+    return i < static_cast<int64_t>(gen.size()) ? gen[static_cast<size_t>(i)] : 0;
+  };
+  struct Drafts {
+    const char* name;
+    ServingEngine::DraftOverride fn;
+  };
+  const std::vector<Drafts> kinds = {
+      {"mtp", {}},
+      {"perfect", [&](int64_t id, int64_t pos, int32_t) { return right(id, pos); }},
+      {"alternating", [&](int64_t id, int64_t pos, int32_t) {
+         return pos % 2 == 0 ? right(id, pos) : (right(id, pos) + 1) % static_cast<int32_t>(config.vocab_size);
+       }},
+  };
+  rc.mtp = true;
+  rc.draft_tokens = 1;
+  for (const Drafts& kind : kinds) {
+    rc.draft_override = kind.fn;
+    RunConfig eager = rc;
+    const RunResult spec = run_engine(config, 1, mix, eager);
+    EXPECT_EQ(spec.generated, plain.generated) << kind.name;
+    EXPECT_EQ(testing::reference_divergence(config, 1, mix, spec), "") << kind.name;
+    int64_t verified = 0, accepted = 0;
+    for (const StepRecord& s : spec.steps) {
+      for (const StepRow& row : s.rows) {
+        if (row.accepted_tokens < 0) continue;
+        verified += row.num_tokens - 1;
+        accepted += row.accepted_tokens - 1;
+      }
+    }
+    EXPECT_GT(verified, 0) << kind.name;
+    if (std::string(kind.name) == "perfect") {
+      EXPECT_EQ(accepted, verified);
+    }
+    if (std::string(kind.name) == "alternating") {
+      EXPECT_GT(accepted, 0);
+      EXPECT_LT(accepted, verified);
+    }
+    for (const Mode& m : kModes) {
+      RunConfig other = rc;
+      other.graphs = m.graphs;
+      other.multi_stream = m.multi_stream;
+      other.schedule = "pct:4:3";
+      const RunResult r = run_engine(config, 1, mix, other);
+      EXPECT_EQ(first_difference(spec, r), "") << kind.name << " " << m.name;
+      EXPECT_TRUE(r.hazards.empty()) << kind.name << " " << m.name << ": " << r.hazards.front();
+    }
+  }
+}
+
+TEST(Speculative, OptionsAreChecked) {
+  const ModelConfig config = load_model_config("micro");
+  rt::SimRuntime runtime(rt::RuntimeOptions{}, rt::SimOptions{});
+  EngineOptions eo;
+  eo.draft_tokens = 1;  // without the MTP block
+  EXPECT_THROW(ServingEngine(runtime, config, options_for(2), CheckpointSource::synthetic(config, 1), eo), InputError);
+  eo.mtp = true;  // without the speculative rings
+  EXPECT_THROW(ServingEngine(runtime, config, options_for(2), CheckpointSource::synthetic(config, 1), eo), InputError);
+  RuntimeOptions spec = options_for(2);
+  spec.speculative = true;
+  eo.draft_tokens = 2;  // chained drafting is not built
+  EXPECT_THROW(ServingEngine(runtime, config, spec, CheckpointSource::synthetic(config, 1), eo), InputError);
+  eo.draft_tokens = 1;
+  EXPECT_NO_THROW(ServingEngine(runtime, config, spec, CheckpointSource::synthetic(config, 1), eo));
+}
+
 TEST(Mtp, RefusedWithContextParallelism) {
   const ModelConfig config = load_model_config("micro");
   rt::RuntimeOptions two;

@@ -49,7 +49,8 @@ int cmd_generate(const std::vector<std::string>& argv, std::ostream& out) {
       {"--pp", "N", "pipeline-parallel stages, one simulated device each (default 1; vLLM's default split)", false},
       {"--pp-partition", "a,b,...", "layers per stage, in order (sets the stage count)", false},
       {"--quant", "fp8|w8a8-int8", "quantized linears: FP8 block-scaled (default) or per-channel int8 with per-token int8 activations", false},
-      {"--mtp", "", "run the MTP block after every batch: draft tokens, compared with the reference's MTP block", false},
+      {"--mtp", "", "speculative decoding with the MTP block's drafts (EAGLE, greedy acceptance); the drafts are compared with the reference's MTP block at every step", false},
+      {"--draft-tokens", "K", "with --mtp: draft tokens per step (default 1, as sglang runs it; 0 drafts without verifying)", false},
       {"--cp", "N", "prefill context-parallel ranks, one simulated device each (default 1)", false},
       {"--indexer-sms", "N", "blocks of the persistent indexer-logits kernel (default 4)", false},
       {"--guards", "", "testing allocator: guard bytes and poison on every buffer, checked at the end", false},
@@ -106,6 +107,9 @@ int cmd_generate(const std::vector<std::string>& argv, std::ostream& out) {
   if (quant != "fp8" && quant != "w8a8-int8") throw InputError("--quant", "", "expects fp8 or w8a8-int8, got '" + quant + "'");
   eo.w8a8_int8 = quant == "w8a8-int8";
   eo.mtp = args.has("--mtp");
+  if (args.has("--draft-tokens") && !eo.mtp) throw InputError("--draft-tokens", "", "needs --mtp");
+  eo.draft_tokens = eo.mtp ? args.i64("--draft-tokens", 1) : 0;
+  if (eo.draft_tokens > 0) options.speculative = true;  // the larger rings keep drafts off committed state
   if (eo.cp < 1) throw InputError("--cp", "", "must be >= 1");
   const bool compare = args.has("--compare-reference");
   eo.probes = compare;
@@ -164,9 +168,9 @@ int cmd_generate(const std::vector<std::string>& argv, std::ostream& out) {
   }
   if (eo.cp > 1) out << ", cp " << eo.cp;
   out << ", quant " << quant;
-  if (eo.mtp) out << ", mtp";
+  if (eo.mtp) out << ", mtp (" << eo.draft_tokens << " draft token" << (eo.draft_tokens == 1 ? "" : "s") << ")";
   out << "\n";
-  int64_t extend_steps = 0, decode_steps = 0;
+  int64_t extend_steps = 0, decode_steps = 0, drafts_verified = 0, drafts_accepted = 0;
   std::string finding;
   try {
     const int64_t step_limit = 100000;
@@ -174,8 +178,13 @@ int cmd_generate(const std::vector<std::string>& argv, std::ostream& out) {
       if (engine.steps() >= step_limit) throw std::runtime_error("no progress after " + std::to_string(step_limit) + " steps");
       const engine::StepRecord rec = engine.step();
       extend_steps += rec.mode == serving::ForwardMode::extend;
-      decode_steps += rec.mode == serving::ForwardMode::decode;
+      decode_steps += rec.mode == serving::ForwardMode::decode || rec.mode == serving::ForwardMode::target_verify;
       if (oracle) oracle->check(rec);
+      for (const auto& row : rec.rows) {
+        if (row.accepted_tokens < 0) continue;
+        drafts_verified += row.num_tokens - 1;
+        drafts_accepted += row.accepted_tokens - 1;
+      }
     }
   } catch (const rt::HangError& e) {
     finding = std::string("hang: ") + e.what();
@@ -187,6 +196,13 @@ int cmd_generate(const std::vector<std::string>& argv, std::ostream& out) {
   out << "steps " << engine.steps() << " (" << extend_steps << " extend, " << decode_steps << " decode), graphs captured "
       << engine.graphs_captured() << ", graph replays " << engine.graph_replays() << ", metadata upgrades "
       << engine.metadata_upgrades() << ", sim ops " << runtime.ops_executed() << "\n";
+  if (eo.draft_tokens > 0) {
+    char rate[96];
+    std::snprintf(rate, sizeof rate, "speculative decoding: %lld of %lld drafts accepted (%.1f%%)\n",
+                  static_cast<long long>(drafts_accepted), static_cast<long long>(drafts_verified),
+                  drafts_verified > 0 ? 100.0 * static_cast<double>(drafts_accepted) / static_cast<double>(drafts_verified) : 0.0);
+    out << rate;
+  }
   if (oracle) {
     out << oracle->table();
     if (args.has("--op-table")) out << oracle->op_table();
