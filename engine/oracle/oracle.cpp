@@ -627,7 +627,7 @@ void ReferenceOracle::check_row(const StepRecord& step, const StepRow& row, Requ
 
   // --- Logits and the greedy token.
   if (row.samples) {
-    ++rep.tokens_sampled;
+    rep.tokens_sampled += row.new_tokens.empty() ? 1 : static_cast<int64_t>(row.new_tokens.size());
     const ref::Mat& ref_logits = trace.values.at("logits");
     const int64_t V = ref_logits.cols;
     bool logits_ok = true;

@@ -209,7 +209,7 @@ struct RequestReport {
   int64_t prompt_length = 0;
   int64_t steps_checked = 0;      // steps with a replayed row of this request
   int64_t tokens_checked = 0;     // tokens replayed
-  int64_t tokens_sampled = 0;     // sampling rows checked
+  int64_t tokens_sampled = 0;     // tokens the checked rows committed (a verify row commits its accepted tokens)
   ErrorStats logits;              // over row.logits
   ErrorStats activations;         // over every compared probe key
   int64_t values_checked = 0;     // (row, key) blocks compared
