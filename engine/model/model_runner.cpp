@@ -515,8 +515,6 @@ void ModelRunner::prepare_metadata(const serving::ForwardBatch& batch, serving::
   }
   // The rows' requests for the compress plans, with their state rows.
   std::vector<std::vector<int64_t>> rows4, rows128;
-  std::vector<kernels::CompressRequestBatch> req4, req128;
-  std::vector<int64_t> dest4, dest128;
 
   auto full_row = [&](int64_t slot) { return slot == 0 ? slots_.null_row() : slots_.row(slot); };
   int64_t token = 0;
@@ -605,10 +603,6 @@ void ModelRunner::prepare_metadata(const serving::ForwardBatch& batch, serving::
   };
   if (has_c4_) build(kC4, *c4_pool_, rows4, m_c4_plan_);
   if (c128_ratio_ > 0) build(c128_ratio_, *c128_pool_, rows128, m_c128_plan_);
-  (void)req4;
-  (void)req128;
-  (void)dest4;
-  (void)dest128;
 
   int64_t T_local = T;
   if (cp_active_) {
@@ -753,8 +747,6 @@ void ModelRunner::issue_compressor(rt::StreamId stream, Layer& L, bool indexer, 
   const Tensor freqs = L.freqs;
   const kernels::Model1Layout kv_layout = L.kv_layout;
   const int64_t page_entries = L.comp_page_entries;
-  const int64_t rope_dim = config_.rope_head_dim;
-  (void)rope_dim;
   // Pool every block completed in this batch, then store the new rows (a long batch may recycle a
   // ring row that a block of the same batch still reads), then write the entries to the cache.
   op(stream, p + ".pool", {kv, score, state, plan_buf, norm}, {entries},

@@ -17,9 +17,13 @@
 // buffers. Launches read those buffers when they run, so a captured graph replays a new batch once
 // its values are copied in place (bug class A3: nothing is rebound).
 //
-// Graphs. With graphs on, a DECODE batch runs as the graph captured for its bucket (the first batch
-// of a bucket captures it), replayed with the batch's metadata assigned into the bucket's frozen
-// ForwardMetadata and written into the same buffers.
+// Graphs. With graphs on, a DECODE (or TARGET_VERIFY) batch runs as the graph captured for its
+// (mode, bucket) (the first batch of one captures it), replayed with the batch's metadata assigned
+// into that bucket's frozen ForwardMetadata and written into the same buffers.
+//
+// Beyond one rank and one path (docs/engine.md): pipeline stages (a runner per stage, driven by
+// ServingEngine), prefill context parallelism (begin_cp), the w8a8-int8 linears, and the MTP block
+// after every batch, with speculative decoding of its drafts.
 #pragma once
 
 #include <functional>
