@@ -73,6 +73,7 @@ void linear_fp8(const Tensor& x, const Tensor& w, S&& w_scale, Tensor& out) = de
 //
 // linear_projection takes the weight scale as a WeightScale, which has exactly three spellings:
 //   BlockScales{t}   FP8 e4m3 weights: t = the [ceil(N / 128), K / 128] ue8m0 block scales
+//                    (BlockScales{t, b}: blocks of b, activations quantized per 1 x b)
 //   ChannelScales{t} int8 weights (w8a8-int8): t = the [N] f32 per-output-channel scales
 //   kNoWeightScale   bf16 weights
 // BlockScales and ChannelScales are built from a Tensor only explicitly, so the spelling states the
@@ -82,11 +83,15 @@ void linear_fp8(const Tensor& x, const Tensor& w, S&& w_scale, Tensor& out) = de
 // the scale tensor's shape with the weight; a mismatch is a ContractError naming "w_scale".
 class BlockScales {
  public:
-  explicit BlockScales(Tensor scales) : scales_(std::move(scales)) {}
+  // `block`: the square weight block and the activation block (128 on released models; the
+  // config's weight_block_size).
+  explicit BlockScales(Tensor scales, int64_t block = kFp8Block) : scales_(std::move(scales)), block_(block) {}
   const Tensor& tensor() const { return scales_; }
+  int64_t block() const { return block_; }
 
  private:
   Tensor scales_;
+  int64_t block_ = kFp8Block;
 };
 
 class ChannelScales {
@@ -104,7 +109,7 @@ class WeightScale {
 
   // Implicit from the three typed spellings only (each already says what it is).
   WeightScale(NoWeightScale) {}
-  WeightScale(BlockScales s) : kind_(Kind::block), scales_(s.tensor()) {}
+  WeightScale(BlockScales s) : kind_(Kind::block), scales_(s.tensor()), block_(s.block()) {}
   WeightScale(ChannelScales s) : kind_(Kind::channel), scales_(s.tensor()) {}
   // Neither a number nor a bare tensor is a weight scale; deleted so the mistake reads as a "use of
   // deleted function" at compile time.
@@ -114,11 +119,13 @@ class WeightScale {
 
   Kind kind() const { return kind_; }
   const Tensor& tensor() const { return scales_; }  // undefined for Kind::none
+  int64_t block() const { return block_; }          // Kind::block: the FP8 block
   const char* spelling() const;                     // "kNoWeightScale", "BlockScales", "ChannelScales"
 
  private:
   Kind kind_ = Kind::none;
   Tensor scales_;
+  int64_t block_ = kFp8Block;
 };
 
 // out [T, N] bf16 = the projection of x [T, K] (bf16/f32, last dim contiguous) by w [N, K]:

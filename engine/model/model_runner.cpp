@@ -12,7 +12,6 @@
 #include "kernels/cast.h"
 #include "kernels/compressor.h"
 #include "kernels/indexer_logits.h"
-#include "kernels/int8_gemm.h"
 #include "kernels/mhc.h"
 #include "kernels/moe.h"
 #include "kernels/norm_rope.h"
@@ -52,6 +51,18 @@ Tensor host_f32(const std::vector<float>& v) {
   Tensor t = Tensor::empty({static_cast<int64_t>(v.size())}, DType::f32, "rope_freqs");
   std::memcpy(t.data_ptr(), v.data(), v.size() * 4);
   return t;
+}
+
+// One quantized projection, by the weight's format: e4m3 with its block scales (blocks of `block`),
+// i8 with its per-channel scales (w8a8-int8), bf16 without (s undefined).
+void project(const Tensor& x, const Tensor& w, const Tensor& s, Tensor& out, int64_t block) {
+  if (!s.defined()) {
+    kernels::linear_projection(x, w, kernels::kNoWeightScale, out);
+  } else if (w.dtype() == DType::i8) {
+    kernels::linear_projection(x, w, kernels::ChannelScales{s}, out);
+  } else {
+    kernels::linear_projection(x, w, kernels::BlockScales{s, block}, out);
+  }
 }
 
 // A compress plan and each block's cache location, flattened into int64s so that a launch reads it
@@ -117,11 +128,10 @@ void upload_vec(rt::Runtime& rt, const DeviceTensor& d, const std::vector<T>& v)
 }
 
 ref::Mat to_mat(const Tensor& t, int64_t rows, int64_t cols) {
+  const std::vector<double> v = t.values();
+  DSV4_ASSERT(static_cast<int64_t>(v.size()) == rows * cols, "a probe holds rows x cols values");
   ref::Mat m(rows, cols);
-  const Tensor v = t.contiguous();
-  const auto* base = static_cast<const uint8_t*>(v.data_ptr());
-  const DType dt = v.dtype();
-  for (int64_t i = 0; i < rows * cols; ++i) m.data[static_cast<size_t>(i)] = static_cast<float>(load_element_f64(dt, base, i));
+  std::copy(v.begin(), v.end(), m.data.begin());
   return m;
 }
 
@@ -576,21 +586,9 @@ void ModelRunner::prepare_metadata(const serving::ForwardBatch& batch, serving::
       const serving::ForwardRow& row = batch.rows[static_cast<size_t>(r)];
       reqs.push_back({row.seq_len_before, row.extend_len(), rows[static_cast<size_t>(r)]});
     }
-    kernels::CompressPlan plan = kernels::build_compress_plan(reqs, ratio, pool.used_row_count());
-    if (verify) {
-      // The plan leaves out the state rows of blocks this batch completes, as no later batch reads
-      // them; but a verify row's tail may be rejected, and the next batch then re-pools such a
-      // block from the state. So every token stores its row (the speculative rings keep these
-      // writes off rows that committed positions still need).
-      int64_t t = 0;
-      for (int64_t r = 0; r < batch.row_count(); ++r) {
-        const serving::ForwardRow& row = batch.rows[static_cast<size_t>(r)];
-        const int64_t hist = kernels::compress_history_start(row.seq_len_before, ratio);
-        for (int64_t q = row.seq_len_before; q < row.seq_len_after; ++q, ++t) {
-          plan.write_rows[static_cast<size_t>(t)] = rows[static_cast<size_t>(r)][static_cast<size_t>(q - hist)];
-        }
-      }
-    }
+    // Verify rows may lose their tail: every token then stores its row (the speculative rings keep
+    // these writes off rows that committed positions still need).
+    const kernels::CompressPlan plan = kernels::build_compress_plan(reqs, ratio, pool.used_row_count(), verify);
     std::vector<int64_t> dest;
     for (const auto& b : plan.blocks) {
       const serving::ForwardRow& row = batch.rows[static_cast<size_t>(b.request)];
@@ -659,25 +657,14 @@ void ModelRunner::issue_linear(rt::StreamId stream, const std::string& weight, c
   DeviceTensor out = out_ref;
   const std::string scale = weight.substr(0, weight.size() - std::string(".weight").size()) + ".scale";
   DeviceTensor w{weights_.buffer(weight), weights_.get(weight)};
-  if (!weights_.has(scale)) {
-    op(stream, weight, {x, w}, {out}, [x, w, out]() mutable { kernels::linear_fp8(x.t, w.t, kernels::kNoWeightScale, out.t); });
-    return;
-  }
-  DeviceTensor s{weights_.buffer(scale), weights_.get(scale)};
-  if (w.t.dtype() == DType::i8) {
-    op(stream, weight, {x, w, s}, {out}, [x, w, s, out]() mutable {
-      kernels::linear_projection(x.t, w.t, kernels::ChannelScales{s.t}, out.t);
-    });
-    return;
+  std::vector<DeviceTensor> reads = {x, w};
+  Tensor s;
+  if (weights_.has(scale)) {
+    reads.push_back(DeviceTensor{weights_.buffer(scale), weights_.get(scale)});
+    s = reads.back().t;
   }
   const int64_t block = config_.weight_block_size;
-  op(stream, weight, {x, w, s}, {out}, [x, w, s, out, block]() mutable {
-    const int64_t T = x.t.size(0), K = x.t.size(1);
-    Tensor q = Tensor::empty({T, K}, DType::f8_e4m3fn, "act_q");
-    Tensor qs = Tensor::empty({T, K / block}, DType::ue8m0, "act_scales");
-    kernels::act_quant_fp8(x.t, block, q, qs);
-    kernels::gemm_fp8_block_scaled(q, qs, w.t, s.t, out.t, block);
-  });
+  op(stream, weight, reads, {out}, [x, w, s, out, block]() mutable { project(x.t, w.t, s, out.t, block); });
 }
 
 void ModelRunner::issue_compressor(rt::StreamId stream, Layer& L, bool indexer, int64_t T) {
@@ -1058,28 +1045,25 @@ void ModelRunner::issue_moe(Layer& L, int64_t T) {
     ws[static_cast<size_t>(e)] = {get("w1.weight"), get("w1.scale"), get("w2.weight"),
                                   get("w2.scale"),  get("w3.weight"), get("w3.scale")};
   }
-  const bool int8 = engine_options_.w8a8_int8;
-  const bool fp4 = !int8 && config_.expert_dtype == "fp4";
+  const bool fp4 = !engine_options_.w8a8_int8 && config_.expert_dtype == "fp4";
   const int64_t ab = config_.act_block_size, fb = config_.fp4_block_size, wb = config_.weight_block_size;
   const float rlimit = static_cast<float>(config_.swiglu_limit);
-  op(main_, p + ".experts", reads, {routed}, [xn, experts, ew, routed, ws, E, k, d, int8, fp4, ab, fb, wb, rlimit]() mutable {
+  op(main_, p + ".experts", reads, {routed}, [xn, experts, ew, routed, ws, E, k, d, fp4, ab, fb, wb, rlimit]() mutable {
     const int64_t n = xn.t.size(0);
     const auto* ex = experts.t.data<int32_t>();
     const auto* wt = ew.t.data<float>();
+    // FP4 experts: FP8 activations per 1 x act_block against e2m1 weights; FP8 and int8 experts
+    // through the projection entry point like every other linear.
     auto gemm = [&](const Tensor& a, const Tensor& w, const Tensor& s, Tensor& out) {
+      if (!fp4) {
+        project(a, w, s, out, wb);
+        return;
+      }
       const int64_t R = a.size(0), K = a.size(1);
       Tensor q = Tensor::empty({R, K}, DType::f8_e4m3fn, "act_q");
       Tensor qs = Tensor::empty({R, K / ab}, DType::ue8m0, "act_scales");
-      if (int8) {
-        kernels::linear_projection(a, w, kernels::ChannelScales{s}, out);
-        return;
-      }
       kernels::act_quant_fp8(a, ab, q, qs);
-      if (fp4) {
-        kernels::gemm_fp4_weights(q, qs, w, s, out, ab, fb);
-      } else {
-        kernels::gemm_fp8_block_scaled(q, qs, w, s, out, wb);
-      }
+      kernels::gemm_fp4_weights(q, qs, w, s, out, ab, fb);
     };
     for (int64_t e = 0; e < E; ++e) {
       std::vector<int64_t> sel;  // flat (t * k + j)

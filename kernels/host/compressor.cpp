@@ -14,12 +14,7 @@
 
 namespace dsv4::kernels {
 
-using host::fp4_quant_dequant_blocks;
-using host::fp8_quant_dequant_blocks;
-using host::hadamard_inplace;
-using host::inverse_rms;
-using host::kInt32Max;
-using host::require_host;
+using namespace host;  // the shared helpers of kernels/host/host_common.h
 
 namespace {
 
@@ -95,7 +90,7 @@ int64_t compress_history_start(int64_t start_pos, int64_t ratio) {
 }
 
 CompressPlan build_compress_plan(std::span<const CompressRequestBatch> requests, int64_t ratio,
-                                 int64_t state_row_count) {
+                                 int64_t state_row_count, bool store_every_row) {
   const char* op = "build_compress_plan";
   check_ratio(op, ratio);
   if (state_row_count < 1) throw ContractError(op, "state_row_count", "must be >= 1, got " + num(state_row_count));
@@ -128,8 +123,9 @@ CompressPlan build_compress_plan(std::span<const CompressRequestBatch> requests,
     };
 
     // Only tokens a later batch reads are stored: the unfinished block, and for c4 also the last
-    // complete one (its A halves). Everything else is pooled straight from the input.
-    const int64_t keep_from = std::max<int64_t>(0, (end / r - (plan.coff - 1)) * r);
+    // complete one (its A halves). Everything else is pooled straight from the input, unless the
+    // batch's tail may be rejected (speculative verify), when the next batch re-pools from the state.
+    const int64_t keep_from = store_every_row ? start : std::max<int64_t>(0, (end / r - (plan.coff - 1)) * r);
     for (int64_t pos = start; pos < end; ++pos) {
       plan.positions.push_back(pos);
       plan.write_rows.push_back(pos >= keep_from ? state_row(pos) : -1);

@@ -13,7 +13,7 @@
 
 namespace dsv4::kernels {
 
-using host::require_host;
+using namespace host;  // the shared helpers of kernels/host/host_common.h
 
 namespace {
 

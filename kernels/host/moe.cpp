@@ -13,12 +13,7 @@
 
 namespace dsv4::kernels {
 
-using host::fp4_quant_dequant_blocks;
-using host::fp8_quant_dequant_blocks;
-using host::hadamard_inplace;
-using host::inverse_rms;
-using host::kInt32Max;
-using host::require_host;
+using namespace host;  // the shared helpers of kernels/host/host_common.h
 
 namespace {
 

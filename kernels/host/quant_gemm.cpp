@@ -15,12 +15,7 @@
 
 namespace dsv4::kernels {
 
-using host::fp4_quant_dequant_blocks;
-using host::fp8_quant_dequant_blocks;
-using host::hadamard_inplace;
-using host::inverse_rms;
-using host::kInt32Max;
-using host::require_host;
+using namespace host;  // the shared helpers of kernels/host/host_common.h
 
 namespace {
 
@@ -222,7 +217,8 @@ void gemm_fp4_weights(const Tensor& q_act, const Tensor& act_scales, const Tenso
 namespace {
 
 // linear_fp8's and linear_projection's FP8 path; `op` names the caller in the errors.
-void project_fp8(const char* op, const Tensor& x, const Tensor& w, const Tensor& w_scale, Tensor& out) {
+void project_fp8(const char* op, const Tensor& x, const Tensor& w, const Tensor& w_scale, Tensor& out,
+                 int64_t block = kFp8Block) {
   if (!w_scale.defined()) {
     throw ContractError(op, "w_scale", "undefined; pass kNoWeightScale for bf16 weights");
   }
@@ -231,18 +227,18 @@ void project_fp8(const char* op, const Tensor& x, const Tensor& w, const Tensor&
   }
   if (!w.defined() || w.dim() != 2) throw ContractError(op, "w", "must be a defined rank-2 tensor");
   const int64_t K = x.size(1);
-  if (K % kFp8Block != 0) {
-    throw ContractError(op, "x", "K = " + std::to_string(K) + " is not a multiple of " + std::to_string(kFp8Block));
+  if (K % block != 0) {
+    throw ContractError(op, "x", "K = " + std::to_string(K) + " is not a multiple of " + std::to_string(block));
   }
   check_fp8_weight(op, w, K);
   // The A5 rule at run time: the scale must be the weight's per-block tensor, nothing smaller.
-  check_fp8_w_scales(op, "w_scale", w_scale, w.size(0), K, kFp8Block);
+  check_fp8_w_scales(op, "w_scale", w_scale, w.size(0), K, block);
 
   const int64_t T = x.size(0);
   Tensor q = Tensor::empty({T, K}, DType::f8_e4m3fn, std::string(op) + ".q");
-  Tensor s = Tensor::empty({T, K / kFp8Block}, DType::ue8m0, std::string(op) + ".s");
-  act_quant_fp8(x, kFp8Block, q, s);
-  gemm_fp8_block_scaled(q, s, w, w_scale, out, kFp8Block);
+  Tensor s = Tensor::empty({T, K / block}, DType::ue8m0, std::string(op) + ".s");
+  act_quant_fp8(x, block, q, s);
+  gemm_fp8_block_scaled(q, s, w, w_scale, out, block);
 }
 
 // linear_fp8's and linear_projection's bf16 path.
@@ -331,7 +327,7 @@ void linear_projection(const Tensor& x, const Tensor& w, const WeightScale& w_sc
                                            needs[static_cast<int>(wanted)] + ", got " + w_scale.spelling());
   }
   switch (wanted) {
-    case WeightScale::Kind::block: project_fp8(op, x, w, w_scale.tensor(), out); return;
+    case WeightScale::Kind::block: project_fp8(op, x, w, w_scale.tensor(), out, w_scale.block()); return;
     case WeightScale::Kind::channel: project_int8(op, x, w, w_scale.tensor(), out); return;
     case WeightScale::Kind::none: project_bf16(op, x, w, out); return;
   }

@@ -265,6 +265,20 @@ TEST(KernelsCompressorPlan, StoresOnlyRowsALaterBatchReads) {
   EXPECT_EQ(c128.write_rows[129], 129);
 }
 
+// A verify batch whose tail may be rejected stores every token's row: the block it completes at
+// its last (draft) position is then pooled again by the next batch, from the state.
+TEST(KernelsCompressorPlan, StoreEveryRowForSpeculativeVerify) {
+  std::vector<int64_t> rows;
+  for (int64_t p = compress_history_start(14, 16); p < 16; ++p) rows.push_back(p);
+  const CompressRequestBatch req{14, 2, rows};  // positions 14, 15: 15 completes block 0
+  const CompressPlan plain = build_compress_plan(std::span<const CompressRequestBatch>(&req, 1), 16, 64);
+  EXPECT_EQ(plain.write_rows, (std::vector<int64_t>{-1, -1}));
+  const CompressPlan verify = build_compress_plan(std::span<const CompressRequestBatch>(&req, 1), 16, 64, true);
+  EXPECT_EQ(verify.write_rows, (std::vector<int64_t>{14, 15}));
+  EXPECT_EQ(verify.blocks.size(), plain.blocks.size());
+  EXPECT_EQ(verify.sources.size(), plain.sources.size());
+}
+
 TEST(KernelsCompressorPlan, HistoryStart) {
   EXPECT_EQ(compress_history_start(0, 4), 0);
   EXPECT_EQ(compress_history_start(7, 4), 0);
