@@ -38,6 +38,7 @@
 #include <string>
 #include <vector>
 
+#include "engine/core/contract.h"
 #include "engine/core/cooperative.h"
 #include "engine/core/tensor.h"
 
@@ -83,10 +84,13 @@ struct IndexerLogitsArgs {
   int64_t num_sms = 1;
 };
 
-void check_indexer_logits_contract(const IndexerLogitsArgs& args);
+// `values`: skip the rules that read index and length values (at issue time they may still be in
+// flight); the launch checks them again when it runs.
+void check_indexer_logits_contract(const IndexerLogitsArgs& args, Contract::Values values = Contract::Values::check);
 
 // One coroutine per block (SM): the cooperative form of the kernel, for rt::Launch::cooperative with
-// blocks = num_sms. Checks the contract now; reads every tensor when the launch runs (so a graph
+// blocks = num_sms. Checks the contract's shapes now and all of it (values too) each time the launch
+// runs; reads every tensor when the launch runs (so a graph
 // replay sees in-place updates of context_lens and a stale schedule alike). Each run starts from fresh
 // counters. logits(row, t) = Σ_h w[row, h] · ReLU(q_h · k_t) for t < len, -inf for t >= len.
 std::function<rt::BlockTask(rt::BlockContext&)> make_indexer_logits_launch(const IndexerLogitsArgs& args);

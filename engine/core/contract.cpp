@@ -34,9 +34,10 @@ Contract& Contract::optional() {
   return *this;
 }
 
-void Contract::add(std::string description, std::function<std::optional<std::string>(const Tensor&, const Args&)> test) {
+void Contract::add(std::string description, std::function<std::optional<std::string>(const Tensor&, const Args&)> test,
+                   bool reads_values) {
   DSV4_ASSERT(!current_.empty(), "a rule needs an arg() first");
-  rules_.push_back(Rule{current_, std::move(description), std::move(test)});
+  rules_.push_back(Rule{current_, std::move(description), std::move(test), reads_values});
 }
 
 Contract& Contract::dtype(DType expected) {
@@ -150,7 +151,7 @@ std::optional<std::string> first_outside(const Tensor& t, int64_t lo, int64_t hi
 
 Contract& Contract::values_in(int64_t lo, int64_t hi) {
   add("values in [" + std::to_string(lo) + ", " + std::to_string(hi) + "]",
-      [lo, hi](const Tensor& t, const Args&) { return first_outside(t, lo, hi); });
+      [lo, hi](const Tensor& t, const Args&) { return first_outside(t, lo, hi); }, /*reads_values=*/true);
   return *this;
 }
 
@@ -161,11 +162,11 @@ Contract& Contract::values_index_into(int64_t lo, std::string other, int64_t oth
         const Tensor* o = find(args, other);
         if (o == nullptr || !o->defined() || other_d >= o->dim()) return std::nullopt;
         return first_outside(t, lo, o->size(other_d) - 1);
-      });
+      },
+      /*reads_values=*/true);
   return *this;
 }
-
-void Contract::check(const Args& args) const {
+void Contract::check(const Args& args, Values values) const {
   // A relation to an undeclared argument would be skipped silently: a bug in the contract itself.
   for (const std::string& name : references_) {
     DSV4_ASSERT(std::find(arguments_.begin(), arguments_.end(), name) != arguments_.end(),
@@ -185,6 +186,7 @@ void Contract::check(const Args& args) const {
   for (const Rule& rule : rules_) {
     const Tensor* t = find(args, rule.argument);
     if (t == nullptr || !t->defined()) continue;
+    if (rule.reads_values && values == Values::skip) continue;
     if (auto detail = rule.test(*t, args)) throw ContractError(op_, rule.argument, rule.description + ": " + *detail);
   }
 }

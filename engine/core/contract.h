@@ -47,8 +47,11 @@ class Contract {
   Contract& values_index_into(int64_t lo, std::string other, int64_t other_d);
 
   const std::string& op() const { return op_; }
-  // Throws ContractError(op, argument, rule) for the first violation.
-  void check(const Args& args) const;
+  // Throws ContractError(op, argument, rule) for the first violation. The value rules read the
+  // tensors' contents, which a launch can see only when it runs (an earlier launch may still be
+  // writing them at issue time): `Values::skip` checks everything else.
+  enum class Values { check, skip };
+  void check(const Args& args, Values values = Values::check) const;
 
  private:
   struct Rule {
@@ -56,8 +59,10 @@ class Contract {
     std::string description;
     // Returns an error detail, or nullopt when satisfied.
     std::function<std::optional<std::string>(const Tensor&, const Args&)> test;
+    bool reads_values = false;
   };
-  void add(std::string description, std::function<std::optional<std::string>(const Tensor&, const Args&)> test);
+  void add(std::string description, std::function<std::optional<std::string>(const Tensor&, const Args&)> test,
+           bool reads_values = false);
 
   std::string op_;
   std::string current_;

@@ -14,6 +14,7 @@
 
 #include "engine/core/dtype.h"
 #include "engine/core/hd.h"
+#include "engine/faults/faults.h"
 
 namespace dsv4 {
 
@@ -85,7 +86,13 @@ DSV4_HD inline uint32_t round_magnitude(uint32_t abs_bits) {
     rest = significand & ((1u << shift) - 1u);
   }
   const uint32_t half = 1u << (shift - 1);
-  if (rest > half || (rest == half && (head & 1u) != 0)) ++head;
+#if !defined(__CUDA_ARCH__) && !defined(__HIP_DEVICE_COMPILE__)
+  // Fault fp8-round-half-up: the e4m3 ties go away from zero (a bit-twiddled software conversion).
+  const bool ties_up = rest == half && kManBits == 3 && faults::enabled(faults::Fault::fp8_round_half_up);
+#else
+  constexpr bool ties_up = false;
+#endif
+  if (rest > half || (rest == half && ((head & 1u) != 0 || ties_up))) ++head;
   return head;
 }
 

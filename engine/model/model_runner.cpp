@@ -7,6 +7,7 @@
 
 #include "engine/core/error.h"
 #include "engine/core/formats.h"
+#include "engine/faults/faults.h"
 #include "engine/serving/compressed_locations.h"
 #include "kernels/attn_output.h"
 #include "kernels/cast.h"
@@ -59,7 +60,9 @@ void project(const Tensor& x, const Tensor& w, const Tensor& s, Tensor& out, int
   if (!s.defined()) {
     kernels::linear_projection(x, w, kernels::kNoWeightScale, out);
   } else if (w.dtype() == DType::i8) {
-    kernels::linear_projection(x, w, kernels::ChannelScales{s}, out);
+    // Fault quant-scale-scalar: one number where the per-channel scale tensor belongs (seed bug A5).
+    const bool scalar = faults::enabled(faults::Fault::quant_scale_scalar);
+    kernels::linear_projection(x, w, kernels::ChannelScales{scalar ? s.narrow(0, 0, 1) : s}, out);
   } else {
     kernels::linear_projection(x, w, kernels::BlockScales{s, block}, out);
   }
@@ -274,10 +277,14 @@ ModelRunner::ModelRunner(rt::Runtime& runtime, const ModelConfig& config, const 
 
   // Geometry of the state pools, one per ratio (every layer of a ratio has the same rows).
   const int64_t swa_pages = swa_.page_count();
+  RuntimeOptions pool_options = options_;
+  // Fault swa-page-size-default-zero: the core compressor's pools built without the SWA page size
+  // (seed bug A4); the pool's construction-time guard is what stands between it and a division by 0.
+  if (faults::enabled(faults::Fault::swa_page_size_default_zero)) pool_options.swa_page_size = 0;
   if (has_c4_) {
     for (int64_t l = layer_begin_; l < layer_end_; ++l) {
       if (config_.ratio(l) == kC4) {
-        c4_pool_ = std::make_unique<serving::CompressStatePool>(config_, options_, l,
+        c4_pool_ = std::make_unique<serving::CompressStatePool>(config_, pool_options, l,
                                                                 serving::CompressStateOwner::attention, swa_pages);
         break;
       }
@@ -286,7 +293,7 @@ ModelRunner::ModelRunner(rt::Runtime& runtime, const ModelConfig& config, const 
   if (c128_ratio_ > 0) {
     for (int64_t l = layer_begin_; l < layer_end_; ++l) {
       if (config_.ratio(l) == c128_ratio_) {
-        c128_pool_ = std::make_unique<serving::CompressStatePool>(config_, options_, l,
+        c128_pool_ = std::make_unique<serving::CompressStatePool>(config_, pool_options, l,
                                                                   serving::CompressStateOwner::attention, swa_pages);
         break;
       }
@@ -374,6 +381,12 @@ ModelRunner::ModelRunner(rt::Runtime& runtime, const ModelConfig& config, const 
   m_swa_idx_ = alloc("meta.swa_indices", DType::i32, {T, swa_width_});
   m_swa_len_ = alloc("meta.swa_lens", DType::i32, {T});
   m_last_ = alloc("meta.last_token", DType::i32, {max_head_rows_});
+  if (mtp_layer_) {
+    m_mtp_pos_ = alloc("meta.mtp.positions", DType::i32, {T});
+    m_mtp_swa_loc_ = alloc("meta.mtp.swa_loc", DType::i64, {T});
+    m_mtp_swa_idx_ = alloc("meta.mtp.swa_indices", DType::i32, {T, swa_width_});
+    m_mtp_swa_len_ = alloc("meta.mtp.swa_lens", DType::i32, {T});
+  }
   if (has_c4_) {
     c4_pages_ = (max_context_ + kernels::kIndexerPageKeys - 1) / kernels::kIndexerPageKeys;
     m_c4_plan_ = alloc("meta.c4_plan", DType::i64, {plan_capacity_});
@@ -579,8 +592,7 @@ void ModelRunner::prepare_metadata(const serving::ForwardBatch& batch, serving::
     if (has_c4_) add_plan_row(kC4, *c4_pool_, rows4);
     if (c128_ratio_ > 0) add_plan_row(c128_ratio_, *c128_pool_, rows128);
   }
-  auto build = [&](int64_t ratio, const serving::CompressStatePool& pool, const std::vector<std::vector<int64_t>>& rows,
-                   const DeviceTensor& buffer) {
+  auto build = [&](int64_t ratio, const serving::CompressStatePool& pool, const std::vector<std::vector<int64_t>>& rows) {
     std::vector<kernels::CompressRequestBatch> reqs;
     for (int64_t r = 0; r < batch.row_count(); ++r) {
       const serving::ForwardRow& row = batch.rows[static_cast<size_t>(r)];
@@ -595,12 +607,13 @@ void ModelRunner::prepare_metadata(const serving::ForwardBatch& batch, serving::
       const std::span<const int32_t> locs = full_row(row.req_slot);
       dest.push_back(serving::compressed_loc(locs[static_cast<size_t>(b.block * ratio)], ratio));
     }
-    const std::vector<int64_t> words = encode_plan(plan, dest);
+    std::vector<int64_t> words = encode_plan(plan, dest);
     DSV4_ASSERT(static_cast<int64_t>(words.size()) <= plan_capacity_, "compress plan larger than its buffer");
-    upload_vec(rt_, buffer, words);
+    return words;
   };
-  if (has_c4_) build(kC4, *c4_pool_, rows4, m_c4_plan_);
-  if (c128_ratio_ > 0) build(c128_ratio_, *c128_pool_, rows128, m_c128_plan_);
+  std::vector<int64_t> words4, words128;
+  if (has_c4_) words4 = build(kC4, *c4_pool_, rows4);
+  if (c128_ratio_ > 0) words128 = build(c128_ratio_, *c128_pool_, rows128);
 
   int64_t T_local = T;
   if (cp_active_) {
@@ -629,25 +642,79 @@ void ModelRunner::prepare_metadata(const serving::ForwardBatch& batch, serving::
       for (size_t r = 0; r < row_next_ids_.size() && r < hint.size(); ++r) hint[r] = row_next_ids_[r];
     }
     upload_vec(rt_, m_row_next_, hint);
+    plan_draft_extend(verify, pos, swa_loc, swa_idx, swa_len);
   }
+  // The raw metadata, then the upgraded form (bug class A2: on the host, before any launch, unless
+  // the fault defers it to its first consumer).
   upload_vec(rt_, m_ids_, ids);
   upload_vec(rt_, m_pos_, pos);
   upload_vec(rt_, m_swa_loc_, swa_loc);
-  upload_vec(rt_, m_swa_idx_, swa_idx);
-  upload_vec(rt_, m_swa_len_, swa_len);
   upload_vec(rt_, m_last_, last);
+  staged_.clear();
+  upgrade_pending_ = faults::enabled(faults::Fault::lazy_upgrade_on_alt_stream);
+  auto upgraded = [&](const DeviceTensor& d, const auto& v) {
+    if (!upgrade_pending_) return upload_vec(rt_, d, v);
+    const auto* bytes = reinterpret_cast<const uint8_t*>(v.data());
+    staged_.push_back({d, std::vector<uint8_t>(bytes, bytes + v.size() * sizeof(v[0]))});
+  };
+  upgraded(m_swa_idx_, swa_idx);
+  upgraded(m_swa_len_, swa_len);
   if (has_c4_) {
-    upload_vec(rt_, m_c4_ctx_, c4_ctx);
-    upload_vec(rt_, m_c4_block_table_, c4_bt);
+    upgraded(m_c4_plan_, words4);
+    upgraded(m_c4_ctx_, c4_ctx);
+    upgraded(m_c4_block_table_, c4_bt);
     Tensor ctx = Tensor::empty({T_local, 1}, DType::i32, "c4_context_lens");
     if (T_local > 0) std::memcpy(ctx.data_ptr(), c4_ctx.data(), c4_ctx.size() * 4);
+    // Fault indexer-schedule-layout-mismatch (seed bug A3): a verify batch's schedule built from
+    // its (bs, next_n) context lengths while the kernel runs them as (N_total, 1).
+    const int64_t next_n = 1 + engine_options_.draft_tokens;
+    if (verify && next_n > 1 && faults::enabled(faults::Fault::indexer_schedule_layout_mismatch)) {
+      ctx = ctx.view({T_local / next_n, next_n});
+    }
     const Tensor sched = kernels::build_indexer_schedule(ctx, kernels::kIndexerPageKeys, engine_options_.indexer_sms);
-    rt_.upload(m_c4_schedule_.buffer, 0, sched.data_ptr(), static_cast<uint64_t>(sched.numel() * 4));
+    const std::vector<int32_t> schedule(sched.data<int32_t>(), sched.data<int32_t>() + sched.numel());
+    if (replay_ && faults::enabled(faults::Fault::frozen_metadata_not_refreshed)) {
+      // Fault frozen-metadata-not-refreshed (seed bug A3): the refresh rebinds the schedule on the
+      // frozen metadata, which refuses; the error is swallowed and the captured schedule stays.
+      try {
+        metadata.set_raw(metadata.raw());
+        upgraded(m_c4_schedule_, schedule);
+      } catch (const ContractError&) {
+        ++refresh_errors_swallowed_;
+      }
+    } else {
+      upgraded(m_c4_schedule_, schedule);
+    }
   }
   if (c128_ratio_ > 0) {
-    upload_vec(rt_, m_c128_idx_, c128_idx);
-    upload_vec(rt_, m_c128_len_, c128_len);
+    upgraded(m_c128_plan_, words128);
+    upgraded(m_c128_idx_, c128_idx);
+    upgraded(m_c128_len_, c128_len);
   }
+}
+
+void ModelRunner::plan_draft_extend(bool verify, const std::vector<int32_t>& pos, const std::vector<int64_t>& swa_loc,
+                                    const std::vector<int32_t>& swa_idx, const std::vector<int32_t>& swa_len) {
+  // The MTP block attends over the same positions as the batch (DRAFT_EXTEND_V2 runs it over every
+  // verified token). Fault draft-extend-v2-not-planned (seed bug A3): V2 skips this planning and the
+  // draft attends with the previous step's positions and window.
+  if (verify && faults::enabled(faults::Fault::draft_extend_v2_not_planned)) return;
+  upload_vec(rt_, m_mtp_pos_, pos);
+  upload_vec(rt_, m_mtp_swa_loc_, swa_loc);
+  upload_vec(rt_, m_mtp_swa_idx_, swa_idx);
+  upload_vec(rt_, m_mtp_swa_len_, swa_len);
+}
+
+void ModelRunner::upgrade_on_first_use(rt::StreamId stream) {
+  // Fault lazy-upgrade-on-alt-stream (seed bug A2): whichever stream reaches the metadata first
+  // writes it there; the others find it "upgraded" and read it with no event.
+  if (!upgrade_pending_) return;
+  upgrade_pending_ = false;
+  std::vector<DeviceTensor> writes;
+  for (const auto& s : staged_) writes.push_back(s.target);
+  op(stream, "metadata.upgrade", {}, writes, [this] {
+    for (const auto& s : staged_) std::memcpy(s.target.t.data_ptr(), s.bytes.data(), s.bytes.size());
+  });
 }
 
 // ---- the forward --------------------------------------------------------------------------------
@@ -668,6 +735,7 @@ void ModelRunner::issue_linear(rt::StreamId stream, const std::string& weight, c
 }
 
 void ModelRunner::issue_compressor(rt::StreamId stream, Layer& L, bool indexer, int64_t T) {
+  upgrade_on_first_use(stream);
   const int64_t ratio = L.ratio;
   const int64_t coff = ratio == kC4 ? 2 : 1;
   const int64_t dims = indexer ? config_.index_head_dim : config_.head_dim;
@@ -852,7 +920,13 @@ void ModelRunner::issue_attention(Layer& L, int64_t T) {
   const std::string p = L.prefix + ".attn";
   const int64_t H = config_.n_heads, D = config_.head_dim, ql = config_.q_lora_rank;
   DeviceTensor xn = rows(xn_, T), qkv = rows(qkv_a_, T), qr = rows(qr_, T), q = rows(q_, T);
-  DeviceTensor pos = rows(m_pos_, T);
+  // The MTP block attends with its own planned metadata (plan_draft_extend).
+  const bool mtp = &L == mtp_layer_.get();
+  const DeviceTensor& pos_buf = mtp ? m_mtp_pos_ : m_pos_;
+  const DeviceTensor& swa_loc_buf = mtp ? m_mtp_swa_loc_ : m_swa_loc_;
+  const DeviceTensor& swa_idx_buf = mtp ? m_mtp_swa_idx_ : m_swa_idx_;
+  const DeviceTensor& swa_len_buf = mtp ? m_mtp_swa_len_ : m_swa_len_;
+  DeviceTensor pos = rows(pos_buf, T);
 
   // Fork the alt streams from main (each waits for attn_norm's output).
   const bool ms = multi_stream_now();
@@ -888,7 +962,7 @@ void ModelRunner::issue_attention(Layer& L, int64_t T) {
 
   // kv stream: norm + RoPE + FP8 store into the SWA cache.
   DeviceTensor kvnorm{weights_.buffer(p + ".kv_norm.weight"), weights_.get(p + ".kv_norm.weight")};
-  DeviceTensor swa_loc = rows(m_swa_loc_, T);
+  DeviceTensor swa_loc = rows(swa_loc_buf, T);
   const Tensor freqs = L.freqs;
   const int64_t swa_ps = options_.swa_page_size, kvb = config_.kv_block_size;
   DeviceTensor swa_cache = L.swa_cache;
@@ -896,15 +970,23 @@ void ModelRunner::issue_attention(Layer& L, int64_t T) {
     // Prefill CP: the slice qkv_a[:, q_lora:] made contiguous, normed and rotated in place (the
     // in-place kernel refuses the strided slice itself), gathered in global order, and stored whole.
     DeviceTensor kvc = rows(cp_kv_local_, T), kvg = rows(cp_kv_global_, cp_global_tokens_);
-    op(main_, "contiguous", {kva}, {kvc}, [kva, kvc]() mutable {
-      for (int64_t t = 0; t < kva.t.size(0); ++t) {
-        std::memcpy(kvc.t.data<uint16_t>() + t * kvc.t.size(1), kva.t.data<uint16_t>() + t * kva.t.stride(0),
-                    static_cast<size_t>(kvc.t.size(1)) * 2);
-      }
+    auto make_contiguous = [&] {
+      op(main_, "contiguous", {kva}, {kvc}, [kva, kvc]() mutable {
+        for (int64_t t = 0; t < kva.t.size(0); ++t) {
+          std::memcpy(kvc.t.data<uint16_t>() + t * kvc.t.size(1), kva.t.data<uint16_t>() + t * kva.t.stride(0),
+                      static_cast<size_t>(kvc.t.size(1)) * 2);
+        }
+      });
+    };
+    // Fault kv-slice-noncontiguous (seed bug A1): the slice itself goes to the contiguous-only
+    // kernel, and only the all-gather's input is made contiguous. One token per rank hides it.
+    const bool slice_fault = faults::enabled(faults::Fault::kv_slice_noncontiguous);
+    if (!slice_fault) make_contiguous();
+    DeviceTensor normed = slice_fault ? kva : kvc;
+    op(main_, kernels::kNormRopeOp, {normed, kvnorm, pos}, {normed}, [normed, kvnorm, eps, freqs, pos]() mutable {
+      kernels::fused_norm_rope_inplace(normed.t, kvnorm.t, eps, freqs, pos.t);
     });
-    op(main_, kernels::kNormRopeOp, {kvc, kvnorm, pos}, {kvc}, [kvc, kvnorm, eps, freqs, pos]() mutable {
-      kernels::fused_norm_rope_inplace(kvc.t, kvnorm.t, eps, freqs, pos.t);
-    });
+    if (slice_fault) make_contiguous();
     cp_gather(kvc, kvg);
     DeviceTensor gloc = rows(m_swa_loc_, cp_global_tokens_);
     const kernels::Model1Layout lay = L.kv_layout;
@@ -950,13 +1032,14 @@ void ModelRunner::issue_attention(Layer& L, int64_t T) {
     if (L.ratio == kC4) wait_on(main_, streams_->indexer, tag + "indexer_done");
   }
 
+  upgrade_on_first_use(main_);
   kernels::SparseAttentionArgs a;
   a.q = q.t.view({T, H, D});
   a.swa_cache = L.swa_cache.t;
   a.swa_page_size = swa_ps;
-  a.swa_indices = rows(m_swa_idx_, T).t;
-  a.swa_lens = rows(m_swa_len_, T).t;
-  std::vector<DeviceTensor> reads = {q, L.swa_cache, rows(m_swa_idx_, T), rows(m_swa_len_, T)};
+  a.swa_indices = rows(swa_idx_buf, T).t;
+  a.swa_lens = rows(swa_len_buf, T).t;
+  std::vector<DeviceTensor> reads = {q, L.swa_cache, rows(swa_idx_buf, T), rows(swa_len_buf, T)};
   if (L.ratio > 0) {
     DeviceTensor ei = L.ratio == kC4 ? rows(m_c4_idx_, T) : rows(m_c128_idx_, T);
     DeviceTensor el = L.ratio == kC4 ? rows(m_c4_len_, T) : rows(m_c128_len_, T);
@@ -1336,6 +1419,7 @@ void ModelRunner::begin(const serving::ForwardBatch& batch, StepRecord* record) 
   }
   batch_metadata_ = meta;
   record_ = record;
+  replay_ = graph_batch_ && graphs_.count(key) > 0;
   prepare_metadata(batch, *meta);
 }
 

@@ -164,6 +164,11 @@ class ModelRunner {
 
   // Host side of a step: upgrade the metadata and write it to the device buffers.
   void prepare_metadata(const serving::ForwardBatch& batch, serving::ForwardMetadata& metadata);
+  // The MTP block's own metadata (DRAFT_EXTEND's planning; V2 runs it over the batch's positions).
+  void plan_draft_extend(bool verify, const std::vector<int32_t>& pos, const std::vector<int64_t>& swa_loc,
+                         const std::vector<int32_t>& swa_idx, const std::vector<int32_t>& swa_len);
+  // Writes the staged upgraded metadata on `stream` if no stream has yet (fault lazy-upgrade-on-alt-stream).
+  void upgrade_on_first_use(rt::StreamId stream);
   // The whole forward of `tokens` tokens in `rows` rows as launches (run now, or captured).
   void issue_forward(int64_t tokens, int64_t rows);
   void issue_block(Layer& layer, int64_t T, const DeviceTensor& R, const DeviceTensor& R_out);
@@ -224,6 +229,16 @@ class ModelRunner {
   DeviceTensor m_ids_, m_pos_, m_swa_loc_, m_swa_idx_, m_swa_len_, m_last_;
   DeviceTensor m_c4_plan_, m_c128_plan_, m_c4_ctx_, m_c4_block_table_, m_c4_schedule_, m_c4_idx_, m_c4_len_;
   DeviceTensor m_c128_idx_, m_c128_len_;
+  DeviceTensor m_mtp_pos_, m_mtp_swa_loc_, m_mtp_swa_idx_, m_mtp_swa_len_;
+  // Fault lazy-upgrade-on-alt-stream: the upgraded metadata waiting for its first consumer.
+  struct StagedUpload {
+    DeviceTensor target;
+    std::vector<uint8_t> bytes;
+  };
+  std::vector<StagedUpload> staged_;
+  bool upgrade_pending_ = false;
+  bool replay_ = false;  // this batch replays a captured graph
+  int64_t refresh_errors_swallowed_ = 0;  // fault frozen-metadata-not-refreshed
   int64_t swa_width_ = 0, c128_width_ = 0, c4_pages_ = 0, max_context_ = 0, plan_capacity_ = 0;
   Tensor freqs_dense_, freqs_compressed_;  // rope tables (host)
 

@@ -185,7 +185,7 @@ rt::BlockTask logits_block(rt::BlockContext& ctx, std::shared_ptr<const Plan> pl
 
 }  // namespace
 
-void check_indexer_logits_contract(const IndexerLogitsArgs& a) {
+void check_indexer_logits_contract(const IndexerLogitsArgs& a, Contract::Values values) {
   static const Contract contract = Contract(kIndexerLogitsOp)
                                        .arg("q").dtype(DType::f32).rank(4).contiguous()
                                        .arg("kv_pages").dtype(DType::f32).rank(3).contiguous()
@@ -204,7 +204,8 @@ void check_indexer_logits_contract(const IndexerLogitsArgs& a) {
                   {"weights", &a.weights},
                   {"context_lens", &a.context_lens},
                   {"schedule", &a.schedule},
-                  {"logits", &a.logits}});
+                  {"logits", &a.logits}},
+                 values);
   const char* op = kIndexerLogitsOp;
   require_host(kIndexerLogitsOp, "q", a.q);
   require_host(kIndexerLogitsOp, "kv_pages", a.kv_pages);
@@ -224,6 +225,11 @@ void check_indexer_logits_contract(const IndexerLogitsArgs& a) {
     throw ContractError(op, "logits", "shape[0] must be N * next_n = " + std::to_string(tokens) + ", got " +
                                           shape_str(a.logits.shape()));
   }
+  if (a.schedule.size(0) != a.num_sms + 1) {
+    throw ContractError(op, "schedule", "shape must be [num_sms + 1, 2] = [" + std::to_string(a.num_sms + 1) +
+                                            ", 2], got " + shape_str(a.schedule.shape()));
+  }
+  if (values == Contract::Values::skip) return;
   // A length the output row or the block table cannot hold would write or read out of bounds.
   const int64_t max_len = std::min(a.logits.size(1), kIndexerPageKeys * a.block_table.size(1));
   const int32_t* lens = a.context_lens.data<int32_t>();
@@ -236,10 +242,6 @@ void check_indexer_logits_contract(const IndexerLogitsArgs& a) {
   }
   // The cheap schedule invariants a kernel can see; whether it partitions this launch's work it
   // cannot see (that is bug A3's nature), so a wrong one hangs instead.
-  if (a.schedule.size(0) != a.num_sms + 1) {
-    throw ContractError(op, "schedule", "shape must be [num_sms + 1, 2] = [" + std::to_string(a.num_sms + 1) +
-                                            ", 2], got " + shape_str(a.schedule.shape()));
-  }
   const int32_t* s = a.schedule.data<int32_t>();
   for (int64_t i = 0; i < a.num_sms; ++i) {
     const bool ordered = s[2 * i] < s[2 * i + 2] || (s[2 * i] == s[2 * i + 2] && s[2 * i + 1] <= s[2 * i + 3]);
@@ -253,7 +255,7 @@ void check_indexer_logits_contract(const IndexerLogitsArgs& a) {
 }
 
 std::function<rt::BlockTask(rt::BlockContext&)> make_indexer_logits_launch(const IndexerLogitsArgs& args) {
-  check_indexer_logits_contract(args);
+  check_indexer_logits_contract(args, Contract::Values::skip);
   auto plan = std::make_shared<Plan>();
   plan->args = args;
   plan->rows = args.q.size(0);
@@ -278,7 +280,10 @@ std::function<rt::BlockTask(rt::BlockContext&)> make_indexer_logits_launch(const
                           "the launch must have num_sms = " + std::to_string(fixed->num_sms) + " blocks, got " +
                               std::to_string(ctx.blocks()));
     }
-    if (launches->created_blocks % fixed->num_sms == 0) launches->current = fresh_grid_state(*fixed);
+    if (launches->created_blocks % fixed->num_sms == 0) {
+      check_indexer_logits_contract(fixed->args);  // the values as this run sees them
+      launches->current = fresh_grid_state(*fixed);
+    }
     ++launches->created_blocks;
     return logits_block(ctx, fixed, launches->current);
   };

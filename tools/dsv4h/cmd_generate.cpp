@@ -6,6 +6,7 @@
 #include <sstream>
 
 #include "engine/core/error.h"
+#include "engine/faults/faults.h"
 #include "engine/model/serving_engine.h"
 #include "engine/model/workload.h"
 #include "engine/oracle/oracle.h"
@@ -57,6 +58,7 @@ int cmd_generate(const std::vector<std::string>& argv, std::ostream& out) {
       {"--compare-reference", "", "compare every step with the scalar reference (tolerances, tie-aware decisions)", false},
       {"--no-resync", "", "with --compare-reference: chain the reference's own layers instead of feeding each layer the engine's residual (the tolerances assume resync)", false},
       {"--op-table", "", "with --compare-reference: also print the largest error per op", false},
+      {"--faults", "a,b,...", "inject registered faults (dsv4h mutants --list names them)", false},
   };
   const Args args("generate", argv, flags, /*runtime=*/true);
   if (args.help()) {
@@ -111,6 +113,16 @@ int cmd_generate(const std::vector<std::string>& argv, std::ostream& out) {
   eo.draft_tokens = eo.mtp ? args.i64("--draft-tokens", 1) : 0;
   if (eo.draft_tokens > 0) options.speculative = true;  // the larger rings keep drafts off committed state
   if (eo.cp < 1) throw InputError("--cp", "", "must be >= 1");
+  std::vector<faults::Fault> injected;
+  if (args.has("--faults")) {
+    const std::string text = args.str("--faults");
+    for (size_t pos = 0; pos <= text.size();) {
+      const size_t comma = std::min(text.find(',', pos), text.size());
+      injected.push_back(faults::parse(text.substr(pos, comma - pos), "--faults", ""));
+      pos = comma + 1;
+    }
+  }
+  const faults::ScopedFaults fault_scope(injected);
   const bool compare = args.has("--compare-reference");
   eo.probes = compare;
   rt::SimOptions sim;
