@@ -4,8 +4,8 @@
 //
 // A scenario belongs to one suite. Engine suites fill `engine` (model, requests, runtime, schedule);
 // the op-level suites fill their own section: `view` (strided-input), `translation`
-// (index-translation), `conversion` (fp8-conversion); invalid-config fills `engine` and names the
-// field it made invalid in `expect_field`. `faults` lists the injected faults (empty for a clean run).
+// (index-translation), `conversion` (fp8-conversion), `schedule_case` (indexer-schedule);
+// invalid-config fills `engine` and names the field it made invalid in `expect_field`. `faults` lists the injected faults (empty for a clean run).
 #pragma once
 
 #include <cstdint>
@@ -73,6 +73,16 @@ struct ConversionSpec {
   std::vector<uint32_t> inputs;
 };
 
+// indexer-schedule: context lengths of the indexer's persistent kernel and how its schedule is built.
+struct ScheduleSpec {
+  std::vector<int32_t> context_lens;  // rows * next_n values, row-major
+  int64_t rows = 1;
+  int64_t next_n = 1;                 // 1..4
+  std::string layout = "per-token";   // "per-token" (N_total, 1) or "native" (B, next_n): the layout the schedule is built from and the kernel runs
+  int64_t block_kv = 64;
+  int64_t num_sms = 4;
+};
+
 struct Scenario {
   std::string suite;
   std::optional<EngineSpec> engine;
@@ -80,6 +90,7 @@ struct Scenario {
   std::optional<ViewSpec> view;
   std::optional<TranslationSpec> translation;
   std::optional<ConversionSpec> conversion;
+  std::optional<ScheduleSpec> schedule_case;
   std::vector<std::string> faults;
 };
 
