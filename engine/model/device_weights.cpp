@@ -60,7 +60,13 @@ DeviceWeights::DeviceWeights(rt::Runtime& runtime, int device, const ModelConfig
 }
 
 DeviceWeights::~DeviceWeights() {
-  for (auto& [name, e] : entries_) runtime_.free(e.buffer);
+  // As ~ModelRunner: a queued launch failing again after a failed step must not escape.
+  for (auto& [name, e] : entries_) {
+    try {
+      runtime_.free(e.buffer);
+    } catch (const std::exception&) {
+    }
+  }
 }
 
 const DeviceWeights::Entry& DeviceWeights::entry(const std::string& name) const {

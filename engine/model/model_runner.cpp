@@ -451,7 +451,14 @@ std::unique_ptr<ModelRunner::Layer> ModelRunner::make_layer(int64_t id, const st
 }
 
 ModelRunner::~ModelRunner() {
-  for (rt::BufferId b : owned_) rt_.free(b);
+  // Freeing waits for queued launches, like cudaFree. After a failed step a queued launch may fail
+  // again; the step has reported its error already, and a destructor must not throw.
+  for (rt::BufferId b : owned_) {
+    try {
+      rt_.free(b);
+    } catch (const std::exception&) {
+    }
+  }
 }
 
 DeviceTensor ModelRunner::alloc(const std::string& name, DType dtype, const Shape& shape) {

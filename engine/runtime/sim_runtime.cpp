@@ -877,6 +877,18 @@ SimRuntime::~SimRuntime() = default;
 const std::vector<int32_t>& SimRuntime::decisions() const { return impl_->decisions; }
 uint64_t SimRuntime::ops_executed() const { return impl_->executed; }
 
+uint64_t SimRuntime::discard_queued_work() {
+  DSV4_ASSERT(!impl_->executing, "discard_queued_work from inside a running op");
+  const uint64_t dropped = impl_->queued;
+  for (auto& s : impl_->streams) s.queue.clear();
+  for (auto& e : impl_->events) e.pending.clear();
+  for (auto& c : impl_->comms) {
+    for (auto& rank : c.placeholders) rank.clear();
+  }
+  impl_->queued = 0;
+  return dropped;
+}
+
 MemorySpace& SimRuntime::memory(int device) {
   (void)device;  // every simulated device lives in host memory
   return host_memory();

@@ -53,6 +53,11 @@ class SimRuntime final : public Runtime {
   const std::vector<int32_t>& decisions() const;
   uint64_t ops_executed() const;
 
+  // Teardown after a failed step: every queued op is dropped unrun (as a sticky device error leaves
+  // queued work), so that freeing buffers afterwards does not run launches whose inputs the failure
+  // left undefined. Events whose records are dropped count as complete. Returns the ops dropped.
+  uint64_t discard_queued_work();
+
  protected:
   MemorySpace& memory(int device) override;
   void do_create_stream(StreamId stream) override;

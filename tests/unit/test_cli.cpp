@@ -94,9 +94,50 @@ TEST(Cli, BadConfigFileNamesFileAndField) {
 }
 
 TEST(Cli, CommandsOfLaterIssuesSaySo) {
-  const Result r = run({"check"});
+  const Result r = run({"replay", "case.json"});
   EXPECT_EQ(r.code, kExitBadInput);
   EXPECT_TRUE(contains(r.err, "arrives with"));
+}
+
+TEST(Cli, CheckAndMutantsRefuseBadFlagsNamingThem) {
+  const std::vector<std::pair<std::vector<std::string>, std::string>> cases = {
+      {{"check", "--budget", "0"}, "--budget"},
+      {{"check", "--budget", "ten"}, "--budget"},
+      {{"check", "--suites", "no-such-suite"}, "--suites"},
+      {{"check", "--suites", "determinism,"}, "--suites"},
+      {{"check", "--faults", "no-such-fault"}, "--faults"},
+      {{"check", "--backend", "cuda"}, "--backend"},
+      {{"check", "--backend", "tpu"}, "--backend"},
+      {{"check", "extra"}, "extra"},
+      {{"mutants", "--budget-per-fault", "-1"}, "--budget-per-fault"},
+      {{"mutants", "--faults", "fp8-round-half-down"}, "--faults"},
+      {{"generate", "--config", "micro", "--faults", "nope"}, "--faults"},
+  };
+  for (const auto& [argv, flag] : cases) {
+    const Result r = run(argv);
+    EXPECT_EQ(r.code, kExitBadInput) << argv[0] << " " << argv[1];
+    EXPECT_TRUE(contains(r.err, flag)) << r.err;
+  }
+}
+
+TEST(Cli, ListsSuitesAndFaults) {
+  const Result suites = run({"check", "--list"});
+  EXPECT_EQ(suites.code, kExitOk);
+  EXPECT_TRUE(contains(suites.out, "pp-equivalence"));
+  const Result faults = run({"mutants", "--list"});
+  EXPECT_EQ(faults.code, kExitOk);
+  EXPECT_TRUE(contains(faults.out, "lazy-upgrade-on-alt-stream"));
+}
+
+TEST(Cli, CheckPassesCleanAndRecordsAnInjectedFault) {
+  const std::string corpus = ::testing::TempDir() + "/dsv4_cli_corpus";
+  const Result clean = run({"check", "--suites", "index-translation,fp8-conversion", "--budget", "2", "--corpus", corpus});
+  EXPECT_EQ(clean.code, kExitOk) << clean.out << clean.err;
+  EXPECT_TRUE(contains(clean.out, "0 of 2 suites failed"));
+  const Result faulty =
+      run({"check", "--suites", "fp8-conversion", "--budget", "5", "--corpus", corpus, "--faults", "fp8-round-half-up"});
+  EXPECT_EQ(faulty.code, kExitFinding) << faulty.out;
+  EXPECT_TRUE(contains(faulty.out, "case: " + corpus + "/fp8-conversion-")) << faulty.out;
 }
 
 // Reads the file as a generic safetensors parser would, without the project's reader.

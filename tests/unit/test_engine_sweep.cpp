@@ -7,6 +7,8 @@
 // the reference exactly as well.
 #include <gtest/gtest.h>
 
+#include <cstdlib>
+
 #include "tests/unit/engine_fixtures.h"
 
 namespace dsv4::engine {
@@ -71,15 +73,24 @@ TEST_P(TinySweep, Schedules) {
 }
 INSTANTIATE_TEST_SUITE_P(Modes, TinySweep, ::testing::ValuesIn(kModes));
 
+// Schedules per strategy and mode: 25 in CI, where the property suites (hazard-free, determinism)
+// draw fresh schedules on every run; DSV4_SWEEP_SCHEDULES=100 is the acceptance sweep of the
+// single-rank engine issue.
+int sweep_schedules() {
+  const char* env = std::getenv("DSV4_SWEEP_SCHEDULES");
+  const int n = env != nullptr ? std::atoi(env) : 25;
+  return n > 0 ? n : 25;
+}
+
 class MicroSweep : public ::testing::TestWithParam<Mode> {};
-// 100 random and 100 PCT schedules per mode, split in halves so that ctest runs them in parallel.
+// Random and PCT schedules per mode, split in halves so that ctest runs them in parallel.
 TEST_P(MicroSweep, RandomSchedules) {
   static const Fixture f("micro");
-  sweep(f, GetParam(), schedules("random", 1, 100));
+  sweep(f, GetParam(), schedules("random", 1, sweep_schedules()));
 }
 TEST_P(MicroSweep, PctSchedules) {
   static const Fixture f("micro");
-  sweep(f, GetParam(), schedules("pct", 1, 100, ":3"));
+  sweep(f, GetParam(), schedules("pct", 1, sweep_schedules(), ":3"));
 }
 INSTANTIATE_TEST_SUITE_P(Modes, MicroSweep, ::testing::ValuesIn(kModes));
 

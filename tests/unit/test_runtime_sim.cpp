@@ -154,6 +154,32 @@ TEST(SimRuntime, NothingRunsAtIssueTime) {
   EXPECT_EQ(rt->ops_executed(), 2u);
 }
 
+TEST(SimRuntime, DiscardQueuedWorkDropsWhatAFailedLaunchLeftBehind) {
+  RuntimeOptions o;
+  o.caching_allocator = false;  // free waits for the device, as cudaFree does
+  SimRuntime rt(o, SimOptions{});
+  const StreamId a = rt.create_stream(0, "a"), b = rt.create_stream(0, "b");
+  const EventId e = rt.create_event("e");
+  const BufferId buf = rt.alloc(0, 64, "buf");
+  int after = 0;
+  Launch fail;
+  fail.op = "fails";
+  fail.host = [] { throw ContractError("fails", "x", "planted"); };
+  Launch count;
+  count.op = "count";
+  count.host = [&after] { ++after; };
+  rt.launch(a, fail);
+  rt.launch(a, count);
+  rt.record(e, a);
+  rt.wait(b, e);
+  rt.launch(b, count);
+  EXPECT_THROW(rt.synchronize(a), ContractError);
+  EXPECT_EQ(rt.discard_queued_work(), 4u);  // count, record, wait... everything not yet run
+  rt.free(buf);                             // waits for the device: nothing is left to run
+  EXPECT_EQ(after, 0);
+  EXPECT_EQ(rt.discard_queued_work(), 0u);
+}
+
 TEST(SimRuntime, CorrectProgramIsBitwiseIdenticalUnderInOrderDelayAndPct) {
   const std::vector<float> expected = pipeline_expected();
   const Outcome base = run_pipeline(in_order(), true);

@@ -19,5 +19,7 @@ int cmd_info(const std::vector<std::string>& args, std::ostream& out);
 int cmd_weights(const std::vector<std::string>& args, std::ostream& out);
 int cmd_reference(const std::vector<std::string>& args, std::ostream& out);
 int cmd_generate(const std::vector<std::string>& args, std::ostream& out);
+int cmd_check(const std::vector<std::string>& args, std::ostream& out);
+int cmd_mutants(const std::vector<std::string>& args, std::ostream& out);
 
 }  // namespace dsv4::cli

@@ -114,4 +114,15 @@ std::string usage(const std::string& command, const std::string& synopsis, const
   return out;
 }
 
+std::vector<std::string> split_list(const std::string& text, const std::string& flag) {
+  std::vector<std::string> out;
+  for (size_t pos = 0; pos <= text.size();) {
+    const size_t comma = std::min(text.find(',', pos), text.size());
+    out.push_back(text.substr(pos, comma - pos));
+    if (out.back().empty()) throw InputError(flag, "", "expects a comma-separated list, got '" + text + "'");
+    pos = comma + 1;
+  }
+  return out;
+}
+
 }  // namespace dsv4::cli

@@ -42,6 +42,9 @@ class Args {
   bool help_ = false;
 };
 
+// "a,b,c" -> {"a", "b", "c"}; an empty item is an InputError naming `flag`.
+std::vector<std::string> split_list(const std::string& text, const std::string& flag);
+
 std::string usage(const std::string& command, const std::string& synopsis, const std::vector<FlagSpec>& flags,
                   bool runtime);
 

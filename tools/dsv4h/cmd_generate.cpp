@@ -86,16 +86,11 @@ int cmd_generate(const std::vector<std::string>& argv, std::ostream& out) {
   eo.indexer_sms = args.i64("--indexer-sms", 4);
   if (eo.indexer_sms < 1) throw InputError("--indexer-sms", "", "must be >= 1");
   if (args.has("--pp-partition")) {
-    const std::string text = args.str("--pp-partition");
-    size_t pos = 0;
-    while (pos <= text.size()) {
-      const size_t comma = std::min(text.find(',', pos), text.size());
-      const std::string item = text.substr(pos, comma - pos);
+    for (const std::string& item : split_list(args.str("--pp-partition"), "--pp-partition")) {
       char* endp = nullptr;
       const long long v = std::strtoll(item.c_str(), &endp, 10);
-      if (item.empty() || *endp != '\0') throw InputError("--pp-partition", "", "expects comma-separated layer counts, got '" + text + "'");
+      if (*endp != '\0') throw InputError("--pp-partition", "", "expects comma-separated layer counts, got '" + item + "'");
       eo.pp_partition.push_back(v);
-      pos = comma + 1;
     }
     engine::validate_pp_partition(eo.pp_partition, config.n_layers, "--pp-partition");
     if (args.has("--pp") && args.i64("--pp", 1) != static_cast<int64_t>(eo.pp_partition.size())) {
@@ -115,12 +110,7 @@ int cmd_generate(const std::vector<std::string>& argv, std::ostream& out) {
   if (eo.cp < 1) throw InputError("--cp", "", "must be >= 1");
   std::vector<faults::Fault> injected;
   if (args.has("--faults")) {
-    const std::string text = args.str("--faults");
-    for (size_t pos = 0; pos <= text.size();) {
-      const size_t comma = std::min(text.find(',', pos), text.size());
-      injected.push_back(faults::parse(text.substr(pos, comma - pos), "--faults", ""));
-      pos = comma + 1;
-    }
+    for (const std::string& name : split_list(args.str("--faults"), "--faults")) injected.push_back(faults::parse(name, "--faults", ""));
   }
   const faults::ScopedFaults fault_scope(injected);
   const bool compare = args.has("--compare-reference");
