@@ -24,7 +24,7 @@ rc::Gen<int64_t> prompt_length(const ModelConfig& config, int64_t max_len) {
   const int64_t w = config.window_size, r = std::max<int64_t>(config.c128_ratio(), 4), page = 64;
   std::set<int64_t> corners;
   for (int64_t c : {int64_t{1}, int64_t{2}, int64_t{3}, int64_t{4}, int64_t{5}, w - 1, w, w + 1, r - 1, r, r + 1,
-                    2 * r - 1, 2 * r, 2 * r + 1, 4 * page / 4 - 1, page, page + 1, 2 * w + 3}) {
+                    2 * r - 1, 2 * r, 2 * r + 1, page - 1, page, page + 1, 2 * w + 3}) {
     if (c >= 1 && c <= max_len) corners.insert(c);
   }
   const std::vector<int64_t> corner_list(corners.begin(), corners.end());

@@ -5,7 +5,8 @@
 // A scenario belongs to one suite. Engine suites fill `engine` (model, requests, runtime, schedule);
 // the op-level suites fill their own section: `view` (strided-input), `translation`
 // (index-translation), `conversion` (fp8-conversion), `schedule_case` (indexer-schedule);
-// invalid-config fills `engine` and names the field it made invalid in `expect_field`. `faults` lists the injected faults (empty for a clean run).
+// invalid-config fills `engine` and names the field it made invalid in `expect_field`. `faults` lists
+// the injected faults (empty for a clean run).
 #pragma once
 
 #include <cstdint>

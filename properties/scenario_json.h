@@ -212,6 +212,8 @@ template <> const std::vector<Field<EngineSpec>>& field_table<EngineSpec>();
 template <> const std::vector<Field<ViewSpec>>& field_table<ViewSpec>();
 template <> const std::vector<Field<TranslationSpec>>& field_table<TranslationSpec>();
 template <> const std::vector<Field<ConversionSpec>>& field_table<ConversionSpec>();
+template <>
+const std::vector<Field<ScheduleSpec>>& field_table<ScheduleSpec>();
 template <> const std::vector<Field<Scenario>>& field_table<Scenario>();
 template <> const std::vector<Field<Verdict>>& field_table<Verdict>();
 

@@ -9,6 +9,7 @@
 #include "properties/conversion.h"
 #include "properties/engine_run.h"
 #include "properties/generators.h"
+#include "properties/schedule_case.h"
 #include "properties/view_ops.h"
 
 namespace dsv4::props {
@@ -181,6 +182,11 @@ std::vector<Suite> make_suites() {
   out.push_back({"strided-input", "a kernel on a strided view equals it on the contiguous copy, or refuses it",
                  [] { return section_gen("strided-input", gen_view_spec(), &Scenario::view); },
                  [](const Scenario& s) { return check_view_case(*s.view); }, 200, false});
+  out.push_back({"indexer-schedule",
+                 "the persistent indexer kernel's schedule partitions its work in either layout, and the kernel "
+                 "finishes with the right logits",
+                 [] { return section_gen("indexer-schedule", gen_schedule_spec(), &Scenario::schedule_case); },
+                 [](const Scenario& s) { return check_schedule_case(*s.schedule_case); }, 200, false});
   out.push_back({"invalid-config", "an invalid runtime option is refused at construction, naming its field",
                  [] {
                    return rc::gen::map(gen::invalid_engine_spec(), [](std::pair<EngineSpec, std::string> p) {
@@ -258,12 +264,12 @@ Verdict evaluate_scenario(const Scenario& scenario) {
   for (size_t i = 0; i < scenario.faults.size(); ++i) {
     injected.push_back(faults::parse(scenario.faults[i], "scenario", "faults[" + std::to_string(i) + "]"));
   }
-  const bool needs_engine = scenario.suite != "fp8-conversion" && scenario.suite != "index-translation" &&
-                            scenario.suite != "strided-input";
+  const bool needs_engine = suite->runs_engine || scenario.suite == "invalid-config";
   if (needs_engine && !scenario.engine) throw InputError("scenario", "engine", "the " + scenario.suite + " suite needs it");
   if (scenario.suite == "fp8-conversion" && !scenario.conversion) throw InputError("scenario", "conversion", "missing");
   if (scenario.suite == "index-translation" && !scenario.translation) throw InputError("scenario", "translation", "missing");
   if (scenario.suite == "strided-input" && !scenario.view) throw InputError("scenario", "view", "missing");
+  if (scenario.suite == "indexer-schedule" && !scenario.schedule_case) throw InputError("scenario", "schedule_case", "missing");
   const faults::ScopedFaults scope(injected);
   return suite->evaluate(scenario);
 }
@@ -277,6 +283,7 @@ int64_t scenario_size(const Scenario& s) {
   if (s.view) size += s.view->tokens + s.view->pad;
   if (s.translation) size += static_cast<int64_t>(s.translation->swa_locs.size());
   if (s.conversion) size += static_cast<int64_t>(s.conversion->inputs.size());
+  if (s.schedule_case) size += static_cast<int64_t>(s.schedule_case->context_lens.size());
   return size;
 }
 

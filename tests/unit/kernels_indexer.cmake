@@ -12,7 +12,7 @@ dsv4_add_gtest(test_indexer_logits DISCOVER
 # RC_PARAMS="max_success=100000" to search longer.
 dsv4_add_gtest(test_indexer_schedule_property
   SOURCES ${CMAKE_CURRENT_LIST_DIR}/test_indexer_schedule_property.cpp
-  LIBS dsv4_kernels rapidcheck
+  LIBS dsv4_properties_base
   LABELS unit property
   TIMEOUT 120)
 set_tests_properties(test_indexer_schedule_property PROPERTIES ENVIRONMENT "RC_PARAMS=max_success=1000")
