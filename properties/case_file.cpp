@@ -203,16 +203,12 @@ std::string case_file_name(const CaseFile& c) {
   return file_stem(c.property) + "-" + hex16(h) + ".json";
 }
 
-WrittenCase write_case_file(const std::string& directory, const CaseFile& c) {
-  const fs::path dir = directory.empty() ? fs::path(".") : fs::path(directory);
+void write_case_file_at(const std::string& path, const CaseFile& c) {
+  const fs::path target(path);
+  const fs::path dir = target.has_parent_path() ? target.parent_path() : fs::path(".");
   std::error_code ec;
   fs::create_directories(dir, ec);
-  if (ec) throw InputError(directory, "", "cannot create the case directory: " + ec.message());
-
-  const fs::path target = dir / case_file_name(c);
-  // Only a regular file counts as the case being recorded; anything else there makes rename fail.
-  if (fs::is_regular_file(target, ec)) return {target.string(), false};
-
+  if (ec) throw InputError(dir.string(), "", "cannot create the case directory: " + ec.message());
   static std::atomic<uint64_t> counter{0};
   const fs::path temp = dir / ("." + target.filename().string() + ".tmp-" + std::to_string(::getpid()) + "-" +
                                std::to_string(counter++));
@@ -236,6 +232,15 @@ WrittenCase write_case_file(const std::string& directory, const CaseFile& c) {
     throw InputError(target.string(), "", "cannot move the case file into place: " + errno_text(err));
   }
   fsync_directory(dir);
+}
+
+WrittenCase write_case_file(const std::string& directory, const CaseFile& c) {
+  const fs::path dir = directory.empty() ? fs::path(".") : fs::path(directory);
+  const fs::path target = dir / case_file_name(c);
+  // Only a regular file counts as the case being recorded; anything else there makes rename fail.
+  std::error_code ec;
+  if (fs::is_regular_file(target, ec)) return {target.string(), false};
+  write_case_file_at(target.string(), c);
   return {target.string(), true};
 }
 

@@ -3,6 +3,9 @@
 // `dsv4h check --suites NAME` to search longer and save it as a case file.
 #include <gtest/gtest.h>
 
+#include <cstdlib>
+
+#include "properties/case_file.h"
 #include "properties/runner.h"
 #include "tests/property/param_names.h"
 #include "properties/suites.h"
@@ -25,9 +28,21 @@ TEST_P(PropertySuite, Holds) {
   limits.seed = 20261123;
   const SuiteResult r = run_suite(*suite, limits);
   EXPECT_EQ(r.cases, limits.max_cases);
-  ASSERT_FALSE(r.failure.has_value()) << suite->name << ": " << verdict_kind_name(r.failure->verdict.kind) << " ("
-                                      << r.failure->verdict.signature << ")\n"
-                                      << r.failure->verdict.detail;
+  if (!r.failure) return;
+  // Recorded like check's failures (DSV4_CORPUS, else .dsv4h/corpus under the test's directory).
+  CaseFile c;
+  c.property = suite->name;
+  c.scenario = r.failure->scenario;
+  c.verdict = r.failure->verdict;
+  c.engine_commit = "ctest";
+  c.backend = "sim";
+  c.recorded_at = utc_now_iso8601();
+  c.shrink_steps = r.failure->shrink_steps;
+  const char* corpus = std::getenv("DSV4_CORPUS");
+  const WrittenCase w = write_case_file(corpus != nullptr ? corpus : ".dsv4h/corpus", c);
+  FAIL() << suite->name << ": " << verdict_kind_name(r.failure->verdict.kind) << " (" << r.failure->verdict.signature
+         << ")\n"
+         << r.failure->verdict.detail << "\ncase: " << w.path << " (dsv4h replay " << w.path << ")";
 }
 
 std::vector<std::string> names() {

@@ -7,3 +7,17 @@ foreach(t isolation view_ops conversion scenario_json schedule_case)
       LABELS unit)
   endif()
 endforeach()
+
+# The case format's schema against the loader, and the checked-in cases.
+dsv4_add_gtest(test_case_schema DISCOVER
+  SOURCES ${CMAKE_CURRENT_SOURCE_DIR}/test_case_schema.cpp
+  LIBS dsv4_properties_base nlohmann_json::nlohmann_json
+  LABELS unit)
+target_compile_definitions(test_case_schema PRIVATE DSV4_SOURCE_DIR="${PROJECT_SOURCE_DIR}")
+
+# repros/: shrinking and replay.
+dsv4_add_gtest(test_repro DISCOVER
+  SOURCES ${CMAKE_CURRENT_SOURCE_DIR}/test_repro.cpp
+  LIBS dsv4_repro
+  LABELS unit)
+target_compile_definitions(test_repro PRIVATE DSV4_SOURCE_DIR="${PROJECT_SOURCE_DIR}")

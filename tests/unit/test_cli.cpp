@@ -1,5 +1,7 @@
 #include <cstdint>
 #include <cstring>
+#include <filesystem>
+#include <iterator>
 #include <fstream>
 #include <set>
 #include <sstream>
@@ -93,10 +95,52 @@ TEST(Cli, BadConfigFileNamesFileAndField) {
   EXPECT_TRUE(contains(missing.err, "/no/such/dir/config.json"));
 }
 
-TEST(Cli, CommandsOfLaterIssuesSaySo) {
-  const Result r = run({"replay", "case.json"});
-  EXPECT_EQ(r.code, kExitBadInput);
-  EXPECT_TRUE(contains(r.err, "arrives with"));
+// A corrupted case file exits 2 with a message naming the file and where in it.
+TEST(Cli, ReplayRefusesACorruptedCaseNamingThePath) {
+  const std::string dir = ::testing::TempDir() + "/dsv4_cli_cases";
+  std::filesystem::create_directories(dir);
+  std::ifstream in(std::string(DSV4_SOURCE_DIR) + "/repros/cases/quant-scale-scalar.json");
+  const std::string good((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  ASSERT_FALSE(good.empty());
+  auto replace = [&](const std::string& from, const std::string& to) {
+    std::string text = good;
+    const size_t at = text.find(from);
+    EXPECT_NE(at, std::string::npos) << from;
+    return text.replace(at, from.size(), to);
+  };
+  const std::vector<std::pair<std::string, std::string>> cases = {
+      {good.substr(0, good.size() / 2), "byte"},                                    // truncated
+      {replace("\"max_new_tokens\": 1", "\"max_new_tokens\": \"1\""), "$.scenario.engine.requests[0].max_new_tokens"},
+      {replace("\"version\": 1", "\"version\": 2"), "$.version"},
+      {replace("\"quant-scale-scalar\"\n", "\"quant-scale-scalr\"\n"), "faults[0]"},
+  };
+  for (size_t i = 0; i < cases.size(); ++i) {
+    const std::string path = dir + "/bad" + std::to_string(i) + ".json";
+    std::ofstream(path) << cases[i].first;
+    const Result r = run({"replay", path});
+    EXPECT_EQ(r.code, kExitBadInput) << i << ": " << r.out << r.err;
+    EXPECT_TRUE(contains(r.err, path)) << r.err;
+    EXPECT_TRUE(contains(r.err, cases[i].second)) << r.err;
+  }
+  const Result missing = run({"replay", dir + "/absent.json"});
+  EXPECT_EQ(missing.code, kExitBadInput);
+}
+
+TEST(Cli, ReplayChecksBothDirectionsAndShrinkWritesTheSmallerCase) {
+  const std::string c = std::string(DSV4_SOURCE_DIR) + "/repros/cases/fp8-round-half-up.json";
+  const Result check = run({"replay", c, "--check"});
+  EXPECT_EQ(check.code, kExitOk) << check.out;
+  EXPECT_TRUE(contains(check.out, "without faults: passes")) << check.out;
+  const Result failing = run({"replay", c});
+  EXPECT_EQ(failing.code, kExitFinding);
+  EXPECT_TRUE(contains(failing.out, "reproduce: dsv4h replay " + c)) << failing.out;
+  const Result clean = run({"replay", c, "--without-faults"});
+  EXPECT_EQ(clean.code, kExitOk) << clean.out;
+  const std::string out = ::testing::TempDir() + "/dsv4_min.json";
+  const Result shrunk = run({"shrink", c, "--out", out, "--budget", "5"});
+  EXPECT_EQ(shrunk.code, kExitOk) << shrunk.out << shrunk.err;
+  EXPECT_TRUE(std::filesystem::exists(out));
+  EXPECT_EQ(run({"shrink", c}).code, kExitBadInput);  // --out is required
 }
 
 TEST(Cli, CheckAndMutantsRefuseBadFlagsNamingThem) {

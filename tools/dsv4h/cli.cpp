@@ -24,9 +24,8 @@ const std::vector<Command>& commands() {
       {"generate", "run the engine as an inference engine and compare with the reference", cmd_generate, nullptr},
       {"check", "the main job: run every property suite within a budget and save failures as case files", cmd_check,
        nullptr},
-      {"replay", "re-run one recorded case exactly and print its verdict and first divergence", nullptr,
-       "case files (issue #8)"},
-      {"shrink", "minimize a failing case while it keeps failing the same way", nullptr, "case files (issue #8)"},
+      {"replay", "re-run one recorded case exactly and print its verdict and first divergence", cmd_replay, nullptr},
+      {"shrink", "minimize a failing case while it keeps failing the same way", cmd_shrink, nullptr},
       {"mutants", "run the properties against every registered fault and report detection", cmd_mutants, nullptr},
   };
   return table;
@@ -62,7 +61,7 @@ int run_cli(const std::vector<std::string>& args, std::ostream& out, std::ostrea
     if (name != c.name) continue;
     if (c.run == nullptr) {
       err << "dsv4h " << name << ": not in this build yet; it arrives with " << c.arrives_with
-          << ". Available now: info, weights, reference, generate, check, mutants.\n";
+          << ". Available now: info, weights, reference, generate, check, replay, shrink, mutants.\n";
       return kExitBadInput;
     }
     try {

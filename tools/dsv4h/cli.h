@@ -21,5 +21,7 @@ int cmd_reference(const std::vector<std::string>& args, std::ostream& out);
 int cmd_generate(const std::vector<std::string>& args, std::ostream& out);
 int cmd_check(const std::vector<std::string>& args, std::ostream& out);
 int cmd_mutants(const std::vector<std::string>& args, std::ostream& out);
+int cmd_replay(const std::vector<std::string>& args, std::ostream& out);
+int cmd_shrink(const std::vector<std::string>& args, std::ostream& out);
 
 }  // namespace dsv4::cli
