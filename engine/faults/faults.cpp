@@ -46,6 +46,11 @@ const std::array<FaultInfo, kFaultCount>& registry() {
        "engine/model/model_runner.cpp project() (w8a8-int8 linears)",
        "the int8 path passes a one-element scale where the optional per-channel weight scale belongs",
        "sglang PR 21367 (float passed for Optional[Tensor] w_scale)"},
+      {Fault::norm_rope_contiguity_unchecked, "norm-rope-contiguity-unchecked",
+       "kernels/host/norm_rope.cpp fused_norm_rope_inplace",
+       "the contiguous-only in-place norm+RoPE loses its contiguity check; the kernel still reads and "
+       "writes dense rows, so a strided view is silently misread",
+       "sglang PR 25396 (fused_norm_rope.cuh hard-codes the row stride; only its TensorMatcher refused the slice)"},
   }};
   return table;
 }

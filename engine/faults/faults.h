@@ -24,8 +24,9 @@ enum class Fault : uint32_t {
   swa_page_size_default_zero,
   fp8_round_half_up,
   quant_scale_scalar,
+  norm_rope_contiguity_unchecked,
 };
-inline constexpr size_t kFaultCount = 8;
+inline constexpr size_t kFaultCount = 9;
 
 struct FaultInfo {
   Fault id;

@@ -14,6 +14,7 @@
 #include "engine/core/contract.h"
 #include "engine/core/error.h"
 #include "engine/core/formats.h"
+#include "engine/faults/faults.h"
 #include "kernels/host/host_common.h"
 
 namespace dsv4::kernels {
@@ -163,7 +164,9 @@ void check_norm_rope_contract(const Tensor& kv, const Tensor& weight, const Tens
 
 void fused_norm_rope_inplace(Tensor& kv, const Tensor& weight, double eps, const Tensor& freqs,
                              const Tensor& positions) {
-  check_norm_rope_contract(kv, weight, freqs, positions);
+  // Fault norm-rope-contiguity-unchecked: the contract sees a dense stand-in, the loop below the view.
+  const bool unchecked = faults::enabled(faults::Fault::norm_rope_contiguity_unchecked);
+  check_norm_rope_contract(unchecked ? kv.contiguous() : kv, weight, freqs, positions);
   const int64_t rows = kv.size(0);
   const int64_t dim = kv.size(1);
   const int64_t rope_dim = rope_dim_of(kNormRopeOp, kv, freqs);
