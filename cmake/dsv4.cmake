@@ -15,6 +15,11 @@ endif()
 # Without DISCOVER the binary is one ctest test; with it, every TEST() becomes its own ctest test.
 function(dsv4_add_gtest name)
   cmake_parse_arguments(ARG "DISCOVER" "TIMEOUT" "SOURCES;LIBS;LABELS" ${ARGN})
+  # The sanitizer preset leaves the slow and exhaustive labels out of its runs, so it does not
+  # build those binaries either (they are the most expensive to compile under ASan).
+  if(DSV4_SANITIZE AND ("slow" IN_LIST ARG_LABELS OR "exhaustive" IN_LIST ARG_LABELS))
+    return()
+  endif()
   add_executable(${name} ${ARG_SOURCES})
   target_link_libraries(${name} PRIVATE ${ARG_LIBS} GTest::gtest GTest::gtest_main dsv4_warnings dsv4_sanitize)
   if(NOT ARG_TIMEOUT)

@@ -21,3 +21,6 @@ dsv4_add_gtest(test_repro DISCOVER
   LIBS dsv4_repro
   LABELS unit)
 target_compile_definitions(test_repro PRIVATE DSV4_SOURCE_DIR="${PROJECT_SOURCE_DIR}")
+if(DSV4_SANITIZE)
+  target_compile_definitions(test_repro PRIVATE DSV4_SANITIZED_BUILD=1)
+endif()
