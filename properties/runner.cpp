@@ -93,8 +93,8 @@ SuiteResult run_suite(const Suite& suite, const RunLimits& limits, const Progres
     result.seconds = seconds_since(start);
     if (progress) progress(result);
   };
-  // Small batches with their own seeds, so the budget is checked between cases without RapidCheck
-  // ever counting a skipped case as a pass that shrinking would rely on.
+  // Small RapidCheck runs, each with its own seed: the budget is checked before every case, and a
+  // run ends after a few cases, so the suite stops soon after its budget whatever a case costs.
   constexpr int kBatch = 4;
   for (uint64_t batch = 0; !result.failure && result.cases < limits.max_cases && seconds_since(start) < limits.budget_s;
        ++batch) {
