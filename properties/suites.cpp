@@ -174,19 +174,19 @@ std::vector<Suite> make_suites() {
                                       rc::gen::weightedOneOf<ConversionSpec>({{9, gen_conversion_spec()}, {1, sweep}}),
                                       &Scenario::conversion);
                  },
-                 [](const Scenario& s) { return check_conversion_case(*s.conversion); }, 300, false});
+                 [](const Scenario& s) { return check_conversion_case(*s.conversion); }, 300, false, "conversion"});
   out.push_back({"index-translation",
                  "SWA location -> compress-state row is total (a row in range or -1); bad geometry is refused",
                  [] { return section_gen("index-translation", gen::translation_spec(), &Scenario::translation); },
-                 index_translation, 300, false});
+                 index_translation, 300, false, "translation"});
   out.push_back({"strided-input", "a kernel on a strided view equals it on the contiguous copy, or refuses it",
                  [] { return section_gen("strided-input", gen_view_spec(), &Scenario::view); },
-                 [](const Scenario& s) { return check_view_case(*s.view); }, 200, false});
+                 [](const Scenario& s) { return check_view_case(*s.view); }, 200, false, "view"});
   out.push_back({"indexer-schedule",
                  "the persistent indexer kernel's schedule partitions its work in either layout, and the kernel "
                  "finishes with the right logits",
                  [] { return section_gen("indexer-schedule", gen_schedule_spec(), &Scenario::schedule_case); },
-                 [](const Scenario& s) { return check_schedule_case(*s.schedule_case); }, 200, false});
+                 [](const Scenario& s) { return check_schedule_case(*s.schedule_case); }, 200, false, "schedule_case"});
   out.push_back({"invalid-config", "an invalid runtime option is refused at construction, naming its field",
                  [] {
                    return rc::gen::map(gen::invalid_engine_spec(), [](std::pair<EngineSpec, std::string> p) {
@@ -255,6 +255,15 @@ std::string suite_names() {
   return out;
 }
 
+std::string missing_section(const Suite& suite, const Scenario& s) {
+  const bool present = suite.section == "engine"        ? s.engine.has_value()
+                       : suite.section == "view"        ? s.view.has_value()
+                       : suite.section == "translation" ? s.translation.has_value()
+                       : suite.section == "conversion"  ? s.conversion.has_value()
+                                                        : s.schedule_case.has_value();
+  return present ? "" : suite.section;
+}
+
 Verdict evaluate_scenario(const Scenario& scenario) {
   const Suite* suite = find_suite(scenario.suite);
   if (suite == nullptr) {
@@ -264,12 +273,8 @@ Verdict evaluate_scenario(const Scenario& scenario) {
   for (size_t i = 0; i < scenario.faults.size(); ++i) {
     injected.push_back(faults::parse(scenario.faults[i], "scenario", "faults[" + std::to_string(i) + "]"));
   }
-  const bool needs_engine = suite->runs_engine || scenario.suite == "invalid-config";
-  if (needs_engine && !scenario.engine) throw InputError("scenario", "engine", "the " + scenario.suite + " suite needs it");
-  if (scenario.suite == "fp8-conversion" && !scenario.conversion) throw InputError("scenario", "conversion", "missing");
-  if (scenario.suite == "index-translation" && !scenario.translation) throw InputError("scenario", "translation", "missing");
-  if (scenario.suite == "strided-input" && !scenario.view) throw InputError("scenario", "view", "missing");
-  if (scenario.suite == "indexer-schedule" && !scenario.schedule_case) throw InputError("scenario", "schedule_case", "missing");
+  const std::string missing = missing_section(*suite, scenario);
+  if (!missing.empty()) throw InputError("scenario", missing, "the " + scenario.suite + " suite needs this section");
   const faults::ScopedFaults scope(injected);
   return suite->evaluate(scenario);
 }

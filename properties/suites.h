@@ -21,6 +21,7 @@ struct Suite {
   std::function<Verdict(const Scenario&)> evaluate;
   int64_t ci_cases = 20;  // the bounded case count of its ctest test
   bool runs_engine = true;  // its cases run the engine (~0.1-1 s each) rather than one op (~1 ms)
+  std::string section = "engine";  // the Scenario section its cases fill
 };
 
 // Every suite, cheapest first.
@@ -28,6 +29,9 @@ const std::vector<Suite>& suites();
 const Suite* find_suite(const std::string& name);
 // The names, comma-separated (for messages).
 std::string suite_names();
+
+// The section `scenario`'s suite needs and it lacks ("engine", "view", ...), or "" when it has it.
+std::string missing_section(const Suite& suite, const Scenario& scenario);
 
 // Runs `scenario` through its suite's property with its faults enabled (in this process).
 // InputError naming "suite" for an unknown suite and "faults[i]" for an unknown fault.

@@ -17,15 +17,9 @@ props::CaseFile load_case(const std::string& path) {
   for (size_t i = 0; i < c.scenario.faults.size(); ++i) {
     faults::parse(c.scenario.faults[i], path, "$.scenario.faults[" + std::to_string(i) + "]");
   }
-  const props::Scenario& s = c.scenario;
-  const char* missing = nullptr;
-  if (suite->runs_engine && !s.engine) missing = "engine";
-  if (s.suite == "fp8-conversion" && !s.conversion) missing = "conversion";
-  if (s.suite == "index-translation" && !s.translation) missing = "translation";
-  if (s.suite == "strided-input" && !s.view) missing = "view";
-  if (s.suite == "indexer-schedule" && !s.schedule_case) missing = "schedule_case";
-  if (missing != nullptr) {
-    throw InputError(path, std::string("$.scenario.") + missing, "the " + s.suite + " suite needs this section");
+  const std::string missing = props::missing_section(*suite, c.scenario);
+  if (!missing.empty()) {
+    throw InputError(path, "$.scenario." + missing, "the " + c.scenario.suite + " suite needs this section");
   }
   return c;
 }

@@ -113,6 +113,7 @@ TEST(Cli, ReplayRefusesACorruptedCaseNamingThePath) {
       {replace("\"max_new_tokens\": 1", "\"max_new_tokens\": \"1\""), "$.scenario.engine.requests[0].max_new_tokens"},
       {replace("\"version\": 1", "\"version\": 2"), "$.version"},
       {replace("\"quant-scale-scalar\"\n", "\"quant-scale-scalr\"\n"), "faults[0]"},
+      {replace("\"suite\": \"hazard-free\"", "\"suite\": \"fp8-conversion\""), "$.scenario.conversion"},
   };
   for (size_t i = 0; i < cases.size(); ++i) {
     const std::string path = dir + "/bad" + std::to_string(i) + ".json";

@@ -1,6 +1,7 @@
 #include "tools/dsv4h/cli_args.h"
 
 #include <charconv>
+#include <cstdlib>
 
 #include "engine/core/error.h"
 
@@ -123,6 +124,15 @@ std::vector<std::string> split_list(const std::string& text, const std::string& 
     pos = comma + 1;
   }
   return out;
+}
+
+double positive_seconds(const Args& args, const std::string& flag, double fallback) {
+  if (!args.has(flag)) return fallback;
+  const std::string text = args.str(flag);
+  char* end = nullptr;
+  const double v = std::strtod(text.c_str(), &end);
+  if (text.empty() || *end != '\0' || !(v > 0)) throw InputError(flag, "", "expects a positive number of seconds, got '" + text + "'");
+  return v;
 }
 
 }  // namespace dsv4::cli

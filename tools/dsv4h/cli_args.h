@@ -42,6 +42,9 @@ class Args {
   bool help_ = false;
 };
 
+// A flag's value as a positive number of seconds (`fallback` when absent); InputError naming the flag.
+double positive_seconds(const Args& args, const std::string& flag, double fallback);
+
 // "a,b,c" -> {"a", "b", "c"}; an empty item is an InputError naming `flag`.
 std::vector<std::string> split_list(const std::string& text, const std::string& flag);
 

@@ -53,15 +53,6 @@ void check_backend(const Args& args) {
   if (backend != "sim") throw InputError("--backend", "", "expects sim or cuda, got '" + backend + "'");
 }
 
-double positive_seconds(const Args& args, const std::string& flag, double fallback) {
-  if (!args.has(flag)) return fallback;
-  const std::string text = args.str(flag);
-  char* end = nullptr;
-  const double v = std::strtod(text.c_str(), &end);
-  if (text.empty() || *end != '\0' || !(v > 0)) throw InputError(flag, "", "expects a positive number of seconds, got '" + text + "'");
-  return v;
-}
-
 std::vector<const Suite*> selected_suites(const Args& args) {
   std::vector<const Suite*> out;
   if (!args.has("--suites")) {

@@ -109,11 +109,7 @@ int cmd_shrink(const std::vector<std::string>& argv, std::ostream& out) {
   }
   const std::string path = case_path(args, "shrink");
   const std::string out_path = args.str("--out");
-  double budget = 120;
-  if (args.has("--budget")) {
-    budget = static_cast<double>(args.i64("--budget", 120));
-    if (budget <= 0) throw InputError("--budget", "", "must be a positive number of seconds");
-  }
+  const double budget = positive_seconds(args, "--budget", 120);
   props::CaseFile c = repro::load_case(path);
   const props::RunLimits limits = limits_from(args);
   const props::Verdict now = props::run_case(c.scenario, limits);
