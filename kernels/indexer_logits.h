@@ -1,7 +1,10 @@
 // The lightning indexer's logits path (dsv4-model §2.5, sglang/DeepGEMM realisation): a persistent
 // kernel whose per-SM work ranges come from a schedule built from context_lens, and the top-k that
-// reads its rows. Host implementations (the `sim` backend's); the kernel is a cooperative launch whose
-// blocks hand partial rows over through shared counters, as the real one's CTAs do.
+// reads its rows. Host implementations (the `sim` backend's): the kernel is a cooperative launch whose
+// blocks hand partial rows over through shared counters, as the real one's CTAs do. CUDA
+// implementations (kernels/cuda/indexer_logits.cu, the `cuda` backend's): the same persistent kernel,
+// its blocks spinning on global-memory counters, and a block-per-row top-k; the entry points
+// indexer_logits and indexer_topk pick the device from their tensors (kernels/device.h).
 //
 // Work model. context_lens is [R, next_n]: R "schedule rows" (requests in DeepGEMM's native layout,
 // tokens after the (N_total, 1) normalisation) of next_n query tokens each. Token (b, j) has
@@ -18,7 +21,10 @@
 // the other way round) or from stale lengths (graph replay without a refresh) then does not
 // partition the launched work. The kernel cannot see that: it validates only what a kernel can (the
 // schedule's shape, monotone entries), and a non-partition shows up as a block waiting on a counter
-// that never reaches its target, which the sim backend reports as a HangError naming the kernel.
+// that never reaches its target, which the sim backend reports as a HangError naming the kernel. On
+// a GPU every wait is bounded: when no block has made progress for about 2 s, the waiting block
+// prints "hang in indexer_logits: block B waited on row R" (or on the exit barrier) and traps, so the
+// launch fails with an error (and the context is lost) instead of hanging the device forever.
 //
 // Contracts (ContractError naming the argument and the rule):
 //   schedule builder: context_lens contiguous int32 rank 2 with values >= 0; block_kv >= 1;
@@ -27,8 +33,15 @@
 //     int32 with values in [0, pages); weights [N * next_n, Hi] f32; context_lens [N, next_n] int32
 //     with values in [0, min(max_context, 64 * max_pages)]; logits [N * next_n, max_context] f32;
 //     schedule [num_sms + 1, 2] int32, values >= 0, entries non-decreasing (lexicographically);
-//     block_kv >= 1; num_sms >= 1; every tensor contiguous and on the host. The launch must have
-//     num_sms blocks.
+//     block_kv >= 1; num_sms >= 1; every tensor contiguous and all on one device. The launch must
+//     have num_sms blocks; on a GPU all of them must be co-resident (num_sms at most what the device
+//     holds at once, else a ContractError). The value rules (block_table, context_lens, schedule)
+//     are checked for host tensors only; the GPU kernel given bad values never reads or writes out
+//     of bounds: a length is clamped to [0, min(max_context, 64 * max_pages)], a key whose page is
+//     outside [0, pages) scores NaN, a negative schedule entry gives its block no work (the launch
+//     then fails as a hang unless the range was empty).
+//   top-k (indexer_topk): logits [T, C] f32; block_table [T, P] int32 with C <= 64 * P; topk and
+//     kv_index [T, k] int32; lengths [T] int32; k >= 0; every tensor contiguous and on one device.
 #pragma once
 
 #include <cstdint>
@@ -85,7 +98,8 @@ struct IndexerLogitsArgs {
 };
 
 // `values`: skip the rules that read index and length values (at issue time they may still be in
-// flight); the launch checks them again when it runs.
+// flight); the launch checks them again when it runs. They are skipped for GPU tensors regardless
+// (reading them would read device memory). Tensors on different devices are a ContractError.
 void check_indexer_logits_contract(const IndexerLogitsArgs& args, Contract::Values values = Contract::Values::check);
 
 // One coroutine per block (SM): the cooperative form of the kernel, for rt::Launch::cooperative with
@@ -93,7 +107,16 @@ void check_indexer_logits_contract(const IndexerLogitsArgs& args, Contract::Valu
 // runs; reads every tensor when the launch runs (so a graph
 // replay sees in-place updates of context_lens and a stale schedule alike). Each run starts from fresh
 // counters. logits(row, t) = Σ_h w[row, h] · ReLU(q_h · k_t) for t < len, -inf for t >= len.
+// Host tensors only (the coroutines read host memory).
 std::function<rt::BlockTask(rt::BlockContext&)> make_indexer_logits_launch(const IndexerLogitsArgs& args);
+
+// The whole launch, on the device of its tensors. Host tensors: the cooperative form's num_sms blocks
+// run to completion in this thread (resumed in turn, lowest block first); a schedule that does not
+// partition the work throws std::runtime_error("hang in 'indexer_logits': ...") naming the waiting
+// blocks. GPU tensors: the persistent CUDA kernel on current_stream() (asynchronous; a non-partition
+// makes the kernel trap, so the stream's next synchronization reports a launch failure). Both give
+// bitwise the same logits.
+void indexer_logits(const IndexerLogitsArgs& args);
 
 // ---- top-k --------------------------------------------------------------------------------------
 
@@ -104,4 +127,30 @@ std::vector<int32_t> topk_indices(std::span<const float> row, int64_t k);
 // Row `row` of a contiguous f32 [rows, cols] logits tensor on the host.
 std::vector<int32_t> topk_indices(const Tensor& logits, int64_t row, int64_t k);
 
+inline constexpr const char* kIndexerTopkOp = "indexer_topk";
+
+// The engine's indexer top-k for every row t of logits [T, C]: topk[t] = topk_indices(row t, k) (the
+// selection in ascending index order, -1 padded); kv_index[t, i] = the selected key's slot in the
+// paged key cache, page * 64 + e % 64 with page = block_table[t, e / 64] (computed in 32 bits, no
+// range check: the page value is not dereferenced), -1 where topk is -1; lengths[t] = max(1, number
+// of selected keys). On the device of its tensors (kernels/device.h), bitwise the same on both.
+// A NaN score: a ContractError on the host; the GPU kernel, which cannot throw, treats it as
+// invalid like -inf.
+void indexer_topk(const Tensor& logits, const Tensor& block_table, int64_t k, Tensor& topk, Tensor& kv_index,
+                  Tensor& lengths);
+
 }  // namespace dsv4::kernels
+
+#if defined(DSV4_WITH_CUDA)
+namespace dsv4::kernels::cuda {
+// The CUDA implementations on `stream` (a cudaStream_t; nullptr is the default stream); the entry
+// points above have checked the contracts. Asynchronous and capturable (no synchronization, scratch
+// from gpu::Scratch). indexer_logits raises a ContractError when num_sms blocks cannot all be resident.
+void indexer_logits(const IndexerLogitsArgs& args, void* stream);
+void indexer_topk(const Tensor& logits, const Tensor& block_table, int64_t k, Tensor& topk, Tensor& kv_index,
+                  Tensor& lengths, void* stream);
+// The number of blocks of the logits kernel the current device holds at once (queried once per
+// device): the largest num_sms a launch may ask for.
+int64_t indexer_logits_max_blocks(int64_t heads);
+}  // namespace dsv4::kernels::cuda
+#endif

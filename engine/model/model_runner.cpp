@@ -11,6 +11,7 @@
 #include "engine/serving/compressed_locations.h"
 #include "kernels/attn_output.h"
 #include "kernels/cast.h"
+#include "kernels/device.h"
 #include "kernels/compressor.h"
 #include "kernels/indexer_logits.h"
 #include "kernels/mhc.h"
@@ -19,6 +20,7 @@
 #include "kernels/q_path.h"
 #include "kernels/quant_gemm.h"
 #include "kernels/sparse_attention.h"
+#include "kernels/token_ops.h"
 #include "reference/rope.h"
 
 namespace dsv4::engine {
@@ -46,12 +48,6 @@ std::vector<V> cp_slice(const std::vector<V>& v, int64_t T, int64_t width, int64
     }
   }
   return out;
-}
-
-Tensor host_f32(const std::vector<float>& v) {
-  Tensor t = Tensor::empty({static_cast<int64_t>(v.size())}, DType::f32, "rope_freqs");
-  std::memcpy(t.data_ptr(), v.data(), v.size() * 4);
-  return t;
 }
 
 // One quantized projection, by the weight's format: e4m3 with its block scales (blocks of `block`),
@@ -272,8 +268,16 @@ ModelRunner::ModelRunner(rt::Runtime& runtime, const ModelConfig& config, const 
     streams_->kv = streams_->compressor = streams_->indexer = streams_->indexer_q = streams_->indexer_w = main_;
   }
 
-  freqs_dense_ = host_f32(ref::make_rope_table(config_, 0).freqs);
-  if (config_.max_ratio() > 0) freqs_compressed_ = host_f32(ref::make_rope_table(config_, config_.max_ratio()).freqs);
+  // The rope tables live with the kernels that read them (device memory on the cuda backend).
+  auto rope_table = [&](const std::string& name, const std::vector<float>& f) {
+    DeviceTensor table = alloc(name, DType::f32, {static_cast<int64_t>(f.size())});
+    upload_vec(rt_, table, f);
+    return table.t;
+  };
+  freqs_dense_ = rope_table("rope.freqs_dense", ref::make_rope_table(config_, 0).freqs);
+  if (config_.max_ratio() > 0) {
+    freqs_compressed_ = rope_table("rope.freqs_compressed", ref::make_rope_table(config_, config_.max_ratio()).freqs);
+  }
 
   // Geometry of the state pools, one per ratio (every layer of a ratio has the same rows).
   const int64_t swa_pages = swa_.page_count();
@@ -497,17 +501,65 @@ void ModelRunner::op(rt::StreamId stream, const std::string& name, std::vector<D
   launch.op = name;
   for (const auto& r : reads) launch.accesses.push_back({range_of(r), rt::AccessKind::read});
   for (const auto& w : writes) launch.accesses.push_back({range_of(w), rt::AccessKind::write});
+  // One body for both backends: the kernels' entry points pick the host or the GPU implementation
+  // from where the tensors live, and enqueue GPU work on the stream set here.
+  launch.cuda = [fn](void* cuda_stream) {
+    kernels::StreamScope scope(cuda_stream);
+    fn();
+  };
   launch.host = std::move(fn);
   launch.check_contract = std::move(check);
   rt_.launch(stream, std::move(launch));
 }
 
 void ModelRunner::probe(rt::StreamId stream, const std::string& key, const DeviceTensor& value, int64_t cols) {
-  if (!engine_options_.probes) return;
   const int64_t n = value.t.size(0);
-  op(stream, "probe:" + key, {value}, {}, [this, key, value, n, cols] {
-    if (record_ != nullptr) record_->values[key] = to_mat(value.t, n, cols);
-  });
+  probe_with(stream, key, {value}, [n, cols](const std::vector<Tensor>& v) { return to_mat(v[0], n, cols); });
+}
+
+// A probe copies the bytes of its tensors on `stream` into staging buffers of its own (a device copy,
+// which graphs capture like any launch); finish_probes() downloads them once the step is done and
+// turns them into the record's values. Staging buffers are per probe and per graph, so a replay
+// rewrites the buffers its capture named.
+void ModelRunner::probe_with(rt::StreamId stream, const std::string& key, std::vector<DeviceTensor> values,
+                             std::function<ref::Mat(const std::vector<Tensor>&)> convert) {
+  if (!engine_options_.probes) return;
+  PendingProbe pending{key, {}, std::move(convert)};
+  for (size_t i = 0; i < values.size(); ++i) {
+    const Tensor& t = values[i].t;
+    DSV4_ASSERT(t.dtype() != DType::f4_e2m1, "probes copy whole-byte tensors");
+    const rt::ByteRange range = range_of(values[i]);
+    const uint64_t bytes = range.end - range.begin;
+    const std::string name = "probe." + std::to_string(staging_scope_) + "." + key + "." + std::to_string(i);
+    auto it = probe_staging_.find(name);
+    if (it == probe_staging_.end() || rt_.bytes(it->second) < bytes) {
+      if (it != probe_staging_.end()) rt_.free(it->second);
+      const rt::BufferId b = rt_.alloc(engine_options_.device, std::max<uint64_t>(bytes, 1), name);
+      it = probe_staging_.insert_or_assign(name, b).first;
+    }
+    if (bytes > 0) rt_.copy(stream, rt_.range(it->second, 0, bytes), range);
+    const int64_t esize = dtype_storage_bytes(t.dtype(), 1);
+    const int64_t offset = t.numel() == 0 ? 0 : t.offset() - static_cast<int64_t>(range.begin) / esize;
+    pending.sources.push_back({it->second, bytes, t.dtype(), t.shape(), t.strides(), offset});
+  }
+  pending_probes_.push_back(std::move(pending));
+}
+
+void ModelRunner::finish_probes() {
+  if (record_ != nullptr) {
+    for (const PendingProbe& p : pending_probes_) {
+      std::vector<Tensor> views;
+      for (const ProbeSource& s : p.sources) {
+        Tensor host = Tensor::empty({std::max<int64_t>(1, static_cast<int64_t>(s.bytes))}, DType::u8, "probe");
+        if (s.bytes > 0) rt_.download(s.staging, 0, host.data_ptr(), s.bytes);
+        const int64_t esize = dtype_storage_bytes(s.dtype, 1);
+        const int64_t elements = std::max<int64_t>(1, static_cast<int64_t>(s.bytes) / esize);
+        views.push_back(Tensor::over(host.storage(), s.dtype, {elements}).as_strided(s.shape, s.strides, s.offset));
+      }
+      record_->values[p.key] = p.convert(views);
+    }
+  }
+  pending_probes_.clear();
 }
 
 void ModelRunner::wait_on(rt::StreamId waiter, rt::StreamId producer, const std::string& event_name) {
@@ -720,7 +772,10 @@ void ModelRunner::upgrade_on_first_use(rt::StreamId stream) {
   std::vector<DeviceTensor> writes;
   for (const auto& s : staged_) writes.push_back(s.target);
   op(stream, "metadata.upgrade", {}, writes, [this] {
-    for (const auto& s : staged_) std::memcpy(s.target.t.data_ptr(), s.bytes.data(), s.bytes.size());
+    for (const auto& s : staged_) {
+      Tensor target = s.target.t;
+      kernels::copy_from_host(target, s.bytes.data(), static_cast<int64_t>(s.bytes.size()));
+    }
   });
 }
 
@@ -772,14 +827,7 @@ void ModelRunner::issue_compressor(rt::StreamId stream, Layer& L, bool indexer, 
   op(stream, p + ".wkv", {xn, wkv}, {kv}, [xn, wkv, kv]() mutable { kernels::moe_gate_logits(xn.t, wkv.t, kv.t); });
   op(stream, p + ".wgate", {xn, wgate, ape, pos}, {score}, [xn, wgate, ape, pos, score, ratio]() mutable {
     kernels::moe_gate_logits(xn.t, wgate.t, score.t);
-    const int64_t cols = score.t.size(1);
-    auto* s = score.t.data<float>();
-    const auto* a = ape.t.data<float>();
-    const auto* ps = pos.t.data<int32_t>();
-    for (int64_t t = 0; t < score.t.size(0); ++t) {
-      const float* ar = a + (ps[t] % ratio) * cols;
-      for (int64_t c = 0; c < cols; ++c) s[t * cols + c] += ar[c];
-    }
+    kernels::add_position_bias(score.t, ape.t, pos.t, ratio);
   });
   probe(stream, p + ".kv", kv, coff * dims);
   probe(stream, p + ".score", score, coff * dims);
@@ -1014,13 +1062,10 @@ void ModelRunner::issue_attention(Layer& L, int64_t T) {
   }
   if (engine_options_.probes && !cp_active_) {
     const kernels::Model1Layout lay = L.kv_layout;
-    op(streams_->kv, "probe:" + p + ".kv", {swa_cache, swa_loc}, {}, [this, p, swa_cache, swa_loc, lay, swa_ps, T, D] {
-      if (record_ == nullptr) return;
+    probe_with(streams_->kv, p + ".kv", {swa_cache, swa_loc}, [lay, swa_ps, T, D](const std::vector<Tensor>& v) {
       ref::Mat m(T, D);
-      for (int64_t t = 0; t < T; ++t) {
-        kernels::model1_unpack(lay, swa_ps, swa_cache.t.data<uint8_t>(), swa_loc.t.data<int64_t>()[t], m.row(t));
-      }
-      record_->values[p + ".kv"] = std::move(m);
+      for (int64_t t = 0; t < T; ++t) kernels::model1_unpack(lay, swa_ps, v[0].data<uint8_t>(), v[1].data<int64_t>()[t], m.row(t));
+      return m;
     });
   }
 
@@ -1224,16 +1269,10 @@ void ModelRunner::issue_block(Layer& L, int64_t T, const DeviceTensor& R, const 
 // token of R, into logits [nrows, vocab].
 void ModelRunner::issue_head(const DeviceTensor& R, int64_t nrows, const std::string& prefix, const std::string& norm,
                              const DeviceTensor& logits) {
-  const int64_t d = config_.dim, hc = config_.hc_mult;
   const double eps = config_.norm_eps, hc_eps = config_.hc_eps;
   DeviceTensor last = rows(m_last_, nrows), lR = rows(last_R_, nrows), y = rows(head_y_, nrows);
   DeviceTensor yn = rows(head_yn_, nrows);
-  op(main_, "gather_last", {R, last}, {lR}, [R, last, lR, hc, d]() mutable {
-    for (int64_t r = 0; r < lR.t.size(0); ++r) {
-      const int32_t t = last.t.data<int32_t>()[r];
-      std::memcpy(lR.t.data<uint16_t>() + r * hc * d, R.t.data<uint16_t>() + t * hc * d, static_cast<size_t>(hc * d) * 2);
-    }
-  });
+  op(main_, "gather_last", {R, last}, {lR}, [R, last, lR]() mutable { kernels::gather_rows(R.t, last.t, lR.t); });
   DeviceTensor fn = weight(prefix + "hc_head_fn"), base = weight(prefix + "hc_head_base");
   DeviceTensor scale = weight(prefix + "hc_head_scale"), nw = weight(norm), head = weight("head.weight");
   op(main_, kernels::kHcHeadOp, {lR, fn, base, scale}, {y}, [lR, fn, base, scale, hc_eps, eps, y]() mutable {
@@ -1255,29 +1294,12 @@ void ModelRunner::issue_mtp(const DeviceTensor& R_final, int64_t T, int64_t nrow
   Layer& L = *mtp_layer_;
   DeviceTensor logits = rows(logits_, nrows), sampled = rows(m_sampled_, nrows), last = rows(m_last_, nrows);
   DeviceTensor hint = rows(m_row_next_, nrows), ids = rows(m_ids_, T), next = rows(m_next_ids_, T);
-  op(main_, "greedy", {logits}, {sampled}, [logits, sampled, V]() mutable {
-    for (int64_t r = 0; r < sampled.t.size(0); ++r) {
-      const float* row = logits.t.data<float>() + r * V;
-      sampled.t.data<int32_t>()[r] = static_cast<int32_t>(std::max_element(row, row + V) - row);
-    }
-  });
+  op(main_, "greedy", {logits}, {sampled}, [logits, sampled]() mutable { kernels::argmax_rows(logits.t, sampled.t); });
   op(main_, "mtp_next_ids", {ids, last, hint, sampled}, {next}, [ids, last, hint, sampled, next]() mutable {
-    int64_t t = 0;
-    for (int64_t r = 0; r < last.t.size(0); ++r) {
-      const int32_t end = last.t.data<int32_t>()[r];
-      for (; t < end; ++t) next.t.data<int32_t>()[t] = ids.t.data<int32_t>()[t + 1];
-      const int32_t h = hint.t.data<int32_t>()[r];
-      next.t.data<int32_t>()[t++] = h >= 0 ? h : sampled.t.data<int32_t>()[r];
-    }
+    kernels::mtp_next_ids(ids.t, last.t, hint.t, sampled.t, next.t);
   });
   DeviceTensor embed = weight("embed.weight"), e = rows(mtp_e_, T), en = rows(mtp_en_, T), ep = rows(mtp_ep_, T);
-  op(main_, "mtp.embed", {next, embed}, {e}, [next, embed, e, d]() mutable {
-    for (int64_t t = 0; t < next.t.size(0); ++t) {
-      const int32_t id = next.t.data<int32_t>()[t];
-      if (id < 0 || id >= embed.t.size(0)) throw ContractError("mtp.embed", "next_ids", "token id " + std::to_string(id) + " outside the vocabulary");
-      std::memcpy(e.t.data<uint16_t>() + t * d, embed.t.data<uint16_t>() + id * d, static_cast<size_t>(d) * 2);
-    }
-  });
+  op(main_, "mtp.embed", {next, embed}, {e}, [next, embed, e]() mutable { kernels::embed_rows(next.t, embed.t, 1, e.t); });
   DeviceTensor enorm = weight("mtp.0.enorm.weight"), hnorm = weight("mtp.0.hnorm.weight");
   op(main_, kernels::kRmsNormOp, {e, enorm}, {en}, [e, enorm, eps, en]() mutable { kernels::rms_norm(e.t, enorm.t, eps, en.t); });
   issue_linear(main_, "mtp.0.e_proj.weight", en, ep);
@@ -1288,51 +1310,33 @@ void ModelRunner::issue_mtp(const DeviceTensor& R_final, int64_t T, int64_t nrow
       kernels::rms_norm(copy.t, hnorm.t, eps, hn.t);
     });
     issue_linear(main_, "mtp.0.h_proj.weight", hn, hp);
-    op(main_, "mtp.combine", {ep, hp}, {R}, [ep, hp, R, c, d, hc]() mutable {
-      for (int64_t t = 0; t < ep.t.size(0); ++t) {
-        for (int64_t i = 0; i < d; ++i) {
-          const float v = bf16_to_f32(ep.t.data<uint16_t>()[t * d + i]) + bf16_to_f32(hp.t.data<uint16_t>()[t * d + i]);
-          R.t.data<uint16_t>()[t * hc * d + c * d + i] = f32_to_bf16(v);
-        }
-      }
-    });
+    DeviceTensor Rc{R.buffer, R.t.narrow(1, c * d, d)};
+    op(main_, "mtp.combine", {ep, hp}, {Rc}, [ep, hp, Rc]() mutable { kernels::add_bf16(ep.t, hp.t, Rc.t); });
   }
   DeviceTensor Rout = rows(mtp_R_out_, T);
   issue_block(L, T, R, Rout);
   DeviceTensor draft = rows(draft_logits_, nrows);
   issue_head(Rout, nrows, "mtp.0.", "mtp.0.norm.weight", draft);
   if (engine_options_.probes) {
-    op(main_, "probe:mtp.logits", {draft, last}, {}, [this, draft, last, T, V] {
-      if (record_ == nullptr) return;
+    probe_with(main_, "mtp.logits", {draft, last}, [T, V](const std::vector<Tensor>& v) {
       // One row per token; a row's draft logits sit at its last token (the oracle reads those).
       ref::Mat m(T, V, std::numeric_limits<float>::quiet_NaN());
-      for (int64_t r = 0; r < draft.t.size(0); ++r) {
-        const int32_t t = last.t.data<int32_t>()[r];
-        std::memcpy(m.row(t), draft.t.data<float>() + r * V, static_cast<size_t>(V) * 4);
+      for (int64_t r = 0; r < v[0].size(0); ++r) {
+        const int32_t t = v[1].data<int32_t>()[r];
+        std::memcpy(m.row(t), v[0].data<float>() + r * V, static_cast<size_t>(V) * 4);
       }
-      record_->values["mtp.logits"] = std::move(m);
+      return m;
     });
   }
 }
 
 void ModelRunner::issue_forward(int64_t T, int64_t nrows) {
-  const int64_t d = config_.dim, hc = config_.hc_mult;
+  const int64_t hc = config_.hc_mult;
   DeviceTensor ids = rows(m_ids_, T);
   DeviceTensor R = rows(R_a_, T), Rn = rows(R_b_, T);
   if (is_first_stage()) {
     DeviceTensor embed = weight("embed.weight");
-    op(main_, "embed", {ids, embed}, {R}, [ids, embed, R, d, hc]() mutable {
-      for (int64_t t = 0; t < ids.t.size(0); ++t) {
-        const int32_t id = ids.t.data<int32_t>()[t];
-        if (id < 0 || id >= embed.t.size(0)) {
-          throw ContractError("embed", "input_ids", "token id " + std::to_string(id) + " outside the vocabulary");
-        }
-        for (int64_t c = 0; c < hc; ++c) {
-          std::memcpy(R.t.data<uint16_t>() + t * hc * d + c * d, embed.t.data<uint16_t>() + id * d,
-                      static_cast<size_t>(d) * 2);
-        }
-      }
-    });
+    op(main_, "embed", {ids, embed}, {R}, [ids, embed, R, hc]() mutable { kernels::embed_rows(ids.t, embed.t, hc, R.t); });
   }
   for (auto& layer : layers_) {
     issue_block(*layer, T, R, Rn);
@@ -1426,6 +1430,7 @@ void ModelRunner::begin(const serving::ForwardBatch& batch, StepRecord* record) 
   }
   batch_metadata_ = meta;
   record_ = record;
+  pending_probes_.clear();
   replay_ = graph_batch_ && graphs_.count(key) > 0;
   prepare_metadata(batch, *meta);
 }
@@ -1442,16 +1447,26 @@ void ModelRunner::launch(const serving::ForwardBatch& batch) {
   auto g = graphs_.find(key);
   if (g == graphs_.end()) {
     batch_metadata_->freeze();
+    staging_scope_ = key + 1;  // the graph's own probe staging buffers
     rt_.begin_capture(main_);
-    issue_forward(T, head_rows);
+    try {
+      issue_forward(T, head_rows);
+    } catch (...) {
+      staging_scope_ = 0;
+      throw;
+    }
+    staging_scope_ = 0;
     g = graphs_.emplace(key, rt_.end_capture(main_)).first;
+    graph_probes_[key] = pending_probes_;
   }
+  pending_probes_ = graph_probes_[key];
   rt_.replay(g->second, main_);
   ++graph_replays_;
   if (record_ != nullptr) record_->graph_replay = true;
 }
 
 void ModelRunner::end() {
+  pending_probes_.clear();
   record_ = nullptr;
   batch_metadata_ = nullptr;
   if (streams_saved_) {
@@ -1527,6 +1542,7 @@ StepRecord ModelRunner::forward(const serving::ForwardBatch& batch) {
     begin(batch, &rec);
     launch(batch);
     rt_.synchronize(main_);
+    finish_probes();
   } catch (...) {
     end();
     throw;

@@ -125,6 +125,8 @@ class ModelRunner {
   void begin(const serving::ForwardBatch& batch, StepRecord* record);
   void launch(const serving::ForwardBatch& batch);
   std::vector<StepRow> sample(const serving::ForwardBatch& batch);
+  // After the stage's streams are synchronized: the probes' values into the record.
+  void finish_probes();
   void end();
   // The residual a stage receives (first rows of the input buffer) and the one it hands on.
   DeviceTensor stage_input(int64_t tokens) const;
@@ -161,6 +163,9 @@ class ModelRunner {
   void op(rt::StreamId stream, const std::string& name, std::vector<DeviceTensor> reads,
           std::vector<DeviceTensor> writes, std::function<void()> fn, std::function<void()> check = {});
   void probe(rt::StreamId stream, const std::string& key, const DeviceTensor& value, int64_t cols);
+  // A probe of several tensors turned into one value by `convert` (host views of the copies).
+  void probe_with(rt::StreamId stream, const std::string& key, std::vector<DeviceTensor> values,
+                  std::function<ref::Mat(const std::vector<Tensor>&)> convert);
 
   // Host side of a step: upgrade the metadata and write it to the device buffers.
   void prepare_metadata(const serving::ForwardBatch& batch, serving::ForwardMetadata& metadata);
@@ -248,6 +253,22 @@ class ModelRunner {
   int64_t graph_replays_ = 0;
   int64_t metadata_upgrades_ = 0;
   StepRecord* record_ = nullptr;  // the step being run (probes write into it)
+  struct ProbeSource {
+    rt::BufferId staging;
+    uint64_t bytes = 0;
+    DType dtype = DType::u8;
+    Shape shape, strides;
+    int64_t offset = 0;  // elements from the staging buffer's start
+  };
+  struct PendingProbe {
+    std::string key;
+    std::vector<ProbeSource> sources;
+    std::function<ref::Mat(const std::vector<Tensor>&)> convert;
+  };
+  std::vector<PendingProbe> pending_probes_;           // this step's, in issue order
+  std::map<int64_t, std::vector<PendingProbe>> graph_probes_;  // per graph: the probes its capture issued
+  std::map<std::string, rt::BufferId> probe_staging_;
+  int64_t staging_scope_ = 0;  // 0 eager, else 1 + the graph key being captured
   std::vector<int32_t> row_next_ids_;
 };
 

@@ -114,6 +114,7 @@ StepRecord ServingEngine::forward_context_parallel(const serving::ForwardBatch& 
     for (size_t r = 0; r < runners_.size(); ++r) runners_[r]->begin_cp(batch, &parts[r]);
     for (auto& rank : runners_) rank->launch(batch);
     for (auto& rank : runners_) rt_.synchronize(rank->main_stream());
+    for (auto& rank : runners_) rank->finish_probes();
   } catch (...) {
     for (auto& rank : runners_) rank->end();
     throw;
@@ -164,6 +165,7 @@ StepRecord ServingEngine::forward_pipeline(const serving::ForwardBatch& batch) {
       }
     }
     for (auto& stage : runners_) rt_.synchronize(stage->main_stream());
+    for (auto& stage : runners_) stage->finish_probes();
   } catch (...) {
     for (auto& stage : runners_) stage->end();
     throw;

@@ -18,12 +18,14 @@
 #include <limits>
 #include <memory>
 #include <numeric>
+#include <stdexcept>
 #include <string>
 #include <utility>
 #include <vector>
 
 #include "engine/core/contract.h"
 #include "engine/core/error.h"
+#include "kernels/device.h"
 #include "kernels/host/host_common.h"
 #include "kernels/indexer_logits.h"
 
@@ -186,6 +188,15 @@ rt::BlockTask logits_block(rt::BlockContext& ctx, std::shared_ptr<const Plan> pl
 }  // namespace
 
 void check_indexer_logits_contract(const IndexerLogitsArgs& a, Contract::Values values) {
+  // One device for all; the value rules read host memory only.
+  const bool gpu = runs_on_gpu(kIndexerLogitsOp, {{"q", &a.q},
+                                                  {"kv_pages", &a.kv_pages},
+                                                  {"block_table", &a.block_table},
+                                                  {"weights", &a.weights},
+                                                  {"context_lens", &a.context_lens},
+                                                  {"schedule", &a.schedule},
+                                                  {"logits", &a.logits}});
+  if (gpu) values = Contract::Values::skip;
   static const Contract contract = Contract(kIndexerLogitsOp)
                                        .arg("q").dtype(DType::f32).rank(4).contiguous()
                                        .arg("kv_pages").dtype(DType::f32).rank(3).contiguous()
@@ -207,13 +218,6 @@ void check_indexer_logits_contract(const IndexerLogitsArgs& a, Contract::Values 
                   {"logits", &a.logits}},
                  values);
   const char* op = kIndexerLogitsOp;
-  require_host(kIndexerLogitsOp, "q", a.q);
-  require_host(kIndexerLogitsOp, "kv_pages", a.kv_pages);
-  require_host(kIndexerLogitsOp, "block_table", a.block_table);
-  require_host(kIndexerLogitsOp, "weights", a.weights);
-  require_host(kIndexerLogitsOp, "context_lens", a.context_lens);
-  require_host(kIndexerLogitsOp, "schedule", a.schedule);
-  require_host(kIndexerLogitsOp, "logits", a.logits);
   if (a.block_kv < 1) throw ContractError(op, "block_kv", "must be >= 1, got " + std::to_string(a.block_kv));
   if (a.num_sms < 1) throw ContractError(op, "num_sms", "must be >= 1, got " + std::to_string(a.num_sms));
   const int64_t tokens = a.q.size(0) * a.q.size(1);
@@ -256,6 +260,14 @@ void check_indexer_logits_contract(const IndexerLogitsArgs& a, Contract::Values 
 
 std::function<rt::BlockTask(rt::BlockContext&)> make_indexer_logits_launch(const IndexerLogitsArgs& args) {
   check_indexer_logits_contract(args, Contract::Values::skip);
+  // The coroutines read the tensors directly: host memory only.
+  require_host(kIndexerLogitsOp, "q", args.q);
+  require_host(kIndexerLogitsOp, "kv_pages", args.kv_pages);
+  require_host(kIndexerLogitsOp, "block_table", args.block_table);
+  require_host(kIndexerLogitsOp, "weights", args.weights);
+  require_host(kIndexerLogitsOp, "context_lens", args.context_lens);
+  require_host(kIndexerLogitsOp, "schedule", args.schedule);
+  require_host(kIndexerLogitsOp, "logits", args.logits);
   auto plan = std::make_shared<Plan>();
   plan->args = args;
   plan->rows = args.q.size(0);
@@ -287,6 +299,52 @@ std::function<rt::BlockTask(rt::BlockContext&)> make_indexer_logits_launch(const
     ++launches->created_blocks;
     return logits_block(ctx, fixed, launches->current);
   };
+}
+
+void indexer_logits(const IndexerLogitsArgs& args) {
+  check_indexer_logits_contract(args);  // values too, for host tensors
+  if (on_gpu(args.q)) {  // check_indexer_logits_contract has put every tensor on q's device
+#if defined(DSV4_WITH_CUDA)
+    cuda::indexer_logits(args, current_stream());
+    return;
+#else
+    no_gpu_build(kIndexerLogitsOp);
+#endif
+  }
+  // The cooperative form, its blocks resumed in turn (lowest first) until all finish; a round in
+  // which no unfinished block can resume is a hang (the schedule does not partition the work).
+  const auto launch = make_indexer_logits_launch(args);
+  const auto n = static_cast<size_t>(args.num_sms);
+  std::vector<rt::BlockContext> ctx;
+  ctx.reserve(n);  // the coroutines hold references: no reallocation after this
+  for (size_t b = 0; b < n; ++b) ctx.emplace_back(static_cast<int>(b), static_cast<int>(n));
+  std::vector<rt::BlockTask> tasks;
+  tasks.reserve(n);
+  for (size_t b = 0; b < n; ++b) tasks.push_back(launch(ctx[b]));
+  std::vector<bool> finished(n, false);
+  size_t left = n;
+  while (left > 0) {
+    bool resumed = false;
+    for (size_t b = 0; b < n; ++b) {
+      if (finished[b] || !ctx[b].can_resume()) continue;
+      const auto h = tasks[b].handle();
+      h.resume();
+      resumed = true;
+      if (h.done()) {
+        finished[b] = true;
+        --left;
+        if (h.promise().error) std::rethrow_exception(h.promise().error);
+      }
+    }
+    if (!resumed) {
+      std::string detail = "every unfinished block waits on a condition that is false:";
+      for (size_t b = 0; b < n; ++b) {
+        if (!finished[b]) detail += " block " + std::to_string(b) + " waits for '" + ctx[b].waiting_what() + "';";
+      }
+      throw std::runtime_error(std::string("hang in '") + kIndexerLogitsOp + "': " + detail + " " +
+                               std::to_string(n - left) + " of " + std::to_string(n) + " blocks finished");
+    }
+  }
 }
 
 std::vector<int32_t> topk_indices(std::span<const float> row, int64_t k) {
@@ -322,6 +380,71 @@ std::vector<int32_t> topk_indices(const Tensor& logits, int64_t row, int64_t k) 
   }
   const int64_t cols = logits.size(1);
   return topk_indices(std::span<const float>(logits.data<float>() + row * cols, static_cast<size_t>(cols)), k);
+}
+
+void indexer_topk(const Tensor& logits, const Tensor& block_table, int64_t k, Tensor& topk, Tensor& kv_index,
+                  Tensor& lengths) {
+  const char* op = kIndexerTopkOp;
+  const bool gpu = runs_on_gpu(op, {{"logits", &logits},
+                                    {"block_table", &block_table},
+                                    {"topk", &topk},
+                                    {"kv_index", &kv_index},
+                                    {"lengths", &lengths}});
+  if (k < 0) throw ContractError(op, "k", "must be >= 0, got " + std::to_string(k));
+  if (k > kInt32Max) throw ContractError(op, "k", "must fit int32, got " + std::to_string(k));
+  static const Contract contract = Contract(kIndexerTopkOp)
+                                       .arg("logits").dtype(DType::f32).rank(2).contiguous()
+                                       .arg("block_table").dtype(DType::i32).rank(2).contiguous().same_size(0, "logits", 0)
+                                       .arg("topk").dtype(DType::i32).rank(2).contiguous().same_size(0, "logits", 0)
+                                       .arg("kv_index").dtype(DType::i32).rank(2).contiguous().same_size(0, "logits", 0)
+                                       .arg("lengths").dtype(DType::i32).rank(1).contiguous().same_size(0, "logits", 0);
+  contract.check({{"logits", &logits},
+                  {"block_table", &block_table},
+                  {"topk", &topk},
+                  {"kv_index", &kv_index},
+                  {"lengths", &lengths}});
+  if (topk.size(1) != k) throw ContractError(op, "topk", "shape must be [T, k = " + std::to_string(k) + "], got " + shape_str(topk.shape()));
+  if (kv_index.size(1) != k) {
+    throw ContractError(op, "kv_index", "shape must be [T, k = " + std::to_string(k) + "], got " + shape_str(kv_index.shape()));
+  }
+  const int64_t cols = logits.size(1), pages = block_table.size(1);
+  if (cols > kIndexerPageKeys * pages) {
+    throw ContractError(op, "block_table", "must cover every logits column: 64 * " + std::to_string(pages) + " < " +
+                                               std::to_string(cols) + " columns");
+  }
+  if (cols > kInt32Max) throw ContractError(op, "logits", "more columns than int32 indices hold");
+  if (gpu) {
+#if defined(DSV4_WITH_CUDA)
+    cuda::indexer_topk(logits, block_table, k, topk, kv_index, lengths, current_stream());
+    return;
+#else
+    no_gpu_build(op);
+#endif
+  }
+  const int64_t rows = logits.size(0);
+  const float* lg = logits.data<float>();
+  const int32_t* bt = block_table.data<int32_t>();
+  int32_t* tk = topk.data<int32_t>();
+  int32_t* ix = kv_index.data<int32_t>();
+  int32_t* ln = lengths.data<int32_t>();
+  for (int64_t t = 0; t < rows; ++t) {
+    const std::vector<int32_t> sel = topk_indices(std::span<const float>(lg + t * cols, static_cast<size_t>(cols)), k);
+    int32_t count = 0;
+    for (int64_t j = 0; j < k; ++j) {
+      const int32_t e = sel[static_cast<size_t>(j)];
+      tk[t * k + j] = e;
+      int32_t loc = -1;
+      if (e >= 0) {
+        // In 32 bits with wrap-around, as the GPU kernel computes it (the page value is not checked).
+        const auto page = static_cast<uint32_t>(bt[t * pages + e / kIndexerPageKeys]);
+        loc = static_cast<int32_t>(page * static_cast<uint32_t>(kIndexerPageKeys) +
+                                   static_cast<uint32_t>(e % kIndexerPageKeys));
+        ++count;
+      }
+      ix[t * k + j] = loc;
+    }
+    ln[t] = std::max<int32_t>(1, count);
+  }
 }
 
 }  // namespace dsv4::kernels

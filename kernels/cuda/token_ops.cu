@@ -1,0 +1,172 @@
+// CUDA (and, through port.h, HIP) implementations of kernels/token_ops.h. The entry points in
+// kernels/host/token_ops.cpp have checked the contracts; these only launch.
+#include "kernels/token_ops.h"
+#include "kernels/cuda/port.h"
+
+#include <cmath>
+#include <cstdint>
+
+#include "engine/core/formats.h"
+
+namespace dsv4::kernels::cuda {
+
+namespace {
+
+constexpr int kThreads = 256;
+
+gpu::Stream as_stream(void* s) { return static_cast<gpu::Stream>(s); }
+
+// One block per token; a row whose id is outside the table is filled with NaN (0x7fc0).
+__global__ void embed_kernel(const int32_t* ids, const uint16_t* table, long long vocab, long long d, long long copies,
+                             uint16_t* out) {
+  const long long t = blockIdx.x;
+  const int32_t id = ids[t];
+  const bool ok = id >= 0 && id < vocab;
+  for (long long i = threadIdx.x; i < copies * d; i += blockDim.x) {
+    out[t * copies * d + i] = ok ? table[static_cast<long long>(id) * d + i % d] : static_cast<uint16_t>(0x7fc0);
+  }
+}
+
+// One block per output row, byte-wise; rows whose index is outside are left unwritten.
+__global__ void gather_kernel(const uint8_t* src, long long rows, long long row_stride_bytes, const int32_t* index,
+                              long long row_bytes, uint8_t* out) {
+  const long long r = blockIdx.x;
+  const int32_t i = index[r];
+  if (i < 0 || i >= rows) return;
+  for (long long b = threadIdx.x; b < row_bytes; b += blockDim.x) out[r * row_bytes + b] = src[i * row_stride_bytes + b];
+}
+
+// One block per row, std::max_element's choice: the first index of the maximum, where a NaN never
+// replaces the running best and a NaN first element is never replaced. Each thread scans one
+// contiguous chunk, and thread 0 combines the chunks' first maxima left to right by the same rule.
+__global__ void argmax_kernel(const float* logits, long long V, int32_t* out) {
+  __shared__ float best_v[1024];
+  __shared__ long long best_i[1024];
+  const long long r = blockIdx.x;
+  const float* row = logits + r * V;
+  const long long chunk = (V + blockDim.x - 1) / blockDim.x;
+  const long long begin = threadIdx.x * chunk;
+  const long long end = begin + chunk < V ? begin + chunk : V;
+  float bv = 0.0f;
+  long long bi = -1;
+  for (long long j = begin; j < end; ++j) {
+    // A NaN is never chosen after row[0]; a NaN row[0] is never replaced (thread 0 below).
+    if (row[j] != row[j]) continue;
+    if (bi < 0 || row[j] > bv) {
+      bv = row[j];
+      bi = j;
+    }
+  }
+  best_v[threadIdx.x] = bv;
+  best_i[threadIdx.x] = bi;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float v = row[0];
+    long long i = 0;
+    for (unsigned k = 0; k < blockDim.x; ++k) {
+      if (best_i[k] >= 0 && best_v[k] > v) {
+        v = best_v[k];
+        i = best_i[k];
+      }
+    }
+    out[r] = static_cast<int32_t>(i);
+  }
+}
+
+// One thread per row r: its tokens are (last[r - 1], last[r]].
+__global__ void next_ids_kernel(const int32_t* ids, long long T, const int32_t* last, long long R, const int32_t* hint,
+                                const int32_t* sampled, int32_t* next) {
+  const long long r = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (r >= R) return;
+  const long long begin = r == 0 ? 0 : static_cast<long long>(last[r - 1]) + 1;
+  const long long end = last[r];
+  if (begin < 0 || end >= T || end < begin) return;  // not increasing: nothing written (host check)
+  for (long long t = begin; t < end; ++t) next[t] = ids[t + 1];
+  next[end] = hint[r] >= 0 ? hint[r] : sampled[r];
+}
+
+__global__ void add_bf16_kernel(const uint16_t* a, const uint16_t* b, long long T, long long d, long long out_stride,
+                                uint16_t* out) {
+  const long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= T * d) return;
+  const long long t = i / d, c = i % d;
+  out[t * out_stride + c] = f32_to_bf16(bf16_to_f32(a[i]) + bf16_to_f32(b[i]));
+}
+
+__global__ void position_bias_kernel(float* score, const float* bias, const int32_t* positions, long long T,
+                                     long long cols, long long ratio) {
+  const long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i >= T * cols) return;
+  const long long t = i / cols, c = i % cols;
+  const int32_t p = positions[t];
+  if (p < 0) return;
+  score[i] += bias[(p % ratio) * cols + c];
+}
+
+}  // namespace
+
+void embed_rows(const Tensor& ids, const Tensor& table, int64_t copies, Tensor& out, void* stream) {
+  const int64_t T = ids.size(0);
+  if (T == 0) return;
+  embed_kernel<<<static_cast<unsigned>(T), kThreads, 0, as_stream(stream)>>>(
+      ids.data<int32_t>(), table.data<uint16_t>(), table.size(0), table.size(1), copies, out.data<uint16_t>());
+  gpu::check_launch("embed_rows");
+}
+
+void gather_rows(const Tensor& src, const Tensor& index, Tensor& out, void* stream) {
+  const int64_t R = index.size(0);
+  if (R == 0 || src.size(1) == 0) return;
+  const int64_t es = dtype_storage_bytes(src.dtype(), 1);
+  gather_kernel<<<static_cast<unsigned>(R), kThreads, 0, as_stream(stream)>>>(
+      static_cast<const uint8_t*>(src.data_ptr()), src.size(0), src.stride(0) * es, index.data<int32_t>(),
+      src.size(1) * es, static_cast<uint8_t*>(out.data_ptr()));
+  gpu::check_launch("gather_rows");
+}
+
+void argmax_rows(const Tensor& logits, Tensor& out, void* stream) {
+  const int64_t R = logits.size(0);
+  if (R == 0) return;
+  argmax_kernel<<<static_cast<unsigned>(R), kThreads, 0, as_stream(stream)>>>(logits.data<float>(), logits.size(1),
+                                                                               out.data<int32_t>());
+  gpu::check_launch("argmax_rows");
+}
+
+void mtp_next_ids(const Tensor& ids, const Tensor& last, const Tensor& hint, const Tensor& sampled, Tensor& next,
+                  void* stream) {
+  const int64_t R = last.size(0);
+  if (R == 0) return;
+  next_ids_kernel<<<gpu::blocks_for(R, kThreads), kThreads, 0, as_stream(stream)>>>(
+      ids.data<int32_t>(), ids.size(0), last.data<int32_t>(), R, hint.data<int32_t>(), sampled.data<int32_t>(),
+      next.data<int32_t>());
+  gpu::check_launch("mtp_next_ids");
+}
+
+void add_bf16(const Tensor& a, const Tensor& b, Tensor& out, void* stream) {
+  const int64_t n = a.numel();
+  if (n == 0) return;
+  add_bf16_kernel<<<gpu::blocks_for(n, kThreads), kThreads, 0, as_stream(stream)>>>(
+      a.data<uint16_t>(), b.data<uint16_t>(), a.size(0), a.size(1), out.stride(0), out.data<uint16_t>());
+  gpu::check_launch("add_bf16");
+}
+
+void add_position_bias(Tensor& score, const Tensor& bias, const Tensor& positions, int64_t ratio, void* stream) {
+  const int64_t n = score.numel();
+  if (n == 0) return;
+  position_bias_kernel<<<gpu::blocks_for(n, kThreads), kThreads, 0, as_stream(stream)>>>(
+      score.data<float>(), bias.data<float>(), positions.data<int32_t>(), score.size(0), score.size(1), ratio);
+  gpu::check_launch("add_position_bias");
+}
+
+void copy_bytes(void* dst, const void* src, int64_t bytes, bool from_host, void* stream) {
+#if defined(__HIPCC__)
+  gpu::check(hipMemcpyAsync(dst, src, static_cast<size_t>(bytes), from_host ? hipMemcpyHostToDevice : hipMemcpyDeviceToDevice,
+                            as_stream(stream)),
+             "hipMemcpyAsync");
+#else
+  gpu::check(cudaMemcpyAsync(dst, src, static_cast<size_t>(bytes), from_host ? cudaMemcpyHostToDevice : cudaMemcpyDeviceToDevice,
+                             as_stream(stream)),
+             "cudaMemcpyAsync");
+#endif
+}
+
+}  // namespace dsv4::kernels::cuda

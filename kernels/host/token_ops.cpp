@@ -1,0 +1,186 @@
+// kernels/token_ops.h: contracts, the host implementations and the choice of device.
+#include "kernels/token_ops.h"
+
+#include <algorithm>
+#include <cstring>
+#include <string>
+
+#include "engine/core/contract.h"
+#include "engine/core/error.h"
+#include "engine/core/formats.h"
+#include "kernels/device.h"
+#include "kernels/host/host_common.h"
+
+namespace dsv4::kernels {
+
+using namespace host;
+
+namespace {
+
+Contract::Values values_for(bool gpu) { return gpu ? Contract::Values::skip : Contract::Values::check; }
+
+#if defined(DSV4_WITH_CUDA)
+#define DSV4_GPU_OR_FAIL(op, call) \
+  do {                             \
+    call;                          \
+    return;                        \
+  } while (0)
+#else
+#define DSV4_GPU_OR_FAIL(op, call) no_gpu_build(op)
+#endif
+
+}  // namespace
+
+void embed_rows(const Tensor& ids, const Tensor& table, int64_t copies, Tensor& out) {
+  const char* op = "embed_rows";
+  if (copies < 1) throw ContractError(op, "copies", "must be >= 1, got " + std::to_string(copies));
+  const bool gpu = runs_on_gpu(op, {{"ids", &ids}, {"table", &table}, {"out", &out}});
+  Contract(op)
+      .arg("ids").dtype(DType::i32).rank(1).contiguous().values_index_into(0, "table", 0)
+      .arg("table").dtype(DType::bf16).rank(2).contiguous()
+      .arg("out").dtype(DType::bf16).rank(2).contiguous().same_size(0, "ids", 0)
+      .check({{"ids", &ids}, {"table", &table}, {"out", &out}}, values_for(gpu));
+  const int64_t T = ids.size(0), d = table.size(1);
+  if (out.size(1) != copies * d) {
+    throw ContractError(op, "out", "needs shape[1] = copies * table.shape[1] = " + std::to_string(copies * d) +
+                                       ", got " + shape_str(out.shape()));
+  }
+  if (gpu) DSV4_GPU_OR_FAIL(op, cuda::embed_rows(ids, table, copies, out, current_stream()));
+  const auto* id = ids.data<int32_t>();
+  const auto* tab = table.data<uint16_t>();
+  auto* o = out.data<uint16_t>();
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t c = 0; c < copies; ++c) {
+      std::memcpy(o + (t * copies + c) * d, tab + id[t] * d, static_cast<size_t>(d) * 2);
+    }
+  }
+}
+
+void gather_rows(const Tensor& src, const Tensor& index, Tensor& out) {
+  const char* op = "gather_rows";
+  const bool gpu = runs_on_gpu(op, {{"src", &src}, {"index", &index}, {"out", &out}});
+  Contract(op)
+      .arg("src").rank(2).inner_contiguous()
+      .arg("index").dtype(DType::i32).rank(1).contiguous().values_index_into(0, "src", 0)
+      .arg("out").dtype(src.dtype()).rank(2).contiguous().same_size(0, "index", 0).same_size(1, "src", 1)
+      .check({{"src", &src}, {"index", &index}, {"out", &out}}, values_for(gpu));
+  if (src.dtype() == DType::f4_e2m1) throw ContractError(op, "src", "needs a whole-byte dtype, got f4_e2m1");
+  if (gpu) DSV4_GPU_OR_FAIL(op, cuda::gather_rows(src, index, out, current_stream()));
+  const int64_t es = dtype_storage_bytes(src.dtype(), 1), W = src.size(1);
+  const auto* s = static_cast<const uint8_t*>(src.data_ptr());
+  auto* o = static_cast<uint8_t*>(out.data_ptr());
+  const auto* ix = index.data<int32_t>();
+  for (int64_t r = 0; r < index.size(0); ++r) {
+    std::memcpy(o + r * W * es, s + ix[r] * src.stride(0) * es, static_cast<size_t>(W * es));
+  }
+}
+
+void argmax_rows(const Tensor& logits, Tensor& out) {
+  const char* op = "argmax_rows";
+  const bool gpu = runs_on_gpu(op, {{"logits", &logits}, {"out", &out}});
+  Contract(op)
+      .arg("logits").dtype(DType::f32).rank(2).contiguous()
+      .arg("out").dtype(DType::i32).rank(1).contiguous().same_size(0, "logits", 0)
+      .check({{"logits", &logits}, {"out", &out}});
+  if (logits.size(1) < 1) throw ContractError(op, "logits", "needs at least one column");
+  if (gpu) DSV4_GPU_OR_FAIL(op, cuda::argmax_rows(logits, out, current_stream()));
+  const int64_t V = logits.size(1);
+  for (int64_t r = 0; r < logits.size(0); ++r) {
+    const float* row = logits.data<float>() + r * V;
+    out.data<int32_t>()[r] = static_cast<int32_t>(std::max_element(row, row + V) - row);
+  }
+}
+
+void mtp_next_ids(const Tensor& ids, const Tensor& last, const Tensor& hint, const Tensor& sampled, Tensor& next) {
+  const char* op = "mtp_next_ids";
+  const bool gpu = runs_on_gpu(op, {{"ids", &ids}, {"last", &last}, {"hint", &hint}, {"sampled", &sampled}, {"next", &next}});
+  Contract(op)
+      .arg("ids").dtype(DType::i32).rank(1).contiguous()
+      .arg("last").dtype(DType::i32).rank(1).contiguous().values_index_into(0, "ids", 0)
+      .arg("hint").dtype(DType::i32).rank(1).contiguous().same_size(0, "last", 0)
+      .arg("sampled").dtype(DType::i32).rank(1).contiguous().same_size(0, "last", 0)
+      .arg("next").dtype(DType::i32).rank(1).contiguous().same_size(0, "ids", 0)
+      .check({{"ids", &ids}, {"last", &last}, {"hint", &hint}, {"sampled", &sampled}, {"next", &next}}, values_for(gpu));
+  if (gpu) DSV4_GPU_OR_FAIL(op, cuda::mtp_next_ids(ids, last, hint, sampled, next, current_stream()));
+  const auto* id = ids.data<int32_t>();
+  const auto* ls = last.data<int32_t>();
+  auto* nx = next.data<int32_t>();
+  int64_t t = 0;
+  for (int64_t r = 0; r < last.size(0); ++r) {
+    if (ls[r] < t) throw ContractError(op, "last", "must be strictly increasing (row " + std::to_string(r) + ")");
+    for (; t < ls[r]; ++t) nx[t] = id[t + 1];
+    const int32_t h = hint.data<int32_t>()[r];
+    nx[t++] = h >= 0 ? h : sampled.data<int32_t>()[r];
+  }
+}
+
+void add_bf16(const Tensor& a, const Tensor& b, Tensor& out) {
+  const char* op = "add_bf16";
+  const bool gpu = runs_on_gpu(op, {{"a", &a}, {"b", &b}, {"out", &out}});
+  Contract(op)
+      .arg("a").dtype(DType::bf16).rank(2).contiguous()
+      .arg("b").dtype(DType::bf16).rank(2).contiguous().same_size(0, "a", 0).same_size(1, "a", 1)
+      .arg("out").dtype(DType::bf16).rank(2).inner_contiguous().same_size(0, "a", 0).same_size(1, "a", 1)
+      .check({{"a", &a}, {"b", &b}, {"out", &out}});
+  if (gpu) DSV4_GPU_OR_FAIL(op, cuda::add_bf16(a, b, out, current_stream()));
+  const int64_t T = a.size(0), d = a.size(1);
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t i = 0; i < d; ++i) {
+      const float v = bf16_to_f32(a.data<uint16_t>()[t * d + i]) + bf16_to_f32(b.data<uint16_t>()[t * d + i]);
+      out.data<uint16_t>()[t * out.stride(0) + i] = f32_to_bf16(v);
+    }
+  }
+}
+
+void add_position_bias(Tensor& score, const Tensor& bias, const Tensor& positions, int64_t ratio) {
+  const char* op = "add_position_bias";
+  if (ratio < 1) throw ContractError(op, "ratio", "must be >= 1, got " + std::to_string(ratio));
+  const bool gpu = runs_on_gpu(op, {{"score", &score}, {"bias", &bias}, {"positions", &positions}});
+  Contract(op)
+      .arg("score").dtype(DType::f32).rank(2).contiguous()
+      .arg("bias").dtype(DType::f32).rank(2).contiguous().dim(0, ratio).same_size(1, "score", 1)
+      .arg("positions").dtype(DType::i32).rank(1).contiguous().same_size(0, "score", 0).values_in(0, kInt32Max)
+      .check({{"score", &score}, {"bias", &bias}, {"positions", &positions}}, values_for(gpu));
+  if (gpu) DSV4_GPU_OR_FAIL(op, cuda::add_position_bias(score, bias, positions, ratio, current_stream()));
+  const int64_t cols = score.size(1);
+  auto* s = score.data<float>();
+  const auto* a = bias.data<float>();
+  const auto* ps = positions.data<int32_t>();
+  for (int64_t t = 0; t < score.size(0); ++t) {
+    const float* ar = a + (ps[t] % ratio) * cols;
+    for (int64_t c = 0; c < cols; ++c) s[t * cols + c] += ar[c];
+  }
+}
+
+void copy_from_host(Tensor& dst, const void* src, int64_t bytes) {
+  const char* op = "copy_from_host";
+  const int64_t begin = dtype_storage_bytes(dst.dtype(), dst.offset());
+  const int64_t capacity = dtype_storage_bytes(dst.dtype(), dst.storage_elements());
+  if (bytes < 0 || begin + bytes > capacity) {
+    throw ContractError(op, "bytes", std::to_string(bytes) + " bytes from byte " + std::to_string(begin) +
+                                         " overrun the storage of " + std::to_string(capacity) + " bytes");
+  }
+  if (bytes == 0) return;
+  auto* d = static_cast<uint8_t*>(dst.storage()->data()) + begin;
+  if (on_gpu(dst)) DSV4_GPU_OR_FAIL(op, cuda::copy_bytes(d, src, bytes, /*from_host=*/true, current_stream()));
+  std::memcpy(d, src, static_cast<size_t>(bytes));
+}
+
+void copy_tensor(const Tensor& src, Tensor& dst) {
+  const char* op = "copy_tensor";
+  const bool gpu = runs_on_gpu(op, {{"src", &src}, {"dst", &dst}});
+  Contract(op)
+      .arg("src").contiguous()
+      .arg("dst").dtype(src.dtype()).contiguous()
+      .check({{"src", &src}, {"dst", &dst}});
+  if (src.numel() != dst.numel()) {
+    throw ContractError(op, "dst", "needs src's " + std::to_string(src.numel()) + " elements, got " +
+                                       std::to_string(dst.numel()));
+  }
+  const int64_t bytes = dtype_storage_bytes(src.dtype(), src.numel());
+  if (bytes == 0) return;
+  if (gpu) DSV4_GPU_OR_FAIL(op, cuda::copy_bytes(dst.data_ptr(), src.data_ptr(), bytes, /*from_host=*/false, current_stream()));
+  std::memcpy(dst.data_ptr(), src.data_ptr(), static_cast<size_t>(bytes));
+}
+
+}  // namespace dsv4::kernels
