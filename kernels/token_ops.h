@@ -18,6 +18,8 @@
 //     last[R - 1] are not written.
 //   add_bf16: a, b bf16 [T, d] contiguous; out bf16 [T, d] with a unit last-dim stride (a column
 //     slice of a wider residual): out = bf16(f32(a) + f32(b)).
+//   scale_bf16: x bf16 contiguous, out f32 contiguous of x's element count: out = round_bf16(f32(x) *
+//     scale) (the indexer's head weights, scaled and kept at bf16 precision in f32).
 //   add_position_bias: score f32 [T, C] contiguous, bias f32 [ratio, C] contiguous, positions i32 [T]
 //     (>= 0; host check): score[t] += bias[positions[t] % ratio].
 #pragma once
@@ -34,6 +36,7 @@ void argmax_rows(const Tensor& logits, Tensor& out);
 void mtp_next_ids(const Tensor& ids, const Tensor& last, const Tensor& hint, const Tensor& sampled, Tensor& next);
 void add_bf16(const Tensor& a, const Tensor& b, Tensor& out);
 void add_position_bias(Tensor& score, const Tensor& bias, const Tensor& positions, int64_t ratio);
+void scale_bf16(const Tensor& x, float scale, Tensor& out);
 // `bytes` host bytes into dst's storage from its offset: a memcpy on the host, an asynchronous copy on
 // the current stream for a GPU tensor (the source must stay valid until the call returns only: a
 // pageable host source is staged by the driver before cudaMemcpyAsync returns).
@@ -51,6 +54,7 @@ void mtp_next_ids(const Tensor& ids, const Tensor& last, const Tensor& hint, con
                   void* stream);
 void add_bf16(const Tensor& a, const Tensor& b, Tensor& out, void* stream);
 void add_position_bias(Tensor& score, const Tensor& bias, const Tensor& positions, int64_t ratio, void* stream);
+void scale_bf16(const Tensor& x, float scale, Tensor& out, void* stream);
 void copy_bytes(void* dst, const void* src, int64_t bytes, bool from_host, void* stream);
 }  // namespace cuda
 #endif

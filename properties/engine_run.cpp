@@ -8,7 +8,7 @@
 #include "engine/model/serving_engine.h"
 #include "engine/oracle/oracle.h"
 #include "engine/runtime/hazard_detector.h"
-#include "engine/runtime/sim_runtime.h"
+#include "engine/runtime/backend.h"
 #include "reference/weights.h"
 
 namespace dsv4::props {
@@ -65,9 +65,11 @@ Verdict exception_verdict(const std::exception_ptr& error) {
 
 EngineRunResult run_engine_spec(const EngineSpec& spec, const EngineRunOptions& options) {
   EngineRunResult out;
-  if (spec.backend != "sim") {
-    out.verdict = Verdict::fail(VerdictKind::bad_input, "engine.backend",
-                                "the engine suites run on sim (the cuda backend needs the CUDA kernels of issue #9)");
+  rt::BackendKind backend = rt::BackendKind::sim;
+  try {
+    backend = rt::parse_backend(spec.backend, "engine.backend");
+  } catch (const InputError& e) {
+    out.verdict = Verdict::fail(VerdictKind::bad_input, "engine.backend", e.what());
     return out;
   }
   rt::RuntimeOptions ro;
@@ -83,7 +85,8 @@ EngineRunResult run_engine_spec(const EngineSpec& spec, const EngineRunOptions& 
     const ModelConfig config = spec_model_config(spec);
     rt::SimOptions sim;
     sim.schedule = rt::Schedule::parse(spec.schedule);
-    rt::SimRuntime runtime(ro, sim);
+    const std::unique_ptr<rt::Runtime> runtime_owner = rt::make_runtime(backend, ro, sim);
+    rt::Runtime& runtime = *runtime_owner;
     runtime.add_observer(&detector);
     engine::EngineOptions eo = spec_engine_options(spec);
     eo.probes = options.probes;
@@ -104,7 +107,7 @@ EngineRunResult run_engine_spec(const EngineSpec& spec, const EngineRunOptions& 
         }
       } catch (...) {
         error = std::current_exception();
-        runtime.discard_queued_work();  // the failed step's queued launches must not run at teardown
+        rt::discard_after_failure(runtime);  // the failed step's queued launches must not run at teardown
       }
       for (const RequestSpec& r : spec.requests) out.generated.push_back(engine.request(r.id).generated_ids);
     }

@@ -106,6 +106,7 @@ SuiteResult run_suite(const Suite& suite, const RunLimits& limits, const Progres
     auto property = [&] {
       Scenario scenario = *suite.generator();
       scenario.faults = limits.faults;
+      if (scenario.engine) scenario.engine->backend = limits.backend;
       if (result.failure) {
         // Shrinking: a candidate counts as failing only with the same verdict kind.
         if (std::chrono::duration<double>(Clock::now() - failed_at).count() > limits.shrink_budget_s) return;
@@ -143,7 +144,7 @@ SuiteResult run_suite(const Suite& suite, const RunLimits& limits, const Progres
 }
 
 FaultHunt hunt_fault(const std::string& fault, const std::vector<const Suite*>& suites, double budget_s, uint64_t seed,
-                     const Progress& progress) {
+                     const Progress& progress, const std::string& backend) {
   const Clock::time_point start = Clock::now();
   FaultHunt hunt;
   hunt.fault = fault;
@@ -152,6 +153,7 @@ FaultHunt hunt_fault(const std::string& fault, const std::vector<const Suite*>& 
       if (hunt.detected || seconds_since(start) >= budget_s) break;
       RunLimits limits;
       limits.faults = {fault};
+      limits.backend = backend;
       limits.seed = seed + 7919 * round;
       limits.max_cases = 100000;
       const double slice = (suite->runs_engine ? 3.0 : 1.0) * static_cast<double>(round + 1);

@@ -23,6 +23,7 @@ struct RunLimits {
   uint64_t seed = 1;
   bool isolate = true;           // run each case in a child process
   std::vector<std::string> faults;  // injected into every generated scenario
+  std::string backend = "sim";      // where generated engine scenarios run ("sim" | "cuda")
 };
 
 struct CaseFailure {
@@ -59,6 +60,6 @@ struct FaultHunt {
   std::optional<CaseFailure> failure;
 };
 FaultHunt hunt_fault(const std::string& fault, const std::vector<const Suite*>& suites, double budget_s, uint64_t seed,
-                     const Progress& progress = {});
+                     const Progress& progress = {}, const std::string& backend = "sim");
 
 }  // namespace dsv4::props

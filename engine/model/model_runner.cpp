@@ -902,11 +902,7 @@ void ModelRunner::issue_indexer(Layer& L, int64_t T, rt::EventId q_lora_ready) {
   DeviceTensor wraw = rows(iw_bf16_, T), w = rows(iw_, T);
   issue_linear(s_w, p + ".weights_proj.weight", xn, wraw);
   const float w_scale = static_cast<float>(std::pow(static_cast<double>(Di), -0.5) * std::pow(static_cast<double>(Hi), -0.5));
-  op(s_w, p + ".weights_scale", {wraw}, {w}, [wraw, w, w_scale]() mutable {
-    const auto* src = wraw.t.data<uint16_t>();
-    auto* dst = w.t.data<float>();
-    for (int64_t i = 0; i < w.t.numel(); ++i) dst[i] = round_bf16(bf16_to_f32(src[i]) * w_scale);
-  });
+  op(s_w, p + ".weights_scale", {wraw}, {w}, [wraw, w, w_scale]() mutable { kernels::scale_bf16(wraw.t, w_scale, w.t); });
   probe(s_w, p + ".weights", w, Hi);
 
   // The query on its own stream once q_lora and the weights are ready.
@@ -920,7 +916,7 @@ void ModelRunner::issue_indexer(Layer& L, int64_t T, rt::EventId q_lora_ready) {
   op(s_q, kernels::kIndexerQOp, {iq, pos}, {iq}, [iq, pos, Hi, Di, freqs, quant, qblock]() mutable {
     kernels::indexer_q(iq.t, Hi, Di, freqs, pos.t, quant, qblock);
   });
-  op(s_q, p + ".q_f32", {iq}, {iq32}, [iq, iq32]() mutable { kernels::cast_host(iq.t, iq32.t); });
+  op(s_q, p + ".q_f32", {iq}, {iq32}, [iq, iq32]() mutable { kernels::cast(iq.t, iq32.t); });
   probe(s_q, p + ".q", iq, Hi * Di);
   wait_on(s_idx, s_q, p + ".q_ready");
 
@@ -943,6 +939,10 @@ void ModelRunner::issue_indexer(Layer& L, int64_t T, rt::EventId q_lora_ready) {
   launch.accesses.push_back({range_of(rows(ilogits_, T)), rt::AccessKind::write});
   launch.blocks = static_cast<int>(engine_options_.indexer_sms);
   launch.cooperative = kernels::make_indexer_logits_launch(args);
+  launch.cuda = [args](void* cuda_stream) {
+    kernels::StreamScope scope(cuda_stream);
+    kernels::indexer_logits(args);
+  };
   rt_.launch(s_idx, std::move(launch));
 
   DeviceTensor logits = rows(ilogits_, T), topk = rows(itopk_, T), bt = rows(m_c4_block_table_, T);
@@ -950,23 +950,7 @@ void ModelRunner::issue_indexer(Layer& L, int64_t T, rt::EventId q_lora_ready) {
   DeviceTensor idx = rows(m_c4_idx_, T), len = rows(m_c4_len_, T);
   const int64_t K = config_.index_topk;
   op(s_idx, p + ".topk", {logits, bt}, {topk, idx, len}, [logits, bt, topk, idx, len, K]() mutable {
-    const int64_t n = logits.t.size(0), pages = bt.t.size(1);
-    for (int64_t t = 0; t < n; ++t) {
-      const std::vector<int32_t> sel = kernels::topk_indices(logits.t, t, K);
-      int32_t count = 0;
-      for (int64_t j = 0; j < K; ++j) {
-        const int32_t e = sel[static_cast<size_t>(j)];
-        topk.t.data<int32_t>()[t * K + j] = e;
-        int32_t loc = -1;
-        if (e >= 0) {
-          const int32_t page = bt.t.data<int32_t>()[t * pages + e / kernels::kIndexerPageKeys];
-          loc = page * static_cast<int32_t>(kernels::kIndexerPageKeys) + e % static_cast<int32_t>(kernels::kIndexerPageKeys);
-          ++count;
-        }
-        idx.t.data<int32_t>()[t * K + j] = loc;
-      }
-      len.t.data<int32_t>()[t] = std::max(1, count);
-    }
+    kernels::indexer_topk(logits.t, bt.t, K, topk.t, idx.t, len.t);
   });
   probe(s_idx, p + ".topk", topk, K);
 }
@@ -1358,6 +1342,10 @@ void ModelRunner::set_context_parallel(int comm, int rank, int size) {
   cp_rank_ = rank;
   cp_size_ = size;
   if (size == 1) return;
+  // The CP path's row reorder and whole-cache store are host code still; multi-GPU CP is issue 10.
+  if (rt_.kind() == rt::BackendKind::cuda) {
+    throw InputError("cp", "", "context parallelism runs on sim only so far (its GPU ops come with multi-GPU CP)");
+  }
   const int64_t T = max_tokens_, D = config_.head_dim, Di = has_c4_ ? config_.index_head_dim : 0;
   const int64_t w = std::max(D, Di) * 2;  // widest compressor projection (f32)
   const int64_t row_bytes = std::max({2 * D, 4 * w, 2 * config_.hc_mult * config_.dim});

@@ -103,6 +103,11 @@ __global__ void position_bias_kernel(float* score, const float* bias, const int3
   score[i] += bias[(p % ratio) * cols + c];
 }
 
+__global__ void scale_bf16_kernel(const uint16_t* x, float scale, long long n, float* out) {
+  const long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
+  if (i < n) out[i] = round_bf16(bf16_to_f32(x[i]) * scale);
+}
+
 }  // namespace
 
 void embed_rows(const Tensor& ids, const Tensor& table, int64_t copies, Tensor& out, void* stream) {
@@ -155,6 +160,14 @@ void add_position_bias(Tensor& score, const Tensor& bias, const Tensor& position
   position_bias_kernel<<<gpu::blocks_for(n, kThreads), kThreads, 0, as_stream(stream)>>>(
       score.data<float>(), bias.data<float>(), positions.data<int32_t>(), score.size(0), score.size(1), ratio);
   gpu::check_launch("add_position_bias");
+}
+
+void scale_bf16(const Tensor& x, float scale, Tensor& out, void* stream) {
+  const int64_t n = x.numel();
+  if (n == 0) return;
+  scale_bf16_kernel<<<gpu::blocks_for(n, kThreads), kThreads, 0, as_stream(stream)>>>(x.data<uint16_t>(), scale, n,
+                                                                                     out.data<float>());
+  gpu::check_launch("scale_bf16");
 }
 
 void copy_bytes(void* dst, const void* src, int64_t bytes, bool from_host, void* stream) {

@@ -152,6 +152,19 @@ void add_position_bias(Tensor& score, const Tensor& bias, const Tensor& position
   }
 }
 
+void scale_bf16(const Tensor& x, float scale, Tensor& out) {
+  const char* op = "scale_bf16";
+  const bool gpu = runs_on_gpu(op, {{"x", &x}, {"out", &out}});
+  Contract(op).arg("x").dtype(DType::bf16).contiguous().arg("out").dtype(DType::f32).contiguous().check({{"x", &x}, {"out", &out}});
+  if (x.numel() != out.numel()) {
+    throw ContractError(op, "out", "needs x's " + std::to_string(x.numel()) + " elements, got " + std::to_string(out.numel()));
+  }
+  if (gpu) DSV4_GPU_OR_FAIL(op, cuda::scale_bf16(x, scale, out, current_stream()));
+  const auto* src = x.data<uint16_t>();
+  auto* dst = out.data<float>();
+  for (int64_t i = 0; i < x.numel(); ++i) dst[i] = round_bf16(bf16_to_f32(src[i]) * scale);
+}
+
 void copy_from_host(Tensor& dst, const void* src, int64_t bytes) {
   const char* op = "copy_from_host";
   const int64_t begin = dtype_storage_bytes(dst.dtype(), dst.offset());

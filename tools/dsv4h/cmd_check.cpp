@@ -11,6 +11,7 @@
 
 #include "engine/core/error.h"
 #include "engine/faults/faults.h"
+#include "engine/runtime/backend.h"
 #include "properties/case_file.h"
 #include "properties/runner.h"
 #include "properties/suites.h"
@@ -45,12 +46,9 @@ std::string one_line(const std::string& s, size_t limit) {
   return out;
 }
 
-void check_backend(const Args& args) {
-  const std::string backend = args.optional_str("--backend").value_or("sim");
-  if (backend == "cuda") {
-    throw InputError("--backend", "", "'cuda': the engine runs on sim until every op has its CUDA kernel (issue #9)");
-  }
-  if (backend != "sim") throw InputError("--backend", "", "expects sim or cuda, got '" + backend + "'");
+// The backend the engine scenarios run on (auto: cuda when a GPU is present).
+std::string check_backend(const Args& args) {
+  return rt::backend_name(rt::parse_backend(args.optional_str("--backend").value_or("sim"), "--backend"));
 }
 
 std::vector<const Suite*> selected_suites(const Args& args) {
@@ -93,7 +91,7 @@ std::optional<props::WrittenCase> record(const std::string& corpus, const SuiteR
   c.scenario = r.failure->scenario;
   c.verdict = r.failure->verdict;
   c.engine_commit = DSV4_ENGINE_COMMIT;
-  c.backend = "sim";
+  c.backend = r.failure->scenario.engine ? r.failure->scenario.engine->backend : "host";
   c.recorded_at = props::utc_now_iso8601();
   c.shrink_steps = r.failure->shrink_steps;
   return props::write_case_file(corpus, c);
@@ -103,7 +101,7 @@ std::optional<props::WrittenCase> record(const std::string& corpus, const SuiteR
 
 int cmd_check(const std::vector<std::string>& argv, std::ostream& out) {
   const std::vector<FlagSpec> flags = {
-      {"--backend", "sim|cuda", "where the engine runs (default sim; cuda needs issue #9's kernels)", false},
+      {"--backend", "sim|cuda|auto", "where the engine scenarios run: sim, cuda, or auto (cuda if a GPU is present; default sim)", false},
       {"--budget", "SECONDS", "time for all suites together (default 120); a failure's shrinking comes on top", false},
       {"--corpus", "DIR", "where failures are written as case files (default .dsv4h/corpus)", false},
       {"--suites", "a,b,...", "run only these suites (default: all; --list names them)", false},
@@ -114,7 +112,7 @@ int cmd_check(const std::vector<std::string>& argv, std::ostream& out) {
   };
   const Args args("check", argv, flags, false);
   if (args.help()) {
-    out << usage("check", "[--backend sim] [--budget SECONDS] [--corpus DIR] [--suites a,b] [--seed S]", flags, false);
+    out << usage("check", "[--backend sim|cuda|auto] [--budget SECONDS] [--corpus DIR] [--suites a,b] [--seed S]", flags, false);
     return kExitOk;
   }
   if (!args.positionals().empty()) throw InputError(args.positionals()[0], "", "unexpected argument");
@@ -122,7 +120,7 @@ int cmd_check(const std::vector<std::string>& argv, std::ostream& out) {
     for (const Suite& s : props::suites()) out << pad(s.name, 20) << s.property << "\n";
     return kExitOk;
   }
-  check_backend(args);
+  const std::string backend = check_backend(args);
   const double budget = positive_seconds(args, "--budget", 120);
   const std::string corpus = args.optional_str("--corpus").value_or(".dsv4h/corpus");
   const std::vector<const Suite*> suites = selected_suites(args);
@@ -130,13 +128,14 @@ int cmd_check(const std::vector<std::string>& argv, std::ostream& out) {
   limits.seed = args.has("--seed") ? args.u64("--seed") : 1;
   limits.isolate = !args.has("--in-process");
   limits.max_cases = 100000;
+  limits.backend = backend;
   if (args.has("--faults")) {
     for (const std::string& f : split_list(args.str("--faults"), "--faults")) {
       faults::parse(f, "--faults", "");
       limits.faults.push_back(f);
     }
   }
-  out << "dsv4h check: " << suites.size() << " suites, budget " << fixed(budget, 0) << " s, backend sim, seed "
+  out << "dsv4h check: " << suites.size() << " suites, budget " << fixed(budget, 0) << " s, backend " << backend << ", seed "
       << limits.seed;
   if (!limits.faults.empty()) {
     out << ", faults";
@@ -199,7 +198,7 @@ int cmd_check(const std::vector<std::string>& argv, std::ostream& out) {
 
 int cmd_mutants(const std::vector<std::string>& argv, std::ostream& out) {
   const std::vector<FlagSpec> flags = {
-      {"--backend", "sim|cuda", "where the engine runs (default sim; cuda needs issue #9's kernels)", false},
+      {"--backend", "sim|cuda|auto", "where the engine scenarios run: sim, cuda, or auto (cuda if a GPU is present; default sim)", false},
       {"--budget-per-fault", "SECONDS", "time to detect each fault (default 60)", false},
       {"--faults", "a,b,...", "only these faults (default: every registered one)", false},
       {"--suites", "a,b,...", "only these suites (default: all)", false},
@@ -209,7 +208,7 @@ int cmd_mutants(const std::vector<std::string>& argv, std::ostream& out) {
   };
   const Args args("mutants", argv, flags, false);
   if (args.help()) {
-    out << usage("mutants", "[--backend sim] [--budget-per-fault SECONDS] [--faults a,b] [--corpus DIR]", flags, false);
+    out << usage("mutants", "[--backend sim|cuda|auto] [--budget-per-fault SECONDS] [--faults a,b] [--corpus DIR]", flags, false);
     return kExitOk;
   }
   if (!args.positionals().empty()) throw InputError(args.positionals()[0], "", "unexpected argument");
@@ -219,7 +218,7 @@ int cmd_mutants(const std::vector<std::string>& argv, std::ostream& out) {
     }
     return kExitOk;
   }
-  check_backend(args);
+  const std::string backend = check_backend(args);
   const double budget = positive_seconds(args, "--budget-per-fault", 60);
   const std::string corpus = args.optional_str("--corpus").value_or(".dsv4h/mutants");
   const std::vector<const Suite*> suites = selected_suites(args);
@@ -233,7 +232,7 @@ int cmd_mutants(const std::vector<std::string>& argv, std::ostream& out) {
   }
   const uint64_t seed = args.has("--seed") ? args.u64("--seed") : 1;
   out << "dsv4h mutants: " << fault_names.size() << " faults, " << suites.size() << " suites, " << fixed(budget, 0)
-      << " s per fault, backend sim, seed " << seed << "\n"
+      << " s per fault, backend " << backend << ", seed " << seed << "\n"
       << std::flush;
 
   std::vector<props::FaultHunt> hunts;
@@ -241,7 +240,7 @@ int cmd_mutants(const std::vector<std::string>& argv, std::ostream& out) {
   ProgressLine line;
   for (const std::string& fault : fault_names) {
     props::FaultHunt hunt =
-        props::hunt_fault(fault, suites, budget, seed, [&](const SuiteResult& p) { line.show(fault + " / ", p); });
+        props::hunt_fault(fault, suites, budget, seed, [&](const SuiteResult& p) { line.show(fault + " / ", p); }, backend);
     line.clear();
     std::string path;
     if (hunt.detected) {

@@ -11,6 +11,7 @@
 #include "engine/model/workload.h"
 #include "engine/oracle/oracle.h"
 #include "engine/runtime/hazard_detector.h"
+#include "engine/runtime/backend.h"
 #include "engine/runtime/sim_runtime.h"
 #include "reference/weights.h"
 #include "tools/dsv4h/cli.h"
@@ -38,7 +39,7 @@ bool parse_on_off(const std::string& flag, const std::string& value) {
 int cmd_generate(const std::vector<std::string>& argv, std::ostream& out) {
   const std::vector<FlagSpec> flags = {
       {"--config", "NAME|PATH", "config preset or config.json", true},
-      {"--backend", "sim", "where the engine runs (the cuda backend needs the CUDA kernels of issue #9)", false},
+      {"--backend", "sim|cuda|auto", "where the engine runs (default sim; auto: cuda if a GPU is present)", false},
       {"--seed", "S", "weight seed for synthetic weights (default 1)", false},
       {"--weights", "F.safetensors", "read the weights from a checkpoint instead of generating them", false},
       {"--prompt-seed", "S", "seed of the synthetic prompts (default 1)", false},
@@ -63,17 +64,13 @@ int cmd_generate(const std::vector<std::string>& argv, std::ostream& out) {
   const Args args("generate", argv, flags, /*runtime=*/true);
   if (args.help()) {
     out << usage("generate",
-                 "--config tiny|micro [--backend sim] [--graph] [--multi-stream on|off] [--schedule S] "
+                 "--config tiny|micro [--backend sim|cuda|auto] [--graph] [--multi-stream on|off] [--schedule S] "
                  "[--compare-reference]",
                  flags, true);
     return kExitOk;
   }
   if (!args.positionals().empty()) throw InputError(args.positionals()[0], "", "unexpected argument");
-  const std::string backend = args.optional_str("--backend").value_or("sim");
-  if (backend != "sim") {
-    throw InputError("--backend", "", "'" + backend + "': generate runs on sim; the cuda backend needs the CUDA "
-                                          "implementation of every engine op (issue #9)");
-  }
+  const rt::BackendKind backend = rt::parse_backend(args.optional_str("--backend").value_or("sim"), "--backend");
   const ModelConfig config = load_model_config(args.str("--config"));
   const uint64_t seed = args.has("--seed") ? args.u64("--seed") : 1;
   const uint64_t prompt_seed = args.has("--prompt-seed") ? args.u64("--prompt-seed") : 1;
@@ -140,7 +137,8 @@ int cmd_generate(const std::vector<std::string>& argv, std::ostream& out) {
     ro.allocator_mode = AllocatorMode::testing;
     ro.caching_allocator = false;
   }
-  rt::SimRuntime runtime(ro, sim);
+  const std::unique_ptr<rt::Runtime> runtime_owner = rt::make_runtime(backend, ro, sim);
+  rt::Runtime& runtime = *runtime_owner;
   rt::HazardDetector hazards;
   runtime.add_observer(&hazards);
 
@@ -197,7 +195,9 @@ int cmd_generate(const std::vector<std::string>& argv, std::ostream& out) {
 
   out << "steps " << engine.steps() << " (" << extend_steps << " extend, " << decode_steps << " decode), graphs captured "
       << engine.graphs_captured() << ", graph replays " << engine.graph_replays() << ", metadata upgrades "
-      << engine.metadata_upgrades() << ", sim ops " << runtime.ops_executed() << "\n";
+      << engine.metadata_upgrades();
+  if (const auto* simulated = dynamic_cast<const rt::SimRuntime*>(&runtime)) out << ", sim ops " << simulated->ops_executed();
+  out << ", backend " << rt::backend_name(backend) << "\n";
   if (eo.draft_tokens > 0) {
     char rate[96];
     std::snprintf(rate, sizeof rate, "speculative decoding: %lld of %lld drafts accepted (%.1f%%)\n",
