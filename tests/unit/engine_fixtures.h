@@ -1,5 +1,5 @@
-// Shared by the engine's tests: one engine run over a workload on a fresh sim runtime, with the
-// hazard detector attached, returning every StepRecord.
+// Shared by the engine's tests: one engine run over a workload on a fresh runtime (sim unless the
+// test asks for cuda), with the hazard detector attached, returning every StepRecord.
 #pragma once
 
 #include <algorithm>
@@ -12,7 +12,7 @@
 #include "engine/model/workload.h"
 #include "engine/runtime/hazard_detector.h"
 #include "engine/oracle/oracle.h"
-#include "engine/runtime/sim_runtime.h"
+#include "engine/runtime/backend.h"
 #include "reference/weights.h"
 
 namespace dsv4::engine::testing {
@@ -28,6 +28,7 @@ inline constexpr Mode kModes[] = {{false, true, "eager_ms_on"}, {true, true, "gr
                                   {false, false, "eager_ms_off"}, {true, false, "graph_ms_off"}};
 
 struct RunConfig {
+  rt::BackendKind backend = rt::BackendKind::sim;
   std::string schedule = "in-order";
   bool graphs = false;
   bool multi_stream = true;
@@ -74,7 +75,8 @@ inline RunResult run_engine(const ModelConfig& config, uint64_t weight_seed, con
   }
   rt::SimOptions sim;
   sim.schedule = rt::Schedule::parse(rc.schedule);
-  rt::SimRuntime runtime(ro, sim);
+  const std::unique_ptr<rt::Runtime> runtime_owner = rt::make_runtime(rc.backend, ro, sim);
+  rt::Runtime& runtime = *runtime_owner;
   rt::HazardDetector detector;
   runtime.add_observer(&detector);
   EngineOptions eo;
