@@ -21,6 +21,11 @@
 //         out[t, n] = bf16((f32(acc) * act_scales[t]) * w_scales[n])   (two f32 multiplies, in
 //         that order, no FMA; f32(acc) rounds to nearest even once |acc| > 2^24).
 //
+// Devices: act_quant_int8, gemm_int8_per_channel (and linear_projection's int8 path) take tensors
+// that all live on one device (else a ContractError naming the first that differs): host tensors run
+// kernels/host/int8_gemm.cpp, GPU tensors kernels/cuda/int8_gemm.cu on current_stream(), bit for bit
+// the same results. quantize_weight_int8 is an offline step on host tensors only.
+//
 // Contract violations (dtype, rank, shape, contiguity, K too large, non-finite weights) are
 // ContractErrors naming the argument.
 #pragma once
@@ -51,5 +56,17 @@ Int8Weight quantize_weight_int8(const Tensor& w_dequantized);
 // out [T, N] = q_act [T, K] · w [N, K]^T with a scale per token and per output channel (see above).
 void gemm_int8_per_channel(const Tensor& q_act, const Tensor& act_scales, const Tensor& w, const Tensor& w_scales,
                            Tensor& out);
+
+#if defined(DSV4_WITH_CUDA)
+// The GPU implementations (kernels/cuda/int8_gemm.cu), enqueued on `stream` (a cudaStream_t /
+// hipStream_t). They assume the entry point's contract checks have passed and never synchronize.
+namespace cuda {
+void act_quant_int8(const Tensor& x, Tensor& q, Tensor& scales, void* stream);
+void gemm_int8_per_channel(const Tensor& q_act, const Tensor& act_scales, const Tensor& w, const Tensor& w_scales,
+                           Tensor& out, void* stream);
+// linear_projection's int8 path: act_quant_int8 into scratch, then gemm_int8_per_channel.
+void linear_int8(const Tensor& x, const Tensor& w, const Tensor& w_scale, Tensor& out, void* stream);
+}  // namespace cuda
+#endif
 
 }  // namespace dsv4::kernels

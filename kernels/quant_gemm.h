@@ -20,6 +20,13 @@
 //              acc += p * (s_a[t, kb] * s_w[n / 128, kb]) in fp32; out = bf16(acc).
 //   FP4 GEMM : the same per K-block of 32 with s_a[t, k / 128] * s_w[n, k / 32].
 //
+// Devices: all tensors of one call live on one device (else a ContractError naming the first that
+// differs). Host tensors run the loops of kernels/host/quant_gemm.cpp; GPU tensors run
+// kernels/cuda/quant_gemm.cu (and dense_gemm.cu for bf16 weights) on current_stream(), bit for bit
+// the same results (each output element summed by one thread in the order above; linear_fp8 and
+// linear_projection quantize the activations into stream-ordered scratch, no host round trip).
+// Nothing here reads tensor contents to check them, so the same rules hold on both devices.
+//
 // Contract violations (dtype, rank, shape, contiguity, K not a multiple of the block, wrongly shaped
 // scales) are ContractErrors naming the argument.
 #pragma once
@@ -138,5 +145,22 @@ void linear_projection(const Tensor& x, const Tensor& w, const WeightScale& w_sc
 template <class S>
   requires std::is_arithmetic_v<std::remove_cvref_t<S>>
 void linear_projection(const Tensor& x, const Tensor& w, S&& w_scale, Tensor& out) = delete;
+
+#if defined(DSV4_WITH_CUDA)
+// The GPU implementations behind the entry points above (kernels/cuda/quant_gemm.cu and
+// dense_gemm.cu), enqueued on `stream` (a cudaStream_t / hipStream_t). They assume the entry
+// point's contract checks have passed and never synchronize.
+namespace cuda {
+void act_quant_fp8(const Tensor& x, int64_t block, Tensor& q, Tensor& scales, void* stream);
+void gemm_fp8_block_scaled(const Tensor& q_act, const Tensor& act_scales, const Tensor& w, const Tensor& w_scales,
+                           Tensor& out, int64_t block, void* stream);
+void gemm_fp4_weights(const Tensor& q_act, const Tensor& act_scales, const Tensor& w, const Tensor& w_scales,
+                      Tensor& out, int64_t act_block, int64_t w_block, void* stream);
+// act_quant_fp8 per 1 x block into scratch, then gemm_fp8_block_scaled.
+void linear_fp8(const Tensor& x, const Tensor& w, const Tensor& w_scale, Tensor& out, int64_t block, void* stream);
+// out = bf16(x · w^T) for bf16 weights, one fp32 accumulator per output in ascending k (dense_gemm.cu).
+void linear_bf16(const Tensor& x, const Tensor& w, Tensor& out, void* stream);
+}  // namespace cuda
+#endif
 
 }  // namespace dsv4::kernels

@@ -152,6 +152,8 @@ struct ModelRunner::Layer {
   kernels::CompressStateLayout comp_state_layout;
   DeviceTensor idx_keys;            // [c4 entries / 64, 64, index_head_dim] f32 (ratio 4)
   DeviceTensor idx_state;           // the indexer compressor's state rows
+  std::vector<kernels::ExpertWeights> experts;  // the routed experts' weights and scales
+  DeviceTensor expert_table;        // [E, 6] i64: their device pointers (moe_experts on a GPU)
   kernels::CompressStateLayout idx_state_layout;
 };
 
@@ -433,6 +435,14 @@ std::unique_ptr<ModelRunner::Layer> ModelRunner::make_layer(int64_t id, const st
   layer->hash = id < config_.n_hash_layers;
   layer->freqs = layer->ratio > 0 ? freqs_compressed_ : freqs_dense_;
   layer->kv_layout = kernels::model1_layout("engine", config_.head_dim, config_.rope_head_dim, config_.kv_block_size);
+  for (int64_t e = 0; e < config_.n_routed_experts; ++e) {
+    const std::string ep = prefix + ".ffn.experts." + std::to_string(e) + ".";
+    auto get = [&](const std::string& n) { return weights_.get(ep + n); };
+    layer->experts.push_back({get("w1.weight"), get("w1.scale"), get("w2.weight"), get("w2.scale"), get("w3.weight"),
+                              get("w3.scale")});
+  }
+  layer->expert_table = alloc(prefix + ".ffn.expert_table", DType::i64, {config_.n_routed_experts, 6});
+  upload_vec(rt_, layer->expert_table, kernels::expert_pointer_table(layer->experts));
   const int64_t swa_pages = swa_.page_count();
   layer->swa_cache = alloc(prefix + ".swa_kv", DType::u8, {swa_pages, layer->kv_layout.page_bytes(options_.swa_page_size)});
   if (layer->ratio > 0) {
@@ -1150,67 +1160,25 @@ void ModelRunner::issue_moe(Layer& L, int64_t T) {
   // Routed experts: the rows of each expert gathered, FP4 (or FP8) GEMMs, SwiGLU with the routing
   // weight, and scattered back to routed[t, j].
   DeviceTensor routed = rows(routed_, T);
-  std::vector<DeviceTensor> reads = {xn, experts, ew};
-  struct ExpertW {
-    Tensor w1, s1, w2, s2, w3, s3;
-  };
-  std::vector<ExpertW> ws(static_cast<size_t>(E));
+  std::vector<DeviceTensor> reads = {xn, experts, ew, L.expert_table};
   for (int64_t e = 0; e < E; ++e) {
     const std::string ep = p + ".experts." + std::to_string(e) + ".";
-    auto get = [&](const std::string& n) {
+    for (const char* n : {"w1.weight", "w1.scale", "w2.weight", "w2.scale", "w3.weight", "w3.scale"}) {
       reads.push_back(DeviceTensor{weights_.buffer(ep + n), weights_.get(ep + n)});
-      return reads.back().t;
-    };
-    ws[static_cast<size_t>(e)] = {get("w1.weight"), get("w1.scale"), get("w2.weight"),
-                                  get("w2.scale"),  get("w3.weight"), get("w3.scale")};
-  }
-  const bool fp4 = !engine_options_.w8a8_int8 && config_.expert_dtype == "fp4";
-  const int64_t ab = config_.act_block_size, fb = config_.fp4_block_size, wb = config_.weight_block_size;
-  const float rlimit = static_cast<float>(config_.swiglu_limit);
-  op(main_, p + ".experts", reads, {routed}, [xn, experts, ew, routed, ws, E, k, d, fp4, ab, fb, wb, rlimit]() mutable {
-    const int64_t n = xn.t.size(0);
-    const auto* ex = experts.t.data<int32_t>();
-    const auto* wt = ew.t.data<float>();
-    // FP4 experts: FP8 activations per 1 x act_block against e2m1 weights; FP8 and int8 experts
-    // through the projection entry point like every other linear.
-    auto gemm = [&](const Tensor& a, const Tensor& w, const Tensor& s, Tensor& out) {
-      if (!fp4) {
-        project(a, w, s, out, wb);
-        return;
-      }
-      const int64_t R = a.size(0), K = a.size(1);
-      Tensor q = Tensor::empty({R, K}, DType::f8_e4m3fn, "act_q");
-      Tensor qs = Tensor::empty({R, K / ab}, DType::ue8m0, "act_scales");
-      kernels::act_quant_fp8(a, ab, q, qs);
-      kernels::gemm_fp4_weights(q, qs, w, s, out, ab, fb);
-    };
-    for (int64_t e = 0; e < E; ++e) {
-      std::vector<int64_t> sel;  // flat (t * k + j)
-      for (int64_t i = 0; i < n * k; ++i) {
-        if (ex[i] == e) sel.push_back(i);
-      }
-      if (sel.empty()) continue;
-      const auto R = static_cast<int64_t>(sel.size());
-      const ExpertW& W = ws[static_cast<size_t>(e)];
-      const int64_t I = W.w1.size(0);
-      Tensor xe = Tensor::empty({R, d}, DType::bf16, "expert_x");
-      Tensor rw = Tensor::empty({R}, DType::f32, "expert_row_weight");
-      for (int64_t r = 0; r < R; ++r) {
-        const int64_t t = sel[static_cast<size_t>(r)] / k;
-        std::memcpy(xe.data<uint16_t>() + r * d, xn.t.data<uint16_t>() + t * xn.t.stride(0), static_cast<size_t>(d) * 2);
-        rw.data<float>()[r] = wt[sel[static_cast<size_t>(r)]];
-      }
-      Tensor eg = Tensor::empty({R, I}, DType::bf16, "expert_g"), eu = Tensor::empty({R, I}, DType::bf16, "expert_u");
-      Tensor eh = Tensor::empty({R, I}, DType::bf16, "expert_h"), y = Tensor::empty({R, d}, DType::bf16, "expert_y");
-      gemm(xe, W.w1, W.s1, eg);
-      gemm(xe, W.w3, W.s3, eu);
-      kernels::swiglu_clamp(eg, eu, rlimit, rw, eh);
-      gemm(eh, W.w2, W.s2, y);
-      for (int64_t r = 0; r < R; ++r) {
-        std::memcpy(routed.t.data<uint16_t>() + sel[static_cast<size_t>(r)] * d, y.data<uint16_t>() + r * d,
-                    static_cast<size_t>(d) * 2);
-      }
     }
+  }
+  kernels::MoeExpertsConfig mc;
+  mc.format = engine_options_.w8a8_int8          ? kernels::ExpertFormat::int8
+              : config_.expert_dtype == "fp4" ? kernels::ExpertFormat::fp4
+                                              : kernels::ExpertFormat::fp8;
+  mc.act_block = config_.act_block_size;
+  mc.fp4_block = config_.fp4_block_size;
+  mc.weight_block = config_.weight_block_size;
+  mc.swiglu_limit = static_cast<float>(config_.swiglu_limit);
+  const std::vector<kernels::ExpertWeights>* ws = &L.experts;
+  const DeviceTensor table = L.expert_table;
+  op(main_, p + ".experts", reads, {routed}, [xn, experts, ew, ws, table, mc, routed]() mutable {
+    kernels::moe_experts(xn.t, experts.t, ew.t, *ws, table.t, mc, routed.t);
   });
   if (ms) wait_on(main_, s_shared, L.prefix + ".shared_done");
   DeviceTensor out = rows(ffn_out_, T);

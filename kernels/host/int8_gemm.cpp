@@ -9,6 +9,7 @@
 #include "engine/core/contract.h"
 #include "engine/core/error.h"
 #include "engine/core/formats.h"
+#include "kernels/device.h"
 #include "kernels/host/host_common.h"
 
 namespace dsv4::kernels {
@@ -51,9 +52,14 @@ void act_quant_int8(const Tensor& x, Tensor& q, Tensor& scales) {
       .arg("q").dtype(DType::i8).rank(2).inner_contiguous().dim(0, T).dim(1, K)
       .arg("scales").dtype(DType::f32).rank(1).contiguous().dim(0, T)
       .check({{"q", &q}, {"scales", &scales}});
-  require_host(op, "x", x);
-  require_host(op, "q", q);
-  require_host(op, "scales", scales);
+  if (runs_on_gpu(op, {{"x", &x}, {"q", &q}, {"scales", &scales}})) {
+#if defined(DSV4_WITH_CUDA)
+    cuda::act_quant_int8(x, q, scales, current_stream());
+    return;
+#else
+    no_gpu_build(op);
+#endif
+  }
   if (T == 0) return;
 
   std::vector<float> row(static_cast<size_t>(K));
@@ -111,11 +117,14 @@ void gemm_int8_per_channel(const Tensor& q_act, const Tensor& act_scales, const 
       .arg("w_scales").dtype(DType::f32).rank(1).contiguous().same_size(0, "w", 0)
       .arg("out").dtype(DType::bf16).rank(2).inner_contiguous().dim(0, T).same_size(1, "w", 0)
       .check({{"act_scales", &act_scales}, {"w", &w}, {"w_scales", &w_scales}, {"out", &out}});
-  require_host(op, "q_act", q_act);
-  require_host(op, "act_scales", act_scales);
-  require_host(op, "w", w);
-  require_host(op, "w_scales", w_scales);
-  require_host(op, "out", out);
+  if (runs_on_gpu(op, {{"q_act", &q_act}, {"act_scales", &act_scales}, {"w", &w}, {"w_scales", &w_scales}, {"out", &out}})) {
+#if defined(DSV4_WITH_CUDA)
+    cuda::gemm_int8_per_channel(q_act, act_scales, w, w_scales, out, current_stream());
+    return;
+#else
+    no_gpu_build(op);
+#endif
+  }
   const int64_t N = w.size(0);
   if (T == 0 || N == 0) return;
 

@@ -10,6 +10,7 @@
 #include "engine/core/contract.h"
 #include "engine/core/error.h"
 #include "engine/core/formats.h"
+#include "kernels/device.h"
 #include "kernels/host/host_common.h"
 #include "kernels/int8_gemm.h"
 
@@ -53,9 +54,6 @@ void check_act_and_out(const char* op, const Tensor& q_act, const Tensor& act_sc
       .arg("act_scales").dtype(DType::ue8m0).rank(2).contiguous().dim(0, T).dim(1, K / act_block)
       .arg("out").dtype(DType::bf16).rank(2).inner_contiguous().dim(0, T).dim(1, N)
       .check({{"q_act", &q_act}, {"act_scales", &act_scales}, {"out", &out}});
-  require_host(op, "q_act", q_act);
-  require_host(op, "act_scales", act_scales);
-  require_host(op, "out", out);
 }
 
 // The FP8 weight-scale shape rule, shared by the GEMM and linear_fp8 (which names it "w_scale").
@@ -64,12 +62,10 @@ void check_fp8_w_scales(const char* op, const char* name, const Tensor& w_scales
   Contract(op)
       .arg(name).dtype(DType::ue8m0).rank(2).contiguous().dim(0, ceil_div(N, block)).dim(1, K / block)
       .check({{name, &w_scales}});
-  require_host(op, name, w_scales);
 }
 
 void check_fp8_weight(const char* op, const Tensor& w, int64_t K) {
   Contract(op).arg("w").dtype(DType::f8_e4m3fn).rank(2).contiguous().dim(1, K).check({{"w", &w}});
-  require_host(op, "w", w);
 }
 
 }  // namespace
@@ -86,9 +82,14 @@ void act_quant_fp8(const Tensor& x, int64_t block, Tensor& q, Tensor& scales) {
       .arg("q").dtype(DType::f8_e4m3fn).rank(2).inner_contiguous().dim(0, T).dim(1, K)
       .arg("scales").dtype(DType::ue8m0).rank(2).contiguous().dim(0, T).dim(1, K / block)
       .check({{"q", &q}, {"scales", &scales}});
-  require_host(op, "x", x);
-  require_host(op, "q", q);
-  require_host(op, "scales", scales);
+  if (runs_on_gpu(op, {{"x", &x}, {"q", &q}, {"scales", &scales}})) {
+#if defined(DSV4_WITH_CUDA)
+    cuda::act_quant_fp8(x, block, q, scales, current_stream());
+    return;
+#else
+    no_gpu_build(op);
+#endif
+  }
   if (x.numel() == 0) return;
 
   const auto* xb = static_cast<const uint8_t*>(x.data_ptr());
@@ -124,6 +125,14 @@ void gemm_fp8_block_scaled(const Tensor& q_act, const Tensor& act_scales, const 
   const int64_t K = q_act.size(1);
   check_fp8_weight(op, w, K);
   check_fp8_w_scales(op, "w_scales", w_scales, N, K, block);
+  if (runs_on_gpu(op, {{"q_act", &q_act}, {"act_scales", &act_scales}, {"w", &w}, {"w_scales", &w_scales}, {"out", &out}})) {
+#if defined(DSV4_WITH_CUDA)
+    cuda::gemm_fp8_block_scaled(q_act, act_scales, w, w_scales, out, block, current_stream());
+    return;
+#else
+    no_gpu_build(op);
+#endif
+  }
   if (T == 0 || N == 0) return;
 
   const auto& lut = e4m3_table();
@@ -171,8 +180,14 @@ void gemm_fp4_weights(const Tensor& q_act, const Tensor& act_scales, const Tenso
       .arg("w").dtype_in({DType::i8, DType::u8}).rank(2).contiguous().dim(1, K / 2)
       .arg("w_scales").dtype(DType::ue8m0).rank(2).contiguous().dim(0, N).dim(1, K / w_block)
       .check({{"w", &w}, {"w_scales", &w_scales}});
-  require_host(op, "w", w);
-  require_host(op, "w_scales", w_scales);
+  if (runs_on_gpu(op, {{"q_act", &q_act}, {"act_scales", &act_scales}, {"w", &w}, {"w_scales", &w_scales}, {"out", &out}})) {
+#if defined(DSV4_WITH_CUDA)
+    cuda::gemm_fp4_weights(q_act, act_scales, w, w_scales, out, act_block, w_block, current_stream());
+    return;
+#else
+    no_gpu_build(op);
+#endif
+  }
   if (T == 0 || N == 0) return;
 
   const auto& lut = e4m3_table();
@@ -226,6 +241,7 @@ void project_fp8(const char* op, const Tensor& x, const Tensor& w, const Tensor&
     throw ContractError(op, "w_scale", "a block-scale tensor needs f8_e4m3fn weights, w is " + std::string(dtype_name(w.dtype())));
   }
   if (!w.defined() || w.dim() != 2) throw ContractError(op, "w", "must be a defined rank-2 tensor");
+  require_positive_block(op, "w_scale", block);  // BlockScales{t, b} carries the block
   const int64_t K = x.size(1);
   if (K % block != 0) {
     throw ContractError(op, "x", "K = " + std::to_string(K) + " is not a multiple of " + std::to_string(block));
@@ -233,8 +249,19 @@ void project_fp8(const char* op, const Tensor& x, const Tensor& w, const Tensor&
   check_fp8_weight(op, w, K);
   // The A5 rule at run time: the scale must be the weight's per-block tensor, nothing smaller.
   check_fp8_w_scales(op, "w_scale", w_scale, w.size(0), K, block);
-
   const int64_t T = x.size(0);
+  // The output's rule here too (the host path's GEMM would check it again), so both devices refuse
+  // a wrong output before anything runs.
+  Contract(op).arg("out").dtype(DType::bf16).rank(2).inner_contiguous().dim(0, T).dim(1, w.size(0)).check({{"out", &out}});
+  if (runs_on_gpu(op, {{"x", &x}, {"w", &w}, {"w_scale", &w_scale}, {"out", &out}})) {
+#if defined(DSV4_WITH_CUDA)
+    cuda::linear_fp8(x, w, w_scale, out, block, current_stream());
+    return;
+#else
+    no_gpu_build(op);
+#endif
+  }
+
   Tensor q = Tensor::empty({T, K}, DType::f8_e4m3fn, std::string(op) + ".q");
   Tensor s = Tensor::empty({T, K / block}, DType::ue8m0, std::string(op) + ".s");
   act_quant_fp8(x, block, q, s);
@@ -249,9 +276,14 @@ void project_bf16(const char* op, const Tensor& x, const Tensor& w, Tensor& out)
       .arg("w").dtype(DType::bf16).rank(2).contiguous().dim(1, K)
       .arg("out").dtype(DType::bf16).rank(2).inner_contiguous().dim(0, T).same_size(1, "w", 0)
       .check({{"w", &w}, {"out", &out}});
-  require_host(op, "x", x);
-  require_host(op, "w", w);
-  require_host(op, "out", out);
+  if (runs_on_gpu(op, {{"x", &x}, {"w", &w}, {"out", &out}})) {
+#if defined(DSV4_WITH_CUDA)
+    cuda::linear_bf16(x, w, out, current_stream());
+    return;
+#else
+    no_gpu_build(op);
+#endif
+  }
   const int64_t N = w.size(0);
   const auto* xb = static_cast<const uint8_t*>(x.data_ptr());
   const auto* wb = w.data<uint16_t>();
@@ -272,8 +304,22 @@ void project_int8(const char* op, const Tensor& x, const Tensor& w, const Tensor
       .arg("w").dtype(DType::i8).rank(2).contiguous().dim(1, x.size(1))
       .arg("w_scale").dtype(DType::f32).rank(1).contiguous().same_size(0, "w", 0)
       .check({{"w", &w}, {"w_scale", &w_scale}});
-  require_host(op, "w_scale", w_scale);
   const int64_t T = x.size(0);
+  // The GEMM's rules on K and the output here too (the host path's GEMM would check them again), so
+  // both devices refuse them before anything runs.
+  if (x.size(1) > kInt8MaxK) {
+    throw ContractError(op, "x", "K = " + std::to_string(x.size(1)) + " exceeds " + std::to_string(kInt8MaxK) +
+                                     ", the largest K whose int32 accumulation is exact");
+  }
+  Contract(op).arg("out").dtype(DType::bf16).rank(2).inner_contiguous().dim(0, T).dim(1, w.size(0)).check({{"out", &out}});
+  if (runs_on_gpu(op, {{"x", &x}, {"w", &w}, {"w_scale", &w_scale}, {"out", &out}})) {
+#if defined(DSV4_WITH_CUDA)
+    cuda::linear_int8(x, w, w_scale, out, current_stream());
+    return;
+#else
+    no_gpu_build(op);
+#endif
+  }
   Tensor q = Tensor::empty({T, x.size(1)}, DType::i8, std::string(op) + ".q");
   Tensor s = Tensor::empty({T}, DType::f32, std::string(op) + ".s");
   act_quant_int8(x, q, s);
