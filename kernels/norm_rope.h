@@ -20,12 +20,20 @@
 // Contracts (ContractError naming the argument and the rule):
 //   fused_norm_rope_inplace: kv bf16 rank 2 CONTIGUOUS (PyTorch's rule: T = 1 passes whatever its
 //     row stride), weight f32 [D], freqs f32 [rope_dim / 2] with 0 < rope_dim <= D, positions i32 [T]
-//     with values >= 0; host tensors. The kernel indexes rows as t * D, as the GPU one does (bug
+//     with values >= 0; all on one device. The kernel indexes rows as t * D on either device (bug
 //     class A1: a strided slice qkv_a[..., q_lora:] must be rejected, never misread).
 //   fused_norm_rope_store_kv: as above but kv only needs a unit last-dim stride (any row stride);
 //     swa_locs i64 [T] with values in [-1, pages * page_size) (-1: write nothing); cache u8
 //     [pages, page_bytes(page_size)] contiguous; page_size >= 1; scale_block >= 1 with
 //     (D - rope_dim) % scale_block == 0 (else a ContractError naming `scale_block`).
+//   The value rules (positions >= 0, the swa_locs range) read tensor data, so they are checked for
+//   host tensors only; on a GPU a location outside [0, pages * page_size) writes nothing (as -1)
+//   and a negative position is rotated like any other. When two rows name one location the later
+//   row's entry is written, on either device.
+//
+// Devices: host tensors run the host kernels (kernels/host/norm_rope.cpp), GPU tensors the CUDA
+// kernels (kernels/cuda/norm_rope.cu) on current_stream(); they write the same bits (the GPU's f64
+// sum of squares runs in another order: kernels/cuda/norm_rope_math.h says when that can matter).
 #pragma once
 
 #include <cstdint>
@@ -87,3 +95,15 @@ void fused_norm_rope_store_kv(const Tensor& kv, const Tensor& weight, double eps
                               int64_t scale_block = kKvScaleBlock);
 
 }  // namespace dsv4::kernels
+
+#if defined(DSV4_WITH_CUDA)
+// The CUDA implementations (kernels/cuda/norm_rope.cu), enqueued on `stream` (a cudaStream_t). The
+// entry points above check the contracts and call them for GPU tensors.
+namespace dsv4::kernels::cuda {
+void fused_norm_rope_inplace(Tensor& kv, const Tensor& weight, double eps, const Tensor& freqs,
+                             const Tensor& positions, void* stream);
+void fused_norm_rope_store_kv(const Tensor& kv, const Tensor& weight, double eps, const Tensor& freqs,
+                              const Tensor& positions, const Tensor& swa_locs, Tensor& cache, int64_t page_size,
+                              int64_t scale_block, void* stream);
+}  // namespace dsv4::kernels::cuda
+#endif

@@ -8,6 +8,7 @@
 #include "engine/core/contract.h"
 #include "engine/core/error.h"
 #include "engine/core/formats.h"
+#include "kernels/device.h"
 #include "kernels/host/host_common.h"
 
 namespace dsv4::kernels {
@@ -20,18 +21,26 @@ namespace {
 void inverse_rope_inplace(Tensor& o, int64_t heads, int64_t head_dim, const Tensor& freqs, const Tensor& positions) {
   if (heads < 1) throw ContractError(kInverseRopeOp, "heads", "must be >= 1, got " + std::to_string(heads));
   if (head_dim < 1) throw ContractError(kInverseRopeOp, "head_dim", "must be >= 1, got " + std::to_string(head_dim));
+  // One device; the positions range reads host tensors only.
+  const bool gpu = runs_on_gpu(kInverseRopeOp, {{"o", &o}, {"freqs", &freqs}, {"positions", &positions}});
   Contract(kInverseRopeOp)
       .arg("o").dtype(DType::bf16).rank(2).contiguous().dim(1, heads * head_dim)
       .arg("freqs").dtype(DType::f32).rank(1).contiguous()
       .arg("positions").dtype(DType::i32).rank(1).contiguous().same_size(0, "o", 0).values_in(0, kInt32Max)
-      .check({{"o", &o}, {"freqs", &freqs}, {"positions", &positions}});
-  require_host(kInverseRopeOp, "o", o);
-  require_host(kInverseRopeOp, "freqs", freqs);
-  require_host(kInverseRopeOp, "positions", positions);
+      .check({{"o", &o}, {"freqs", &freqs}, {"positions", &positions}},
+             gpu ? Contract::Values::skip : Contract::Values::check);
   const int64_t pairs = freqs.size(0);
   if (pairs < 1 || 2 * pairs > head_dim) {
     throw ContractError(kInverseRopeOp, "freqs", "needs 0 < 2 * shape[0] <= head_dim " + std::to_string(head_dim) +
                                                      ", got shape " + shape_str(freqs.shape()));
+  }
+  if (gpu) {
+#if defined(DSV4_WITH_CUDA)
+    cuda::inverse_rope_inplace(o, heads, head_dim, freqs, positions, current_stream());
+    return;
+#else
+    no_gpu_build(kInverseRopeOp);
+#endif
   }
   auto* base = o.data<uint16_t>();
   const float* f = freqs.data<float>();
@@ -64,9 +73,14 @@ void grouped_wo_a(const Tensor& o, const Tensor& wo_a, int64_t groups, Tensor& o
       .arg("wo_a").dtype(DType::bf16).rank(2).contiguous().dim(1, width).dim_multiple_of(0, groups)
       .arg("out").dtype(DType::bf16).rank(2).contiguous().same_size(0, "o", 0).same_size(1, "wo_a", 0)
       .check({{"o", &o}, {"wo_a", &wo_a}, {"out", &out}});
-  require_host(kGroupedWoAOp, "o", o);
-  require_host(kGroupedWoAOp, "wo_a", wo_a);
-  require_host(kGroupedWoAOp, "out", out);
+  if (runs_on_gpu(kGroupedWoAOp, {{"o", &o}, {"wo_a", &wo_a}, {"out", &out}})) {
+#if defined(DSV4_WITH_CUDA)
+    cuda::grouped_wo_a(o, wo_a, groups, out, current_stream());
+    return;
+#else
+    no_gpu_build(kGroupedWoAOp);
+#endif
+  }
   const int64_t rank = wo_a.size(0) / groups;
   const auto* x = o.data<const uint16_t>();
   const auto* w = wo_a.data<const uint16_t>();

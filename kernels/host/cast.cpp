@@ -6,11 +6,12 @@
 
 #include "engine/core/error.h"
 #include "engine/core/formats.h"
+#include "kernels/device.h"
 
 namespace dsv4::kernels {
 
 void check_cast_contract(const Tensor& src, const Tensor& dst) {
-  const char* op = "cast";
+  const char* op = kCastOp;
   if (!src.defined()) throw ContractError(op, "src", "is undefined");
   if (!dst.defined()) throw ContractError(op, "dst", "is undefined");
   if (src.shape() != dst.shape()) {
@@ -50,6 +51,19 @@ void cast_host(const Tensor& src, Tensor& dst) {
   const auto* in = src.data<uint8_t>();
   float* out = dst.data<float>();
   for (int64_t i = 0; i < n; ++i) out[i] = decode_narrow(src.dtype(), load_code(src.dtype(), in, i));
+}
+
+void cast(const Tensor& src, Tensor& dst) {
+  check_cast_contract(src, dst);
+  if (runs_on_gpu(kCastOp, {{"src", &src}, {"dst", &dst}})) {
+#if defined(DSV4_WITH_CUDA)
+    cast_cuda(src, dst, current_stream());
+    return;
+#else
+    no_gpu_build(kCastOp);
+#endif
+  }
+  cast_host(src, dst);
 }
 
 }  // namespace dsv4::kernels

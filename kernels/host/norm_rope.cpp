@@ -15,6 +15,7 @@
 #include "engine/core/error.h"
 #include "engine/core/formats.h"
 #include "engine/faults/faults.h"
+#include "kernels/device.h"
 #include "kernels/host/host_common.h"
 
 namespace dsv4::kernels {
@@ -65,6 +66,16 @@ const Contract& inplace_contract() {
                                        .arg("positions").dtype(DType::i32).rank(1).contiguous().same_size(0, "kv", 0)
                                        .values_in(0, kInt32Max);
   return contract;
+}
+
+// Fault norm-rope-contiguity-unchecked: the contract sees a dense stand-in, the kernel the view. On
+// the host the stand-in is a contiguous copy; on a GPU a dense view over the same storage where it
+// fits (no copy, so the launch stays capturable), else a copy too.
+Tensor contract_stand_in(const Tensor& kv) {
+  if (kv.defined() && on_gpu(kv) && kv.offset() + kv.numel() <= kv.storage_elements()) {
+    return Tensor::over(kv.storage(), kv.dtype(), kv.shape(), kv.offset());
+  }
+  return kv.contiguous();
 }
 
 // The stride-aware variant: rows may be padded or sliced out of a wider buffer.
@@ -154,19 +165,27 @@ void model1_unpack(const Model1Layout& l, int64_t page_size, const uint8_t* cach
 }
 
 void check_norm_rope_contract(const Tensor& kv, const Tensor& weight, const Tensor& freqs, const Tensor& positions) {
-  inplace_contract().check({{"kv", &kv}, {"weight", &weight}, {"freqs", &freqs}, {"positions", &positions}});
-  require_host(kNormRopeOp, "kv", kv);
-  require_host(kNormRopeOp, "weight", weight);
-  require_host(kNormRopeOp, "freqs", freqs);
-  require_host(kNormRopeOp, "positions", positions);
+  // One device; the value rule (positions >= 0) reads host tensors only.
+  const bool gpu =
+      runs_on_gpu(kNormRopeOp, {{"kv", &kv}, {"weight", &weight}, {"freqs", &freqs}, {"positions", &positions}});
+  inplace_contract().check({{"kv", &kv}, {"weight", &weight}, {"freqs", &freqs}, {"positions", &positions}},
+                           gpu ? Contract::Values::skip : Contract::Values::check);
   rope_dim_of(kNormRopeOp, kv, freqs);
 }
 
 void fused_norm_rope_inplace(Tensor& kv, const Tensor& weight, double eps, const Tensor& freqs,
                              const Tensor& positions) {
-  // Fault norm-rope-contiguity-unchecked: the contract sees a dense stand-in, the loop below the view.
+  // Fault norm-rope-contiguity-unchecked: the contract sees a dense stand-in, the kernel the view.
   const bool unchecked = faults::enabled(faults::Fault::norm_rope_contiguity_unchecked);
-  check_norm_rope_contract(unchecked ? kv.contiguous() : kv, weight, freqs, positions);
+  check_norm_rope_contract(unchecked ? contract_stand_in(kv) : kv, weight, freqs, positions);
+  if (runs_on_gpu(kNormRopeOp, {{"kv", &kv}, {"weight", &weight}, {"freqs", &freqs}, {"positions", &positions}})) {
+#if defined(DSV4_WITH_CUDA)
+    cuda::fused_norm_rope_inplace(kv, weight, eps, freqs, positions, current_stream());
+    return;
+#else
+    no_gpu_build(kNormRopeOp);
+#endif
+  }
   const int64_t rows = kv.size(0);
   const int64_t dim = kv.size(1);
   const int64_t rope_dim = rope_dim_of(kNormRopeOp, kv, freqs);
@@ -183,17 +202,21 @@ void fused_norm_rope_inplace(Tensor& kv, const Tensor& weight, double eps, const
 void check_norm_rope_store_contract(const Tensor& kv, const Tensor& weight, const Tensor& freqs,
                                     const Tensor& positions, const Tensor& swa_locs, const Tensor& cache,
                                     int64_t page_size, int64_t scale_block) {
+  // One device; the value rules (positions >= 0, the swa_locs range) read host tensors only.
+  const bool gpu = runs_on_gpu(kNormRopeStoreOp, {{"kv", &kv},
+                                                  {"weight", &weight},
+                                                  {"freqs", &freqs},
+                                                  {"positions", &positions},
+                                                  {"swa_locs", &swa_locs},
+                                                  {"cache", &cache}});
+  const Contract::Values values = gpu ? Contract::Values::skip : Contract::Values::check;
   store_contract().check({{"kv", &kv},
                           {"weight", &weight},
                           {"freqs", &freqs},
                           {"positions", &positions},
                           {"swa_locs", &swa_locs},
-                          {"cache", &cache}});
-  for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"kv", &kv}, {"weight", &weight},
-                                {"freqs", &freqs}, {"positions", &positions}, {"swa_locs", &swa_locs},
-                                {"cache", &cache}}) {
-    require_host(kNormRopeStoreOp, name, *t);
-  }
+                          {"cache", &cache}},
+                         values);
   if (page_size < 1) throw ContractError(kNormRopeStoreOp, "page_size", "must be >= 1, got " + std::to_string(page_size));
   const int64_t rope_dim = rope_dim_of(kNormRopeStoreOp, kv, freqs);
   const Model1Layout layout = model1_layout(kNormRopeStoreOp, kv.size(1), rope_dim, scale_block);
@@ -202,13 +225,27 @@ void check_norm_rope_store_contract(const Tensor& kv, const Tensor& weight, cons
   Contract(kNormRopeStoreOp)
       .arg("swa_locs").values_in(-1, entries - 1)
       .arg("cache").dim(1, layout.page_bytes(page_size))
-      .check({{"swa_locs", &swa_locs}, {"cache", &cache}});
+      .check({{"swa_locs", &swa_locs}, {"cache", &cache}}, values);
 }
 
 void fused_norm_rope_store_kv(const Tensor& kv, const Tensor& weight, double eps, const Tensor& freqs,
                               const Tensor& positions, const Tensor& swa_locs, Tensor& cache, int64_t page_size,
                               int64_t scale_block) {
   check_norm_rope_store_contract(kv, weight, freqs, positions, swa_locs, cache, page_size, scale_block);
+  if (runs_on_gpu(kNormRopeStoreOp, {{"kv", &kv},
+                                     {"weight", &weight},
+                                     {"freqs", &freqs},
+                                     {"positions", &positions},
+                                     {"swa_locs", &swa_locs},
+                                     {"cache", &cache}})) {
+#if defined(DSV4_WITH_CUDA)
+    cuda::fused_norm_rope_store_kv(kv, weight, eps, freqs, positions, swa_locs, cache, page_size, scale_block,
+                                   current_stream());
+    return;
+#else
+    no_gpu_build(kNormRopeStoreOp);
+#endif
+  }
   const int64_t rows = kv.size(0);
   const int64_t dim = kv.size(1);
   const int64_t rope_dim = rope_dim_of(kNormRopeStoreOp, kv, freqs);

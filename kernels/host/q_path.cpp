@@ -11,6 +11,7 @@
 #include "engine/core/contract.h"
 #include "engine/core/error.h"
 #include "engine/core/formats.h"
+#include "kernels/device.h"
 #include "kernels/host/host_common.h"
 
 namespace dsv4::kernels {
@@ -42,19 +43,19 @@ void quant_dequant(float* x, int64_t n, int64_t block, IndexerQuant quant) {
 }
 
 // The shared contract of the per-head in-place kernels: dense q, a rope table that fits a head, and
-// one valid position per row. Returns rope_dim.
+// one valid position per row (checked for host tensors: the values live there). Returns rope_dim;
+// *gpu tells whether the tensors live on a GPU.
 int64_t check_heads_contract(const char* op, const Tensor& q, int64_t heads, int64_t head_dim, const Tensor& freqs,
-                             const Tensor& positions) {
+                             const Tensor& positions, bool* gpu) {
   if (heads < 1) throw ContractError(op, "heads", "must be >= 1, got " + std::to_string(heads));
   if (head_dim < 1) throw ContractError(op, "head_dim", "must be >= 1, got " + std::to_string(head_dim));
+  *gpu = runs_on_gpu(op, {{"q", &q}, {"freqs", &freqs}, {"positions", &positions}});
   Contract(op)
       .arg("q").dtype(DType::bf16).rank(2).contiguous().dim(1, heads * head_dim)
       .arg("freqs").dtype(DType::f32).rank(1).contiguous()
       .arg("positions").dtype(DType::i32).rank(1).contiguous().same_size(0, "q", 0).values_in(0, kInt32Max)
-      .check({{"q", &q}, {"freqs", &freqs}, {"positions", &positions}});
-  require_host(op, "q", q);
-  require_host(op, "freqs", freqs);
-  require_host(op, "positions", positions);
+      .check({{"q", &q}, {"freqs", &freqs}, {"positions", &positions}},
+             *gpu ? Contract::Values::skip : Contract::Values::check);
   const int64_t rope_dim = 2 * freqs.size(0);
   if (rope_dim < 1 || rope_dim > head_dim) {
     throw ContractError(op, "freqs", "needs 0 < 2 * shape[0] <= head_dim " + std::to_string(head_dim) + ", got shape " +
@@ -72,9 +73,14 @@ void rms_norm(const Tensor& x, const Tensor& weight, double eps, Tensor& out) {
                                        .arg("out").dtype(DType::bf16).rank(2).contiguous().same_size(0, "x", 0)
                                        .same_size(1, "x", 1);
   contract.check({{"x", &x}, {"weight", &weight}, {"out", &out}});
-  require_host(kRmsNormOp, "x", x);
-  require_host(kRmsNormOp, "weight", weight);
-  require_host(kRmsNormOp, "out", out);
+  if (runs_on_gpu(kRmsNormOp, {{"x", &x}, {"weight", &weight}, {"out", &out}})) {
+#if defined(DSV4_WITH_CUDA)
+    cuda::rms_norm(x, weight, eps, out, current_stream());
+    return;
+#else
+    no_gpu_build(kRmsNormOp);
+#endif
+  }
   const int64_t rows = x.size(0);
   const int64_t n = x.size(1);
   const auto* in = x.data<const uint16_t>();
@@ -91,7 +97,16 @@ void rms_norm(const Tensor& x, const Tensor& weight, double eps, Tensor& out) {
 
 void q_norm_rope_inplace(Tensor& q, int64_t heads, int64_t head_dim, double eps, const Tensor& freqs,
                          const Tensor& positions) {
-  const int64_t rope_dim = check_heads_contract(kQNormRopeOp, q, heads, head_dim, freqs, positions);
+  bool gpu = false;
+  const int64_t rope_dim = check_heads_contract(kQNormRopeOp, q, heads, head_dim, freqs, positions, &gpu);
+  if (gpu) {
+#if defined(DSV4_WITH_CUDA)
+    cuda::q_norm_rope_inplace(q, heads, head_dim, eps, freqs, positions, current_stream());
+    return;
+#else
+    no_gpu_build(kQNormRopeOp);
+#endif
+  }
   auto* base = q.data<uint16_t>();
   const int32_t* pos = positions.data<int32_t>();
   std::vector<float> v(static_cast<size_t>(head_dim));
@@ -111,13 +126,22 @@ void q_norm_rope_inplace(Tensor& q, int64_t heads, int64_t head_dim, double eps,
 
 void indexer_q(Tensor& q, int64_t heads, int64_t head_dim, const Tensor& freqs, const Tensor& positions,
                IndexerQuant quant, int64_t block) {
-  const int64_t rope_dim = check_heads_contract(kIndexerQOp, q, heads, head_dim, freqs, positions);
+  bool gpu = false;
+  const int64_t rope_dim = check_heads_contract(kIndexerQOp, q, heads, head_dim, freqs, positions, &gpu);
   if ((head_dim & (head_dim - 1)) != 0) {
     throw ContractError(kIndexerQOp, "head_dim", "must be a power of two (Hadamard), got " + std::to_string(head_dim));
   }
   if (block < 1 || head_dim % block != 0) {
     throw ContractError(kIndexerQOp, "block",
                         "must be >= 1 and divide head_dim " + std::to_string(head_dim) + ", got " + std::to_string(block));
+  }
+  if (gpu) {
+#if defined(DSV4_WITH_CUDA)
+    cuda::indexer_q(q, heads, head_dim, freqs, positions, quant, block, current_stream());
+    return;
+#else
+    no_gpu_build(kIndexerQOp);
+#endif
   }
   auto* base = q.data<uint16_t>();
   const int32_t* pos = positions.data<int32_t>();
