@@ -4,9 +4,20 @@
 // current ragged input (sglang's `buffer_len` split). Chunked prefill and decode thereby resume
 // partial blocks, and the entries equal the reference's `Compressor::forward` bit for bit.
 //
-// Per batch: build_compress_plan, then compressor_pool_host, THEN compressor_write_state_host. The
-// order matters: a long batch may recycle (ring wrap) a state row that a block of the same batch
-// still reads from the state.
+// Per batch: build_compress_plan and encode_compress_plan (uploaded to an i64 `plan` buffer), then
+// compressor_pool, THEN compressor_write_state, then compressor_store. The order matters: a long batch
+// may recycle (ring wrap) a state row that a block of the same batch still reads from the state.
+//
+// The entry points (compressor_pool / _write_state / _store) read the encoded plan when they run, so
+// a launch recorded before the plan is uploaded (a CUDA graph, a stream) sees the batch's plan. Their
+// tensors live on one device: host tensors run the host implementations (compressor_pool_host,
+// compressor_write_state_host), GPU tensors the CUDA kernels, which equal the host bit for bit (their
+// exp, sin and cos reproduce glibc's expf, sinf and cosf, the host's std::exp/cos/sin). The
+// rules on the plan's words (header, indices, destinations) are checked on the host only; on a GPU a
+// bad header makes the kernel write nothing, and a bad index reads or writes nothing out of bounds
+// (a source outside its tensor pools as an empty one, a write row or destination outside it is
+// skipped). The block count B is known on the device only: a GPU launch covers the output's capacity
+// (entries rows) and the blocks past B do nothing.
 //
 // The state buffer is bytes: [rows, row_bytes] u8, each row |kv A|kv B|score A|score B| (c4) or
 // |kv|score| of fp32, located by the byte offsets in CompressStateLayout (engine/serving's
@@ -18,6 +29,7 @@
 #include <vector>
 
 #include "engine/core/tensor.h"
+#include "kernels/norm_rope.h"
 
 namespace dsv4::kernels {
 
@@ -115,4 +127,63 @@ void compressor_pool_host(const CompressPlan& plan, const Tensor& kv, const Tens
                           const CompressStateLayout& layout, const Tensor& norm_weight, const Tensor& rope_freqs,
                           const CompressPostprocess& post, Tensor& out);
 
+// ---- the encoded plan: the entry points' input --------------------------------------------------
+// A CompressPlan and each block's cache location (dest) flattened into int64 words, so that a launch
+// reads them from a (device) buffer when it runs:
+//   [0] T, [1] B, [2] S = coff * ratio (the sources per block)
+//   [3, 3+T)                 positions[t]
+//   [3+T, 3+2T)              write_rows[t]
+//   [3+2T, 3+2T+3B)          (request, block, buffer_len) of block k at 3+2T+3k
+//   [3+2T+3B, 3+2T+3B+2BS)   (kind, index) of source i at 3+2T+3B+2i, kind as CompressSource::Kind's
+//                            value (0 none, 1 state, 2 input)
+//   [3+2T+3B+2BS, +B)        dest[k]: the cache location of block k's entry
+// compress_plan_words(T, B, S) words in all; a buffer may be longer (its capacity), the rest is ignored.
+int64_t compress_plan_words(int64_t T, int64_t B, int64_t S);
+// ContractError unless dest has one location per block.
+std::vector<int64_t> encode_compress_plan(const CompressPlan& plan, std::span<const int64_t> dest);
+// The plan (ratio and coff from `ratio`) and dest of encoded words. ContractError for a negative T or B
+// or S != coff * ratio; the words must hold compress_plan_words(T, B, S) values. The plan's own rules
+// (check_compress_plan) are the kernels' to check.
+CompressPlan decode_compress_plan(const int64_t* words, int64_t ratio, std::vector<int64_t>& dest);
+
+// Pools every block of the encoded plan into rows [0, B) of entries_out [capacity, dims] f32, as
+// compressor_pool_host does (on host tensors it is that function on entries_out.narrow(0, 0, B)).
+// plan i64 [words >= 3] contiguous; the other tensors as compressor_pool_host's, all on one device;
+// ratio fixes coff (2 for 4, else 1), which must equal layout.coff. Host-only value rules: the
+// header (S = coff * ratio, words enough), B <= capacity and check_compress_plan(plan, T = kv rows,
+// state rows). On a GPU, rows [B, capacity) are left as they were.
+void compressor_pool(const Tensor& plan, int64_t ratio, const Tensor& kv, const Tensor& score, const Tensor& state,
+                     const CompressStateLayout& layout, const Tensor& norm_weight, const Tensor& rope_freqs,
+                     const CompressPostprocess& post, Tensor& entries_out);
+
+// Stores each token's (kv, score) row at the plan's write_rows[t] (-1: skip), as
+// compressor_write_state_host does. kv, score [T, coff*dims] f32 with T = the plan's T (host rule;
+// a GPU stores the first min(T, kv rows) tokens); state [R, row_bytes] u8; write rows in [-1, R) (host
+// rule; a GPU skips rows outside [0, R)).
+void compressor_write_state(const Tensor& plan, int64_t ratio, const Tensor& kv, const Tensor& score, Tensor& state,
+                            const CompressStateLayout& layout);
+
+// Writes entry k (row k of entries [capacity, dims] f32, k < B) at the plan's dest[k]:
+//   cache f32 [..., dims] contiguous (the indexer's keys): the row as it is, at row dest[k] of the
+//     cache seen as [numel / dims, dims]; model1 and page_size are ignored;
+//   cache u8 [pages, model1.page_bytes(page_size)] contiguous (the main compressor's MODEL1 cache):
+//     model1_pack(model1, page_size, entry, cache, dest[k]); model1.head_dim == dims, page_size >= 1.
+// Host-only value rules: B <= capacity, dest[k] in [0, locations) (a GPU skips a destination outside).
+void compressor_store(const Tensor& plan, int64_t ratio, const Tensor& entries, Tensor& cache,
+                      const Model1Layout& model1 = {}, int64_t page_size = 0);
+
 }  // namespace dsv4::kernels
+
+#if defined(DSV4_WITH_CUDA)
+// The CUDA (HIP-portable) implementations, kernels/cuda/compressor.cu: called by the entry points
+// above after their contract checks, enqueued on `stream` (a cudaStream_t); no synchronization.
+namespace dsv4::kernels::cuda {
+void compressor_pool(const Tensor& plan, int64_t ratio, const Tensor& kv, const Tensor& score, const Tensor& state,
+                     const CompressStateLayout& layout, const Tensor& norm_weight, const Tensor& rope_freqs,
+                     const CompressPostprocess& post, Tensor& entries_out, void* stream);
+void compressor_write_state(const Tensor& plan, int64_t ratio, const Tensor& kv, const Tensor& score, Tensor& state,
+                            const CompressStateLayout& layout, void* stream);
+void compressor_store(const Tensor& plan, int64_t ratio, const Tensor& entries, Tensor& cache,
+                      const Model1Layout& model1, int64_t page_size, void* stream);
+}  // namespace dsv4::kernels::cuda
+#endif

@@ -64,61 +64,6 @@ void project(const Tensor& x, const Tensor& w, const Tensor& s, Tensor& out, int
   }
 }
 
-// A compress plan and each block's cache location, flattened into int64s so that a launch reads it
-// from a device buffer when it runs: [T, B, S, positions[T], write_rows[T], (request, block,
-// buffer_len)[B], (kind, index)[B * S], dest_loc[B]].
-int64_t plan_words(int64_t T, int64_t B, int64_t S) { return 3 + 2 * T + 3 * B + 2 * B * S + B; }
-
-std::vector<int64_t> encode_plan(const kernels::CompressPlan& plan, const std::vector<int64_t>& dest) {
-  const int64_t T = plan.num_tokens(), B = static_cast<int64_t>(plan.blocks.size()), S = plan.sources_per_block();
-  std::vector<int64_t> w;
-  w.reserve(static_cast<size_t>(plan_words(T, B, S)));
-  w.push_back(T);
-  w.push_back(B);
-  w.push_back(S);
-  w.insert(w.end(), plan.positions.begin(), plan.positions.end());
-  w.insert(w.end(), plan.write_rows.begin(), plan.write_rows.end());
-  for (const auto& b : plan.blocks) {
-    w.push_back(b.request);
-    w.push_back(b.block);
-    w.push_back(b.buffer_len);
-  }
-  for (const auto& s : plan.sources) {
-    w.push_back(static_cast<int64_t>(s.kind));
-    w.push_back(s.index);
-  }
-  w.insert(w.end(), dest.begin(), dest.end());
-  return w;
-}
-
-kernels::CompressPlan decode_plan(const int64_t* w, int64_t ratio, std::vector<int64_t>& dest) {
-  kernels::CompressPlan plan;
-  plan.ratio = ratio;
-  plan.coff = ratio == kC4 ? 2 : 1;
-  const int64_t T = w[0], B = w[1], S = w[2];
-  DSV4_ASSERT(S == plan.sources_per_block(), "compress plan: sources per block");
-  const int64_t* p = w + 3;
-  plan.positions.assign(p, p + T);
-  p += T;
-  plan.write_rows.assign(p, p + T);
-  p += T;
-  plan.blocks.resize(static_cast<size_t>(B));
-  for (auto& b : plan.blocks) {
-    b.request = p[0];
-    b.block = p[1];
-    b.buffer_len = p[2];
-    p += 3;
-  }
-  plan.sources.resize(static_cast<size_t>(B * S));
-  for (auto& s : plan.sources) {
-    s.kind = static_cast<kernels::CompressSource::Kind>(p[0]);
-    s.index = p[1];
-    p += 2;
-  }
-  dest.assign(p, p + B);
-  return plan;
-}
-
 template <class T>
 void upload_vec(rt::Runtime& rt, const DeviceTensor& d, const std::vector<T>& v) {
   DSV4_ASSERT(static_cast<int64_t>(v.size() * sizeof(T)) <= static_cast<int64_t>(rt.bytes(d.buffer)),
@@ -335,7 +280,7 @@ ModelRunner::ModelRunner(rt::Runtime& runtime, const ModelConfig& config, const 
     cscore_ = alloc("compressor_score", DType::f32, {T, coff_max * D});
     centries_ = alloc("compressor_entries", DType::f32, {max_blocks, D});
     const int64_t S = std::max<int64_t>(2 * kC4, c128_ratio_);
-    plan_capacity_ = plan_words(T, max_blocks, S);
+    plan_capacity_ = kernels::compress_plan_words(T, max_blocks, S);
   }
   if (has_c4_) {
     const int64_t Hi = config_.index_n_heads, Di = config_.index_head_dim;
@@ -676,7 +621,7 @@ void ModelRunner::prepare_metadata(const serving::ForwardBatch& batch, serving::
       const std::span<const int32_t> locs = full_row(row.req_slot);
       dest.push_back(serving::compressed_loc(locs[static_cast<size_t>(b.block * ratio)], ratio));
     }
-    std::vector<int64_t> words = encode_plan(plan, dest);
+    std::vector<int64_t> words = kernels::encode_compress_plan(plan, dest);
     DSV4_ASSERT(static_cast<int64_t>(words.size()) <= plan_capacity_, "compress plan larger than its buffer");
     return words;
   };
@@ -871,32 +816,17 @@ void ModelRunner::issue_compressor(rt::StreamId stream, Layer& L, bool indexer, 
   // ring row that a block of the same batch still reads), then write the entries to the cache.
   op(stream, p + ".pool", {kv, score, state, plan_buf, norm}, {entries},
      [kv, score, state, plan_buf, norm, entries, layout, freqs, post, ratio]() mutable {
-       std::vector<int64_t> dest;
-       const kernels::CompressPlan plan = decode_plan(plan_buf.t.data<int64_t>(), ratio, dest);
-       const int64_t B = static_cast<int64_t>(plan.blocks.size());
-       Tensor out = entries.t.narrow(0, 0, B);
-       kernels::compressor_pool_host(plan, kv.t, score.t, state.t, layout, norm.t, freqs, post, out);
+       kernels::compressor_pool(plan_buf.t, ratio, kv.t, score.t, state.t, layout, norm.t, freqs, post, entries.t);
      });
   op(stream, p + ".write_state", {kv, score, plan_buf}, {state}, [kv, score, state, plan_buf, layout, ratio]() mutable {
-    std::vector<int64_t> dest;
-    const kernels::CompressPlan plan = decode_plan(plan_buf.t.data<int64_t>(), ratio, dest);
-    Tensor rows_t = Tensor::empty({plan.num_tokens()}, DType::i64, "write_rows");
-    std::memcpy(rows_t.data_ptr(), plan.write_rows.data(), plan.write_rows.size() * 8);
-    kernels::compressor_write_state_host(kv.t, score.t, rows_t, state.t, layout);
+    kernels::compressor_write_state(plan_buf.t, ratio, kv.t, score.t, state.t, layout);
   });
   op(stream, p + ".store", {entries, plan_buf}, {cache},
-     [entries, plan_buf, cache, ratio, indexer, dims, kv_layout, page_entries]() mutable {
-       std::vector<int64_t> dest;
-       decode_plan(plan_buf.t.data<int64_t>(), ratio, dest);
-       const auto* e = entries.t.data<float>();
-       for (size_t b = 0; b < dest.size(); ++b) {
-         if (indexer) {
-           std::memcpy(cache.t.data<float>() + dest[b] * dims, e + static_cast<int64_t>(b) * dims,
-                       static_cast<size_t>(dims) * 4);
-         } else {
-           kernels::model1_pack(kv_layout, page_entries, e + static_cast<int64_t>(b) * dims, cache.t.data<uint8_t>(),
-                                dest[b]);
-         }
+     [entries, plan_buf, cache, ratio, indexer, kv_layout, page_entries]() mutable {
+       if (indexer) {
+         kernels::compressor_store(plan_buf.t, ratio, entries.t, cache.t);
+       } else {
+         kernels::compressor_store(plan_buf.t, ratio, entries.t, cache.t, kv_layout, page_entries);
        }
      });
 }

@@ -10,6 +10,7 @@
 #include "engine/core/contract.h"
 #include "engine/core/error.h"
 #include "engine/core/formats.h"
+#include "kernels/device.h"
 #include "kernels/host/host_common.h"
 
 namespace dsv4::kernels {
@@ -79,6 +80,60 @@ float load_f32(const uint8_t* p) {
 void act_span(bool bf16, float* x, int64_t n) {
   if (!bf16) return;
   for (int64_t i = 0; i < n; ++i) x[i] = round_bf16(x[i]);
+}
+
+// The device-agnostic rules of the pool: tensor dtypes and shapes, the layout, the post-processing.
+void check_pool_tensors(const char* op, const Tensor& kv, const Tensor& score, const Tensor& state,
+                        const CompressStateLayout& layout, const Tensor& norm_weight, const Tensor& rope_freqs,
+                        const CompressPostprocess& post, const Tensor& out) {
+  pool_contract().check({{"kv", &kv},
+                         {"score", &score},
+                         {"state", &state},
+                         {"norm_weight", &norm_weight},
+                         {"rope_freqs", &rope_freqs},
+                         {"out", &out}});
+  check_layout(op, layout, state);
+  const int64_t hd = layout.dims, width = layout.coff * hd;
+  const int64_t rd = 2 * rope_freqs.size(0);
+  if (kv.size(1) != width) throw ContractError(op, "kv", "width " + num(kv.size(1)) + " != coff * dims " + num(width));
+  if (norm_weight.size(0) != hd) throw ContractError(op, "norm_weight", "size " + num(norm_weight.size(0)) + " != dims " + num(hd));
+  if (rd < 2 || rd >= hd) throw ContractError(op, "rope_freqs", "rope dims " + num(rd) + " must lie in [2, dims)");
+  if (post.rotate && (hd & (hd - 1)) != 0) throw ContractError(op, "post", "the Hadamard rotation needs power-of-two dims");
+  if (post.quant == CompressQuant::fp8_nope || post.quant == CompressQuant::fp4) {
+    if (post.quant_block < 1) throw ContractError(op, "post", "quant_block must be >= 1");
+  }
+  if (post.quant == CompressQuant::fp8_nope && (hd - rd) % post.quant_block != 0) {
+    throw ContractError(op, "post", "nope dims " + num(hd - rd) + " must be whole FP8 blocks of " + num(post.quant_block));
+  }
+}
+
+// The encoded plan buffer: i64 [words] contiguous with at least the header; ratio >= 1.
+void check_plan_tensor(const char* op, const Tensor& plan, int64_t ratio) {
+  Contract(op).arg("plan").dtype(DType::i64).rank(1).contiguous().check({{"plan", &plan}});
+  if (plan.numel() < 3) throw ContractError(op, "plan", "holds " + num(plan.numel()) + " words, fewer than the header's 3");
+  check_ratio(op, ratio);
+}
+
+// Host plans only: the header's counts, and the buffer long enough for them. Returns B.
+int64_t check_plan_words(const char* op, const Tensor& plan, int64_t ratio) {
+  const int64_t* w = plan.data<int64_t>();
+  const int64_t T = w[0], B = w[1], S = w[2], words = plan.numel();
+  if (T < 0 || B < 0) throw ContractError(op, "plan", "header has T " + num(T) + ", B " + num(B));
+  if (S != coff_of(ratio) * ratio) {
+    throw ContractError(op, "plan", "header has S " + num(S) + ", ratio " + num(ratio) + " needs " + num(coff_of(ratio) * ratio));
+  }
+  // Each count alone first, so that the product cannot overflow.
+  if (T > words || B > words || compress_plan_words(T, B, S) > words) {
+    throw ContractError(op, "plan", "T " + num(T) + ", B " + num(B) + ", S " + num(S) + " need more than its " + num(words) +
+                                        " words");
+  }
+  return B;
+}
+
+void require_coff(const char* op, int64_t ratio, const CompressStateLayout& layout) {
+  if (layout.coff != coff_of(ratio)) {
+    throw ContractError(op, "layout", "coff " + num(layout.coff) + " != " + num(coff_of(ratio)) + " of ratio " + num(ratio));
+  }
 }
 
 }  // namespace
@@ -258,13 +313,7 @@ void compressor_pool_host(const CompressPlan& plan, const Tensor& kv, const Tens
                           const CompressStateLayout& layout, const Tensor& norm_weight, const Tensor& rope_freqs,
                           const CompressPostprocess& post, Tensor& out) {
   const char* op = "compressor_pool";
-  pool_contract().check({{"kv", &kv},
-                         {"score", &score},
-                         {"state", &state},
-                         {"norm_weight", &norm_weight},
-                         {"rope_freqs", &rope_freqs},
-                         {"out", &out}});
-  check_layout(op, layout, state);
+  check_pool_tensors(op, kv, score, state, layout, norm_weight, rope_freqs, post, out);
   for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"kv", &kv}, {"score", &score}, {"state", &state},
                                 {"norm_weight", &norm_weight}, {"rope_freqs", &rope_freqs}, {"out", &out}}) {
     require_host(op, name, *t);
@@ -273,18 +322,8 @@ void compressor_pool_host(const CompressPlan& plan, const Tensor& kv, const Tens
   const int64_t r = plan.ratio, S = plan.sources_per_block(), hd = layout.dims, width = layout.coff * hd;
   const int64_t rd = 2 * rope_freqs.size(0);
   if (layout.coff != plan.coff) throw ContractError(op, "layout", "coff " + num(layout.coff) + " != the plan's " + num(plan.coff));
-  if (kv.size(1) != width) throw ContractError(op, "kv", "width " + num(kv.size(1)) + " != coff * dims " + num(width));
-  if (norm_weight.size(0) != hd) throw ContractError(op, "norm_weight", "size " + num(norm_weight.size(0)) + " != dims " + num(hd));
   if (out.size(0) != static_cast<int64_t>(plan.blocks.size())) {
     throw ContractError(op, "out", "has " + num(out.size(0)) + " rows for " + std::to_string(plan.blocks.size()) + " blocks");
-  }
-  if (rd < 2 || rd >= hd) throw ContractError(op, "rope_freqs", "rope dims " + num(rd) + " must lie in [2, dims)");
-  if (post.rotate && (hd & (hd - 1)) != 0) throw ContractError(op, "post", "the Hadamard rotation needs power-of-two dims");
-  if (post.quant == CompressQuant::fp8_nope || post.quant == CompressQuant::fp4) {
-    if (post.quant_block < 1) throw ContractError(op, "post", "quant_block must be >= 1");
-  }
-  if (post.quant == CompressQuant::fp8_nope && (hd - rd) % post.quant_block != 0) {
-    throw ContractError(op, "post", "nope dims " + num(hd - rd) + " must be whole FP8 blocks of " + num(post.quant_block));
   }
 
   const float* kv_p = kv.data<float>();
@@ -380,6 +419,193 @@ void compressor_pool_host(const CompressPlan& plan, const Tensor& kv, const Tens
         fp8_quant_dequant_blocks(o, hd, hd, true);
         act_span(post.bf16_act, o, hd);
         break;
+    }
+  }
+}
+
+// ---- the encoded plan -----------------------------------------------------------------------------
+
+int64_t compress_plan_words(int64_t T, int64_t B, int64_t S) { return 3 + 2 * T + 3 * B + 2 * B * S + B; }
+
+std::vector<int64_t> encode_compress_plan(const CompressPlan& plan, std::span<const int64_t> dest) {
+  const int64_t T = plan.num_tokens(), B = static_cast<int64_t>(plan.blocks.size()), S = plan.sources_per_block();
+  if (static_cast<int64_t>(dest.size()) != B) {
+    throw ContractError("encode_compress_plan", "dest", "has " + std::to_string(dest.size()) + " locations for " + num(B) + " blocks");
+  }
+  std::vector<int64_t> w;
+  w.reserve(static_cast<size_t>(compress_plan_words(T, B, S)));
+  w.push_back(T);
+  w.push_back(B);
+  w.push_back(S);
+  w.insert(w.end(), plan.positions.begin(), plan.positions.end());
+  w.insert(w.end(), plan.write_rows.begin(), plan.write_rows.end());
+  for (const CompressPlanBlock& b : plan.blocks) {
+    w.push_back(b.request);
+    w.push_back(b.block);
+    w.push_back(b.buffer_len);
+  }
+  for (const CompressSource& src : plan.sources) {
+    w.push_back(static_cast<int64_t>(src.kind));
+    w.push_back(src.index);
+  }
+  w.insert(w.end(), dest.begin(), dest.end());
+  return w;
+}
+
+CompressPlan decode_compress_plan(const int64_t* w, int64_t ratio, std::vector<int64_t>& dest) {
+  const char* op = "decode_compress_plan";
+  check_ratio(op, ratio);
+  CompressPlan plan;
+  plan.ratio = ratio;
+  plan.coff = coff_of(ratio);
+  const int64_t T = w[0], B = w[1], S = w[2];
+  if (T < 0 || B < 0) throw ContractError(op, "words", "header has T " + num(T) + ", B " + num(B));
+  if (S != plan.sources_per_block()) {
+    throw ContractError(op, "words", "header has S " + num(S) + ", ratio " + num(ratio) + " needs " + num(plan.sources_per_block()));
+  }
+  const int64_t* p = w + 3;
+  plan.positions.assign(p, p + T);
+  p += T;
+  plan.write_rows.assign(p, p + T);
+  p += T;
+  plan.blocks.resize(static_cast<size_t>(B));
+  for (CompressPlanBlock& b : plan.blocks) {
+    b.request = p[0];
+    b.block = p[1];
+    b.buffer_len = p[2];
+    p += 3;
+  }
+  plan.sources.resize(static_cast<size_t>(B * S));
+  for (CompressSource& src : plan.sources) {
+    // An unknown kind stays unknown (check_compress_plan refuses it).
+    src.kind = static_cast<CompressSource::Kind>(static_cast<uint8_t>(p[0] >= 0 && p[0] <= 2 ? p[0] : 255));
+    src.index = p[1];
+    p += 2;
+  }
+  dest.assign(p, p + B);
+  return plan;
+}
+
+// ---- the dispatching entry points ------------------------------------------------------------------
+
+void compressor_pool(const Tensor& plan, int64_t ratio, const Tensor& kv, const Tensor& score, const Tensor& state,
+                     const CompressStateLayout& layout, const Tensor& norm_weight, const Tensor& rope_freqs,
+                     const CompressPostprocess& post, Tensor& entries_out) {
+  const char* op = "compressor_pool";
+  check_plan_tensor(op, plan, ratio);
+  check_pool_tensors(op, kv, score, state, layout, norm_weight, rope_freqs, post, entries_out);
+  require_coff(op, ratio, layout);
+  if (runs_on_gpu(op, {{"plan", &plan},
+                       {"kv", &kv},
+                       {"score", &score},
+                       {"state", &state},
+                       {"norm_weight", &norm_weight},
+                       {"rope_freqs", &rope_freqs},
+                       {"entries_out", &entries_out}})) {
+#if defined(DSV4_WITH_CUDA)
+    cuda::compressor_pool(plan, ratio, kv, score, state, layout, norm_weight, rope_freqs, post, entries_out,
+                          current_stream());
+    return;
+#else
+    no_gpu_build(op);
+#endif
+  }
+  const int64_t B = check_plan_words(op, plan, ratio);
+  if (B > entries_out.size(0)) {
+    throw ContractError(op, "entries_out", "has " + num(entries_out.size(0)) + " rows for the plan's " + num(B) + " blocks");
+  }
+  std::vector<int64_t> dest;
+  const CompressPlan p = decode_compress_plan(plan.data<int64_t>(), ratio, dest);
+  Tensor out = entries_out.narrow(0, 0, B);
+  compressor_pool_host(p, kv, score, state, layout, norm_weight, rope_freqs, post, out);
+}
+
+void compressor_write_state(const Tensor& plan, int64_t ratio, const Tensor& kv, const Tensor& score, Tensor& state,
+                            const CompressStateLayout& layout) {
+  const char* op = "compressor_write_state";
+  check_plan_tensor(op, plan, ratio);
+  static const Contract c = Contract(op)
+                                .arg("kv").dtype(DType::f32).rank(2).contiguous()
+                                .arg("score").dtype(DType::f32).rank(2).contiguous()
+                                .same_size(0, "kv", 0).same_size(1, "kv", 1)
+                                .arg("state").dtype(DType::u8).rank(2).contiguous();
+  c.check({{"kv", &kv}, {"score", &score}, {"state", &state}});
+  check_layout(op, layout, state);
+  require_coff(op, ratio, layout);
+  const int64_t width = layout.coff * layout.dims;
+  if (kv.size(1) != width) throw ContractError(op, "kv", "width " + num(kv.size(1)) + " != coff * dims " + num(width));
+  if (runs_on_gpu(op, {{"plan", &plan}, {"kv", &kv}, {"score", &score}, {"state", &state}})) {
+#if defined(DSV4_WITH_CUDA)
+    cuda::compressor_write_state(plan, ratio, kv, score, state, layout, current_stream());
+    return;
+#else
+    no_gpu_build(op);
+#endif
+  }
+  check_plan_words(op, plan, ratio);
+  std::vector<int64_t> dest;
+  const CompressPlan p = decode_compress_plan(plan.data<int64_t>(), ratio, dest);
+  Tensor rows = Tensor::empty({p.num_tokens()}, DType::i64, "write_rows");
+  if (p.num_tokens() > 0) std::memcpy(rows.data_ptr(), p.write_rows.data(), p.write_rows.size() * 8);
+  compressor_write_state_host(kv, score, rows, state, layout);
+}
+
+void compressor_store(const Tensor& plan, int64_t ratio, const Tensor& entries, Tensor& cache,
+                      const Model1Layout& model1, int64_t page_size) {
+  const char* op = "compressor_store";
+  check_plan_tensor(op, plan, ratio);
+  static const Contract c = Contract(op)
+                                .arg("entries").dtype(DType::f32).rank(2).contiguous()
+                                .arg("cache").dtype_in({DType::f32, DType::u8}).contiguous();
+  c.check({{"entries", &entries}, {"cache", &cache}});
+  const int64_t dims = entries.size(1);
+  if (dims < 1) throw ContractError(op, "entries", "needs at least one dim per entry");
+  int64_t locations = 0;
+  if (cache.dtype() == DType::f32) {
+    if (cache.dim() < 1 || cache.size(-1) != dims) {
+      throw ContractError(op, "cache", "f32 rows must end in the entries' " + num(dims) + " dims, got " + shape_str(cache.shape()));
+    }
+    locations = cache.numel() / dims;
+  } else {
+    if (cache.dim() != 2) throw ContractError(op, "cache", "a MODEL1 cache is [pages, page_bytes], got " + shape_str(cache.shape()));
+    if (page_size < 1) throw ContractError(op, "page_size", "must be >= 1, got " + num(page_size));
+    model1_layout(op, model1.head_dim, model1.rope_dim, model1.scale_block, "model1");
+    if (model1.head_dim != dims) {
+      throw ContractError(op, "model1", "head_dim " + num(model1.head_dim) + " != the entries' " + num(dims) + " dims");
+    }
+    if (cache.size(1) != model1.page_bytes(page_size)) {
+      throw ContractError(op, "cache", "pages of " + num(cache.size(1)) + " bytes, MODEL1 needs " + num(model1.page_bytes(page_size)) +
+                                           " for " + num(page_size) + " entries");
+    }
+    locations = cache.size(0) * page_size;
+  }
+  if (runs_on_gpu(op, {{"plan", &plan}, {"entries", &entries}, {"cache", &cache}})) {
+#if defined(DSV4_WITH_CUDA)
+    cuda::compressor_store(plan, ratio, entries, cache, model1, page_size, current_stream());
+    return;
+#else
+    no_gpu_build(op);
+#endif
+  }
+  const int64_t B = check_plan_words(op, plan, ratio);
+  if (B > entries.size(0)) {
+    throw ContractError(op, "entries", "has " + num(entries.size(0)) + " rows for the plan's " + num(B) + " blocks");
+  }
+  std::vector<int64_t> dest;
+  decode_compress_plan(plan.data<int64_t>(), ratio, dest);
+  for (int64_t k = 0; k < B; ++k) {
+    const int64_t loc = dest[static_cast<size_t>(k)];
+    if (loc < 0 || loc >= locations) {
+      throw ContractError(op, "plan", "block " + num(k) + " stores at " + num(loc) + ", outside [0, " + num(locations) + ")");
+    }
+  }
+  const float* e = entries.data<float>();
+  for (int64_t k = 0; k < B; ++k) {
+    const int64_t loc = dest[static_cast<size_t>(k)];
+    if (cache.dtype() == DType::f32) {
+      std::memcpy(cache.data<float>() + loc * dims, e + k * dims, static_cast<size_t>(dims) * 4);
+    } else {
+      model1_pack(model1, page_size, e + k * dims, cache.data<uint8_t>(), loc);
     }
   }
 }
