@@ -13,10 +13,16 @@
 // hc_post: R'[t, k d + i] = bf16(post_k F_i + Σ_j C[j][k] R_j,i), f64 sum of f32 products.
 // hc_head: pre_j = sigmoid(m_j scale[0] + base_j) + hc_eps with fn [hc, hc d]; y = bf16(Σ_j pre_j R_j).
 //
-// Contracts (ContractError naming the argument and the rule; host tensors, all contiguous):
+// Contracts (ContractError naming the argument and the rule; all tensors on one device, all
+// contiguous):
 //   R bf16 [T, hc d] with d >= 1, hc >= 1 (R.shape[1] a multiple of d); fn f32 [mix, hc d] (hc_head:
 //   [hc, hc d]); base f32 [mix] ([hc]); scale f32 [3] ([1]); sinkhorn_iters >= 1; x / F / y bf16 [T, d];
-//   post f32 [T, hc]; comb f32 [T, hc, hc]; R' bf16 [T, hc d].
+//   post f32 [T, hc]; comb f32 [T, hc, hc]; R' bf16 [T, hc d], not aliasing R.
+//
+// Each entry point checks its contract, then runs the host loops (kernels/host/mhc.cpp) for host
+// tensors or the CUDA kernels (kernels/cuda/mhc.cu) on current_stream() for GPU tensors. The two are
+// equal bit for bit: the kernels perform the host's operations in the host's order, and their exp
+// reproduces the host libm's (kernels/cuda/mhc_math.h says how, and where that could fail).
 #pragma once
 
 #include <cstdint>
@@ -38,3 +44,15 @@ void hc_head(const Tensor& R, const Tensor& fn, const Tensor& base, const Tensor
              double norm_eps, Tensor& y);
 
 }  // namespace dsv4::kernels
+
+#if defined(DSV4_WITH_CUDA)
+// The CUDA implementations, enqueued on `stream` (a cudaStream_t; nullptr is the default stream) and
+// asynchronous. The entry points above call them after checking the contract; they check nothing.
+namespace dsv4::kernels::cuda {
+void hc_pre(const Tensor& R, const Tensor& fn, const Tensor& base, const Tensor& scale, double hc_eps,
+            double norm_eps, int64_t sinkhorn_iters, Tensor& x, Tensor& post, Tensor& comb, void* stream);
+void hc_post(const Tensor& F, const Tensor& R, const Tensor& post, const Tensor& comb, Tensor& R_out, void* stream);
+void hc_head(const Tensor& R, const Tensor& fn, const Tensor& base, const Tensor& scale, double hc_eps,
+             double norm_eps, Tensor& y, void* stream);
+}  // namespace dsv4::kernels::cuda
+#endif

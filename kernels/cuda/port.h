@@ -1,10 +1,20 @@
 // What differs between CUDA and HIP, in one place: the runtime header, the stream and error types,
-// and the warp width (32 on NVIDIA, 64 on CDNA wavefronts such as gfx90a). Kernel sources include
-// this instead of cuda_runtime.h so that the `hip-check` preset compiles them with hipcc.
+// the warp width (32 on NVIDIA, 64 on CDNA wavefronts such as gfx90a), the lane-mask width of the
+// shuffles (32 bits on CUDA, 64 on HIP), the launch checks, and the FP8 e4m3fn encoder (CUDA's
+// hardware conversion or formats.h's software round-to-nearest-even). Kernel sources include this
+// instead of cuda_runtime.h so that the `hip-check` preset compiles them with hipcc.
+//
+// The warp collectives are written once (detail::butterfly) over a "lanes" policy: DeviceLanes is
+// the hardware shuffle; ModelLanes<32 or 64> is a host model holding every lane's value of one warp
+// and implementing __shfl_xor's semantics with an explicit width, so a butterfly can be run on the
+// host for both warp sizes (tests/unit/test_port_collectives.cpp). The runtime part (streams,
+// Scratch, launch checks) exists only under nvcc / hipcc; a plain C++ compiler sees the collectives'
+// model and the software FP8 encoder alone.
 #pragma once
 
 #if defined(__HIPCC__)
 #include <hip/hip_runtime.h>
+#define DSV4_GPU_COMPILER 1
 namespace dsv4::gpu {
 using Stream = hipStream_t;
 using Error = hipError_t;
@@ -17,8 +27,10 @@ inline constexpr int kWarpSize = __AMDGCN_WAVEFRONT_SIZE;
 inline constexpr int kWarpSize = 64;
 #endif
 }  // namespace dsv4::gpu
-#else
+#elif defined(__CUDACC__)
 #include <cuda_runtime.h>
+#include <cuda_fp8.h>
+#define DSV4_GPU_COMPILER 1
 namespace dsv4::gpu {
 using Stream = cudaStream_t;
 using Error = cudaError_t;
@@ -29,12 +41,31 @@ inline constexpr int kWarpSize = 32;
 }  // namespace dsv4::gpu
 #endif
 
+#include <cstdint>
 #include <stdexcept>
 #include <string>
 
+#include "engine/core/formats.h"  // after the runtime header: its device code uses the runtime's intrinsics
+#include "engine/core/hd.h"
+
 namespace dsv4::gpu {
 
-// Launch errors are internal failures (a bad grid, no device), not user input: they stop the op.
+// ---- lane masks ----------------------------------------------------------------------------------
+// A mask with one bit per lane of a warp: 64 bits on HIP (wave64), 32 on CUDA. Only the full mask is
+// used here: every collective below is called by all lanes of the warp.
+#if defined(__HIPCC__)
+using LaneMask = unsigned long long;
+inline constexpr LaneMask kFullLaneMask = ~0ull;
+#else
+using LaneMask = unsigned int;
+inline constexpr LaneMask kFullLaneMask = 0xffffffffu;
+#endif
+
+#if defined(DSV4_GPU_COMPILER)
+// ---- launches --------------------------------------------------------------------------------------
+// Both compilers take the triple-chevron launch: kernel<<<grid, block, smem_bytes, stream>>>(args),
+// followed by check_launch. Launch errors are internal failures (a bad grid, no device), not user
+// input: they stop the op.
 inline void check_launch(const char* op) {
   const Error e = last_error();
   if (e != kSuccess) throw std::runtime_error(std::string(op) + ": kernel launch failed: " + error_string(e));
@@ -75,36 +106,67 @@ class Scratch {
   void* ptr_ = nullptr;
   Stream stream_;
 };
+#endif  // DSV4_GPU_COMPILER
 
-// ---- warp and block collectives (device code) ---------------------------------------------------
+// ---- warp and block collectives ---------------------------------------------------------------------
 // Every lane of the warp (wavefront) must call them. Results are deterministic: a fixed butterfly
 // order within a warp, then warp partials combined in warp order.
 inline constexpr int kMaxWarps = 1024 / 32;  // shared floats a block_* collective needs
 
-#if defined(__CUDACC__) || defined(__HIPCC__)
-template <class T>
-__device__ inline T shfl_xor(T v, int lane_mask, int width) {
-#if defined(__HIPCC__)
-  return __shfl_xor(v, lane_mask, width);
-#else
-  return __shfl_xor_sync(0xffffffffu, v, lane_mask, width);
-#endif
+namespace detail {
+
+// The combining steps of the collectives, applied as op(own value, partner's value).
+struct SumOp {
+  template <class T>
+  DSV4_HD T operator()(T own, T other) const { return own + other; }
+};
+struct MaxOp {
+  template <class T>
+  DSV4_HD T operator()(T own, T other) const { return other > own ? other : own; }
+};
+
+// The butterfly, written once for every lanes policy: at each step every lane combines its value
+// with the one of lane (self ^ offset), offsets first_offset, first_offset / 2, ..., 1, each shuffle
+// confined to aligned segments of `width` lanes. With first_offset = width / 2 every lane of a
+// segment ends with the segment's reduction, in the same order in every lane (the operations are
+// commutative), hence the same bits.
+template <class Lanes, class V, class Op>
+DSV4_HD inline V butterfly(V v, int first_offset, int width, Op op) {
+  for (int o = first_offset; o > 0; o /= 2) v = Lanes::combine(v, Lanes::shfl_xor(v, o, width), op);
+  return v;
 }
+
+}  // namespace detail
+
+#if defined(DSV4_GPU_COMPILER)
+// The hardware: each thread holds its own lane's value. CUDA takes a 32-bit member mask; HIP's
+// synchronising shuffles (ROCm 6.2+, opted in with HIP_ENABLE_WARP_SYNC_BUILTINS) a 64-bit one,
+// and its classic __shfl_xor implicitly covers the whole wavefront.
+struct DeviceLanes {
+  template <class T>
+  __device__ static T shfl_xor(T v, int lane_mask, int width) {
+#if defined(__HIPCC__)
+#if defined(HIP_ENABLE_WARP_SYNC_BUILTINS)
+    return __shfl_xor_sync(kFullLaneMask, v, lane_mask, width);
+#else
+    return __shfl_xor(v, lane_mask, width);
+#endif
+#else
+    return __shfl_xor_sync(kFullLaneMask, v, lane_mask, width);
+#endif
+  }
+  template <class T, class Op>
+  __device__ static T combine(T own, T other, Op op) { return op(own, other); }
+};
+
+template <class T>
+__device__ inline T shfl_xor(T v, int lane_mask, int width) { return DeviceLanes::shfl_xor(v, lane_mask, width); }
 
 // Within aligned groups of `width` lanes (a power of two <= kWarpSize); every lane gets its group's result.
 template <class T>
-__device__ inline T group_sum(T v, int width) {
-  for (int o = width / 2; o > 0; o /= 2) v += shfl_xor(v, o, width);
-  return v;
-}
+__device__ inline T group_sum(T v, int width) { return detail::butterfly<DeviceLanes>(v, width / 2, width, detail::SumOp{}); }
 template <class T>
-__device__ inline T group_max(T v, int width) {
-  for (int o = width / 2; o > 0; o /= 2) {
-    const T other = shfl_xor(v, o, width);
-    v = other > v ? other : v;
-  }
-  return v;
-}
+__device__ inline T group_max(T v, int width) { return detail::butterfly<DeviceLanes>(v, width / 2, width, detail::MaxOp{}); }
 template <class T>
 __device__ inline T warp_sum(T v) { return group_sum(v, kWarpSize); }
 template <class T>
@@ -136,6 +198,100 @@ __device__ inline float block_max(float v, float* smem) {
   for (int w = 1; w < warps; ++w) m = smem[w] > m ? smem[w] : m;
   return m;
 }
+#endif  // DSV4_GPU_COMPILER
+
+// ---- the host model of a warp (tests) ---------------------------------------------------------------
+// All kLanes values of one warp, lane i in lane[i]. The collectives below take and return a whole
+// warp's values, so a butterfly can be checked on the host for warp size 32 and 64 alike.
+template <class T, int kLanes>
+struct LaneArray {
+  static_assert(kLanes == 32 || kLanes == 64, "a warp has 32 (CUDA) or 64 (CDNA) lanes");
+  T lane[kLanes];
+};
+
+template <int kLanes>
+struct ModelLanes {
+  static constexpr int kWarpSize = kLanes;
+
+  // __shfl_xor(v, lane_mask, width) as the hardware does it: lane `self` reads lane
+  // src = self ^ lane_mask, unless src lies past the end of self's aligned width-segment (in a later
+  // segment, or past the warp), in which case it gets its own value; an earlier segment may be read.
+  // A 32-lane warp is CUDA's shfl.bfly, which takes the mask's low 5 bits; a 64-lane one is HIP's
+  // __shfl_xor, which takes the whole mask. (tests/gpu/test_kernels_mhc.cu checks the 32-lane model
+  // against the hardware for every mask 0..63 and width.) Width must be a power of two <= the warp size (undefined
+  // on the hardware otherwise): the model throws std::logic_error.
+  template <class T>
+  static LaneArray<T, kLanes> shfl_xor(const LaneArray<T, kLanes>& v, int lane_mask, int width) {
+    if (width < 1 || width > kLanes || (width & (width - 1)) != 0) {
+      throw std::logic_error("shfl_xor: width " + std::to_string(width) + " is not a power of two <= " +
+                             std::to_string(kLanes));
+    }
+    const int mask = kLanes == 32 ? (lane_mask & 31) : lane_mask;
+    LaneArray<T, kLanes> out;
+    for (int self = 0; self < kLanes; ++self) {
+      const int src = self ^ mask;
+      const int segment_end = (self + width) & ~(width - 1);
+      out.lane[self] = (src < 0 || src >= segment_end) ? v.lane[self] : v.lane[src];
+    }
+    return out;
+  }
+
+  template <class T, class Op>
+  static LaneArray<T, kLanes> combine(const LaneArray<T, kLanes>& own, const LaneArray<T, kLanes>& other, Op op) {
+    LaneArray<T, kLanes> out;
+    for (int i = 0; i < kLanes; ++i) out.lane[i] = op(own.lane[i], other.lane[i]);
+    return out;
+  }
+};
+
+// The collectives on a modelled warp: the same butterfly as the device ones, the model's shuffle.
+template <class T, int kLanes>
+LaneArray<T, kLanes> shfl_xor(const LaneArray<T, kLanes>& v, int lane_mask, int width) {
+  return ModelLanes<kLanes>::shfl_xor(v, lane_mask, width);
+}
+template <class T, int kLanes>
+LaneArray<T, kLanes> group_sum(const LaneArray<T, kLanes>& v, int width) {
+  return detail::butterfly<ModelLanes<kLanes>>(v, width / 2, width, detail::SumOp{});
+}
+template <class T, int kLanes>
+LaneArray<T, kLanes> group_max(const LaneArray<T, kLanes>& v, int width) {
+  return detail::butterfly<ModelLanes<kLanes>>(v, width / 2, width, detail::MaxOp{});
+}
+template <class T, int kLanes>
+LaneArray<T, kLanes> warp_sum(const LaneArray<T, kLanes>& v) { return group_sum(v, kLanes); }
+template <class T, int kLanes>
+LaneArray<T, kLanes> warp_max(const LaneArray<T, kLanes>& v) { return group_max(v, kLanes); }
+
+// ---- FP8 e4m3fn encoding ------------------------------------------------------------------------------
+// f32 -> e4m3fn, round to nearest even, saturating to ±448 (CUDA's __NV_SATFINITE), NaN -> a NaN of
+// the input's sign. Two implementations with the same codes for every f32 input:
+//   - e4m3fn_software: formats.h's bit-exact software encoder; host and device, CUDA and HIP;
+//   - e4m3fn_intrinsic (CUDA device code only): __nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E4M3),
+//     one cvt instruction on sm_89+, with the NaN sign restored (the hardware returns one NaN code
+//     for every NaN; tests/gpu/test_kernels_mhc.cu checks both over all 2^32 inputs).
+// to_e4m3fn picks the intrinsic in CUDA device code unless DSV4_GPU_FP8_INTRINSIC is defined to 0,
+// and the software encoder everywhere else (host code, HIP).
+#if !defined(DSV4_GPU_FP8_INTRINSIC)
+#define DSV4_GPU_FP8_INTRINSIC 1
 #endif
+
+DSV4_HD inline uint8_t e4m3fn_software(float x) { return f32_to_e4m3fn(x); }
+
+#if defined(__CUDACC__) && !defined(__HIPCC__)
+#define DSV4_GPU_HAS_FP8_INTRINSIC 1
+__device__ inline uint8_t e4m3fn_intrinsic(float x) {
+  const uint32_t bits = __float_as_uint(x);
+  if ((bits & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint8_t>(((bits >> 24) & 0x80u) | 0x7Fu);
+  return static_cast<uint8_t>(__nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E4M3));
+}
+#endif
+
+DSV4_HD inline uint8_t to_e4m3fn(float x) {
+#if defined(__CUDA_ARCH__) && defined(DSV4_GPU_HAS_FP8_INTRINSIC) && DSV4_GPU_FP8_INTRINSIC
+  return e4m3fn_intrinsic(x);
+#else
+  return e4m3fn_software(x);
+#endif
+}
 
 }  // namespace dsv4::gpu

@@ -1,17 +1,18 @@
-// Host implementations of hc_pre / hc_post / hc_head (dsv4-model §4.1, §4.2): one "thread block" per
-// token, replaying reference/mhc.cpp's arithmetic (f64 accumulations in a fixed order, fp32 sigmoid
-// via an f64 exp) so the results are equal to the reference bit for bit.
+// Entry points and host implementations of hc_pre / hc_post / hc_head (dsv4-model §4.1, §4.2): one
+// "thread block" per token, replaying reference/mhc.cpp's arithmetic (f64 accumulations in a fixed
+// order, fp32 sigmoid via an f64 exp) so the results are equal to the reference bit for bit. GPU
+// tensors go to kernels/cuda/mhc.cu, which performs the same operations in the same order.
 #include "kernels/mhc.h"
 
 #include <algorithm>
 #include <cmath>
 #include <string>
-#include <utility>
 #include <vector>
 
 #include "engine/core/contract.h"
 #include "engine/core/error.h"
 #include "engine/core/formats.h"
+#include "kernels/device.h"
 #include "kernels/host/host_common.h"
 
 namespace dsv4::kernels {
@@ -118,9 +119,14 @@ void hc_pre(const Tensor& R, const Tensor& fn, const Tensor& base, const Tensor&
   if (sinkhorn_iters < 1) {
     throw ContractError(kHcPreOp, "sinkhorn_iters", "must be >= 1, got " + std::to_string(sinkhorn_iters));
   }
-  for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"R", &R}, {"fn", &fn}, {"base", &base},
-                                {"scale", &scale}, {"x", &x}, {"post", &post}, {"comb", &comb}}) {
-    require_host(kHcPreOp, name, *t);
+  if (runs_on_gpu(kHcPreOp, {{"R", &R}, {"fn", &fn}, {"base", &base}, {"scale", &scale}, {"x", &x},
+                             {"post", &post}, {"comb", &comb}})) {
+#if defined(DSV4_WITH_CUDA)
+    cuda::hc_pre(R, fn, base, scale, hc_eps, norm_eps, sinkhorn_iters, x, post, comb, current_stream());
+    return;
+#else
+    no_gpu_build(kHcPreOp);
+#endif
   }
   const float* b = base.data<float>();
   const float* s = scale.data<float>();
@@ -152,13 +158,18 @@ void hc_post(const Tensor& F, const Tensor& R, const Tensor& post, const Tensor&
       .arg("comb").dtype(DType::f32).rank(3).contiguous().same_size(0, "R", 0).dim(1, hc).dim(2, hc)
       .arg("R_out").dtype(DType::bf16).rank(2).contiguous().same_size(0, "R", 0).dim(1, n)
       .check({{"R", &R}, {"post", &post}, {"comb", &comb}, {"R_out", &R_out}});
-  for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"F", &F}, {"R", &R}, {"post", &post},
-                                {"comb", &comb}, {"R_out", &R_out}}) {
-    require_host(kHcPostOp, name, *t);
-  }
+  const bool gpu = runs_on_gpu(kHcPostOp, {{"F", &F}, {"R", &R}, {"post", &post}, {"comb", &comb}, {"R_out", &R_out}});
   if (R_out.data_ptr() == R.data_ptr()) {
     // Every output copy reads all input copies: in place would read overwritten values.
     throw ContractError(kHcPostOp, "R_out", "must not alias R");
+  }
+  if (gpu) {
+#if defined(DSV4_WITH_CUDA)
+    cuda::hc_post(F, R, post, comb, R_out, current_stream());
+    return;
+#else
+    no_gpu_build(kHcPostOp);
+#endif
   }
   std::vector<float> v(static_cast<size_t>(n));
   for (int64_t t = 0; t < R.size(0); ++t) {
@@ -189,9 +200,13 @@ void hc_head(const Tensor& R, const Tensor& fn, const Tensor& base, const Tensor
       .arg("base").dtype(DType::f32).rank(1).contiguous().dim(0, hc)
       .arg("scale").dtype(DType::f32).rank(1).contiguous().dim(0, 1)
       .check({{"fn", &fn}, {"base", &base}, {"scale", &scale}});
-  for (const auto& [name, t] : {std::pair<const char*, const Tensor*>{"R", &R}, {"fn", &fn}, {"base", &base},
-                                {"scale", &scale}, {"y", &y}}) {
-    require_host(kHcHeadOp, name, *t);
+  if (runs_on_gpu(kHcHeadOp, {{"R", &R}, {"fn", &fn}, {"base", &base}, {"scale", &scale}, {"y", &y}})) {
+#if defined(DSV4_WITH_CUDA)
+    cuda::hc_head(R, fn, base, scale, hc_eps, norm_eps, y, current_stream());
+    return;
+#else
+    no_gpu_build(kHcHeadOp);
+#endif
   }
   const float* b = base.data<float>();
   const float s = scale.data<float>()[0];
