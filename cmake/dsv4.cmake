@@ -11,14 +11,24 @@ if(DSV4_SANITIZE)
   target_link_options(dsv4_sanitize INTERFACE -fsanitize=address,undefined)
 endif()
 
-# dsv4_add_gtest(NAME SOURCES... LIBS... LABELS... [TIMEOUT s] [DISCOVER])
+# dsv4_add_gtest(NAME SOURCES... LIBS... LABELS... [TIMEOUT s] [DISCOVER] [GPUS n])
 # Without DISCOVER the binary is one ctest test; with it, every TEST() becomes its own ctest test.
+# Tests labelled gpu or multigpu claim GPUS (default 1) GPUs as ctest resource groups, and their
+# binary maps the GPUs ctest gave it to CUDA_VISIBLE_DEVICES (tests/gpu/resource_env.cpp).
 function(dsv4_add_gtest name)
-  cmake_parse_arguments(ARG "DISCOVER" "TIMEOUT" "SOURCES;LIBS;LABELS" ${ARGN})
+  cmake_parse_arguments(ARG "DISCOVER" "TIMEOUT;GPUS" "SOURCES;LIBS;LABELS" ${ARGN})
   # The sanitizer preset leaves the slow and exhaustive labels out of its runs, so it does not
   # build those binaries either (they are the most expensive to compile under ASan).
   if(DSV4_SANITIZE AND ("slow" IN_LIST ARG_LABELS OR "exhaustive" IN_LIST ARG_LABELS))
     return()
+  endif()
+  set(resources "")
+  if("gpu" IN_LIST ARG_LABELS OR "multigpu" IN_LIST ARG_LABELS)
+    if(NOT ARG_GPUS)
+      set(ARG_GPUS 1)
+    endif()
+    list(APPEND ARG_SOURCES ${PROJECT_SOURCE_DIR}/tests/gpu/resource_env.cpp)
+    set(resources "${ARG_GPUS},gpus:1")
   endif()
   add_executable(${name} ${ARG_SOURCES})
   target_link_libraries(${name} PRIVATE ${ARG_LIBS} GTest::gtest GTest::gtest_main dsv4_warnings dsv4_sanitize)
@@ -33,11 +43,17 @@ function(dsv4_add_gtest name)
     file(WRITE ${script}
       "if(${name}_TESTS)\n"
       "  set_tests_properties(\${${name}_TESTS} PROPERTIES LABELS \"${ARG_LABELS}\" TIMEOUT ${ARG_TIMEOUT})\n"
+      "  if(NOT \"${resources}\" STREQUAL \"\")\n"
+      "    set_tests_properties(\${${name}_TESTS} PROPERTIES RESOURCE_GROUPS \"${resources}\")\n"
+      "  endif()\n"
       "endif()\n")
     set_property(DIRECTORY APPEND PROPERTY TEST_INCLUDE_FILES ${script})
   else()
     add_test(NAME ${name} COMMAND ${name})
     set_tests_properties(${name} PROPERTIES LABELS "${ARG_LABELS}" TIMEOUT ${ARG_TIMEOUT})
+    if(resources)
+      set_tests_properties(${name} PROPERTIES RESOURCE_GROUPS "${resources}")
+    endif()
   endif()
 endfunction()
 

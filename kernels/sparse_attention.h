@@ -19,7 +19,18 @@
 //   swa_lens / extra_lens i32 [T] with values in [1, topk] (topk_lengths_clamp1: never 0 or less);
 //   the extra triple is optional (all three absent: no compressed entries; extra_topk >= 1 when
 //   present); kv_block >= 1 (both caches' nope dims per ue8m0 scale, the config's kv_block_size)
-//   dividing D - rope_dim, else a ContractError naming `kv_block`; host tensors.
+//   dividing D - rope_dim, else a ContractError naming `kv_block`; all on one device (else a
+//   ContractError naming the first argument that differs).
+// The value rules (index ranges, lengths) read tensor data, so they are checked for host tensors
+// only. On a GPU the kernel never reads out of bounds on bad values: an index outside
+// [0, pages * page_size) is skipped like -1, and a length is clamped to [0, topk] (0: no key).
+// On a GPU, D <= kSparseAttentionGpuMaxDim (else a ContractError naming `q`): the kernel keeps
+// each thread's share of a head group's outputs in registers.
+//
+// The GPU kernel (kernels/cuda/sparse_attention.cu) follows the host order bit for bit (sequential
+// f32 dot products, max, then P, the denominator and P.V summed in key order, no FMA contraction)
+// except for exp: the GPU rounds a double-precision exp to f32, the host calls libm's expf, which
+// may differ by one f32 ulp on rare inputs (so a bf16 output may differ on rare elements).
 #pragma once
 
 #include <cstdint>
@@ -30,6 +41,7 @@
 namespace dsv4::kernels {
 
 inline constexpr const char* kSparseAttentionOp = "sparse_attention";
+inline constexpr int64_t kSparseAttentionGpuMaxDim = 4096;
 
 struct SparseAttentionArgs {
   Tensor q;            // [T, H, D] bf16
@@ -49,7 +61,17 @@ struct SparseAttentionArgs {
 };
 
 void check_sparse_attention_contract(const SparseAttentionArgs& args);
-// Writes args.out (a view: the tensors share storage with the caller's).
+// Writes args.out (a view: the tensors share storage with the caller's). Host tensors run the host
+// loops; GPU tensors enqueue the CUDA kernel on current_stream() (kernels/device.h), asynchronously.
 void sparse_attention(const SparseAttentionArgs& args);
 
 }  // namespace dsv4::kernels
+
+#if defined(DSV4_WITH_CUDA)
+namespace dsv4::kernels::cuda {
+// The CUDA (HIP-portable) implementation on `stream` (a cudaStream_t; nullptr is the default
+// stream): asynchronous, no allocation, capturable. `args` must have passed
+// check_sparse_attention_contract with its tensors on the GPU.
+void sparse_attention(const SparseAttentionArgs& args, void* stream);
+}  // namespace dsv4::kernels::cuda
+#endif

@@ -878,7 +878,9 @@ void ModelRunner::issue_indexer(Layer& L, int64_t T, rt::EventId q_lora_ready) {
   }
   launch.accesses.push_back({range_of(rows(ilogits_, T)), rt::AccessKind::write});
   launch.blocks = static_cast<int>(engine_options_.indexer_sms);
-  launch.cooperative = kernels::make_indexer_logits_launch(args);
+  // sim runs the blocks as coroutines (a wait that can never end is a HangError); cuda runs the
+  // persistent kernel, whose waits are bounded on the device.
+  if (rt_.kind() == rt::BackendKind::sim) launch.cooperative = kernels::make_indexer_logits_launch(args);
   launch.cuda = [args](void* cuda_stream) {
     kernels::StreamScope scope(cuda_stream);
     kernels::indexer_logits(args);

@@ -1,6 +1,7 @@
-// Host implementation of the sparse attention with the sink over MODEL1 caches. Per token it
-// dequantizes the referenced entries once (the GPU kernel stages each key block in shared memory
-// for all heads of the token), then runs every head over the same keys.
+// Host implementation of the sparse attention with the sink over MODEL1 caches, and the entry point
+// that sends GPU tensors to kernels/cuda/sparse_attention.cu. Per token it dequantizes the
+// referenced entries once (the GPU kernel stages each tile of keys in shared memory for a group of
+// heads of the token), then runs every head over the same keys.
 #include "kernels/sparse_attention.h"
 
 #include <algorithm>
@@ -13,6 +14,7 @@
 #include "engine/core/contract.h"
 #include "engine/core/error.h"
 #include "engine/core/formats.h"
+#include "kernels/device.h"
 #include "kernels/norm_rope.h"
 
 namespace dsv4::kernels {
@@ -34,9 +36,11 @@ const Contract& structural_contract() {
   return contract;
 }
 
-// The value rules of one cache's (cache, indices, lens) triple; bounds depend on the geometry.
+// The rules of one cache's (cache, indices, lens) triple; bounds depend on the geometry. The value
+// rules read the index and length tensors, so they run for host tensors only (`values`).
 void check_cache_values(const Model1Layout& layout, const char* cache_name, const Tensor& cache, int64_t page_size,
-                        const char* indices_name, const Tensor& indices, const char* lens_name, const Tensor& lens) {
+                        const char* indices_name, const Tensor& indices, const char* lens_name, const Tensor& lens,
+                        Contract::Values values) {
   if (page_size < 1) {
     throw ContractError(kSparseAttentionOp, cache_name, "page_size must be >= 1, got " + std::to_string(page_size));
   }
@@ -46,7 +50,7 @@ void check_cache_values(const Model1Layout& layout, const char* cache_name, cons
       .arg(indices_name).values_in(-1, entries - 1)
       // topk_lengths_clamp1: a length of 0 would make an empty softmax (FlashMLA divides by it).
       .arg(lens_name).values_in(1, indices.size(1))
-      .check({{cache_name, &cache}, {indices_name, &indices}, {lens_name, &lens}});
+      .check({{cache_name, &cache}, {indices_name, &indices}, {lens_name, &lens}}, values);
 }
 
 // Appends the dequantized entries row t references (j < len, -1 skipped) to `keys`.
@@ -83,26 +87,42 @@ void check_sparse_attention_contract(const SparseAttentionArgs& a) {
     throw ContractError(kSparseAttentionOp, !c ? "extra_cache" : (!i ? "extra_indices" : "extra_lens"),
                         "extra_cache, extra_indices and extra_lens are given together or not at all");
   }
-  const std::pair<const char*, const Tensor*> all[] = {
-      {"q", &a.q},                 {"out", &a.out},                     {"attn_sink", &a.attn_sink},
-      {"swa_cache", &a.swa_cache}, {"swa_indices", &a.swa_indices},     {"swa_lens", &a.swa_lens},
-      {"extra_cache", &a.extra_cache}, {"extra_indices", &a.extra_indices}, {"extra_lens", &a.extra_lens}};
-  for (const auto& [name, t] : all) {
-    if (t->defined() && t->device().kind != DeviceKind::host) {
-      throw ContractError(kSparseAttentionOp, name, "needs a host tensor, got one on " + t->device().str());
-    }
-  }
+  // All on one device (a ContractError naming the first argument that differs).
+  const bool gpu = runs_on_gpu(kSparseAttentionOp, {{"q", &a.q},
+                                                    {"out", &a.out},
+                                                    {"attn_sink", &a.attn_sink},
+                                                    {"swa_cache", &a.swa_cache},
+                                                    {"swa_indices", &a.swa_indices},
+                                                    {"swa_lens", &a.swa_lens},
+                                                    {"extra_cache", &a.extra_cache},
+                                                    {"extra_indices", &a.extra_indices},
+                                                    {"extra_lens", &a.extra_lens}});
   const Model1Layout layout = model1_layout(kSparseAttentionOp, a.q.size(2), a.rope_dim, a.kv_block, "kv_block");
+  // Index and length values live in device memory on a GPU: the kernel skips bad ones instead.
+  const Contract::Values values = gpu ? Contract::Values::skip : Contract::Values::check;
   check_cache_values(layout, "swa_cache", a.swa_cache, a.swa_page_size, "swa_indices", a.swa_indices, "swa_lens",
-                     a.swa_lens);
+                     a.swa_lens, values);
   if (has_extra(a)) {
     check_cache_values(layout, "extra_cache", a.extra_cache, a.extra_page_size, "extra_indices", a.extra_indices,
-                       "extra_lens", a.extra_lens);
+                       "extra_lens", a.extra_lens, values);
+  }
+  if (gpu && a.q.size(2) > kSparseAttentionGpuMaxDim) {
+    throw ContractError(kSparseAttentionOp, "q",
+                        "the GPU kernel supports head_dim <= " + std::to_string(kSparseAttentionGpuMaxDim) + ", got " +
+                            std::to_string(a.q.size(2)));
   }
 }
 
 void sparse_attention(const SparseAttentionArgs& a) {
   check_sparse_attention_contract(a);
+  if (runs_on_gpu(kSparseAttentionOp, {{"q", &a.q}, {"out", &a.out}})) {
+#if defined(DSV4_WITH_CUDA)
+    cuda::sparse_attention(a, current_stream());
+    return;
+#else
+    no_gpu_build(kSparseAttentionOp);
+#endif
+  }
   const int64_t tokens = a.q.size(0);
   const int64_t heads = a.q.size(1);
   const int64_t dim = a.q.size(2);

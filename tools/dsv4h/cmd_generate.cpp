@@ -158,8 +158,9 @@ int cmd_generate(const std::vector<std::string>& argv, std::ostream& out) {
     for (const auto& r : workload) oracle->add_request(r.id, r.prompt_ids);
   }
 
-  out << "config " << config.source << ", weights " << source.description() << ", backend sim, schedule "
-      << sim.schedule.str() << ", graph " << (eo.graphs ? "on" : "off") << ", multi-stream "
+  out << "config " << config.source << ", weights " << source.description() << ", backend " << rt::backend_name(backend);
+  if (backend == rt::BackendKind::sim) out << ", schedule " << sim.schedule.str();
+  out << ", graph " << (eo.graphs ? "on" : "off") << ", multi-stream "
       << (eo.multi_stream ? "on" : "off");
   if (!eo.pp_partition.empty()) {
     out << ", pp " << eo.pp_partition.size() << " (";
@@ -197,7 +198,7 @@ int cmd_generate(const std::vector<std::string>& argv, std::ostream& out) {
       << engine.graphs_captured() << ", graph replays " << engine.graph_replays() << ", metadata upgrades "
       << engine.metadata_upgrades();
   if (const auto* simulated = dynamic_cast<const rt::SimRuntime*>(&runtime)) out << ", sim ops " << simulated->ops_executed();
-  out << ", backend " << rt::backend_name(backend) << "\n";
+  out << "\n";
   if (eo.draft_tokens > 0) {
     char rate[96];
     std::snprintf(rate, sizeof rate, "speculative decoding: %lld of %lld drafts accepted (%.1f%%)\n",

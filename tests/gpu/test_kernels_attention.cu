@@ -1,0 +1,553 @@
+// GPU tests of sparse_attention (kernels/sparse_attention.h, kernels/cuda/sparse_attention.cu): the
+// same random inputs through the entry point on host tensors and on device tensors, over T in
+// {0, 1, 2, 7, 64}, Flash geometry (D 512, rope 64, scale block 64) and micro geometry (D 64, rope
+// 16, scale block 16), window-only, c4-like (large compressed pages, a top-k list) and c128-like
+// (pages of 2 entries, every compressed entry) layers; windows and compressed lists padded with -1
+// and with valid-looking indices past each length (which must not be read); rows with no valid key
+// (output 0). Also: the quant-sim reference, reruns bitwise identical, bad device indices and
+// lengths skipped without reading out of bounds, sinks at the extremes, a non-default stream and a
+// CUDA graph capture, and the contract on device tensors.
+//
+// Tolerance against the host (expect_matches_host): the kernel follows the host's order of f32
+// operations bit for bit except exp (a double exp rounded to f32 on the GPU, libm's expf on the
+// host: they differ by one f32 ulp on ~0.06% of inputs). A differing p moves the denominator by one
+// f32 ulp of p, so an output can move by one bf16 ulp; and should bf16(p) round the other way, by
+// at most 2^-8 * p / denominator * |v| <= |v| / 256 with |v| bounded by the token's largest key
+// element. So each output either has the host's bf16 code or lies within one bf16 ulp plus
+// max|k| / 256 of it, and at most 0.1% (+2) of the outputs may differ at all (in practice none).
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <limits>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "engine/config/model_config.h"
+#include "engine/core/allocator.h"
+#include "engine/core/error.h"
+#include "engine/core/formats.h"
+#include "engine/core/tensor.h"
+#include "kernels/cuda/port.h"
+#include "kernels/device.h"
+#include "kernels/norm_rope.h"
+#include "kernels/sparse_attention.h"
+#include "reference/attention.h"
+#include "reference/context.h"
+
+namespace dsv4::kernels {
+namespace {
+
+#define DSV4_REQUIRE_GPU()                                          \
+  do {                                                              \
+    if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device"; \
+  } while (0)
+
+constexpr int64_t kTokenCounts[] = {0, 1, 2, 7, 64};
+
+struct Geometry {
+  std::string preset;
+  int64_t dim = 0, rope = 0, block = 0;
+  Model1Layout layout() const { return model1_layout(kSparseAttentionOp, dim, rope, block, "kv_block"); }
+};
+
+Geometry geometry(const std::string& preset) {
+  const ModelConfig c = load_model_config(preset);
+  return Geometry{preset, c.head_dim, c.rope_head_dim, c.kv_block_size};
+}
+
+struct CacheSpec {
+  int64_t pages = 0, page_size = 0, topk = 0;  // pages == 0: no such cache
+};
+
+float rand_bf16(std::mt19937_64& rng, float lo, float hi) {
+  return round_bf16(std::uniform_real_distribution<float>(lo, hi)(rng));
+}
+
+// One MODEL1 cache, its dequantized entries (by location) and the per-token index rows.
+struct Pool {
+  int64_t page_size = 0;
+  Tensor bytes;                          // u8 [pages, page_bytes]
+  std::vector<std::vector<float>> keys;  // model1_unpack of every location
+  Tensor indices, lens;                  // i32 [T, topk], i32 [T]
+};
+
+// Entries from random rows with one magnitude per `block` dims (distinct FP8 scales); rows of
+// indices with a length in [1, topk], -1 inside it, and -1 or valid-looking indices past it. Tokens
+// with t % 5 == 4 have no valid index inside their length.
+Pool make_pool(const Geometry& g, const CacheSpec& s, int64_t tokens, std::mt19937_64& rng, const std::string& name) {
+  const Model1Layout l = g.layout();
+  Pool p;
+  p.page_size = s.page_size;
+  p.bytes = Tensor::empty({s.pages, l.page_bytes(s.page_size)}, DType::u8, name);
+  auto* raw = p.bytes.data<uint8_t>();
+  std::fill(raw, raw + p.bytes.numel(), uint8_t{0x5A});  // page padding: garbage the kernel must not use
+  const int64_t entries = s.pages * s.page_size;
+  std::vector<float> row(static_cast<size_t>(g.dim));
+  for (int64_t loc = 0; loc < entries; ++loc) {
+    for (int64_t b = 0; b < g.dim / g.block; ++b) {
+      const float mag = std::ldexp(1.0f, static_cast<int>(rng() % 9) - 4);
+      for (int64_t i = 0; i < g.block; ++i) row[static_cast<size_t>(b * g.block + i)] = rand_bf16(rng, -mag, mag);
+    }
+    model1_pack(l, s.page_size, row.data(), raw, loc);
+    std::vector<float> key(static_cast<size_t>(g.dim));
+    model1_unpack(l, s.page_size, raw, loc, key.data());
+    p.keys.push_back(std::move(key));
+  }
+  p.indices = Tensor::empty({tokens, s.topk}, DType::i32, name + "_indices");
+  p.lens = Tensor::empty({tokens}, DType::i32, name + "_lens");
+  auto* idx = p.indices.data<int32_t>();
+  auto* len = p.lens.data<int32_t>();
+  for (int64_t t = 0; t < tokens; ++t) {
+    len[t] = static_cast<int32_t>(1 + rng() % static_cast<uint64_t>(s.topk));
+    for (int64_t j = 0; j < s.topk; ++j) {
+      const bool pad = t % 5 == 4 && j < len[t] ? true : (j < len[t] ? rng() % 5 == 0 : rng() % 2 == 0);
+      idx[t * s.topk + j] = pad ? -1 : static_cast<int32_t>(rng() % static_cast<uint64_t>(entries));
+    }
+  }
+  return p;
+}
+
+struct Case {
+  Geometry g;
+  int64_t tokens = 0, heads = 0;
+  std::vector<float> q;     // [T, H, D] bf16 values
+  std::vector<float> sink;  // [H]
+  Tensor q_t, sink_t;
+  Pool swa, extra;
+  bool with_extra = false;
+
+  // Host arguments writing a fresh host `out`.
+  SparseAttentionArgs args() const {
+    SparseAttentionArgs a;
+    a.q = q_t;
+    a.attn_sink = sink_t;
+    a.swa_cache = swa.bytes;
+    a.swa_page_size = swa.page_size;
+    a.swa_indices = swa.indices;
+    a.swa_lens = swa.lens;
+    if (with_extra) {
+      a.extra_cache = extra.bytes;
+      a.extra_page_size = extra.page_size;
+      a.extra_indices = extra.indices;
+      a.extra_lens = extra.lens;
+    }
+    a.scale = 1.0f / std::sqrt(static_cast<float>(g.dim));
+    a.rope_dim = g.rope;
+    a.kv_block = g.block;
+    a.out = Tensor::empty({tokens, heads, g.dim}, DType::bf16, "out");
+    return a;
+  }
+
+  // The valid keys of token t in the kernel's order (window, then compressed), as floats.
+  std::vector<const float*> keys(int64_t t) const {
+    std::vector<const float*> out;
+    auto add = [&](const Pool& p) {
+      const int64_t topk = p.indices.size(1);
+      const int32_t len = p.lens.data<int32_t>()[t];
+      for (int64_t j = 0; j < len; ++j) {
+        const int32_t i = p.indices.data<int32_t>()[t * topk + j];
+        if (i >= 0) out.push_back(p.keys[static_cast<size_t>(i)].data());
+      }
+    };
+    add(swa);
+    if (with_extra) add(extra);
+    return out;
+  }
+};
+
+Case make_case(const std::string& preset, uint64_t seed, int64_t tokens, int64_t heads, const CacheSpec& swa,
+               const CacheSpec& extra = {}) {
+  std::mt19937_64 rng(seed);
+  Case c;
+  c.g = geometry(preset);
+  c.tokens = tokens;
+  c.heads = heads;
+  for (int64_t i = 0; i < tokens * heads * c.g.dim; ++i) c.q.push_back(rand_bf16(rng, -3.0f, 3.0f));
+  for (int64_t h = 0; h < heads; ++h) c.sink.push_back(std::uniform_real_distribution<float>(-2.0f, 4.0f)(rng));
+  c.q_t = Tensor::empty({tokens, heads, c.g.dim}, DType::bf16, "q");
+  for (size_t i = 0; i < c.q.size(); ++i) c.q_t.data<uint16_t>()[i] = f32_to_bf16(c.q[i]);
+  c.sink_t = Tensor::empty({heads}, DType::f32, "attn_sink");
+  std::copy(c.sink.begin(), c.sink.end(), c.sink_t.data<float>());
+  c.swa = make_pool(c.g, swa, tokens, rng, "swa_cache");
+  c.with_extra = extra.pages > 0;
+  if (c.with_extra) c.extra = make_pool(c.g, extra, tokens, rng, "extra_cache");
+  return c;
+}
+
+Tensor on(Allocator& device, const Tensor& t) { return t.defined() ? t.to(device) : Tensor(); }
+
+// The same arguments with every tensor copied to `device` and a fresh (poisoned) device `out`.
+SparseAttentionArgs to_device(const SparseAttentionArgs& h, Allocator& device) {
+  SparseAttentionArgs d = h;
+  d.q = on(device, h.q);
+  d.attn_sink = on(device, h.attn_sink);
+  d.swa_cache = on(device, h.swa_cache);
+  d.swa_indices = on(device, h.swa_indices);
+  d.swa_lens = on(device, h.swa_lens);
+  d.extra_cache = on(device, h.extra_cache);
+  d.extra_indices = on(device, h.extra_indices);
+  d.extra_lens = on(device, h.extra_lens);
+  d.out = Tensor::empty(h.out.shape(), DType::bf16, device, "out");
+  return d;
+}
+
+std::vector<uint16_t> codes(const Tensor& t) {
+  const Tensor h = t.device().kind == DeviceKind::host ? t : t.to(default_host_allocator());
+  const auto* p = h.data<const uint16_t>();
+  return std::vector<uint16_t>(p, p + h.numel());
+}
+
+std::vector<uint16_t> run_host(const SparseAttentionArgs& a) {
+  sparse_attention(a);
+  return codes(a.out);
+}
+
+std::vector<uint16_t> run_device(const SparseAttentionArgs& d) {
+  sparse_attention(d);
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  return codes(d.out);
+}
+
+float bf16_ulp(float x) {
+  const uint16_t c = static_cast<uint16_t>(f32_to_bf16(std::fabs(x)) & 0x7FFFu);
+  if (c >= 0x7F7Fu) return std::numeric_limits<float>::infinity();
+  return bf16_to_f32(static_cast<uint16_t>(c + 1)) - bf16_to_f32(c);
+}
+
+// See the file comment for the bound.
+void expect_matches_host(const Case& c, const std::vector<uint16_t>& got, const std::vector<uint16_t>& want,
+                         const std::string& what) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  const int64_t D = c.g.dim;
+  int64_t differing = 0, reported = 0;
+  for (int64_t t = 0; t < c.tokens; ++t) {
+    float kmax = 0.0f;
+    for (const float* k : c.keys(t)) {
+      for (int64_t i = 0; i < D; ++i) kmax = std::max(kmax, std::fabs(k[i]));
+    }
+    for (int64_t e = t * c.heads * D; e < (t + 1) * c.heads * D; ++e) {
+      const uint16_t g = got[static_cast<size_t>(e)], w = want[static_cast<size_t>(e)];
+      if (g == w) continue;
+      ++differing;
+      const float gv = bf16_to_f32(g), wv = bf16_to_f32(w);
+      const float bound = bf16_ulp(wv) + kmax / 256.0f;
+      if (!(std::fabs(gv - wv) <= bound) && reported++ < 5) {
+        ADD_FAILURE() << what << ": token " << t << " head " << (e / D) % c.heads << " dim " << e % D << " GPU "
+                      << gv << " (0x" << std::hex << g << ") host " << wv << " (0x" << w << std::dec
+                      << ") beyond " << bound;
+      }
+    }
+  }
+  const auto total = static_cast<int64_t>(want.size());
+  if (differing > 0) std::printf("%s: %lld of %lld bf16 outputs differ from the host\n", what.c_str(),
+                                 static_cast<long long>(differing), static_cast<long long>(total));
+  EXPECT_LE(differing, total / 1000 + 2) << what;
+}
+
+// The host and the GPU on one case; the device allocator's guards intact afterwards.
+void check_case(const Case& c, const std::string& what) {
+  Allocator device(*cuda_memory(0), AllocatorMode::testing);
+  const SparseAttentionArgs h = c.args();
+  const std::vector<uint16_t> want = run_host(h);
+  const SparseAttentionArgs d = to_device(h, device);
+  const std::vector<uint16_t> got = run_device(d);
+  expect_matches_host(c, got, want, what);
+  EXPECT_TRUE(device.check_guards().empty()) << what;
+}
+
+void sweep(const std::string& preset, int64_t heads, const CacheSpec& swa, const CacheSpec& extra, uint64_t seed,
+           const std::string& what) {
+  for (int64_t tokens : kTokenCounts) {
+    const Case c = make_case(preset, seed + static_cast<uint64_t>(tokens), tokens, heads, swa, extra);
+    check_case(c, what + " T=" + std::to_string(tokens));
+  }
+}
+
+// ---- host vs GPU ----------------------------------------------------------------------------------
+
+TEST(GpuSparseAttention, FlashWindowOnlyMatchesHost) {
+  DSV4_REQUIRE_GPU();
+  // A window of 128 over pages of 64 entries.
+  sweep("flash", 4, {4, 64, 128}, {}, 100, "flash window");
+}
+
+TEST(GpuSparseAttention, FlashC4MatchesHost) {
+  DSV4_REQUIRE_GPU();
+  // c4-like: a top-k list of 64 over a compressed pool of 4 pages of 64 entries; three heads (a
+  // partial head group).
+  sweep("flash", 3, {3, 16, 32}, {4, 64, 64}, 200, "flash c4");
+}
+
+TEST(GpuSparseAttention, FlashC128MatchesHost) {
+  DSV4_REQUIRE_GPU();
+  // c128-like: pages of 2 compressed entries, every one of them listed.
+  sweep("flash", 5, {2, 64, 128}, {5, 2, 10}, 300, "flash c128");
+}
+
+TEST(GpuSparseAttention, FlashAllHeadsMatchesHost) {
+  DSV4_REQUIRE_GPU();
+  // Flash's 64 heads: full groups of 8 heads at T = 64, smaller groups at small T.
+  for (int64_t tokens : {1, 8, 64}) {
+    const Case c = make_case("flash", 400 + static_cast<uint64_t>(tokens), tokens, 64, {3, 16, 32}, {2, 64, 48});
+    check_case(c, "flash 64 heads T=" + std::to_string(tokens));
+  }
+}
+
+TEST(GpuSparseAttention, MicroMatchesHost) {
+  DSV4_REQUIRE_GPU();
+  ASSERT_EQ(geometry("micro").block, 16);
+  ASSERT_EQ(geometry("micro").dim, 64);
+  sweep("micro", 4, {2, 32, 64}, {}, 500, "micro window");
+  sweep("micro", 4, {2, 32, 64}, {2, 16, 16}, 600, "micro c4");
+  sweep("micro", 4, {2, 32, 64}, {5, 4, 20}, 700, "micro c16");
+  // Many micro heads: groups of 64 heads per block (D 64; T = 256 keeps the full group size), the
+  // last group partial.
+  const Case c = make_case("micro", 800, 256, 70, {2, 32, 64}, {2, 16, 16});
+  check_case(c, "micro 70 heads");
+}
+
+TEST(GpuSparseAttention, SinksAtTheExtremesMatchHost) {
+  DSV4_REQUIRE_GPU();
+  Case c = make_case("flash", 900, 7, 4, {3, 16, 32}, {5, 2, 10});
+  // -inf (no sink), a dominant sink, a tiny one, 0.
+  const float sinks[] = {-std::numeric_limits<float>::infinity(), 60.0f, -60.0f, 0.0f};
+  std::copy(std::begin(sinks), std::end(sinks), c.sink_t.data<float>());
+  check_case(c, "extreme sinks");
+}
+
+// ---- against the quant-sim reference ---------------------------------------------------------------
+
+// The unit test's tolerance (tests/unit/test_kernels_attention.cpp expect_close): fp32 against the
+// reference's f64 sums, so a bf16 rounding of P or of an output may flip by one ulp.
+void expect_close_to_reference(const Case& c, const std::vector<uint16_t>& got, const std::string& what) {
+  const ModelConfig config = load_model_config(c.g.preset);
+  const ref::Context ctx{config, ref::Numerics{ref::Mode::quant_sim}};
+  const int64_t D = c.g.dim;
+  const float scale = 1.0f / std::sqrt(static_cast<float>(D));
+  std::vector<float> want(static_cast<size_t>(D));
+  double max_rel = 0;
+  int64_t differing = 0, total = 0;
+  for (int64_t t = 0; t < c.tokens; ++t) {
+    const std::vector<const float*> keys = c.keys(t);
+    for (int64_t h = 0; h < c.heads; ++h) {
+      ref::attention_head(ctx, c.q.data() + (t * c.heads + h) * D, keys, D, c.sink[static_cast<size_t>(h)], scale,
+                          want.data());
+      double peak = 0;
+      for (float w : want) peak = std::max(peak, static_cast<double>(std::fabs(w)));
+      for (int64_t i = 0; i < D; ++i) {
+        const uint16_t g = got[static_cast<size_t>((t * c.heads + h) * D + i)];
+        const float w = want[static_cast<size_t>(i)];
+        ++total;
+        if (g != f32_to_bf16(w)) ++differing;
+        const double err = std::fabs(static_cast<double>(bf16_to_f32(g)) - w);
+        max_rel = std::max(max_rel, peak > 0 ? err / peak : err);
+      }
+    }
+  }
+  std::printf("%s: max rel err %.3g, %lld of %lld bf16 outputs differ from the reference\n", what.c_str(), max_rel,
+              static_cast<long long>(differing), static_cast<long long>(total));
+  EXPECT_LE(max_rel, 1.0 / 128) << what;
+  EXPECT_LE(differing * 100, total) << what << ": more than 1% of the bf16 outputs differ";
+}
+
+TEST(GpuSparseAttention, MatchesReference) {
+  DSV4_REQUIRE_GPU();
+  Allocator device(*cuda_memory(0), AllocatorMode::testing);
+  struct Shape {
+    std::string preset;
+    int64_t tokens, heads;
+    CacheSpec swa, extra;
+  };
+  const Shape shapes[] = {{"flash", 7, 4, {3, 16, 32}, {4, 64, 64}},
+                          {"flash", 7, 4, {3, 16, 32}, {}},
+                          {"micro", 7, 4, {2, 32, 64}, {5, 4, 20}}};
+  uint64_t seed = 1000;
+  for (const Shape& s : shapes) {
+    const Case c = make_case(s.preset, ++seed, s.tokens, s.heads, s.swa, s.extra);
+    const std::vector<uint16_t> got = run_device(to_device(c.args(), device));
+    expect_close_to_reference(c, got, s.preset + (s.extra.pages > 0 ? " with compressed entries" : " window only"));
+  }
+}
+
+// ---- determinism, streams, graphs ----------------------------------------------------------------
+
+TEST(GpuSparseAttention, RerunsAreBitwiseIdentical) {
+  DSV4_REQUIRE_GPU();
+  Allocator device(*cuda_memory(0), AllocatorMode::testing);
+  for (const char* preset : {"flash", "micro"}) {
+    const Case c = make_case(preset, 1100, 64, 16, {3, 16, 32}, {4, 16, 24});
+    const SparseAttentionArgs d = to_device(c.args(), device);
+    const std::vector<uint16_t> first = run_device(d);
+    for (int run = 1; run < 10; ++run) {
+      d.out.storage()->space().copy_from_host(d.out.data_ptr(), std::vector<uint8_t>(d.out.storage()->bytes(), 0xFF).data(),
+                                              d.out.storage()->bytes());
+      ASSERT_EQ(run_device(d), first) << preset << " run " << run;
+    }
+  }
+}
+
+TEST(GpuSparseAttention, RunsOnTheCurrentStreamAndInAGraph) {
+  DSV4_REQUIRE_GPU();
+  Allocator device(*cuda_memory(0), AllocatorMode::testing);
+  const Case c = make_case("flash", 1200, 7, 8, {3, 16, 32}, {4, 64, 64});
+  const std::vector<uint16_t> want = run_host(c.args());
+  cudaStream_t stream = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+  {
+    // Enqueued on the current stream.
+    const SparseAttentionArgs d = to_device(c.args(), device);
+    {
+      StreamScope scope(stream);
+      sparse_attention(d);
+    }
+    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+    expect_matches_host(c, codes(d.out), want, "on a stream");
+  }
+  {
+    // Captured into a graph (no allocation, no synchronization inside the entry point).
+    const SparseAttentionArgs d = to_device(c.args(), device);
+    cudaGraph_t graph = nullptr;
+    cudaGraphExec_t exec = nullptr;
+    ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+    {
+      StreamScope scope(stream);
+      sparse_attention(d);
+    }
+    ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
+    ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+    ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
+    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+    expect_matches_host(c, codes(d.out), want, "graph replay");
+    EXPECT_EQ(cudaGraphExecDestroy(exec), cudaSuccess);
+    EXPECT_EQ(cudaGraphDestroy(graph), cudaSuccess);
+  }
+  EXPECT_EQ(cudaStreamDestroy(stream), cudaSuccess);
+}
+
+// ---- bad values on the device, and the contract ----------------------------------------------------
+
+TEST(GpuSparseAttention, BadDeviceIndicesAndLengthsAreSkipped) {
+  DSV4_REQUIRE_GPU();
+  Allocator device(*cuda_memory(0), AllocatorMode::testing);
+  const Case c = make_case("flash", 1300, 7, 4, {3, 16, 32}, {5, 2, 10});
+  const SparseAttentionArgs h = c.args();
+  // Device copies with values the host contract rejects: indices past the cache or below -1,
+  // lengths of 0, below 0 and past the top-k.
+  SparseAttentionArgs bad = h;
+  bad.swa_indices = h.swa_indices.clone("swa_indices");
+  bad.swa_lens = h.swa_lens.clone("swa_lens");
+  bad.extra_indices = h.extra_indices.clone("extra_indices");
+  bad.extra_lens = h.extra_lens.clone("extra_lens");
+  int32_t* si = bad.swa_indices.data<int32_t>();
+  int32_t* sl = bad.swa_lens.data<int32_t>();
+  int32_t* ei = bad.extra_indices.data<int32_t>();
+  int32_t* el = bad.extra_lens.data<int32_t>();
+  si[0] = 48;  // 3 pages x 16 entries: one past the last
+  si[1] = -7;
+  si[2] = INT_MAX;
+  si[32 + 3] = INT_MIN;
+  sl[2] = 0;
+  sl[3] = -5;
+  sl[4] = 1000;
+  el[0] = 0;
+  el[1] = 11;
+  ei[10 * 1 + 0] = 10;  // 5 pages x 2 entries: one past the last
+  EXPECT_THROW(sparse_attention(bad), ContractError) << "the host checks the values";
+  const SparseAttentionArgs d = to_device(bad, device);
+  const std::vector<uint16_t> got = run_device(d);  // no ContractError: values are not read on the host
+  EXPECT_TRUE(device.check_guards().empty());
+  // The host on the sanitized values: bad indices become -1, lengths clamp to [0, topk] (a length
+  // of 0 as a length of 1 over a -1).
+  auto sanitize = [](Tensor& idx, Tensor& len, int64_t entries) {
+    const int64_t topk = idx.size(1);
+    for (int64_t t = 0; t < len.size(0); ++t) {
+      int32_t& l = len.data<int32_t>()[t];
+      int32_t* row = idx.data<int32_t>() + t * topk;
+      for (int64_t j = 0; j < topk; ++j) {
+        if (row[j] < 0 || row[j] >= entries) row[j] = -1;
+      }
+      if (l <= 0) {
+        l = 1;
+        row[0] = -1;
+      }
+      l = std::min<int32_t>(l, static_cast<int32_t>(topk));
+    }
+  };
+  SparseAttentionArgs fixed = bad;
+  fixed.out = Tensor::empty(h.out.shape(), DType::bf16, "out");
+  sanitize(fixed.swa_indices, fixed.swa_lens, 48);
+  sanitize(fixed.extra_indices, fixed.extra_lens, 10);
+  Case sanitized = c;  // the tolerance's |k| bound over the sanitized rows' keys
+  sanitized.swa.indices = fixed.swa_indices;
+  sanitized.swa.lens = fixed.swa_lens;
+  sanitized.extra.indices = fixed.extra_indices;
+  sanitized.extra.lens = fixed.extra_lens;
+  expect_matches_host(sanitized, got, run_host(fixed), "sanitized bad values");
+}
+
+std::string contract_argument(const SparseAttentionArgs& a) {
+  try {
+    sparse_attention(a);
+  } catch (const ContractError& e) {
+    EXPECT_EQ(e.op(), kSparseAttentionOp);
+    return e.argument();
+  }
+  return "";
+}
+
+TEST(GpuSparseAttention, ContractOnDeviceTensors) {
+  DSV4_REQUIRE_GPU();
+  Allocator device(*cuda_memory(0), AllocatorMode::testing);
+  const Case c = make_case("flash", 1400, 3, 2, {3, 16, 32}, {4, 64, 64});
+  const SparseAttentionArgs h = c.args();
+  const SparseAttentionArgs d = to_device(h, device);
+  EXPECT_EQ(contract_argument(d), "");
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  // No strided tensor is allowed: a transposed q or out is rejected.
+  SparseAttentionArgs a = d;
+  a.q = d.q.transpose(0, 1);
+  EXPECT_EQ(contract_argument(a), "q");
+  a = d;
+  a.out = d.out.transpose(0, 1);
+  EXPECT_EQ(contract_argument(a), "out");
+  // One device for all: a host cache beside device tensors names the cache.
+  a = d;
+  a.swa_cache = h.swa_cache;
+  EXPECT_EQ(contract_argument(a), "swa_cache");
+  a = d;
+  a.extra_lens = h.extra_lens;
+  EXPECT_EQ(contract_argument(a), "extra_lens");
+  // The shape rules hold on the device as on the host.
+  a = d;
+  a.swa_page_size = 8;
+  EXPECT_EQ(contract_argument(a), "swa_cache");
+  a = d;
+  a.kv_block = 48;
+  EXPECT_EQ(contract_argument(a), "kv_block");
+  a = d;
+  a.extra_lens = Tensor();
+  EXPECT_EQ(contract_argument(a), "extra_lens");
+  // Past the kernel's head_dim limit (D 4160 = nope 4096 + rope 64): a GPU-only rule.
+  const int64_t big = kSparseAttentionGpuMaxDim + 64;
+  const Model1Layout l = model1_layout(kSparseAttentionOp, big, 64, 64, "kv_block");
+  SparseAttentionArgs b;
+  b.q = Tensor::empty({1, 1, big}, DType::bf16, device, "q");
+  b.out = Tensor::empty({1, 1, big}, DType::bf16, device, "out");
+  b.attn_sink = Tensor::empty({1}, DType::f32, device, "attn_sink");
+  b.swa_cache = Tensor::empty({1, l.page_bytes(1)}, DType::u8, device, "swa_cache");
+  b.swa_page_size = 1;
+  b.swa_indices = Tensor::empty({1, 1}, DType::i32, device, "swa_indices");
+  b.swa_lens = Tensor::empty({1}, DType::i32, device, "swa_lens");
+  b.scale = 1.0f;
+  b.rope_dim = 64;
+  b.kv_block = 64;
+  EXPECT_EQ(contract_argument(b), "q");
+}
+
+}  // namespace
+}  // namespace dsv4::kernels
