@@ -90,7 +90,8 @@ int64_t compress_history_start(int64_t start_pos, int64_t ratio);
 
 // ContractError for a bad ratio, a short state_rows span, or a used row outside [0, state_row_count).
 // store_every_row: every token writes its state row (speculative TARGET_VERIFY: a rejected tail
-// leaves blocks this batch completed to be pooled again by the next batch, from the state).
+// leaves blocks this batch completed to be pooled again by the next batch, from the state), except
+// the last token of a non-overlapping block, whose row no later batch reads.
 CompressPlan build_compress_plan(std::span<const CompressRequestBatch> requests, int64_t ratio,
                                  int64_t state_row_count, bool store_every_row = false);
 

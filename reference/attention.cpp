@@ -57,6 +57,14 @@ void Attention::reset() {
   if (indexer_) indexer_->reset();
 }
 
+void Attention::restore_window(WindowState state) {
+  DSV4_ASSERT(ratio_ == 0, "only a window-only layer's state is its window");
+  DSV4_ASSERT(state.kv.rows == window_kv_.rows && state.kv.cols == window_kv_.cols && state.pos.size() == window_pos_.size(),
+              "a window state of this layer");
+  window_kv_ = std::move(state.kv);
+  window_pos_ = std::move(state.pos);
+}
+
 void Attention::query(const Context& ctx, const Mat& x, int64_t start_pos, Mat& q, Mat& qr) const {
   qr = rms_norm(ctx, linear(ctx, x, weights_.get(prefix_ + ".wq_a.weight"), LinearKind::fp8),
                 weights_.get(prefix_ + ".q_norm.weight"));

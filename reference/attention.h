@@ -33,6 +33,15 @@ class Attention {
   // x: [T, dim], the attn_norm output at positions start_pos .. start_pos + T - 1. Returns [T, dim].
   Mat forward(const Context& ctx, const Mat& x, int64_t start_pos);
 
+  // The sliding window's ring, saved and put back around calls whose positions are scratch (the
+  // MTP block's EAGLE chain). Window-only layers: compressed entries and state are not part of it.
+  struct WindowState {
+    Mat kv;
+    std::vector<int64_t> pos;
+  };
+  WindowState window_state() const { return {window_kv_, window_pos_}; }
+  void restore_window(WindowState state);
+
  private:
   // The query path: q [T, n_heads * head_dim] (normed, rotated) and qr [T, q_lora_rank].
   void query(const Context& ctx, const Mat& x, int64_t start_pos, Mat& q, Mat& qr) const;

@@ -90,7 +90,7 @@ Model::Output Model::forward(const Context& ctx, const std::vector<int64_t>& tok
 }
 
 Mat Model::mtp_forward(const Context& ctx, const Mat& hidden, const std::vector<int64_t>& next_tokens,
-                       int64_t start_pos) {
+                       int64_t start_pos, Mat* residual_out) {
   DSV4_ASSERT(mtp_ != nullptr, "the config has no MTP block");
   DSV4_ASSERT(hidden.rows == static_cast<int64_t>(next_tokens.size()), "one next token per hidden row");
   const int64_t d = config_.dim;
@@ -110,7 +110,24 @@ Mat Model::mtp_forward(const Context& ctx, const Mat& hidden, const std::vector<
   R = mtp_->forward(ctx, R, next_tokens, start_pos);
   Mat logits = head(ctx, R, "mtp.0.", "mtp.0.norm.weight");
   ctx.record("mtp.logits", logits);
+  if (residual_out != nullptr) *residual_out = std::move(R);
   return logits;
+}
+
+std::vector<Mat> Model::mtp_chain(const Context& ctx, const Mat& hidden, const std::vector<int64_t>& tokens,
+                                  int64_t start_pos) {
+  DSV4_ASSERT(mtp_ != nullptr, "the config has no MTP block");
+  DSV4_ASSERT(hidden.rows == 1, "the chain starts from one residual row");
+  Attention::WindowState saved = mtp_->window_state();
+  std::vector<Mat> out;
+  Mat h = hidden;
+  for (size_t i = 0; i < tokens.size(); ++i) {
+    Mat R;
+    out.push_back(mtp_forward(ctx, h, {tokens[i]}, start_pos + static_cast<int64_t>(i), &R));
+    h = std::move(R);
+  }
+  mtp_->restore_window(std::move(saved));
+  return out;
 }
 
 }  // namespace dsv4::ref

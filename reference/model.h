@@ -23,6 +23,8 @@ class Block {
   void reset();
   // R: [T, hc_mult * dim] residual in, residual out.
   Mat forward(const Context& ctx, const Mat& R, const std::vector<int64_t>& token_ids, int64_t start_pos);
+  Attention::WindowState window_state() const { return attn_.window_state(); }
+  void restore_window(Attention::WindowState state) { attn_.restore_window(std::move(state)); }
 
  private:
   const Weights& weights_;
@@ -46,7 +48,14 @@ class Model {
   // The MTP block (the first one): hidden [T, hc_mult * dim] = the main model's final residuals of
   // positions start_pos.., next_tokens[t] = the token at position start_pos + t + 1. Returns the draft
   // logits [1, vocab] for the last row (a prediction of the token at start_pos + T + 1).
-  Mat mtp_forward(const Context& ctx, const Mat& hidden, const std::vector<int64_t>& next_tokens, int64_t start_pos);
+  // `residual_out`, when given, receives the block's output residual [T, hc_mult * dim].
+  Mat mtp_forward(const Context& ctx, const Mat& hidden, const std::vector<int64_t>& next_tokens, int64_t start_pos,
+                  Mat* residual_out = nullptr);
+  // EAGLE chain drafting with the MTP block: step i runs it at position start_pos + i on the previous
+  // step's output residual (step 0: `hidden`, [1, hc_mult * dim], the block's output at start_pos - 1)
+  // and token tokens[i] (the previous draft). Returns each step's draft logits [1, vocab]. The
+  // block's window is put back afterwards: the chain's positions are scratch.
+  std::vector<Mat> mtp_chain(const Context& ctx, const Mat& hidden, const std::vector<int64_t>& tokens, int64_t start_pos);
 
   const ModelConfig& config() const { return config_; }
 

@@ -1,6 +1,7 @@
 #include "engine/model/model_runner.h"
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstring>
 #include <limits>
@@ -71,6 +72,25 @@ void upload_vec(rt::Runtime& rt, const DeviceTensor& d, const std::vector<T>& v)
   if (!v.empty()) rt.upload(d.buffer, 0, v.data(), v.size() * sizeof(T));
 }
 
+// The bytes of compressed entry `loc`: a MODEL1 entry's values and its scales (two spans), or an
+// indexer key's `dims` floats (one span, the second empty).
+struct Span {
+  int64_t offset = 0, bytes = 0;
+};
+std::array<Span, 2> entry_spans(bool indexer, int64_t dims, const kernels::Model1Layout& l, int64_t page_entries,
+                                int64_t loc) {
+  if (indexer) return {Span{loc * dims * 4, dims * 4}, Span{}};
+  const int64_t page = (loc / page_entries) * l.page_bytes(page_entries), slot = loc % page_entries;
+  return {Span{page + slot * l.value_bytes(), l.value_bytes()},
+          Span{page + page_entries * l.value_bytes() + slot * l.scale_bytes(), l.scale_bytes()}};
+}
+
+int64_t entry_bytes(bool indexer, int64_t dims, const kernels::Model1Layout& l) {
+  return indexer ? dims * 4 : l.value_bytes() + l.scale_bytes();
+}
+
+int32_t argmax_row(const float* row, int64_t V) { return static_cast<int32_t>(std::max_element(row, row + V) - row); }
+
 ref::Mat to_mat(const Tensor& t, int64_t rows, int64_t cols) {
   const std::vector<double> v = t.values();
   DSV4_ASSERT(static_cast<int64_t>(v.size()) == rows * cols, "a probe holds rows x cols values");
@@ -100,6 +120,9 @@ struct ModelRunner::Layer {
   std::vector<kernels::ExpertWeights> experts;  // the routed experts' weights and scales
   DeviceTensor expert_table;        // [E, 6] i64: their device pointers (moe_experts on a GPU)
   kernels::CompressStateLayout idx_state_layout;
+  // Speculative verify batches: what the drafts' entries and state rows overwrite, saved before
+  // they do (slot j of the backup = candidate j of the ratio's ScrubCandidates).
+  DeviceTensor comp_backup, state_backup, idx_keys_backup, idx_state_backup;
 };
 
 struct ModelRunner::Streams {
@@ -186,10 +209,6 @@ ModelRunner::ModelRunner(rt::Runtime& runtime, const ModelConfig& config, const 
   if (engine_options_.draft_tokens > 0 && !engine_options_.mtp) {
     throw InputError(src, "draft_tokens", "speculative decoding drafts with the MTP block (--mtp)");
   }
-  if (engine_options_.draft_tokens > 1) {
-    throw InputError(src, "draft_tokens", "the MTP block drafts one token per step (sglang's setting); " +
-                                              std::to_string(engine_options_.draft_tokens) + " needs chained drafting");
-  }
   if (engine_options_.draft_tokens > 0 && !options_.speculative) {
     throw InputError("runtime options", "speculative",
                      "must be true with speculative decoding: the rings double so that drafts never overwrite "
@@ -255,7 +274,10 @@ ModelRunner::ModelRunner(rt::Runtime& runtime, const ModelConfig& config, const 
   for (int64_t l = layer_begin_; l < layer_end_; ++l) layers_.push_back(make_layer(l, "layers." + std::to_string(l)));
   if (engine_options_.mtp && is_last_stage()) {
     if (config_.n_mtp_layers < 1) throw InputError("--mtp", "", "the config has no MTP block (n_mtp_layers = 0)");
-    mtp_layer_ = make_layer(config_.n_layers, "mtp.0");
+    // The chain's scratch slots (one per row and chain step) past the SWA allocator's pages.
+    const int64_t chain_slots = max_rows_ * std::max<int64_t>(0, engine_options_.draft_tokens - 1);
+    chain_scratch_base_ = swa_.page_count() * options_.swa_page_size;
+    mtp_layer_ = make_layer(config_.n_layers, "mtp.0", (chain_slots + options_.swa_page_size - 1) / options_.swa_page_size);
   }
 
   // Activations.
@@ -322,6 +344,11 @@ ModelRunner::ModelRunner(rt::Runtime& runtime, const ModelConfig& config, const 
     mtp_R_ = alloc("mtp.R", DType::bf16, {T, hc * d});
     mtp_R_out_ = alloc("mtp.R_out", DType::bf16, {T, hc * d});
     draft_logits_ = alloc("draft_logits", DType::f32, {max_head_rows_, config_.vocab_size});
+    if (engine_options_.draft_tokens > 0) {
+      mtp_hidden_ = alloc("mtp.hidden", DType::bf16, {T, hc * d});
+      chain_ids_ = alloc("draft.chain_ids", DType::i32, {max_rows_});
+      chain_logits_ = alloc("draft.logits", DType::f32, {max_rows_ * engine_options_.draft_tokens, config_.vocab_size});
+    }
   }
 
   // Metadata.
@@ -337,6 +364,48 @@ ModelRunner::ModelRunner(rt::Runtime& runtime, const ModelConfig& config, const 
     m_mtp_swa_loc_ = alloc("meta.mtp.swa_loc", DType::i64, {T});
     m_mtp_swa_idx_ = alloc("meta.mtp.swa_indices", DType::i32, {T, swa_width_});
     m_mtp_swa_len_ = alloc("meta.mtp.swa_lens", DType::i32, {T});
+    if (engine_options_.draft_tokens > 0) {
+      // DRAFT_EXTEND's tokens (at most rows x (1 + k)), then k - 1 chain steps of one token per row.
+      const int64_t cap = max_rows_ * 2 * engine_options_.draft_tokens;
+      m_dx_pos_ = alloc("meta.draft.positions", DType::i32, {cap});
+      m_dx_swa_loc_ = alloc("meta.draft.swa_loc", DType::i64, {cap});
+      m_dx_swa_idx_ = alloc("meta.draft.swa_indices", DType::i32, {cap, swa_width_});
+      m_dx_swa_len_ = alloc("meta.draft.swa_lens", DType::i32, {cap});
+      m_dx_src_ = alloc("meta.draft.hidden_rows", DType::i32, {cap});
+      m_dx_next_ = alloc("meta.draft.next_ids", DType::i32, {cap});
+      m_dx_last_ = alloc("meta.draft.last_token", DType::i32, {max_rows_});
+      m_dx_head_ = alloc("meta.draft.first_head_row", DType::i32, {max_rows_});
+      m_dx_ident_ = alloc("meta.draft.rows", DType::i32, {max_rows_});
+      std::vector<int32_t> ident(static_cast<size_t>(max_rows_));
+      for (int64_t r = 0; r < max_rows_; ++r) ident[static_cast<size_t>(r)] = static_cast<int32_t>(r);
+      upload_vec(rt_, m_dx_ident_, ident);
+    }
+  }
+  if (engine_options_.draft_tokens > 0 && (has_c4_ || c128_ratio_ > 0)) {
+    // The scrub: each draft of a verify batch completes at most one block and writes one state row.
+    scrub_capacity_ = max_rows_ * engine_options_.draft_tokens;
+    const int64_t words = 2 + 4 * scrub_capacity_;
+    if (has_c4_) {
+      m_c4_backup_ = alloc("meta.c4_backup", DType::i64, {words});
+      m_c4_scrub_ = alloc("meta.c4_scrub", DType::i64, {words});
+    }
+    if (c128_ratio_ > 0) {
+      m_c128_backup_ = alloc("meta.c128_backup", DType::i64, {words});
+      m_c128_scrub_ = alloc("meta.c128_scrub", DType::i64, {words});
+    }
+    for (auto& layer : layers_) {
+      if (layer->ratio == 0) continue;
+      const int64_t n = scrub_capacity_;
+      layer->comp_backup = alloc(layer->prefix + ".scrub.entries", DType::u8,
+                                 {n, entry_bytes(false, config_.head_dim, layer->kv_layout)});
+      layer->state_backup = alloc(layer->prefix + ".scrub.state", DType::u8, {n, layer->comp_state_layout.row_bytes});
+      if (layer->ratio == kC4) {
+        layer->idx_keys_backup = alloc(layer->prefix + ".scrub.indexer_keys", DType::u8,
+                                       {n, entry_bytes(true, config_.index_head_dim, layer->kv_layout)});
+        layer->idx_state_backup = alloc(layer->prefix + ".scrub.indexer_state", DType::u8,
+                                        {n, layer->idx_state_layout.row_bytes});
+      }
+    }
   }
   if (has_c4_) {
     c4_pages_ = (max_context_ + kernels::kIndexerPageKeys - 1) / kernels::kIndexerPageKeys;
@@ -372,7 +441,7 @@ DeviceTensor ModelRunner::alloc_state(const std::string& name, const serving::Co
   return d;
 }
 
-std::unique_ptr<ModelRunner::Layer> ModelRunner::make_layer(int64_t id, const std::string& prefix) {
+std::unique_ptr<ModelRunner::Layer> ModelRunner::make_layer(int64_t id, const std::string& prefix, int64_t extra_swa_pages) {
   auto layer = std::make_unique<Layer>();
   layer->id = id;
   layer->ratio = config_.ratio(id);
@@ -389,7 +458,8 @@ std::unique_ptr<ModelRunner::Layer> ModelRunner::make_layer(int64_t id, const st
   layer->expert_table = alloc(prefix + ".ffn.expert_table", DType::i64, {config_.n_routed_experts, 6});
   upload_vec(rt_, layer->expert_table, kernels::expert_pointer_table(layer->experts));
   const int64_t swa_pages = swa_.page_count();
-  layer->swa_cache = alloc(prefix + ".swa_kv", DType::u8, {swa_pages, layer->kv_layout.page_bytes(options_.swa_page_size)});
+  layer->swa_cache = alloc(prefix + ".swa_kv", DType::u8,
+                           {swa_pages + extra_swa_pages, layer->kv_layout.page_bytes(options_.swa_page_size)});
   if (layer->ratio > 0) {
     layer->comp_page_entries = options_.page_size / layer->ratio;
     layer->comp_cache = alloc(prefix + ".c" + std::to_string(layer->ratio) + "_kv", DType::u8,
@@ -438,6 +508,10 @@ DeviceTensor ModelRunner::rows(const DeviceTensor& base, int64_t count) const {
   return DeviceTensor{base.buffer, base.t.narrow(0, 0, count)};
 }
 
+DeviceTensor ModelRunner::rows(const DeviceTensor& base, int64_t first, int64_t count) const {
+  return DeviceTensor{base.buffer, base.t.narrow(0, first, count)};
+}
+
 DeviceTensor ModelRunner::weight(const std::string& name) const { return DeviceTensor{weights_.buffer(name), weights_.get(name)}; }
 
 rt::ByteRange ModelRunner::range_of(const DeviceTensor& d) const {
@@ -478,7 +552,7 @@ void ModelRunner::probe(rt::StreamId stream, const std::string& key, const Devic
 // rewrites the buffers its capture named.
 void ModelRunner::probe_with(rt::StreamId stream, const std::string& key, std::vector<DeviceTensor> values,
                              std::function<ref::Mat(const std::vector<Tensor>&)> convert) {
-  if (!engine_options_.probes) return;
+  if (!engine_options_.probes || suppress_probes_) return;
   PendingProbe pending{key, {}, std::move(convert)};
   for (size_t i = 0; i < values.size(); ++i) {
     const Tensor& t = values[i].t;
@@ -606,7 +680,8 @@ void ModelRunner::prepare_metadata(const serving::ForwardBatch& batch, serving::
     if (has_c4_) add_plan_row(kC4, *c4_pool_, rows4);
     if (c128_ratio_ > 0) add_plan_row(c128_ratio_, *c128_pool_, rows128);
   }
-  auto build = [&](int64_t ratio, const serving::CompressStatePool& pool, const std::vector<std::vector<int64_t>>& rows) {
+  auto build = [&](int64_t ratio, const serving::CompressStatePool& pool, const std::vector<std::vector<int64_t>>& rows,
+                   ScrubCandidates& scrub) {
     std::vector<kernels::CompressRequestBatch> reqs;
     for (int64_t r = 0; r < batch.row_count(); ++r) {
       const serving::ForwardRow& row = batch.rows[static_cast<size_t>(r)];
@@ -621,13 +696,50 @@ void ModelRunner::prepare_metadata(const serving::ForwardBatch& batch, serving::
       const std::span<const int32_t> locs = full_row(row.req_slot);
       dest.push_back(serving::compressed_loc(locs[static_cast<size_t>(b.block * ratio)], ratio));
     }
+    // What the drafts (every token of a verify row but its first, the committed newest token) write:
+    // the entries of the blocks they complete and their state rows. The batch saves those bytes
+    // first, and scrub_rejected() puts back the ones whose token is rejected.
+    scrub = ScrubCandidates{};
+    if (verify && engine_options_.draft_tokens > 0) {
+      for (size_t b = 0; b < plan.blocks.size(); ++b) {
+        const serving::ForwardRow& row = batch.rows[static_cast<size_t>(plan.blocks[b].request)];
+        const int64_t i = plan.blocks[b].block * ratio + ratio - 1 - row.seq_len_before;
+        if (row.is_padding() || i < 1) continue;
+        scrub.entries.push_back({plan.blocks[b].request, i});
+        scrub.entry_dest.push_back(dest[b]);
+      }
+      int64_t t = 0;
+      for (int64_t r = 0; r < batch.row_count(); ++r) {
+        const serving::ForwardRow& row = batch.rows[static_cast<size_t>(r)];
+        for (int64_t i = 0; i < row.extend_len(); ++i, ++t) {
+          const int64_t w = plan.write_rows[static_cast<size_t>(t)];
+          if (row.is_padding() || i < 1 || w < 0) continue;
+          scrub.rows.push_back({r, i});
+          scrub.state_row.push_back(w);
+        }
+      }
+      DSV4_ASSERT(static_cast<int64_t>(scrub.entries.size()) <= scrub_capacity_ &&
+                      static_cast<int64_t>(scrub.rows.size()) <= scrub_capacity_,
+                  "a verify batch backs up at most one entry and one state row per draft");
+    }
     std::vector<int64_t> words = kernels::encode_compress_plan(plan, dest);
     DSV4_ASSERT(static_cast<int64_t>(words.size()) <= plan_capacity_, "compress plan larger than its buffer");
     return words;
   };
   std::vector<int64_t> words4, words128;
-  if (has_c4_) words4 = build(kC4, *c4_pool_, rows4);
-  if (c128_ratio_ > 0) words128 = build(c128_ratio_, *c128_pool_, rows128);
+  if (has_c4_) words4 = build(kC4, *c4_pool_, rows4, c4_scrub_);
+  if (c128_ratio_ > 0) words128 = build(c128_ratio_, *c128_pool_, rows128, c128_scrub_);
+  if (verify && scrub_capacity_ > 0) {
+    auto backup_words = [](const ScrubCandidates& c) {
+      std::vector<int64_t> w = {static_cast<int64_t>(c.entry_dest.size())};
+      w.insert(w.end(), c.entry_dest.begin(), c.entry_dest.end());
+      w.push_back(static_cast<int64_t>(c.state_row.size()));
+      w.insert(w.end(), c.state_row.begin(), c.state_row.end());
+      return w;
+    };
+    if (has_c4_) upload_vec(rt_, m_c4_backup_, backup_words(c4_scrub_));
+    if (c128_ratio_ > 0) upload_vec(rt_, m_c128_backup_, backup_words(c128_scrub_));
+  }
 
   int64_t T_local = T;
   if (cp_active_) {
@@ -649,7 +761,7 @@ void ModelRunner::prepare_metadata(const serving::ForwardBatch& batch, serving::
       c128_len = cp_slice(c128_len, T, 1, r, n, {1});
     }
   }
-  if (mtp_layer_) {
+  if (mtp_layer_ && in_batch_mtp()) {
     // Verify batches take every token's next id from the target's own prediction (the hints stay -1).
     std::vector<int32_t> hint(last.size(), -1);
     if (!verify) {
@@ -818,9 +930,40 @@ void ModelRunner::issue_compressor(rt::StreamId stream, Layer& L, bool indexer, 
      [kv, score, state, plan_buf, norm, entries, layout, freqs, post, ratio]() mutable {
        kernels::compressor_pool(plan_buf.t, ratio, kv.t, score.t, state.t, layout, norm.t, freqs, post, entries.t);
      });
+  // Speculative verify batches: the state rows and entries the drafts are about to overwrite, saved
+  // for scrub_rejected() (candidates from the plan, ScrubCandidates).
+  const bool backup = batch_mode_ == serving::ForwardMode::target_verify && scrub_capacity_ > 0;
+  DeviceTensor backup_meta = ratio == kC4 ? m_c4_backup_ : m_c128_backup_;
+  if (backup) {
+    DeviceTensor saved = indexer ? L.idx_state_backup : L.state_backup;
+    op(stream, p + ".backup_state", {state, backup_meta}, {saved}, [state, backup_meta, saved, layout]() mutable {
+      const int64_t* w = backup_meta.t.data<int64_t>();
+      const int64_t E = w[0], S = w[1 + E];
+      const size_t bytes = static_cast<size_t>(layout.row_bytes);
+      for (int64_t j = 0; j < S; ++j) {
+        std::memcpy(saved.t.data<uint8_t>() + j * layout.row_bytes, state.t.data<uint8_t>() + w[2 + E + j] * layout.row_bytes,
+                    bytes);
+      }
+    });
+  }
   op(stream, p + ".write_state", {kv, score, plan_buf}, {state}, [kv, score, state, plan_buf, layout, ratio]() mutable {
     kernels::compressor_write_state(plan_buf.t, ratio, kv.t, score.t, state.t, layout);
   });
+  if (backup) {
+    DeviceTensor saved = indexer ? L.idx_keys_backup : L.comp_backup;
+    op(stream, p + ".backup_entries", {cache, backup_meta}, {saved},
+       [cache, backup_meta, saved, indexer, dims, kv_layout, page_entries]() mutable {
+         const int64_t* w = backup_meta.t.data<int64_t>();
+         const int64_t E = w[0], width = saved.t.size(1);
+         for (int64_t j = 0; j < E; ++j) {
+           int64_t at = 0;
+           for (const Span& s : entry_spans(indexer, dims, kv_layout, page_entries, w[1 + j])) {
+             std::memcpy(saved.t.data<uint8_t>() + j * width + at, cache.t.data<uint8_t>() + s.offset, static_cast<size_t>(s.bytes));
+             at += s.bytes;
+           }
+         }
+       });
+  }
   op(stream, p + ".store", {entries, plan_buf}, {cache},
      [entries, plan_buf, cache, ratio, indexer, kv_layout, page_entries]() mutable {
        if (indexer) {
@@ -901,13 +1044,12 @@ void ModelRunner::issue_attention(Layer& L, int64_t T) {
   const std::string p = L.prefix + ".attn";
   const int64_t H = config_.n_heads, D = config_.head_dim, ql = config_.q_lora_rank;
   DeviceTensor xn = rows(xn_, T), qkv = rows(qkv_a_, T), qr = rows(qr_, T), q = rows(q_, T);
-  // The MTP block attends with its own planned metadata (plan_draft_extend).
+  // The MTP block attends with its own planned metadata (plan_draft_extend, or the draft forward's).
   const bool mtp = &L == mtp_layer_.get();
-  const DeviceTensor& pos_buf = mtp ? m_mtp_pos_ : m_pos_;
-  const DeviceTensor& swa_loc_buf = mtp ? m_mtp_swa_loc_ : m_swa_loc_;
-  const DeviceTensor& swa_idx_buf = mtp ? m_mtp_swa_idx_ : m_swa_idx_;
-  const DeviceTensor& swa_len_buf = mtp ? m_mtp_swa_len_ : m_swa_len_;
-  DeviceTensor pos = rows(pos_buf, T);
+  DeviceTensor pos = mtp ? mtp_meta_.pos : rows(m_pos_, T);
+  DeviceTensor swa_idx = mtp ? mtp_meta_.swa_idx : rows(m_swa_idx_, T);
+  DeviceTensor swa_len = mtp ? mtp_meta_.swa_len : rows(m_swa_len_, T);
+  DSV4_ASSERT(pos.t.size(0) == T && swa_idx.t.size(0) == T && swa_len.t.size(0) == T, "one metadata row per token");
 
   // Fork the alt streams from main (each waits for attn_norm's output).
   const bool ms = multi_stream_now();
@@ -943,7 +1085,7 @@ void ModelRunner::issue_attention(Layer& L, int64_t T) {
 
   // kv stream: norm + RoPE + FP8 store into the SWA cache.
   DeviceTensor kvnorm{weights_.buffer(p + ".kv_norm.weight"), weights_.get(p + ".kv_norm.weight")};
-  DeviceTensor swa_loc = rows(swa_loc_buf, T);
+  DeviceTensor swa_loc = mtp ? mtp_meta_.swa_loc : rows(m_swa_loc_, T);
   const Tensor freqs = L.freqs;
   const int64_t swa_ps = options_.swa_page_size, kvb = config_.kv_block_size;
   DeviceTensor swa_cache = L.swa_cache;
@@ -986,7 +1128,7 @@ void ModelRunner::issue_attention(Layer& L, int64_t T) {
          kernels::fused_norm_rope_store_kv(kva.t, kvnorm.t, eps, freqs, pos.t, swa_loc.t, swa_cache.t, swa_ps, kvb);
        });
   }
-  if (engine_options_.probes && !cp_active_) {
+  if (engine_options_.probes && !cp_active_ && !suppress_probes_) {
     const kernels::Model1Layout lay = L.kv_layout;
     probe_with(streams_->kv, p + ".kv", {swa_cache, swa_loc}, [lay, swa_ps, T, D](const std::vector<Tensor>& v) {
       ref::Mat m(T, D);
@@ -1015,9 +1157,9 @@ void ModelRunner::issue_attention(Layer& L, int64_t T) {
   a.q = q.t.view({T, H, D});
   a.swa_cache = L.swa_cache.t;
   a.swa_page_size = swa_ps;
-  a.swa_indices = rows(swa_idx_buf, T).t;
-  a.swa_lens = rows(swa_len_buf, T).t;
-  std::vector<DeviceTensor> reads = {q, L.swa_cache, rows(swa_idx_buf, T), rows(swa_len_buf, T)};
+  a.swa_indices = swa_idx.t;
+  a.swa_lens = swa_len.t;
+  std::vector<DeviceTensor> reads = {q, L.swa_cache, swa_idx, swa_len};
   if (L.ratio > 0) {
     DeviceTensor ei = L.ratio == kC4 ? rows(m_c4_idx_, T) : rows(m_c128_idx_, T);
     DeviceTensor el = L.ratio == kC4 ? rows(m_c4_len_, T) : rows(m_c128_len_, T);
@@ -1055,7 +1197,8 @@ void ModelRunner::issue_moe(Layer& L, int64_t T) {
   const std::string p = L.prefix + ".ffn";
   const int64_t d = config_.dim, E = config_.n_routed_experts, k = config_.n_activated_experts;
   DeviceTensor xn = rows(xn_, T), logits = rows(gate_logits_, T), experts = rows(experts_, T);
-  DeviceTensor ew = rows(expert_weights_, T), ids = rows(m_ids_, T);
+  // The MTP block routes by its next ids (the reference's token_ids of the block), the layers by the batch's.
+  DeviceTensor ew = rows(expert_weights_, T), ids = &L == mtp_layer_.get() ? mtp_meta_.ids : rows(m_ids_, T);
   DeviceTensor gw{weights_.buffer(p + ".gate.weight"), weights_.get(p + ".gate.weight")};
   op(main_, p + ".gate.logits", {xn, gw}, {logits}, [xn, gw, logits]() mutable { kernels::moe_gate_logits(xn.t, gw.t, logits.t); });
   std::vector<DeviceTensor> gate_reads = {logits, ids};
@@ -1151,10 +1294,11 @@ void ModelRunner::issue_block(Layer& L, int64_t T, const DeviceTensor& R, const 
 
 // hc_head (of `prefix`: "" or "mtp.0."), the final norm and the shared f32 head on each row's last
 // token of R, into logits [nrows, vocab].
-void ModelRunner::issue_head(const DeviceTensor& R, int64_t nrows, const std::string& prefix, const std::string& norm,
-                             const DeviceTensor& logits) {
+void ModelRunner::issue_head(const DeviceTensor& R, const DeviceTensor& last, const std::string& prefix,
+                             const std::string& norm, const DeviceTensor& logits) {
   const double eps = config_.norm_eps, hc_eps = config_.hc_eps;
-  DeviceTensor last = rows(m_last_, nrows), lR = rows(last_R_, nrows), y = rows(head_y_, nrows);
+  const int64_t nrows = last.t.size(0);
+  DeviceTensor lR = rows(last_R_, nrows), y = rows(head_y_, nrows);
   DeviceTensor yn = rows(head_yn_, nrows);
   op(main_, "gather_last", {R, last}, {lR}, [R, last, lR]() mutable { kernels::gather_rows(R.t, last.t, lR.t); });
   DeviceTensor fn = weight(prefix + "hc_head_fn"), base = weight(prefix + "hc_head_base");
@@ -1173,15 +1317,22 @@ void ModelRunner::issue_head(const DeviceTensor& R, int64_t nrows, const std::st
 // to h_proj(hnorm(copy c)) for every copy, the SWA-only block runs on its own cache, and its
 // hc_head, norm and the shared head give the draft logits of each row's last token.
 void ModelRunner::issue_mtp(const DeviceTensor& R_final, int64_t T, int64_t nrows) {
-  const int64_t d = config_.dim, hc = config_.hc_mult, V = config_.vocab_size;
-  const double eps = config_.norm_eps;
-  Layer& L = *mtp_layer_;
+  const int64_t V = config_.vocab_size;
   DeviceTensor logits = rows(logits_, nrows), sampled = rows(m_sampled_, nrows), last = rows(m_last_, nrows);
   DeviceTensor hint = rows(m_row_next_, nrows), ids = rows(m_ids_, T), next = rows(m_next_ids_, T);
   op(main_, "greedy", {logits}, {sampled}, [logits, sampled]() mutable { kernels::argmax_rows(logits.t, sampled.t); });
   op(main_, "mtp_next_ids", {ids, last, hint, sampled}, {next}, [ids, last, hint, sampled, next]() mutable {
     kernels::mtp_next_ids(ids.t, last.t, hint.t, sampled.t, next.t);
   });
+  mtp_meta_ = {rows(m_mtp_pos_, T), rows(m_mtp_swa_loc_, T), rows(m_mtp_swa_idx_, T), rows(m_mtp_swa_len_, T), next};
+  issue_mtp_block(R_final, T, next, last, rows(draft_logits_, nrows), rows(mtp_R_out_, T));
+}
+
+void ModelRunner::issue_mtp_block(const DeviceTensor& hidden, int64_t T, const DeviceTensor& next,
+                                  const DeviceTensor& last, const DeviceTensor& draft, const DeviceTensor& Rout) {
+  const int64_t d = config_.dim, hc = config_.hc_mult, V = config_.vocab_size;
+  const double eps = config_.norm_eps;
+  Layer& L = *mtp_layer_;
   DeviceTensor embed = weight("embed.weight"), e = rows(mtp_e_, T), en = rows(mtp_en_, T), ep = rows(mtp_ep_, T);
   op(main_, "mtp.embed", {next, embed}, {e}, [next, embed, e]() mutable { kernels::embed_rows(next.t, embed.t, 1, e.t); });
   DeviceTensor enorm = weight("mtp.0.enorm.weight"), hnorm = weight("mtp.0.hnorm.weight");
@@ -1189,7 +1340,7 @@ void ModelRunner::issue_mtp(const DeviceTensor& R_final, int64_t T, int64_t nrow
   issue_linear(main_, "mtp.0.e_proj.weight", en, ep);
   DeviceTensor R = rows(mtp_R_, T), hn = rows(mtp_hn_, T), hp = rows(mtp_hp_, T);
   for (int64_t c = 0; c < hc; ++c) {
-    DeviceTensor copy{R_final.buffer, R_final.t.narrow(1, c * d, d)};
+    DeviceTensor copy{hidden.buffer, hidden.t.narrow(1, c * d, d)};
     op(main_, kernels::kRmsNormOp, {copy, hnorm}, {hn}, [copy, hnorm, eps, hn]() mutable {
       kernels::rms_norm(copy.t, hnorm.t, eps, hn.t);
     });
@@ -1197,11 +1348,9 @@ void ModelRunner::issue_mtp(const DeviceTensor& R_final, int64_t T, int64_t nrow
     DeviceTensor Rc{R.buffer, R.t.narrow(1, c * d, d)};
     op(main_, "mtp.combine", {ep, hp}, {Rc}, [ep, hp, Rc]() mutable { kernels::add_bf16(ep.t, hp.t, Rc.t); });
   }
-  DeviceTensor Rout = rows(mtp_R_out_, T);
   issue_block(L, T, R, Rout);
-  DeviceTensor draft = rows(draft_logits_, nrows);
-  issue_head(Rout, nrows, "mtp.0.", "mtp.0.norm.weight", draft);
-  if (engine_options_.probes) {
+  issue_head(Rout, last, "mtp.0.", "mtp.0.norm.weight", draft);
+  if (engine_options_.probes && !suppress_probes_) {
     probe_with(main_, "mtp.logits", {draft, last}, [T, V](const std::vector<Tensor>& v) {
       // One row per token; a row's draft logits sit at its last token (the oracle reads those).
       ref::Mat m(T, V, std::numeric_limits<float>::quiet_NaN());
@@ -1232,8 +1381,8 @@ void ModelRunner::issue_forward(int64_t T, int64_t nrows) {
     cp_gather(R, Rg);
     R = Rg;
   }
-  issue_head(R, nrows, "", "norm.weight", rows(logits_, nrows));
-  if (mtp_layer_) issue_mtp(R, cp_active_ ? cp_global_tokens_ : T, nrows);
+  issue_head(R, rows(m_last_, nrows), "", "norm.weight", rows(logits_, nrows));
+  if (mtp_layer_ && in_batch_mtp()) issue_mtp(R, cp_active_ ? cp_global_tokens_ : T, nrows);
 }
 
 void ModelRunner::set_context_parallel(int comm, int rank, int size) {
@@ -1295,6 +1444,7 @@ void ModelRunner::begin(const serving::ForwardBatch& batch, StepRecord* record) 
   serving::check_forward_batch(batch);
   const int64_t T = batch.token_count(), nrows = batch.row_count();
   DSV4_ASSERT(T <= max_tokens_ && nrows <= max_rows_, "batch larger than the engine's buffers");
+  batch_mode_ = batch.mode;
   graph_batch_ = engine_options_.graphs && (batch.mode == serving::ForwardMode::decode ||
                                             batch.mode == serving::ForwardMode::target_verify);
   // Graphs and their frozen metadata per (mode, bucket).
@@ -1371,7 +1521,9 @@ std::vector<StepRow> ModelRunner::sample(const serving::ForwardBatch& batch) {
   const int64_t head_rows = verify ? batch.token_count() : batch.row_count();
   std::vector<float> logits(static_cast<size_t>(head_rows * V)), drafts;
   rt_.download(logits_.buffer, 0, logits.data(), logits.size() * 4);
-  if (mtp_layer_) {
+  batch_mode_ = batch.mode;
+  const bool mtp_ran = mtp_layer_ && in_batch_mtp();  // else DRAFT_EXTEND (draft()) drafts
+  if (mtp_ran) {
     drafts.resize(logits.size());
     rt_.download(draft_logits_.buffer, 0, drafts.data(), drafts.size() * 4);
   }
@@ -1404,13 +1556,325 @@ std::vector<StepRow> ModelRunner::sample(const serving::ForwardBatch& batch) {
     out.logits.assign(logits.begin() + head * V, logits.begin() + (head + 1) * V);
     out.sampled_id = argmax(out.logits.data());
     if (!verify) out.new_tokens = {out.sampled_id};
-    if (mtp_layer_) {
+    if (mtp_ran) {
       out.draft_logits.assign(drafts.begin() + head * V, drafts.begin() + (head + 1) * V);
       out.draft_id = argmax(out.draft_logits.data());
+      if (engine_options_.draft_tokens > 0) out.draft_ids = {out.draft_id};
     }
     out_rows.push_back(std::move(out));
   }
   return out_rows;
+}
+
+// ---- speculative decoding: the draft forward and the scrub ---------------------------------------
+
+bool ModelRunner::in_batch_mtp() const {
+  return !(batch_mode_ == serving::ForwardMode::target_verify && engine_options_.draft_extend == DraftExtend::v1);
+}
+
+DeviceTensor ModelRunner::final_residual(int64_t tokens) const {
+  return rows(layers_.size() % 2 == 0 ? R_a_ : R_b_, tokens);  // each layer swaps the two buffers
+}
+
+bool ModelRunner::needs_draft_forward(const serving::ForwardBatch& batch) const {
+  if (!mtp_layer_ || engine_options_.draft_tokens == 0 || batch.real_row_count() == 0) return false;
+  if (batch.mode == serving::ForwardMode::target_verify) {
+    return engine_options_.draft_extend == DraftExtend::v1 || engine_options_.draft_tokens > 1;
+  }
+  return batch.mode == serving::ForwardMode::extend && engine_options_.draft_tokens > 1;
+}
+
+void ModelRunner::draft(const serving::ForwardBatch& batch, StepRecord& rec) {
+  DSV4_ASSERT(is_last_stage() && needs_draft_forward(batch), "the draft forward runs on the last stage, when needed");
+  DSV4_ASSERT(static_cast<int64_t>(rec.rows.size()) == batch.real_row_count(), "one record row per real row");
+  const bool verify = batch.mode == serving::ForwardMode::target_verify;
+  const bool extend = verify && engine_options_.draft_extend == DraftExtend::v1;  // DRAFT_EXTEND first
+  const bool graph = engine_options_.graphs && verify;
+  const int64_t k = engine_options_.draft_tokens, R = batch.row_count(), W = swa_width_, V = config_.vocab_size;
+  const int64_t max_seq = slots_.max_seq_len();
+
+  // The metadata: DRAFT_EXTEND's tokens (each row's accepted ones, packed; a graph pads them to
+  // rows x (1 + k) with null tokens), then chain step j's row r at A + (j - 1) * R + r.
+  std::vector<int32_t> pos, src, next, idx, len;
+  std::vector<int64_t> loc;
+  auto add_token = [&](int64_t p, int64_t swa_loc, const std::function<int64_t(int64_t)>& window_loc) {
+    pos.push_back(static_cast<int32_t>(p));
+    loc.push_back(swa_loc);
+    const size_t at = idx.size();
+    idx.resize(at + static_cast<size_t>(W), -1);
+    int64_t m = 0;
+    for (int64_t q = std::max<int64_t>(0, p - W + 1); q <= p; ++q) {
+      const int64_t l = window_loc(q);
+      DSV4_ASSERT(l >= 0, "a drafted position's window is in the SWA cache");
+      idx[at + static_cast<size_t>(m++)] = static_cast<int32_t>(l);
+    }
+    len.push_back(static_cast<int32_t>(std::max<int64_t>(1, m)));
+  };
+  auto add_null = [&] {  // the null row: position 0 at SWA location 0, which no request owns
+    pos.push_back(0);
+    loc.push_back(0);
+    idx.resize(idx.size() + static_cast<size_t>(W), -1);
+    idx[idx.size() - static_cast<size_t>(W)] = 0;
+    len.push_back(1);
+  };
+  // Per row: the last kept position (-1: the row drafts nothing) and the rows the first draft's
+  // hidden state and logits come from.
+  std::vector<int64_t> last_pos(static_cast<size_t>(R), -1), ext_off(static_cast<size_t>(R), 0), first_token(static_cast<size_t>(R), 0);
+  std::vector<int32_t> src1(static_cast<size_t>(R), 0), head(static_cast<size_t>(R), 0), ext_last(static_cast<size_t>(R), 0);
+  int64_t token = 0;
+  for (int64_t r = 0; r < R; ++r) {
+    const serving::ForwardRow& row = batch.rows[static_cast<size_t>(r)];
+    const auto ru = static_cast<size_t>(r);
+    first_token[ru] = token;
+    token += row.extend_len();
+    if (row.is_padding() || !rec.rows[ru].samples) continue;
+    const StepRow& out = rec.rows[ru];
+    const int64_t kept = verify ? out.accepted_tokens : row.extend_len();
+    DSV4_ASSERT(kept >= 1 && kept <= row.extend_len(), "a sampling row keeps 1 to extend_len tokens");
+    last_pos[ru] = row.seq_len_before + kept - 1;
+    if (extend) {
+      const std::span<const int32_t> locs = slots_.row(row.req_slot);
+      ext_off[ru] = static_cast<int64_t>(pos.size());
+      for (int64_t i = 0; i < kept; ++i) {
+        const int64_t p = row.seq_len_before + i;
+        src.push_back(static_cast<int32_t>(first_token[ru] + i));
+        next.push_back(out.new_tokens[static_cast<size_t>(i)]);
+        add_token(p, swa_.full_to_swa(locs[static_cast<size_t>(p)]),
+                  [&](int64_t q) { return swa_.full_to_swa(locs[static_cast<size_t>(q)]); });
+      }
+      ext_last[ru] = static_cast<int32_t>(pos.size() - 1);
+      src1[ru] = ext_last[ru];
+    } else {
+      src1[ru] = static_cast<int32_t>(first_token[ru] + kept - 1);
+      head[ru] = static_cast<int32_t>(verify ? first_token[ru] + kept - 1 : r);  // the batch's head rows
+    }
+  }
+  if (std::all_of(last_pos.begin(), last_pos.end(), [](int64_t p) { return p < 0; })) return;
+  if (extend && graph) {
+    while (static_cast<int64_t>(pos.size()) < R * (1 + k)) {
+      add_null();
+      src.push_back(0);
+      next.push_back(0);
+    }
+  }
+  const int64_t A = extend ? static_cast<int64_t>(pos.size()) : 0;
+  // A chain past max_seq_len belongs to a request that finishes in this step (one that goes on
+  // has room for its next verify): it drafts its first token only.
+  auto chains = [&](size_t ru) { return last_pos[ru] >= 0 && last_pos[ru] + k <= max_seq; };
+  for (int64_t j = 1; j < k; ++j) {
+    for (int64_t r = 0; r < R; ++r) {
+      const auto ru = static_cast<size_t>(r);
+      src.push_back(j == 1 ? src1[ru] : static_cast<int32_t>(r));
+      if (!chains(ru)) {
+        add_null();
+        continue;
+      }
+      const int64_t L = last_pos[ru];
+      const std::span<const int32_t> locs = slots_.row(batch.rows[ru].req_slot);
+      // Position L + i of the chain lives in scratch slot (r, i), past the allocator's pages.
+      auto scratch = [&](int64_t q) { return chain_scratch_base_ + r * (k - 1) + (q - L - 1); };
+      add_token(L + j, scratch(L + j), [&](int64_t q) {
+        return q <= L ? swa_.full_to_swa(locs[static_cast<size_t>(q)]) : scratch(q);
+      });
+    }
+  }
+  upload_vec(rt_, m_dx_pos_, pos);
+  upload_vec(rt_, m_dx_swa_loc_, loc);
+  upload_vec(rt_, m_dx_swa_idx_, idx);
+  upload_vec(rt_, m_dx_swa_len_, len);
+  upload_vec(rt_, m_dx_src_, src);
+  upload_vec(rt_, m_dx_next_, next);
+  upload_vec(rt_, m_dx_last_, ext_last);
+  upload_vec(rt_, m_dx_head_, head);
+
+  draft_record_ = StepRecord{};
+  record_ = engine_options_.probes ? &draft_record_ : nullptr;
+  try {
+    if (graph) {
+      auto g = draft_graphs_.find(R);
+      if (g == draft_graphs_.end()) {
+        rt_.begin_capture(main_);
+        issue_draft(R, A, extend, batch.token_count());
+        g = draft_graphs_.emplace(R, rt_.end_capture(main_)).first;
+      }
+      rt_.replay(g->second, main_);
+      ++graph_replays_;
+    } else {
+      issue_draft(R, A, extend, batch.token_count());
+    }
+    rt_.synchronize(main_);
+  } catch (...) {
+    record_ = nullptr;
+    suppress_probes_ = false;
+    throw;
+  }
+  record_ = nullptr;
+
+  std::vector<float> logits(static_cast<size_t>(k * R * V));
+  rt_.download(chain_logits_.buffer, 0, logits.data(), logits.size() * 4);
+  for (int64_t r = 0; r < batch.real_row_count(); ++r) {
+    const auto ru = static_cast<size_t>(r);
+    if (last_pos[ru] < 0) continue;
+    StepRow& out = rec.rows[ru];
+    out.draft_ids.clear();
+    out.chain_logits.clear();
+    for (int64_t j = 0; j < (chains(ru) ? k : 1); ++j) {
+      const float* l = logits.data() + (j * R + r) * V;
+      out.draft_ids.push_back(argmax_row(l, V));
+      if (j > 0) out.chain_logits.emplace_back(l, l + V);
+    }
+    if (extend) {
+      const float* l = logits.data() + r * V;
+      out.draft_logits.assign(l, l + V);
+      out.draft_id = out.draft_ids.front();
+    }
+  }
+  // DRAFT_EXTEND's probes, put at the verify batch's tokens (the rejected ones stay NaN).
+  for (auto& [key, m] : draft_record_.values) {
+    if (m.rows != A) continue;
+    ref::Mat placed(batch.real_token_count(), m.cols, std::numeric_limits<float>::quiet_NaN());
+    for (int64_t r = 0; r < batch.real_row_count(); ++r) {
+      const auto ru = static_cast<size_t>(r);
+      if (last_pos[ru] < 0) continue;
+      for (int64_t i = 0; i <= last_pos[ru] - batch.rows[ru].seq_len_before; ++i) {
+        std::copy(m.row(ext_off[ru] + i), m.row(ext_off[ru] + i) + m.cols, placed.row(first_token[ru] + i));
+      }
+    }
+    rec.values[key] = std::move(placed);
+  }
+  draft_record_ = StepRecord{};
+}
+
+void ModelRunner::issue_draft(int64_t R, int64_t A, bool extend, int64_t batch_tokens) {
+  const int64_t k = engine_options_.draft_tokens, V = config_.vocab_size, width = config_.hc_mult * config_.dim;
+  if (extend) {
+    // DRAFT_EXTEND: the verify batch's final residuals of the accepted tokens, the target's tokens.
+    DeviceTensor Rf = final_residual(batch_tokens), src = rows(m_dx_src_, A), hidden = rows(mtp_hidden_, A);
+    op(main_, "draft_extend.hidden", {Rf, src}, {hidden}, [Rf, src, hidden, width]() mutable {
+      for (int64_t t = 0; t < hidden.t.size(0); ++t) {
+        std::memcpy(hidden.t.data<uint16_t>() + t * width, Rf.t.data<uint16_t>() + src.t.data<int32_t>()[t] * width,
+                    static_cast<size_t>(width) * 2);
+      }
+    });
+    DeviceTensor next = rows(m_dx_next_, A);
+    mtp_meta_ = {rows(m_dx_pos_, A), rows(m_dx_swa_loc_, A), rows(m_dx_swa_idx_, A), rows(m_dx_swa_len_, A), next};
+    issue_mtp_block(hidden, A, next, rows(m_dx_last_, R), rows(chain_logits_, R), rows(mtp_R_out_, A));
+  } else {
+    // The batch's own MTP block drafted: its logits at each row's last kept token.
+    DeviceTensor all = draft_logits_, head = rows(m_dx_head_, R), first = rows(chain_logits_, R);
+    op(main_, "draft.first", {all, head}, {first}, [all, head, first, V]() mutable {
+      for (int64_t r = 0; r < first.t.size(0); ++r) {
+        std::memcpy(first.t.data<float>() + r * V, all.t.data<float>() + head.t.data<int32_t>()[r] * V,
+                    static_cast<size_t>(V) * 4);
+      }
+    });
+  }
+  // The chain records nothing: its positions are scratch, and the next verify batch redoes them.
+  suppress_probes_ = true;
+  for (int64_t j = 1; j < k; ++j) {
+    const int64_t base = A + (j - 1) * R;
+    DeviceTensor prev = rows(chain_logits_, (j - 1) * R, R), ids = rows(chain_ids_, R);
+    DeviceTensor src = rows(m_dx_src_, base, R), hidden = rows(mtp_hidden_, R), out = mtp_R_out_;
+    op(main_, "draft.chain_input", {prev, src, out}, {ids, hidden}, [prev, src, out, ids, hidden, V, width]() mutable {
+      for (int64_t r = 0; r < ids.t.size(0); ++r) {
+        ids.t.data<int32_t>()[r] = argmax_row(prev.t.data<float>() + r * V, V);
+        std::memcpy(hidden.t.data<uint16_t>() + r * width, out.t.data<uint16_t>() + src.t.data<int32_t>()[r] * width,
+                    static_cast<size_t>(width) * 2);
+      }
+    });
+    mtp_meta_ = {rows(m_dx_pos_, base, R), rows(m_dx_swa_loc_, base, R), rows(m_dx_swa_idx_, base, R),
+                 rows(m_dx_swa_len_, base, R), ids};
+    issue_mtp_block(hidden, R, ids, rows(m_dx_ident_, R), rows(chain_logits_, j * R, R), rows(mtp_R_out_, R));
+  }
+  suppress_probes_ = false;
+}
+
+void ModelRunner::scrub_rejected(const serving::ForwardBatch& batch, const std::vector<int64_t>& kept) {
+  if (batch.mode != serving::ForwardMode::target_verify || scrub_capacity_ == 0 || !engine_options_.scrub_rejected) return;
+  DSV4_ASSERT(static_cast<int64_t>(kept.size()) == batch.real_row_count(), "one count per real row");
+  // [E, (slot, dest)[E], S, (slot, row)[S]]: the candidates whose token was rejected.
+  auto words_for = [&](const ScrubCandidates& c) {
+    auto rejected = [&](const std::pair<int64_t, int64_t>& owner) {
+      return owner.second >= kept[static_cast<size_t>(owner.first)];
+    };
+    std::vector<int64_t> w = {0};
+    for (size_t j = 0; j < c.entries.size(); ++j) {
+      if (!rejected(c.entries[j])) continue;
+      w.insert(w.end(), {static_cast<int64_t>(j), c.entry_dest[j]});
+      ++w[0];
+    }
+    const size_t s = w.size();
+    w.push_back(0);
+    for (size_t j = 0; j < c.rows.size(); ++j) {
+      if (!rejected(c.rows[j])) continue;
+      w.insert(w.end(), {static_cast<int64_t>(j), c.state_row[j]});
+      ++w[s];
+    }
+    return w;
+  };
+  std::vector<int64_t> w4, w128;
+  if (has_c4_) w4 = words_for(c4_scrub_);
+  if (c128_ratio_ > 0) w128 = words_for(c128_scrub_);
+  auto empty = [](const std::vector<int64_t>& w) { return w.empty() || (w[0] == 0 && w[1 + 2 * w[0]] == 0); };
+  if (empty(w4) && empty(w128)) return;
+  if (!empty(w4)) upload_vec(rt_, m_c4_scrub_, w4);
+  if (!empty(w128)) upload_vec(rt_, m_c128_scrub_, w128);
+  for (auto& layer : layers_) {
+    Layer& L = *layer;
+    if (L.ratio == 0 || empty(L.ratio == kC4 ? w4 : w128)) continue;
+    DeviceTensor meta = L.ratio == kC4 ? m_c4_scrub_ : m_c128_scrub_;
+    for (const bool indexer : {false, true}) {
+      if (indexer && L.ratio != kC4) continue;
+      DeviceTensor cache = indexer ? L.idx_keys : L.comp_cache, state = indexer ? L.idx_state : L.comp_state;
+      DeviceTensor saved_entries = indexer ? L.idx_keys_backup : L.comp_backup;
+      DeviceTensor saved_rows = indexer ? L.idx_state_backup : L.state_backup;
+      const int64_t dims = indexer ? config_.index_head_dim : config_.head_dim, page_entries = L.comp_page_entries;
+      const int64_t row_bytes = (indexer ? L.idx_state_layout : L.comp_state_layout).row_bytes;
+      const kernels::Model1Layout kv_layout = L.kv_layout;
+      const std::string p = L.prefix + (indexer ? ".attn.indexer.compressor" : ".attn.compressor");
+      op(main_, p + ".scrub", {saved_entries, saved_rows, meta}, {cache, state},
+         [saved_entries, saved_rows, meta, cache, state, indexer, dims, kv_layout, page_entries, row_bytes]() mutable {
+           const int64_t* w = meta.t.data<int64_t>();
+           const int64_t E = w[0], S = w[1 + 2 * E], width = saved_entries.t.size(1);
+           for (int64_t e = 0; e < E; ++e) {
+             const int64_t j = w[1 + 2 * e], dest = w[2 + 2 * e];
+             int64_t at = 0;
+             for (const Span& s : entry_spans(indexer, dims, kv_layout, page_entries, dest)) {
+               std::memcpy(cache.t.data<uint8_t>() + s.offset, saved_entries.t.data<uint8_t>() + j * width + at,
+                           static_cast<size_t>(s.bytes));
+               at += s.bytes;
+             }
+           }
+           for (int64_t e = 0; e < S; ++e) {
+             const int64_t j = w[2 + 2 * E + 2 * e], row = w[3 + 2 * E + 2 * e];
+             std::memcpy(state.t.data<uint8_t>() + row * row_bytes, saved_rows.t.data<uint8_t>() + j * row_bytes,
+                         static_cast<size_t>(row_bytes));
+           }
+         });
+    }
+  }
+}
+
+ModelRunner::CompressedBytes ModelRunner::compressed_bytes(int64_t layer) {
+  rt_.synchronize(main_);
+  auto bytes_of = [&](const DeviceTensor& d) {
+    std::vector<uint8_t> v(static_cast<size_t>(rt_.bytes(d.buffer)));
+    rt_.download(d.buffer, 0, v.data(), v.size());
+    return v;
+  };
+  for (auto& l : layers_) {
+    if (l->id != layer || l->ratio == 0) continue;
+    CompressedBytes out;
+    out.cache = bytes_of(l->comp_cache);
+    out.state = bytes_of(l->comp_state);
+    if (l->ratio == kC4) {
+      out.indexer_keys = bytes_of(l->idx_keys);
+      out.indexer_state = bytes_of(l->idx_state);
+    }
+    return out;
+  }
+  throw ContractError("ModelRunner::compressed_bytes", "layer",
+                      "layer " + std::to_string(layer) + " is not a compressed layer of this stage");
 }
 
 // Probes hold every computed row; the oracle sees the real tokens only.

@@ -19,11 +19,15 @@
 //
 // Graphs. With graphs on, a DECODE (or TARGET_VERIFY) batch runs as the graph captured for its
 // (mode, bucket) (the first batch of one captures it), replayed with the batch's metadata assigned
-// into that bucket's frozen ForwardMetadata and written into the same buffers.
+// into that bucket's frozen ForwardMetadata and written into the same buffers; a verify batch's
+// draft forward (DRAFT_EXTEND, the EAGLE chain) as the draft graph of its bucket.
 //
 // Beyond one rank and one path (docs/engine.md): pipeline stages (a runner per stage, driven by
 // ServingEngine), prefill context parallelism (begin_cp), the w8a8-int8 linears, and the MTP block
-// after every batch, with speculative decoding of its drafts.
+// after every batch, with speculative decoding of its drafts: TARGET_VERIFY, DRAFT_EXTEND_V2 inside
+// the verify batch or DRAFT_EXTEND as its own forward after it, the EAGLE chain for more than one
+// draft token (draft()), and the scrub of what rejected drafts wrote into compressed state
+// (scrub_rejected()).
 #pragma once
 
 #include <functional>
@@ -46,6 +50,12 @@
 
 namespace dsv4::engine {
 
+// How the MTP block catches up with a verify batch (speculative decoding).
+enum class DraftExtend {
+  v1,  // DRAFT_EXTEND: a forward of its own after the verify batch, over the accepted tokens only
+  v2,  // DRAFT_EXTEND_V2 (sglang's overlap scheduler): inside the verify batch, over every verified token
+};
+
 struct EngineOptions {
   bool multi_stream = true;  // the alt-stream overlap of dsv4-model §6
   bool graphs = false;       // DECODE batches as graphs captured per batch-size bucket
@@ -66,10 +76,15 @@ struct EngineOptions {
   // token, probed as "mtp.logits" and the MTP block's intermediates.
   bool mtp = false;
   // Speculative decoding with the MTP block's drafts (EAGLE, greedy acceptance): draft tokens per
-  // step (sglang runs 1; 0 = off). DECODE becomes TARGET_VERIFY; the MTP block runs over every
-  // verified position with the target's own predictions as next tokens (the overlap scheduler's
-  // DRAFT_EXTEND_V2), and the draft for the next step is read at the first rejected position.
+  // step, 1 to 4 (sglang runs 1; 0 = off). DECODE becomes TARGET_VERIFY; the MTP block catches up
+  // over the verified positions with the target's own tokens as next tokens (`draft_extend`), and
+  // its prediction at the row's last kept position is the first draft; drafts 2..k come from the
+  // EAGLE chain (the MTP block on its own output residual and its own previous draft).
   int64_t draft_tokens = 0;
+  DraftExtend draft_extend = DraftExtend::v2;
+  // Tests: false leaves in place the compressed entries and compress-state rows that rejected drafts
+  // wrote (the scrub puts back what they overwrote after every verify batch).
+  bool scrub_rejected = true;
 };
 
 // vLLM's default split (get_pp_indices): n_layers / pp each, the remainder spread one by one over
@@ -144,7 +159,32 @@ class ModelRunner {
   bool is_first_stage() const { return layer_begin_ == 0; }
   bool is_last_stage() const { return layer_end_ == config_.n_layers; }
 
-  int64_t graphs_captured() const { return static_cast<int64_t>(graphs_.size()); }
+  // Speculative decoding, every stage, after the verify batch is sampled (`kept`: per real row, in
+  // batch order, how many of its tokens the commit keeps: the accepted ones, fewer when the request
+  // finishes on one): the compressed entries and compress-state rows that the other tokens wrote
+  // get back the bytes they had before the batch (saved by the batch itself), so a rejected draft
+  // never leaves anything in committed compressed state.
+  void scrub_rejected(const serving::ForwardBatch& batch, const std::vector<int64_t>& kept);
+  // Whether the batch needs the draft forward (last stage, speculative decoding): a verify batch in
+  // DRAFT_EXTEND (v1) mode, or any batch with sampling rows when more than one token is drafted.
+  bool needs_draft_forward(const serving::ForwardBatch& batch) const;
+  // The draft forward, after sample() (its `samples` flags set): DRAFT_EXTEND (v1, verify batches)
+  // runs the MTP block over each row's accepted tokens with the verify batch's final residuals and
+  // the target's tokens, on its own metadata; then draft tokens 2..k come from the EAGLE chain: step
+  // j runs the MTP block at the row's last kept position + j on the previous step's output residual
+  // and draft (greedy, on the device), attending over the row's window and the chain's own earlier
+  // steps (scratch slots of the MTP cache that no request owns). Verify batches in graph mode run it
+  // as the draft graph of their bucket. Fills each sampling row's draft_ids (and, v1, draft_id and
+  // draft_logits; chain_logits); DRAFT_EXTEND's probes go into `record` at the verify batch's tokens.
+  void draft(const serving::ForwardBatch& batch, StepRecord& record);
+  // Tests: the bytes of one layer's compressed cache and compress state (and on ratio-4 layers the
+  // indexer's keys and state), after the main stream is synchronized.
+  struct CompressedBytes {
+    std::vector<uint8_t> cache, state, indexer_keys, indexer_state;
+  };
+  CompressedBytes compressed_bytes(int64_t layer);
+
+  int64_t graphs_captured() const { return static_cast<int64_t>(graphs_.size() + draft_graphs_.size()); }
   int64_t graph_replays() const { return graph_replays_; }
   int64_t metadata_upgrades() const { return metadata_upgrades_; }
   const EngineOptions& options() const { return engine_options_; }
@@ -156,9 +196,10 @@ class ModelRunner {
 
   DeviceTensor alloc(const std::string& name, DType dtype, const Shape& shape);
   DeviceTensor alloc_state(const std::string& name, const serving::CompressStatePool& pool);
-  std::unique_ptr<Layer> make_layer(int64_t id, const std::string& prefix);
+  std::unique_ptr<Layer> make_layer(int64_t id, const std::string& prefix, int64_t extra_swa_pages = 0);
   DeviceTensor view(const DeviceTensor& base, const Shape& shape) const;     // leading part, contiguous
   DeviceTensor rows(const DeviceTensor& base, int64_t count) const;          // first `count` rows
+  DeviceTensor rows(const DeviceTensor& base, int64_t first, int64_t count) const;  // rows [first, first + count)
   rt::ByteRange range_of(const DeviceTensor& d) const;
   void op(rt::StreamId stream, const std::string& name, std::vector<DeviceTensor> reads,
           std::vector<DeviceTensor> writes, std::function<void()> fn, std::function<void()> check = {});
@@ -177,9 +218,18 @@ class ModelRunner {
   // The whole forward of `tokens` tokens in `rows` rows as launches (run now, or captured).
   void issue_forward(int64_t tokens, int64_t rows);
   void issue_block(Layer& layer, int64_t T, const DeviceTensor& R, const DeviceTensor& R_out);
-  void issue_head(const DeviceTensor& R, int64_t nrows, const std::string& prefix, const std::string& norm,
+  void issue_head(const DeviceTensor& R, const DeviceTensor& last, const std::string& prefix, const std::string& norm,
                   const DeviceTensor& logits);
   void issue_mtp(const DeviceTensor& R_final, int64_t T, int64_t nrows);
+  // The MTP block on `hidden` [T, hc * dim] and the next ids, with mtp_meta_ as its metadata: its
+  // output residual into Rout and the draft logits of the `last` rows into `logits`.
+  void issue_mtp_block(const DeviceTensor& hidden, int64_t T, const DeviceTensor& next, const DeviceTensor& last,
+                       const DeviceTensor& logits, const DeviceTensor& Rout);
+  // The draft forward's launches: DRAFT_EXTEND over `extend_tokens` tokens (v1; 0: none), then the
+  // chain, for `nrows` rows of a batch of `batch_tokens` tokens.
+  void issue_draft(int64_t nrows, int64_t extend_tokens, bool extend, int64_t batch_tokens);
+  DeviceTensor final_residual(int64_t tokens) const;
+  bool in_batch_mtp() const;  // the MTP block runs inside the current batch
   DeviceTensor weight(const std::string& name) const;
   void issue_attention(Layer& layer, int64_t T);
   void issue_compressor(rt::StreamId stream, Layer& layer, bool indexer, int64_t T);
@@ -235,6 +285,33 @@ class ModelRunner {
   DeviceTensor m_c4_plan_, m_c128_plan_, m_c4_ctx_, m_c4_block_table_, m_c4_schedule_, m_c4_idx_, m_c4_len_;
   DeviceTensor m_c128_idx_, m_c128_len_;
   DeviceTensor m_mtp_pos_, m_mtp_swa_loc_, m_mtp_swa_idx_, m_mtp_swa_len_;
+  // The MTP block's metadata for the launches being issued: the batch's (plan_draft_extend), or
+  // DRAFT_EXTEND's and each chain step's (draft()); `ids` are its next ids (hash routing reads them).
+  struct MtpMeta {
+    DeviceTensor pos, swa_loc, swa_idx, swa_len, ids;
+  };
+  MtpMeta mtp_meta_;
+  // The draft forward: its metadata (DRAFT_EXTEND's tokens, then each chain step's rows), the
+  // gather rows of its hidden inputs, DRAFT_EXTEND's next ids and last tokens, the first draft's
+  // head row, 0..rows-1; the chain's inputs and every draft's logits ([k][rows], vocab).
+  DeviceTensor m_dx_pos_, m_dx_swa_loc_, m_dx_swa_idx_, m_dx_swa_len_, m_dx_src_, m_dx_next_, m_dx_last_,
+      m_dx_head_, m_dx_ident_;
+  DeviceTensor mtp_hidden_, chain_ids_, chain_logits_;
+  int64_t chain_scratch_base_ = 0;  // the first MTP-cache SWA location past the allocator's pages
+  std::map<int64_t, rt::GraphId> draft_graphs_;  // per bucket (verify batches in graph mode)
+  StepRecord draft_record_;  // DRAFT_EXTEND's probes, in its own token order
+  bool suppress_probes_ = false;  // the chain steps record nothing
+  serving::ForwardMode batch_mode_ = serving::ForwardMode::idle;
+  // The scrub (speculative verify batches): per ratio, the entries and state rows that drafts may
+  // overwrite, as int64 words [E, dest[E], S, row[S]] (backed up by the batch), with the (row, token
+  // in row) that writes each; and the words of what to put back ([E, (slot, dest)[E], S, (slot, row)[S]]).
+  struct ScrubCandidates {
+    std::vector<std::pair<int64_t, int64_t>> entries, rows;  // (batch row, token index in the row)
+    std::vector<int64_t> entry_dest, state_row;
+  };
+  ScrubCandidates c4_scrub_, c128_scrub_;
+  DeviceTensor m_c4_backup_, m_c128_backup_, m_c4_scrub_, m_c128_scrub_;
+  int64_t scrub_capacity_ = 0;  // entries (and rows) a verify batch may back up per ratio
   // Fault lazy-upgrade-on-alt-stream: the upgraded metadata waiting for its first consumer.
   struct StagedUpload {
     DeviceTensor target;

@@ -27,6 +27,9 @@ ServingEngine::ServingEngine(rt::Runtime& runtime, const ModelConfig& config, co
   full_ = std::make_unique<serving::TokenAllocator>(config_, options_, sizes.full_pages, config_.max_seq_len);
   swa_ = std::make_unique<serving::SwaTokenAllocator>(config_, options_, sizes.swa_pages, full_->capacity_tokens());
   scheduler_ = std::make_unique<serving::Scheduler>(config_, options_, *slots_, *full_, *swa_, std::move(stop_ids));
+  if (engine_options.draft_tokens < 0 || engine_options.draft_tokens > 4) {
+    throw InputError("engine options", "draft_tokens", "must be in [0, 4], got " + std::to_string(engine_options.draft_tokens));
+  }
   if (engine_options.draft_tokens > 0) scheduler_->set_draft_tokens(engine_options.draft_tokens);
   cp_ = engine_options.cp;
   if (cp_ < 1) throw InputError("--cp", "", "must be >= 1, got " + std::to_string(cp_));
@@ -199,17 +202,32 @@ StepRecord ServingEngine::step() {
   } else {
     rec = forward_pipeline(batch);
   }
-  std::vector<std::vector<int32_t>> tokens, drafts;
   for (StepRow& row : rec.rows) {
     const serving::Request& r = scheduler_->request(row.request_id);
     row.samples = row.start_pos + row.num_tokens >= r.prompt_len();
+  }
+  // Speculative decoding, now that the acceptance is known: every stage puts back what the
+  // rejected drafts wrote into its compressed state, and the last stage drafts for the next verify
+  // (DRAFT_EXTEND, the EAGLE chain).
+  if (batch.mode == serving::ForwardMode::target_verify) {
+    // A row keeps its accepted tokens, fewer when its request finishes on one of them.
+    std::vector<int64_t> kept;
+    for (const StepRow& row : rec.rows) kept.push_back(scheduler_->tokens_to_commit(row.request_id, row.new_tokens));
+    for (auto& runner : runners_) runner->scrub_rejected(batch, kept);
+  }
+  if (runners_.back()->needs_draft_forward(batch)) runners_.back()->draft(batch, rec);
+  const int64_t k = scheduler_->draft_tokens();
+  std::vector<std::vector<int32_t>> tokens, drafts;
+  for (StepRow& row : rec.rows) {
     tokens.push_back(row.new_tokens.empty() ? std::vector<int32_t>{row.sampled_id} : row.new_tokens);
-    int32_t draft = row.draft_id;
-    if (draft_override_ && scheduler_->draft_tokens() > 0) {
-      // The draft stands at the position after the row's newest committed token.
-      draft = draft_override_(row.request_id, row.start_pos + row.checked_tokens() + 1, draft);
+    std::vector<int32_t> d;
+    for (int64_t i = 0; i < k; ++i) {
+      int32_t draft = i < static_cast<int64_t>(row.draft_ids.size()) ? row.draft_ids[static_cast<size_t>(i)] : -1;
+      // Draft i stands at the position i + 1 after the row's newest committed token.
+      if (draft_override_) draft = draft_override_(row.request_id, row.start_pos + row.checked_tokens() + 1 + i, draft);
+      d.push_back(draft);
     }
-    drafts.push_back(scheduler_->draft_tokens() > 0 ? std::vector<int32_t>{draft} : std::vector<int32_t>{});
+    drafts.push_back(std::move(d));
   }
   scheduler_->commit(batch, tokens, drafts);
   return rec;

@@ -32,8 +32,9 @@ class ServingEngine {
   bool has_unfinished() const { return scheduler_->has_unfinished(); }
   const serving::Request& request(int64_t id) const { return scheduler_->request(id); }
 
-  // Tests: replaces the MTP block's draft for a request's next verify step. Called with the request
-  // id, the position the draft would take, and the MTP block's own draft; returns the draft to use.
+  // Tests: replaces the MTP block's drafts for a request's next verify step. Called once per draft
+  // with the request id, the position the draft would take, and the MTP block's own draft (-1 for
+  // a row that drafts nothing); returns the draft to use. The chain drafts from the MTP block's own.
   using DraftOverride = std::function<int32_t(int64_t request_id, int64_t position, int32_t mtp_draft)>;
   void set_draft_override(DraftOverride fn) { draft_override_ = std::move(fn); }
 

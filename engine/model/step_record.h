@@ -33,6 +33,11 @@ struct StepRow {
   // MTP on: the MTP block's draft for the token after the sampled one (greedy) and its logits.
   int32_t draft_id = -1;
   std::vector<float> draft_logits;
+  // Speculative decoding, rows that sample: the MTP block's own drafts for the next verify (draft_id
+  // first, then the EAGLE chain's), before any test override; and the logits of drafts 2..k. A row
+  // whose chain would pass max_seq_len (its request finishes in this step) has its first draft only.
+  std::vector<int32_t> draft_ids;
+  std::vector<std::vector<float>> chain_logits;
 };
 
 struct StepRecord {

@@ -162,6 +162,7 @@ SetVerdict compare_sets(std::vector<int64_t> ref, std::vector<int64_t> eng, cons
 const ValueTolerance& OracleTolerances::for_key(const std::string& key) const {
   const auto [prefix, op] = split_key(key);
   if (op == "logits") return prefix == "mtp" ? mtp_logits : logits;
+  if (op == "chain_logits") return mtp_chain_logits;
   auto it = op_overrides.find(op);
   return it == op_overrides.end() ? activations : it->second;
 }
@@ -397,6 +398,7 @@ void ReferenceOracle::check_row(const StepRecord& step, const StepRow& row, Requ
   // --- The reference forward (and the MTP block when the engine probes it).
   ref::Trace trace;
   const ref::Context ctx{cfg, numerics_, &trace, &forcing};
+  std::vector<ref::Mat> chain_ref;  // the reference's chained draft logits (drafts 2..k)
   std::vector<int64_t> tokens(row.input_ids.begin(), row.input_ids.begin() + T);
   bool want_mtp = false;
   for (const auto& [key, value] : step.values) {
@@ -444,8 +446,17 @@ void ReferenceOracle::check_row(const StepRecord& step, const StepRow& row, Requ
       if (can) {
         std::vector<int64_t> next(tokens.begin() + 1, tokens.end());
         next.push_back(in_prompt ? req.prompt[static_cast<size_t>(end)] : row.sampled_id);
-        model.mtp_forward(ctx, R, next, row.start_pos);
+        ref::Mat mtp_out;
+        model.mtp_forward(ctx, R, next, row.start_pos, &mtp_out);
         req.mtp_next_pos = row.start_pos + T;
+        const size_t chain = row.chain_logits.size();
+        if (chain > 0 && row.draft_ids.size() == chain + 1) {
+          // The chain on its own trace: its keys must not replace the MTP block's of this row.
+          ref::Trace chain_trace;
+          const ref::Context chain_ctx{cfg, numerics_, &chain_trace, nullptr};
+          std::vector<int64_t> drafts(row.draft_ids.begin(), row.draft_ids.end() - 1);
+          chain_ref = model.mtp_chain(chain_ctx, ref::rows_of(mtp_out, T - 1, 1), drafts, end);
+        }
       } else {
         req.mtp_lost = true;
       }
@@ -543,6 +554,34 @@ void ReferenceOracle::check_row(const StepRecord& step, const StepRow& row, Requ
       }
       fail(key, c.reason + fmt("; max abs %.3g, max rel %.3g", c.max_abs, c.max_rel) + where, c.max_abs, c.max_rel,
            c.calc_diff);
+    }
+  }
+
+  // --- The EAGLE chain's draft logits (drafts 2..k).
+  if (!row.chain_logits.empty()) {
+    const std::string key = "mtp.chain_logits";
+    if (chain_ref.size() != row.chain_logits.size()) {
+      req.unchecked.insert(key);
+    } else {
+      for (size_t j = 0; j < chain_ref.size(); ++j) {
+        const ref::Mat& r = chain_ref[j];
+        const std::vector<float>& e = row.chain_logits[j];
+        if (static_cast<int64_t>(e.size()) != r.cols) {
+          fail(key, "draft " + std::to_string(j + 2) + " width: engine " + std::to_string(e.size()) + ", reference " +
+                        std::to_string(r.cols));
+          break;
+        }
+        const ValueComparison c = compare_values(e.data(), r.data.data(), r.cols, tol_.for_key(key));
+        rep.activations.add(c.max_abs, c.max_rel, c.calc_diff, c.worst_ratio);
+        rep.ops["chain_logits"].add(c.max_abs, c.max_rel, c.calc_diff, c.worst_ratio);
+        ++rep.values_checked;
+        if (c.failed) {
+          fail(key, "draft " + std::to_string(j + 2) + " (position " + std::to_string(row.start_pos + T + 2 + static_cast<int64_t>(j)) +
+                        "): " + c.reason + fmt("; max abs %.3g, max rel %.3g", c.max_abs, c.max_rel),
+               c.max_abs, c.max_rel, c.calc_diff);
+          break;
+        }
+      }
     }
   }
 

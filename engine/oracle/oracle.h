@@ -51,7 +51,9 @@
 //    on the row's final residuals (the engine's under resync) with the next tokens (the row's inputs
 //    shifted by one, then the engine's sampled token), as generate_greedy does. The MTP block needs contiguous positions: once
 //    a row cannot run it (a prefill chunk that does not sample), that request's MTP keys stay
-//    unchecked.
+//    unchecked. A row with chained drafts (row.chain_logits, drafts 2..k) also runs the reference's
+//    EAGLE chain from its MTP output at the row's last token, fed the engine's own drafts, and
+//    compares each draft's logits ("mtp.chain_logits", OracleTolerances::mtp_chain_logits).
 //  * Rows. Each row must continue its request (start_pos = tokens so far), feed the prompt while in
 //    the prompt and the previously sampled token after a sampling row, and hold num_tokens valid ids.
 //    A row that fails these cannot be replayed; its request is not checked further.
@@ -143,6 +145,9 @@ struct OracleTolerances {
   // reference computes itself (only the MTP block's input is resynchronized), so they carry one
   // block's noise: the residual's limit. Worst seen: 8.2e-5 (tiny, graph, in-order, step 28).
   ValueTolerance mtp_logits{1.0 / 32, 1.0 / 64, 4e-3, 48.0};
+  // The EAGLE chain's draft logits (drafts 2..k, row.chain_logits): the reference's chain runs on
+  // its own MTP output residual (not resynchronized), one more block per draft.
+  ValueTolerance mtp_chain_logits{1.0 / 32, 1.0 / 64, 4e-3, 48.0};
   std::map<std::string, ValueTolerance> op_overrides = {
       // FP8 on o before the output projection: worst 5.1e-4.
       {"attn.out", ValueTolerance{1.0 / 32, 1.0 / 64, 2e-3, 16.0}},

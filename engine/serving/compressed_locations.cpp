@@ -27,6 +27,9 @@ int64_t compressed_write_loc(int64_t full_loc, int64_t position, int64_t ratio) 
   DSV4_ASSERT(ratio >= 1, "ratio must be >= 1");
   DSV4_ASSERT(position >= 0, "negative position");
   if (position % ratio != ratio - 1) return -1;
+  // A padding row (every token at the null location, e.g. 1 + 3 drafts of a TARGET_VERIFY row)
+  // completes the null entry.
+  if (full_loc == 0) return 0;
   // Same page as the block's first token, so the same entry.
   DSV4_ASSERT(full_loc % ratio == ratio - 1, "a block's tokens are consecutive locations of one page");
   return compressed_loc(full_loc, ratio);

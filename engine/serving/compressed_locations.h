@@ -22,7 +22,8 @@ CompressedPoolGeometry compressed_pool_geometry(int64_t ratio, int64_t page_size
 
 // Total: full_loc / ratio, or -1 for a negative full_loc (ratio >= 1 is asserted).
 int64_t compressed_loc(int64_t full_loc, int64_t ratio);
-// The entry that the token at `position` completes, or -1 if its block is still open.
+// The entry that the token at `position` completes, or -1 if its block is still open; a token at
+// the null location 0 (a padding row) completes the null entry 0.
 int64_t compressed_write_loc(int64_t full_loc, int64_t position, int64_t ratio);
 // Complete entries of a request of seq_len tokens: seq_len / ratio.
 int64_t compressed_entry_count(int64_t seq_len, int64_t ratio);

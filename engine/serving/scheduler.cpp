@@ -287,6 +287,16 @@ void Scheduler::commit(const ForwardBatch& batch, std::span<const std::vector<in
   }
 }
 
+int64_t Scheduler::tokens_to_commit(int64_t request_id, std::span<const int32_t> tokens) const {
+  const Request& r = request(request_id);
+  int64_t generated = static_cast<int64_t>(r.generated_ids.size()), kept = 0;
+  for (const int32_t token : tokens) {
+    ++kept;
+    if (std::binary_search(stop_ids_.begin(), stop_ids_.end(), token) || ++generated == r.max_new_tokens) break;
+  }
+  return kept;
+}
+
 bool Scheduler::abort(int64_t request_id) {
   Request& r = mutable_request(request_id);
   if (r.is_done()) return false;

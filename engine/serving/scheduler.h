@@ -54,6 +54,9 @@ class Scheduler {
   // given back to both allocators.
   void commit(const ForwardBatch& batch, std::span<const std::vector<int32_t>> tokens,
               std::span<const std::vector<int32_t>> drafts);
+  // How many of `tokens` (a row's new tokens, in order) a commit keeps for the request: all of them,
+  // or up to and including the first stop id or the token that reaches max_new_tokens.
+  int64_t tokens_to_commit(int64_t request_id, std::span<const int32_t> tokens) const;
   // Before the first add_request. ContractError for k outside [0, 4].
   void set_draft_tokens(int64_t k);
   int64_t draft_tokens() const { return draft_tokens_; }

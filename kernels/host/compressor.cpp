@@ -180,10 +180,14 @@ CompressPlan build_compress_plan(std::span<const CompressRequestBatch> requests,
     // Only tokens a later batch reads are stored: the unfinished block, and for c4 also the last
     // complete one (its A halves). Everything else is pooled straight from the input, unless the
     // batch's tail may be rejected (speculative verify), when the next batch re-pools from the state.
+    // Under store_every_row the last row of a non-overlapping block is still skipped: the batch
+    // that holds that position pools the block, so no later batch reads the row (a rejected one is
+    // computed again, from the input), and a decode batch does not store it either.
     const int64_t keep_from = store_every_row ? start : std::max<int64_t>(0, (end / r - (plan.coff - 1)) * r);
     for (int64_t pos = start; pos < end; ++pos) {
+      const bool block_end = plan.coff == 1 && pos % r == r - 1;
       plan.positions.push_back(pos);
-      plan.write_rows.push_back(pos >= keep_from ? state_row(pos) : -1);
+      plan.write_rows.push_back(pos >= keep_from && !(store_every_row && block_end) ? state_row(pos) : -1);
     }
 
     // Blocks completed in this batch: their last position b*r + r - 1 lies in [start, end).

@@ -40,6 +40,7 @@ struct RunConfig {
   bool w8a8_int8 = false;
   bool mtp = false;
   int64_t draft_tokens = 0;  // speculative decoding (needs mtp)
+  DraftExtend draft_extend = DraftExtend::v2;
   ServingEngine::DraftOverride draft_override = {};
 };
 
@@ -88,6 +89,7 @@ inline RunResult run_engine(const ModelConfig& config, uint64_t weight_seed, con
   eo.w8a8_int8 = rc.w8a8_int8;
   eo.mtp = rc.mtp;
   eo.draft_tokens = rc.draft_tokens;
+  eo.draft_extend = rc.draft_extend;
   RuntimeOptions options = rc.options;
   if (rc.draft_tokens > 0) options.speculative = true;
   RunResult out;

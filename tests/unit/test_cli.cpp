@@ -165,6 +165,33 @@ TEST(Cli, CheckAndMutantsRefuseBadFlagsNamingThem) {
   }
 }
 
+// Speculative decoding's flags: --draft-tokens 1..4 and --draft-extend v1|v2, with --mtp only.
+TEST(CliGenerate, DraftFlagsAreCheckedByName) {
+  const std::vector<std::pair<std::vector<std::string>, std::string>> cases = {
+      {{"generate", "--config", "micro", "--mtp", "--draft-tokens", "0"}, "--draft-tokens"},
+      {{"generate", "--config", "micro", "--mtp", "--draft-tokens", "5"}, "--draft-tokens"},
+      {{"generate", "--config", "micro", "--mtp", "--draft-tokens", "two"}, "--draft-tokens"},
+      {{"generate", "--config", "micro", "--draft-tokens", "2"}, "--draft-tokens"},
+      {{"generate", "--config", "micro", "--mtp", "--draft-extend", "v3"}, "--draft-extend"},
+      {{"generate", "--config", "micro", "--draft-extend", "v1"}, "--draft-extend"},
+  };
+  for (const auto& [argv, flag] : cases) {
+    const Result r = run(argv);
+    EXPECT_EQ(r.code, kExitBadInput) << argv[3] << " " << (argv.size() > 4 ? argv[4] : "");
+    EXPECT_TRUE(contains(r.err, flag)) << r.err;
+  }
+}
+
+// Chained drafts with DRAFT_EXTEND (v1), graphs on, through the oracle: a pass.
+TEST(CliGenerate, ChainedDraftsWithDraftExtendV1PassTheReference) {
+  const Result r = run({"generate", "--config", "micro", "--requests", "2", "--decode", "6", "--mtp", "--draft-tokens",
+                        "3", "--draft-extend", "v1", "--graph", "--compare-reference"});
+  EXPECT_EQ(r.code, kExitOk) << r.out << r.err;
+  EXPECT_TRUE(contains(r.out, "mtp (3 draft tokens, draft extend v1)")) << r.out;
+  EXPECT_TRUE(contains(r.out, "speculative decoding: ")) << r.out;
+  EXPECT_TRUE(contains(r.out, "verdict: PASS")) << r.out;
+}
+
 TEST(Cli, ListsSuitesAndFaults) {
   const Result suites = run({"check", "--list"});
   EXPECT_EQ(suites.code, kExitOk);

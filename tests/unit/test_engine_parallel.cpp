@@ -3,6 +3,9 @@
 // one stage, in eager and graph mode, multi-stream on and off, with the hazard detector silent.
 #include <gtest/gtest.h>
 
+#include <cstdio>
+#include <map>
+
 #include "engine/core/error.h"
 #include "tests/unit/engine_fixtures.h"
 
@@ -202,12 +205,45 @@ TEST(Mtp, MicroMixDraftsMatchReferenceInEveryMode) {
   }
 }
 
-// Speculative decoding (EAGLE with the MTP block's drafts, greedy acceptance, the MTP block over
-// every verified position): the greedy tokens equal those without speculation, and every step
-// matches the reference (accepted prefixes only), with the MTP block's own drafts (untrained
-// synthetic weights: almost none accepted), perfect drafts (from the non-speculative run: all
-// accepted) and alternating right and wrong drafts; in the four modes.
-TEST(Speculative, GreedyTokensEqualNonSpeculativeAndReferenceForAnyDrafts) {
+// Drafts accepted and verified over a run's verify rows.
+struct Acceptance {
+  int64_t verified = 0, accepted = 0;
+  double rate() const { return verified > 0 ? static_cast<double>(accepted) / static_cast<double>(verified) : 0.0; }
+};
+Acceptance acceptance(const RunResult& run) {
+  Acceptance a;
+  for (const StepRecord& s : run.steps) {
+    for (const StepRow& row : s.rows) {
+      if (row.accepted_tokens < 0) continue;
+      a.verified += row.num_tokens - 1;
+      a.accepted += row.accepted_tokens - 1;
+    }
+  }
+  return a;
+}
+
+struct SpecCase {
+  int64_t draft_tokens;
+  DraftExtend extend;
+};
+void PrintTo(const SpecCase& c, std::ostream* os) {
+  *os << c.draft_tokens << "_drafts_" << (c.extend == DraftExtend::v1 ? "v1" : "v2");
+}
+std::string spec_name(const ::testing::TestParamInfo<SpecCase>& info) {
+  return std::to_string(info.param.draft_tokens) + "_drafts_" + (info.param.extend == DraftExtend::v1 ? "v1" : "v2");
+}
+const SpecCase kSpecCases[] = {{1, DraftExtend::v2}, {1, DraftExtend::v1}, {2, DraftExtend::v2}, {2, DraftExtend::v1},
+                               {3, DraftExtend::v2}, {3, DraftExtend::v1}, {4, DraftExtend::v2}, {4, DraftExtend::v1}};
+
+// Speculative decoding (EAGLE with the MTP block's drafts, greedy acceptance), 1 to 4 draft tokens
+// (past 1 the EAGLE chain), the MTP block catching up inside the verify batch (DRAFT_EXTEND_V2) or
+// after it (DRAFT_EXTEND): the greedy tokens equal those without speculation, and every step
+// matches the reference (accepted prefixes; the MTP block's draft logits and the chain's), with the
+// MTP block's own drafts (untrained synthetic weights: almost none accepted), perfect drafts (from
+// the non-speculative run: all accepted) and alternating right and wrong drafts; in the four modes,
+// bitwise equal to the eager run, with the hazard detector silent.
+class SpeculativeMicro : public ::testing::TestWithParam<SpecCase> {};
+TEST_P(SpeculativeMicro, GreedyTokensEqualNonSpeculativeAndReferenceForAnyDrafts) {
   const ModelConfig config = load_model_config("micro");
   const auto mix = standard_workload(config, 1, 8, 12);
   RunConfig rc;
@@ -232,28 +268,46 @@ TEST(Speculative, GreedyTokensEqualNonSpeculativeAndReferenceForAnyDrafts) {
        }},
   };
   rc.mtp = true;
-  rc.draft_tokens = 1;
+  rc.draft_tokens = GetParam().draft_tokens;
+  rc.draft_extend = GetParam().extend;
   for (const Drafts& kind : kinds) {
     rc.draft_override = kind.fn;
-    RunConfig eager = rc;
-    const RunResult spec = run_engine(config, 1, mix, eager);
+    const RunResult spec = run_engine(config, 1, mix, rc);
     EXPECT_EQ(spec.generated, plain.generated) << kind.name;
     EXPECT_EQ(testing::reference_divergence(config, 1, mix, spec), "") << kind.name;
-    int64_t verified = 0, accepted = 0;
+    const Acceptance a = acceptance(spec);
+    std::printf("[ acceptance ] micro, %lld draft tokens, draft extend %s, %s drafts: %lld of %lld accepted (%.1f%%)\n",
+                static_cast<long long>(rc.draft_tokens), rc.draft_extend == DraftExtend::v1 ? "v1" : "v2", kind.name,
+                static_cast<long long>(a.accepted), static_cast<long long>(a.verified), 100.0 * a.rate());
+    EXPECT_GT(a.verified, 0) << kind.name;
+    int64_t chained = 0;
     for (const StepRecord& s : spec.steps) {
       for (const StepRow& row : s.rows) {
-        if (row.accepted_tokens < 0) continue;
-        verified += row.num_tokens - 1;
-        accepted += row.accepted_tokens - 1;
+        if (!row.chain_logits.empty()) {
+          EXPECT_EQ(static_cast<int64_t>(row.draft_ids.size()), rc.draft_tokens);
+        }
+        EXPECT_EQ(row.chain_logits.size() + 1, std::max<size_t>(1, row.draft_ids.size()));
+        chained += static_cast<int64_t>(row.chain_logits.size());
       }
     }
-    EXPECT_GT(verified, 0) << kind.name;
+    EXPECT_EQ(chained > 0, rc.draft_tokens > 1) << kind.name;
     if (std::string(kind.name) == "perfect") {
-      EXPECT_EQ(accepted, verified);
+      // Every draft is accepted but those past the request's last token (nothing to be right about).
+      int64_t reachable = 0;
+      for (const StepRecord& s : spec.steps) {
+        for (const StepRow& row : s.rows) {
+          if (row.accepted_tokens < 0) continue;
+          const auto& w = mix[static_cast<size_t>(row.request_id)];
+          const int64_t end = static_cast<int64_t>(w.prompt_ids.size()) + w.max_new_tokens;
+          reachable += std::min(row.num_tokens - 1, end - (row.start_pos + 1));
+        }
+      }
+      EXPECT_EQ(a.accepted, reachable);
+      EXPECT_GE(a.accepted, a.verified / 2);
     }
     if (std::string(kind.name) == "alternating") {
-      EXPECT_GT(accepted, 0);
-      EXPECT_LT(accepted, verified);
+      EXPECT_GT(a.accepted, 0);
+      EXPECT_LT(a.accepted, a.verified);
     }
     for (const Mode& m : kModes) {
       RunConfig other = rc;
@@ -263,6 +317,186 @@ TEST(Speculative, GreedyTokensEqualNonSpeculativeAndReferenceForAnyDrafts) {
       const RunResult r = run_engine(config, 1, mix, other);
       EXPECT_EQ(first_difference(spec, r), "") << kind.name << " " << m.name;
       EXPECT_TRUE(r.hazards.empty()) << kind.name << " " << m.name << ": " << r.hazards.front();
+      if (m.graphs) {
+        EXPECT_GT(r.graph_replays, 0) << kind.name << " " << m.name;
+      }
+    }
+  }
+}
+INSTANTIATE_TEST_SUITE_P(Drafts, SpeculativeMicro, ::testing::ValuesIn(kSpecCases), spec_name);
+
+// The acceptance criterion on tiny: MTP on (1, 2 and 4 draft tokens, either draft-extend mode)
+// gives the greedy tokens of MTP off and matches the reference, in eager and graph mode with
+// multi-stream on and off, the hazard detector silent.
+class SpeculativeTiny : public ::testing::TestWithParam<Mode> {};
+TEST_P(SpeculativeTiny, GreedyTokensEqualNonSpeculativeAndReference) {
+  static const ModelConfig config = load_model_config("tiny");
+  const auto mix = standard_workload(config, 1, 4, 6);
+  RunConfig rc;
+  rc.options = options_for(4);
+  static const RunResult plain = run_engine(config, 1, mix, rc);
+  rc.graphs = GetParam().graphs;
+  rc.multi_stream = GetParam().multi_stream;
+  rc.mtp = true;
+  for (const SpecCase c : {SpecCase{1, DraftExtend::v2}, SpecCase{2, DraftExtend::v1}, SpecCase{4, DraftExtend::v2}}) {
+    rc.draft_tokens = c.draft_tokens;
+    rc.draft_extend = c.extend;
+    const std::string name = std::to_string(c.draft_tokens) + (c.extend == DraftExtend::v1 ? " v1" : " v2");
+    const RunResult spec = run_engine(config, 1, mix, rc);
+    EXPECT_EQ(spec.generated, plain.generated) << name;
+    EXPECT_EQ(testing::reference_divergence(config, 1, mix, spec), "") << name;
+    EXPECT_TRUE(spec.hazards.empty()) << name << ": " << spec.hazards.front();
+    const Acceptance a = acceptance(spec);
+    std::printf("[ acceptance ] tiny %s, %s draft tokens: %lld of %lld accepted (%.1f%%)\n", GetParam().name, name.c_str(),
+                static_cast<long long>(a.accepted), static_cast<long long>(a.verified), 100.0 * a.rate());
+  }
+}
+INSTANTIATE_TEST_SUITE_P(Modes, SpeculativeTiny, ::testing::ValuesIn(kModes));
+
+// What a step commits to compressed state: every compressed layer's cache and compress state, and
+// on ratio-4 layers the indexer's keys and state.
+using Snapshot = std::vector<ModelRunner::CompressedBytes>;
+// The first difference, on the layers of ratio `only` (0: every compressed layer).
+std::string snapshot_difference(const ModelConfig& config, const Snapshot& a, const Snapshot& b, int64_t only = 0) {
+  size_t i = 0;
+  for (int64_t l = 0; l < config.n_layers; ++l) {
+    if (config.ratio(l) == 0) continue;
+    const auto& x = a[i];
+    const auto& y = b[i++];
+    if (only != 0 && config.ratio(l) != only) continue;
+    const std::string layer = "layer " + std::to_string(l) + " (ratio " + std::to_string(config.ratio(l)) + ") ";
+    if (x.cache != y.cache) return layer + "compressed cache";
+    if (x.state != y.state) return layer + "compress state";
+    if (x.indexer_keys != y.indexer_keys) return layer + "indexer keys";
+    if (x.indexer_state != y.indexer_state) return layer + "indexer state";
+  }
+  return "";
+}
+
+struct CommitRun {
+  std::map<size_t, Snapshot> by_generated;  // after each step, by the request's generated tokens
+  int64_t rejected_block_ends = 0;          // rejected drafts that completed a non-overlapping block
+  std::vector<std::string> hazards;
+  std::vector<int32_t> generated;
+};
+
+// One request, step by step; with draft_tokens > 0 speculative (the drafts from `drafts`).
+CommitRun run_committing(const ModelConfig& config, const std::vector<int32_t>& prompt, int64_t max_new,
+                         const Mode& mode, int64_t draft_tokens, bool scrub, const ServingEngine::DraftOverride& drafts) {
+  rt::RuntimeOptions ro;
+  ro.allocator_mode = AllocatorMode::testing;  // fresh memory is poison: the same bytes in both runs
+  ro.caching_allocator = false;
+  rt::SimRuntime runtime(ro, rt::SimOptions{});
+  rt::HazardDetector detector;
+  runtime.add_observer(&detector);
+  RuntimeOptions options = options_for(1);
+  options.speculative = true;  // the same ring geometry in both runs
+  EngineOptions eo;
+  eo.graphs = mode.graphs;
+  eo.multi_stream = mode.multi_stream;
+  eo.mtp = draft_tokens > 0;
+  eo.draft_tokens = draft_tokens;
+  eo.scrub_rejected = scrub;
+  CommitRun out;
+  {
+    ServingEngine engine(runtime, config, options, CheckpointSource::synthetic(config, 1), eo);
+    if (drafts) engine.set_draft_override(drafts);
+    engine.add_request(0, prompt, max_new, 0);
+    int64_t c128 = 0;
+    for (int64_t l = 0; l < config.n_layers; ++l) {
+      if (config.ratio(l) > 4) c128 = config.ratio(l);
+    }
+    while (engine.has_unfinished()) {
+      const StepRecord rec = engine.step();
+      for (const StepRow& row : rec.rows) {
+        if (row.accepted_tokens < 0) continue;
+        for (int64_t p = row.start_pos + row.accepted_tokens; p < row.start_pos + row.num_tokens; ++p) {
+          out.rejected_block_ends += (p + 1) % c128 == 0;
+        }
+      }
+      Snapshot snap;
+      for (int64_t l = 0; l < config.n_layers; ++l) {
+        if (config.ratio(l) > 0) snap.push_back(engine.runner().compressed_bytes(l));
+      }
+      out.by_generated[engine.request(0).generated_ids.size()] = std::move(snap);
+    }
+    out.generated = engine.request(0).generated_ids;
+  }
+  for (const auto& h : detector.hazards()) out.hazards.push_back(h.describe());
+  return out;
+}
+
+// A verify batch may complete a block (its entry in the compressed cache, its state rows) with a
+// draft that is then rejected. After every step, the compressed state a speculative run holds is
+// bitwise the non-speculative run's at the same length: the batch saves what its drafts overwrite
+// and the scrub puts back what the rejected ones wrote (the compress plan stores no row of a
+// non-overlapping block's last token, as a decode batch does not). Without the scrub it differs.
+// Drafts are right except at every position that completes a ratio-4 block (and every fifth, so
+// that the drafts' positions shift), so the rejected drafts complete ratio-4 and ratio-16 (micro's
+// stand-in for 128) blocks, and with 3 drafts they follow accepted ones.
+class SpeculativeScrub : public ::testing::TestWithParam<Mode> {};
+TEST_P(SpeculativeScrub, RejectedDraftsLeaveNoCompressedState) {
+  const ModelConfig config = load_model_config("micro");
+  std::vector<int32_t> prompt;
+  for (int32_t i = 0; i < 14; ++i) prompt.push_back((i * 37 + 11) % static_cast<int32_t>(config.vocab_size));
+  const int64_t max_new = 40;
+  const CommitRun plain = run_committing(config, prompt, max_new, GetParam(), 0, true, {});
+  auto right = [&](int64_t position) -> int32_t {
+    const int64_t i = position - static_cast<int64_t>(prompt.size());
+    return i < static_cast<int64_t>(plain.generated.size()) ? plain.generated[static_cast<size_t>(i)] : 0;
+  };
+  const ServingEngine::DraftOverride drafts = [&](int64_t, int64_t pos, int32_t) {
+    const bool wrong = (pos + 1) % 4 == 0 || pos % 5 == 0;
+    return wrong ? (right(pos) + 1) % static_cast<int32_t>(config.vocab_size) : right(pos);
+  };
+  for (const int64_t k : {1, 3}) {
+    const CommitRun spec = run_committing(config, prompt, max_new, GetParam(), k, true, drafts);
+    EXPECT_EQ(spec.generated, plain.generated) << k;
+    EXPECT_GT(spec.rejected_block_ends, 0) << k;
+    EXPECT_TRUE(spec.hazards.empty()) << k << ": " << spec.hazards.front();
+    int64_t compared = 0;
+    for (const auto& [generated, snap] : spec.by_generated) {
+      auto it = plain.by_generated.find(generated);
+      ASSERT_NE(it, plain.by_generated.end()) << generated;
+      EXPECT_EQ(snapshot_difference(config, snap, it->second), "") << k << " drafts, after " << generated << " tokens";
+      ++compared;
+    }
+    EXPECT_GT(compared, 5) << k;
+    const CommitRun unscrubbed = run_committing(config, prompt, max_new, GetParam(), k, false, drafts);
+    int64_t differing4 = 0, differing16 = 0;
+    for (const auto& [generated, snap] : unscrubbed.by_generated) {
+      differing4 += snapshot_difference(config, snap, plain.by_generated.at(generated), 4) != "";
+      differing16 += snapshot_difference(config, snap, plain.by_generated.at(generated), 16) != "";
+    }
+    EXPECT_GT(differing4, 0) << k << ": without the scrub, the rejected drafts' entries and rows stay";
+    EXPECT_GT(differing16, 0) << k << ": without the scrub, the rejected drafts' entries and rows stay";
+  }
+}
+INSTANTIATE_TEST_SUITE_P(Modes, SpeculativeScrub, ::testing::ValuesIn(kModes));
+
+// The same on tiny, whose non-overlapping ratio is 128: the first verify batch's draft completes
+// block 0 (position 127) and is rejected.
+TEST(SpeculativeScrubTiny, RejectedDraftCompletingA128BlockLeavesNothing) {
+  const ModelConfig config = load_model_config("tiny");
+  std::vector<int32_t> prompt;
+  for (int32_t i = 0; i < 126; ++i) prompt.push_back((i * 37 + 11) % static_cast<int32_t>(config.vocab_size));
+  const Mode eager{false, true, "eager_ms_on"};
+  const CommitRun plain = run_committing(config, prompt, 4, eager, 0, true, {});
+  const ServingEngine::DraftOverride drafts = [&](int64_t, int64_t pos, int32_t) {
+    const int64_t i = pos - static_cast<int64_t>(prompt.size());
+    const int32_t r = i < static_cast<int64_t>(plain.generated.size()) ? plain.generated[static_cast<size_t>(i)] : 0;
+    return pos == 127 ? (r + 1) % static_cast<int32_t>(config.vocab_size) : r;
+  };
+  for (const bool scrub : {true, false}) {
+    const CommitRun spec = run_committing(config, prompt, 4, eager, 2, scrub, drafts);
+    EXPECT_EQ(spec.generated, plain.generated);
+    EXPECT_GT(spec.rejected_block_ends, 0);
+    const Snapshot& a = spec.by_generated.at(2);
+    const Snapshot& b = plain.by_generated.at(2);
+    if (scrub) {
+      EXPECT_EQ(snapshot_difference(config, a, b), "");
+    } else {
+      EXPECT_NE(snapshot_difference(config, a, b, 128), "");  // block 0's entry, position 128's state row
     }
   }
 }
@@ -277,10 +511,15 @@ TEST(Speculative, OptionsAreChecked) {
   EXPECT_THROW(ServingEngine(runtime, config, options_for(2), CheckpointSource::synthetic(config, 1), eo), InputError);
   RuntimeOptions spec = options_for(2);
   spec.speculative = true;
-  eo.draft_tokens = 2;  // chained drafting is not built
+  eo.draft_tokens = 5;  // past the chain's 4
   EXPECT_THROW(ServingEngine(runtime, config, spec, CheckpointSource::synthetic(config, 1), eo), InputError);
-  eo.draft_tokens = 1;
-  EXPECT_NO_THROW(ServingEngine(runtime, config, spec, CheckpointSource::synthetic(config, 1), eo));
+  for (const int64_t k : {1, 2, 3, 4}) {
+    eo.draft_tokens = k;
+    for (const DraftExtend x : {DraftExtend::v1, DraftExtend::v2}) {
+      eo.draft_extend = x;
+      EXPECT_NO_THROW(ServingEngine(runtime, config, spec, CheckpointSource::synthetic(config, 1), eo)) << k;
+    }
+  }
 }
 
 TEST(Mtp, RefusedWithContextParallelism) {

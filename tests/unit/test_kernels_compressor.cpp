@@ -266,7 +266,9 @@ TEST(KernelsCompressorPlan, StoresOnlyRowsALaterBatchReads) {
 }
 
 // A verify batch whose tail may be rejected stores every token's row: the block it completes at
-// its last (draft) position is then pooled again by the next batch, from the state.
+// its last (draft) position is then pooled again by the next batch, from the state. The completing
+// position's own row is not stored (a rejected one is fed again as input; an accepted one ends the
+// block), as in a decode batch; on ratio 4 it is (the next block's overlap reads it).
 TEST(KernelsCompressorPlan, StoreEveryRowForSpeculativeVerify) {
   std::vector<int64_t> rows;
   for (int64_t p = compress_history_start(14, 16); p < 16; ++p) rows.push_back(p);
@@ -274,7 +276,12 @@ TEST(KernelsCompressorPlan, StoreEveryRowForSpeculativeVerify) {
   const CompressPlan plain = build_compress_plan(std::span<const CompressRequestBatch>(&req, 1), 16, 64);
   EXPECT_EQ(plain.write_rows, (std::vector<int64_t>{-1, -1}));
   const CompressPlan verify = build_compress_plan(std::span<const CompressRequestBatch>(&req, 1), 16, 64, true);
-  EXPECT_EQ(verify.write_rows, (std::vector<int64_t>{14, 15}));
+  EXPECT_EQ(verify.write_rows, (std::vector<int64_t>{14, -1}));
+  std::vector<int64_t> rows4;
+  for (int64_t p = compress_history_start(6, 4); p < 8; ++p) rows4.push_back(p);
+  const CompressRequestBatch req4{6, 2, rows4};  // positions 6, 7: 7 completes block 1
+  const CompressPlan verify4 = build_compress_plan(std::span<const CompressRequestBatch>(&req4, 1), 4, 64, true);
+  EXPECT_EQ(verify4.write_rows, (std::vector<int64_t>{6, 7}));
   EXPECT_EQ(verify.blocks.size(), plain.blocks.size());
   EXPECT_EQ(verify.sources.size(), plain.sources.size());
 }

@@ -206,6 +206,7 @@ TEST(CompressedLocations, LocIsFullLocOverRatio) {
   EXPECT_EQ(compressed_write_loc(258, 2, 4), -1);
   EXPECT_EQ(compressed_write_loc(259, 3, 4), 64);
   EXPECT_EQ(compressed_write_loc(256 + 127, 127, 128), 2);
+  EXPECT_EQ(compressed_write_loc(0, 3, 4), 0);  // a padding row of 1 + 3 draft tokens
   EXPECT_EQ(compressed_entry_count(7, 4), 1);
   EXPECT_EQ(compressed_entry_count(127, 128), 0);
 

@@ -52,7 +52,8 @@ int cmd_generate(const std::vector<std::string>& argv, std::ostream& out) {
       {"--pp-partition", "a,b,...", "layers per stage, in order (sets the stage count)", false},
       {"--quant", "fp8|w8a8-int8", "quantized linears: FP8 block-scaled (default) or per-channel int8 with per-token int8 activations", false},
       {"--mtp", "", "speculative decoding with the MTP block's drafts (EAGLE, greedy acceptance); the drafts are compared with the reference's MTP block at every step", false},
-      {"--draft-tokens", "K", "with --mtp: draft tokens per step (default 1, as sglang runs it; 0 drafts without verifying)", false},
+      {"--draft-tokens", "N", "with --mtp: draft tokens per step, 1 to 4 (default 1, as sglang runs it; more than 1 drafts with the EAGLE chain)", false},
+      {"--draft-extend", "v1|v2", "with --mtp: the MTP block over the verified tokens inside the verify batch (v2, the overlap scheduler's DRAFT_EXTEND_V2; default) or as its own forward over the accepted tokens (v1, DRAFT_EXTEND)", false},
       {"--cp", "N", "prefill context-parallel ranks, one simulated device each (default 1)", false},
       {"--indexer-sms", "N", "blocks of the persistent indexer-logits kernel (default 4)", false},
       {"--guards", "", "testing allocator: guard bytes and poison on every buffer, checked at the end", false},
@@ -102,7 +103,16 @@ int cmd_generate(const std::vector<std::string>& argv, std::ostream& out) {
   eo.w8a8_int8 = quant == "w8a8-int8";
   eo.mtp = args.has("--mtp");
   if (args.has("--draft-tokens") && !eo.mtp) throw InputError("--draft-tokens", "", "needs --mtp");
+  if (args.has("--draft-extend") && !eo.mtp) throw InputError("--draft-extend", "", "needs --mtp");
   eo.draft_tokens = eo.mtp ? args.i64("--draft-tokens", 1) : 0;
+  if (eo.mtp && (eo.draft_tokens < 1 || eo.draft_tokens > 4)) {
+    throw InputError("--draft-tokens", "", "must be in [1, 4], got " + std::to_string(eo.draft_tokens));
+  }
+  const std::string draft_extend = args.optional_str("--draft-extend").value_or("v2");
+  if (draft_extend != "v1" && draft_extend != "v2") {
+    throw InputError("--draft-extend", "", "expects v1 or v2, got '" + draft_extend + "'");
+  }
+  eo.draft_extend = draft_extend == "v1" ? engine::DraftExtend::v1 : engine::DraftExtend::v2;
   if (eo.draft_tokens > 0) options.speculative = true;  // the larger rings keep drafts off committed state
   if (eo.cp < 1) throw InputError("--cp", "", "must be >= 1");
   std::vector<faults::Fault> injected;
@@ -169,7 +179,10 @@ int cmd_generate(const std::vector<std::string>& argv, std::ostream& out) {
   }
   if (eo.cp > 1) out << ", cp " << eo.cp;
   out << ", quant " << quant;
-  if (eo.mtp) out << ", mtp (" << eo.draft_tokens << " draft token" << (eo.draft_tokens == 1 ? "" : "s") << ")";
+  if (eo.mtp) {
+    out << ", mtp (" << eo.draft_tokens << " draft token" << (eo.draft_tokens == 1 ? "" : "s") << ", draft extend "
+        << draft_extend << ")";
+  }
   out << "\n";
   int64_t extend_steps = 0, decode_steps = 0, drafts_verified = 0, drafts_accepted = 0;
   std::string finding;
