@@ -22,7 +22,7 @@
 // Each entry point checks its contract, then runs the host loops (kernels/host/mhc.cpp) for host
 // tensors or the CUDA kernels (kernels/cuda/mhc.cu) on current_stream() for GPU tensors. The two are
 // equal bit for bit: the kernels perform the host's operations in the host's order, and their exp
-// reproduces the host libm's (kernels/cuda/mhc_math.h says how, and where that could fail).
+// reproduces the host libm's (kernels/cuda/libm.h says how, and where that could fail).
 #pragma once
 
 #include <cstdint>

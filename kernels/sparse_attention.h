@@ -27,10 +27,10 @@
 // On a GPU, D <= kSparseAttentionGpuMaxDim (else a ContractError naming `q`): the kernel keeps
 // each thread's share of a head group's outputs in registers.
 //
-// The GPU kernel (kernels/cuda/sparse_attention.cu) follows the host order bit for bit (sequential
-// f32 dot products, max, then P, the denominator and P.V summed in key order, no FMA contraction)
-// except for exp: the GPU rounds a double-precision exp to f32, the host calls libm's expf, which
-// may differ by one f32 ulp on rare inputs (so a bf16 output may differ on rare elements).
+// The GPU kernel (kernels/cuda/sparse_attention.cu) equals the host bit for bit: it follows the host
+// order (sequential f32 dot products, max, then P, the denominator and P.V summed in key order, no
+// FMA contraction), and its exp is kernels/cuda/libm.h's libm_expf, glibc's expf (what the host's
+// std::exp(float) calls) operation for operation.
 #pragma once
 
 #include <cstdint>

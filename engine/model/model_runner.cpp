@@ -1317,7 +1317,6 @@ void ModelRunner::issue_head(const DeviceTensor& R, const DeviceTensor& last, co
 // to h_proj(hnorm(copy c)) for every copy, the SWA-only block runs on its own cache, and its
 // hc_head, norm and the shared head give the draft logits of each row's last token.
 void ModelRunner::issue_mtp(const DeviceTensor& R_final, int64_t T, int64_t nrows) {
-  const int64_t V = config_.vocab_size;
   DeviceTensor logits = rows(logits_, nrows), sampled = rows(m_sampled_, nrows), last = rows(m_last_, nrows);
   DeviceTensor hint = rows(m_row_next_, nrows), ids = rows(m_ids_, T), next = rows(m_next_ids_, T);
   op(main_, "greedy", {logits}, {sampled}, [logits, sampled]() mutable { kernels::argmax_rows(logits.t, sampled.t); });

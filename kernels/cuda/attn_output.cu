@@ -1,7 +1,7 @@
 // CUDA (and, through port.h, HIP) implementation of kernels/attn_output.h.
 //
-// inverse_rope_inplace: one thread per rope pair, the host's f32 operations (kernels/cuda/
-// norm_rope_math.h: glibc's sinf / cosf, no fused multiply-adds), so the bits equal the host's.
+// inverse_rope_inplace: one thread per rope pair, the host's f32 operations (kernels/cuda/libm.h
+// and norm_rope_math.h: glibc's sinf / cosf, no fused multiply-adds), so the bits equal the host's.
 //
 // grouped_wo_a: per group g a [T, W] x [r, W]^T product, shared-memory tiles of kTileM tokens x
 // kTileN outputs x kTileK, each thread owning a 4 x 4 block of outputs with one f32 accumulator
@@ -13,6 +13,7 @@
 #include <cstdint>
 
 #include "engine/core/formats.h"
+#include "kernels/cuda/libm.h"
 #include "kernels/cuda/norm_rope_math.h"
 
 namespace dsv4::kernels::cuda {
@@ -83,7 +84,7 @@ __global__ void grouped_wo_a_kernel(const uint16_t* o, int64_t o_stride, const u
       for (int r = 0; r < kPerThread; ++r) a[r] = a_tile[kk][ty + kThreadCols * r];
       for (int c = 0; c < kPerThread; ++c) b[c] = b_tile[kk][tx + kThreadCols * c];
       for (int r = 0; r < kPerThread; ++r) {
-        for (int c = 0; c < kPerThread; ++c) acc[r][c] = gpu::rn_add(acc[r][c], gpu::rn_mul(a[r], b[c]));
+        for (int c = 0; c < kPerThread; ++c) acc[r][c] = gpu_math::fadd(acc[r][c], gpu_math::fmul(a[r], b[c]));
       }
     }
     __syncthreads();

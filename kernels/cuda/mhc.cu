@@ -1,6 +1,7 @@
 // CUDA (and, through port.h, HIP) implementation of kernels/mhc.h: hc_pre (Sinkhorn included),
 // hc_post and hc_head. The arithmetic is the host kernels' (kernels/host/mhc.cpp), operation for
-// operation and in the same order, so the results are equal bit for bit (see mhc_math.h for exp).
+// operation and in the same order, so the results are equal bit for bit (kernels/cuda/libm.h: the
+// rounded operations and glibc's expf; mhc_math.h: the sigmoid).
 //
 // hc_pre / hc_head: one block per token.
 //   1. Thread 0 sums the squares of the token's hc*d residual values in f64 in index order (the
@@ -24,7 +25,8 @@ namespace dsv4::kernels::cuda {
 
 namespace {
 
-using namespace mhc_gpu;
+using namespace gpu_math;  // rounded operations, glibc's expf
+using mhc_gpu::sigmoid;
 
 constexpr int kThreads = 256;  // a multiple of 64: whole warps on CUDA and on wave64
 

@@ -1,14 +1,15 @@
 // CUDA (and, through port.h, HIP) implementation of kernels/norm_rope.h: one block per row, as the
 // host kernels' "thread block" loop. Every value is computed with the host's operations in the
-// host's order (kernels/cuda/norm_rope_math.h: RoPE through glibc's sinf / cosf, no fused
-// multiply-adds), so rows and cache bytes equal the host's bit for bit; the one difference is the
-// order of the f64 sum of squares (a fixed tree instead of index order; see norm_rope_math.h).
+// host's order (kernels/cuda/libm.h and norm_rope_math.h: RoPE through glibc's sinf / cosf, no
+// fused multiply-adds), so rows and cache bytes equal the host's bit for bit; the one difference is
+// the order of the f64 sum of squares (a fixed tree instead of index order; see norm_rope_math.h).
 #include "kernels/norm_rope.h"
 #include "kernels/cuda/port.h"  // before formats.h: its device code needs the runtime header
 
 #include <cstdint>
 
 #include "engine/core/formats.h"
+#include "kernels/cuda/libm.h"
 #include "kernels/cuda/norm_rope_math.h"
 
 namespace dsv4::kernels::cuda {
@@ -30,7 +31,7 @@ __device__ float row_inverse_rms(const uint16_t* x, int64_t dim, double eps, dou
 
 // bf16(x * r * w), the normed value of one element (as a float).
 __device__ float normed(uint16_t code, float r, float w) {
-  return round_bf16(gpu::rn_mul(gpu::rn_mul(bf16_to_f32(code), r), w));
+  return round_bf16(gpu_math::fmul(gpu_math::fmul(bf16_to_f32(code), r), w));
 }
 
 // The normed and rotated rope pair j of row x (bf16-valued floats).
@@ -100,13 +101,13 @@ __global__ void norm_rope_store_kernel(const uint16_t* kv, int64_t row_stride, i
   for (int64_t s = threadIdx.x; s < scale_count; s += blockDim.x) {
     const int64_t first = s * block;
     float amax = 0.0f;
-    for (int64_t i = first; i < first + block; ++i) amax = gpu::std_max(amax, fabsf(normed(x[i], r, weight[i])));
+    for (int64_t i = first; i < first + block; ++i) amax = gpu_math::std_max(amax, fabsf(normed(x[i], r, weight[i])));
     // e4m3_block_scale: 2^ceil(log2(max(amax, 1e-4) * f32(1/448))).
-    const float scale = round_ue8m0_ceil(gpu::rn_mul(gpu::std_max(amax, 1e-4f), kInvE4m3Max));
+    const float scale = round_ue8m0_ceil(gpu_math::fmul(gpu_math::std_max(amax, 1e-4f), kInvE4m3Max));
     scales[s] = f32_to_ue8m0_ceil(scale);  // exact: the scale is a power of two
     for (int64_t i = first; i < first + block; ++i) {
-      const float v = gpu::rn_div(normed(x[i], r, weight[i]), scale);
-      values[i] = f32_to_e4m3fn(gpu::std_clamp(v, -kE4m3fnMaxF32, kE4m3fnMaxF32));
+      const float v = gpu_math::fdiv(normed(x[i], r, weight[i]), scale);
+      values[i] = f32_to_e4m3fn(gpu_math::std_clamp(v, -kE4m3fnMaxF32, kE4m3fnMaxF32));
     }
   }
   for (int64_t k = scale_count + threadIdx.x; k < scale_bytes; k += blockDim.x) scales[k] = 0;

@@ -1,8 +1,9 @@
 // CUDA (and, through port.h, HIP) implementation of kernels/q_path.h: one block per row (rms_norm)
 // or per (token, head) (q_norm_rope_inplace, indexer_q), as the host kernels' loops. Every value is
-// computed with the host's operations in the host's order (kernels/cuda/norm_rope_math.h: RoPE
-// through glibc's sinf / cosf, no fused multiply-adds), so results equal the host's bit for bit; the
-// one difference is the order of the f64 sum of squares (see norm_rope_math.h).
+// computed with the host's operations in the host's order (kernels/cuda/libm.h and
+// norm_rope_math.h: RoPE through glibc's sinf / cosf, no fused multiply-adds), so results equal the
+// host's bit for bit; the one difference is the order of the f64 sum of squares (see
+// norm_rope_math.h).
 #include "kernels/q_path.h"
 #include "kernels/cuda/port.h"  // before formats.h: its device code needs the runtime header
 
@@ -12,6 +13,7 @@
 
 #include "engine/core/error.h"
 #include "engine/core/formats.h"
+#include "kernels/cuda/libm.h"
 #include "kernels/cuda/norm_rope_math.h"
 
 namespace dsv4::kernels::cuda {
@@ -46,7 +48,7 @@ __global__ void rms_norm_kernel(const uint16_t* x, int64_t x_stride, const float
   const float r = inverse_rms(xr, n, eps, red);
   uint16_t* y = out + t * n;
   for (int64_t i = threadIdx.x; i < n; i += blockDim.x) {
-    y[i] = f32_to_bf16(gpu::rn_mul(gpu::rn_mul(bf16_to_f32(xr[i]), r), weight[i]));
+    y[i] = f32_to_bf16(gpu_math::fmul(gpu_math::fmul(bf16_to_f32(xr[i]), r), weight[i]));
   }
 }
 
@@ -59,12 +61,12 @@ __global__ void q_norm_rope_kernel(uint16_t* q, int64_t heads, int64_t head_dim,
   uint16_t* x = q + th * head_dim;
   const float r = inverse_rms(x, head_dim, eps, red);
   const int64_t nope = head_dim - rope_dim;
-  for (int64_t i = threadIdx.x; i < nope; i += blockDim.x) x[i] = f32_to_bf16(gpu::rn_mul(bf16_to_f32(x[i]), r));
+  for (int64_t i = threadIdx.x; i < nope; i += blockDim.x) x[i] = f32_to_bf16(gpu_math::fmul(bf16_to_f32(x[i]), r));
   const int32_t pos = positions[th / heads];
   for (int64_t j = threadIdx.x; j < rope_dim / 2; j += blockDim.x) {
     const int64_t i = nope + 2 * j;
-    const float a = round_bf16(gpu::rn_mul(bf16_to_f32(x[i]), r));
-    const float b = round_bf16(gpu::rn_mul(bf16_to_f32(x[i + 1]), r));
+    const float a = round_bf16(gpu_math::fmul(bf16_to_f32(x[i]), r));
+    const float b = round_bf16(gpu_math::fmul(bf16_to_f32(x[i + 1]), r));
     float ra, rb;
     gpu::rotate_pair(a, b, gpu::rope_angle(pos, freqs[j]), /*inverse=*/false, &ra, &rb);
     x[i] = f32_to_bf16(ra);
@@ -104,22 +106,22 @@ __global__ void indexer_q_kernel(uint16_t* q, int64_t heads, int64_t head_dim, i
     __syncthreads();
   }
   // The transform's scale, then the bf16 the reference's Hadamard op ends in.
-  for (int64_t i = threadIdx.x; i < head_dim; i += blockDim.x) v[i] = round_bf16(gpu::rn_mul(v[i], hadamard_scale));
+  for (int64_t i = threadIdx.x; i < head_dim; i += blockDim.x) v[i] = round_bf16(gpu_math::fmul(v[i], hadamard_scale));
   __syncthreads();
   for (int64_t b = threadIdx.x; b < head_dim / block; b += blockDim.x) {
     const int64_t first = b * block;
     float amax = 0.0f;
-    for (int64_t i = first; i < first + block; ++i) amax = gpu::std_max(amax, fabsf(v[i]));
+    for (int64_t i = first; i < first + block; ++i) amax = gpu_math::std_max(amax, fabsf(v[i]));
     if (fp8) {
-      const float s = round_ue8m0_ceil(gpu::rn_mul(gpu::std_max(amax, 1e-4f), kInvE4m3Max));
+      const float s = round_ue8m0_ceil(gpu_math::fmul(gpu_math::std_max(amax, 1e-4f), kInvE4m3Max));
       for (int64_t i = first; i < first + block; ++i) {
-        const float qv = gpu::std_clamp(gpu::rn_div(v[i], s), -448.0f, 448.0f);
-        x[i] = f32_to_bf16(gpu::rn_mul(round_e4m3fn(qv), s));
+        const float qv = gpu_math::std_clamp(gpu_math::fdiv(v[i], s), -448.0f, 448.0f);
+        x[i] = f32_to_bf16(gpu_math::fmul(round_e4m3fn(qv), s));
       }
     } else {
-      const float s = round_ue8m0_ceil(gpu::rn_mul(gpu::std_max(amax, kE2m1MinAmax), kInvE2m1Max));
+      const float s = round_ue8m0_ceil(gpu_math::fmul(gpu_math::std_max(amax, kE2m1MinAmax), kInvE2m1Max));
       for (int64_t i = first; i < first + block; ++i) {
-        x[i] = f32_to_bf16(gpu::rn_mul(round_e2m1(gpu::std_clamp(gpu::rn_div(v[i], s), -6.0f, 6.0f)), s));
+        x[i] = f32_to_bf16(gpu_math::fmul(round_e2m1(gpu_math::std_clamp(gpu_math::fdiv(v[i], s), -6.0f, 6.0f)), s));
       }
     }
   }

@@ -11,16 +11,19 @@
 //
 // Numerics, in the host kernel's order (kernels/host/sparse_attention.cpp):
 //   - q . k: one thread per (head, key), a sequential f32 sum over the D dims of rounded products
-//     (no FMA contraction: explicit round-to-nearest mul/add), then scale * dot;
+//     (no FMA contraction: kernels/cuda/libm.h's rounded operations), then scale * dot;
 //   - the max over the valid keys in key order, with the host's std::max predicate;
-//   - p = exp(l - m): a double-precision exp rounded to f32 (the host calls libm's expf, nearly
-//     correctly rounded; the two may differ by one f32 ulp on rare inputs: the one deviation);
+//   - p = exp(l - m): libm.h's libm_expf, glibc's expf operation for operation (the host calls
+//     std::exp(float), which is not correctly rounded, so neither CUDA's expf nor a double exp
+//     rounded to f32 would equal it);
 //   - the denominator: one thread per head adds the f32 p in key order, then exp(sink - m);
 //   - P.V: one thread per output element adds round_bf16(p) * v in key order (f32);
 //   - out = bf16(acc / denominator); a token with no valid key writes 0.
-// Every reduction has a fixed order, so reruns are bitwise identical.
+// So the outputs equal the host's bit for bit, and every reduction has a fixed order, so reruns are
+// bitwise identical.
 #include "kernels/sparse_attention.h"
 #include "kernels/cuda/port.h"
+#include "kernels/cuda/libm.h"
 
 #include <algorithm>
 #include <cstdint>
@@ -40,42 +43,7 @@ constexpr long long kSmemBudget = 48 * 1024;                   // bytes, no opt-
 constexpr int kMinBlocks = 256;                                // below this, smaller head groups
 static_assert(kMaxGroupElements >= kSparseAttentionGpuMaxDim, "one head per block must fit the accumulators");
 
-// f32 arithmetic rounded once per operation, never fused into an FMA (the host's order of
-// roundings). nvcc keeps the __f*_rn intrinsics apart; hipcc contracts a * b + c by default, so
-// there the operations are written with contraction off.
-__device__ inline float mul_rn(float a, float b) {
-#if defined(__HIPCC__)
-#pragma clang fp contract(off)
-  return a * b;
-#else
-  return __fmul_rn(a, b);
-#endif
-}
-__device__ inline float add_rn(float a, float b) {
-#if defined(__HIPCC__)
-#pragma clang fp contract(off)
-  return a + b;
-#else
-  return __fadd_rn(a, b);
-#endif
-}
-__device__ inline float sub_rn(float a, float b) {
-#if defined(__HIPCC__)
-#pragma clang fp contract(off)
-  return a - b;
-#else
-  return __fsub_rn(a, b);
-#endif
-}
-__device__ inline float div_rn(float a, float b) {
-#if defined(__HIPCC__)
-  return a / b;  // IEEE division (hipcc's default -fhip-fp32-correctly-rounded-divide-sqrt)
-#else
-  return __fdiv_rn(a, b);
-#endif
-}
-// exp rounded to f32 through double: correctly rounded for all but vanishingly rare inputs.
-__device__ inline float exp_f32(float x) { return static_cast<float>(::exp(static_cast<double>(x))); }
+using namespace gpu_math;  // rounded operations, glibc's expf
 
 // One MODEL1 cache and its per-token index rows, as the kernel reads them.
 struct CacheView {
@@ -179,7 +147,7 @@ __global__ void __launch_bounds__(kThreads) sparse_attention_kernel(Params p) {
           const uint8_t* values = base + slot * p.value_bytes;
           if (d < p.nope) {
             const uint8_t* scales = base + cache.page_size * p.value_bytes + slot * p.scale_bytes;
-            v = mul_rn(e4m3fn_to_f32(values[d]), ue8m0_to_f32(scales[d / p.scale_block]));
+            v = fmul(e4m3fn_to_f32(values[d]), ue8m0_to_f32(scales[d / p.scale_block]));
           } else {
             const int i = d - p.nope;
             v = bf16_to_f32(static_cast<uint16_t>(values[p.nope + 2 * i] | (values[p.nope + 2 * i + 1] << 8)));
@@ -196,8 +164,8 @@ __global__ void __launch_bounds__(kThreads) sparse_attention_kernel(Params p) {
         const float* qg = q_s + g * D;
         const float* key = k_s + k * ld;
         float dot = 0.0f;
-        for (int i = 0; i < D; ++i) dot = add_rn(dot, mul_rn(qg[i], key[i]));
-        l_s[g * KT + k] = mul_rn(p.scale, dot);
+        for (int i = 0; i < D; ++i) dot = fadd(dot, fmul(qg[i], key[i]));
+        l_s[g * KT + k] = fmul(p.scale, dot);
       }
       __syncthreads();
       if (pass == 0) {
@@ -221,7 +189,7 @@ __global__ void __launch_bounds__(kThreads) sparse_attention_kernel(Params p) {
           const int g = e / kt;
           const int k = e - g * kt;
           if (loc_s[k] < 0) continue;
-          const float pr = exp_f32(sub_rn(l_s[g * KT + k], m_s[g]));
+          const float pr = libm_expf(fsub(l_s[g * KT + k], m_s[g]));
           l_s[g * KT + k] = pr;
           w_s[g * KT + k] = round_bf16(pr);  // P is bf16 before P.V
         }
@@ -230,7 +198,7 @@ __global__ void __launch_bounds__(kThreads) sparse_attention_kernel(Params p) {
         if (tid < groups) {
           float den = den_s[tid];
           for (int k = 0; k < kt; ++k) {
-            if (loc_s[k] >= 0) den = add_rn(den, l_s[tid * KT + k]);
+            if (loc_s[k] >= 0) den = fadd(den, l_s[tid * KT + k]);
           }
           den_s[tid] = den;
         }
@@ -243,7 +211,7 @@ __global__ void __launch_bounds__(kThreads) sparse_attention_kernel(Params p) {
             const int e = tid + r * kThreads;
             if (e < elements) {
               const int g = e / D;
-              acc[r] = add_rn(acc[r], mul_rn(w_s[g * KT + k], key[e - g * D]));
+              acc[r] = fadd(acc[r], fmul(w_s[g * KT + k], key[e - g * D]));
             }
           }
         }
@@ -257,12 +225,12 @@ __global__ void __launch_bounds__(kThreads) sparse_attention_kernel(Params p) {
     }
   }
   // The sink only enlarges the denominator, added after the last key.
-  if (tid < groups) den_s[tid] = add_rn(den_s[tid], exp_f32(sub_rn(p.sink[h0 + tid], m_s[tid])));
+  if (tid < groups) den_s[tid] = fadd(den_s[tid], libm_expf(fsub(p.sink[h0 + tid], m_s[tid])));
   __syncthreads();
 #pragma unroll
   for (int r = 0; r < kMaxAcc; ++r) {
     const int e = tid + r * kThreads;
-    if (e < elements) p.out[head_base + e] = f32_to_bf16(div_rn(acc[r], den_s[e / D]));
+    if (e < elements) p.out[head_base + e] = f32_to_bf16(fdiv(acc[r], den_s[e / D]));
   }
 }
 

@@ -1,5 +1,7 @@
 // GPU tests of the mHC kernels (kernels/cuda/mhc.cu) through their public entry points, of their
-// scalar math (kernels/cuda/mhc_math.h), and of kernels/cuda/port.h on the hardware.
+// scalar math (kernels/cuda/mhc_math.h's sigmoid, and kernels/cuda/libm.h's libm_expf, which every
+// bitwise kernel shares: its one exhaustive check lives here), and of kernels/cuda/port.h on the
+// hardware.
 //
 // hc_pre / hc_post / hc_head run on host tensors and on device copies of the same tensors; the device
 // outputs must equal the host outputs bit for bit: the kernels perform the host's operations in the
@@ -31,6 +33,7 @@
 #include "engine/core/formats.h"
 #include "engine/core/tensor.h"
 #include "kernels/cuda/port.h"
+#include "kernels/cuda/libm.h"
 #include "kernels/cuda/mhc_math.h"
 #include "kernels/device.h"
 #include "kernels/mhc.h"
@@ -406,7 +409,7 @@ TEST(GpuMhc, ContractsRefuseStridedMixedAndAliasedTensors) {
                   "sinkhorn_iters");
 }
 
-// ---- mhc_math.h over every f32 input -----------------------------------------------------------------
+// ---- libm.h's expf and mhc_math.h's sigmoid over every f32 input ------------------------------------
 
 __global__ void fill_bits(float* out, unsigned long long first, long long n) {
   const long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -415,7 +418,7 @@ __global__ void fill_bits(float* out, unsigned long long first, long long n) {
 
 __global__ void expf_kernel(const float* in, float* out, long long n) {
   const long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
-  if (i < n) out[i] = mhc_gpu::libm_expf(in[i]);
+  if (i < n) out[i] = gpu_math::libm_expf(in[i]);
 }
 
 __global__ void sigmoid_kernel(const float* in, float* out, long long n) {
@@ -471,6 +474,8 @@ void sweep_every_f32(const char* what, Launch launch, Host host) {
   EXPECT_EQ(total, 0) << what << " differs from the host on " << total << " of 2^32 inputs";
 }
 
+// libm.h's libm_expf, the exp of the compressor, mHC and sparse attention kernels: the one check of
+// the device function against this host's std::exp(float), over every input.
 TEST(GpuMhcMath, LibmExpfEqualsTheHostExpOnEveryF32) {
   DSV4_REQUIRE_GPU();
   sweep_every_f32(

@@ -3,7 +3,7 @@
 //
 // Every op runs on host tensors and on device copies of the same tensors; the device buffers must
 // equal the host buffers byte for byte (outputs, untouched bytes and inputs alike). The GPU kernels
-// replay the host's arithmetic (kernels/cuda/norm_rope_math.h: glibc's sinf / cosf, no fused
+// replay the host's arithmetic (kernels/cuda/libm.h: glibc's sinf / cosf, no fused
 // multiply-adds, grouped_wo_a's f32 accumulator in k order); the one order that differs, the f64 sum
 // of squares of the RMS norms, changes an f32 inverse rms only about once in 2^28 rows, so these
 // comparisons are exact too. Shapes cover T = 0, 1, 2, an odd T and the capture buckets 8 and 64;
@@ -29,6 +29,7 @@
 #include "engine/faults/faults.h"
 #include "kernels/attn_output.h"
 #include "kernels/cast.h"
+#include "kernels/cuda/libm.h"
 #include "kernels/cuda/norm_rope_math.h"
 #include "kernels/device.h"
 #include "kernels/cuda/port.h"
@@ -236,14 +237,15 @@ void expect_bf16_equals(const Tensor& t, const ref::Mat& want, const std::string
 __global__ void sincos_kernel(const float* angles, float* s, float* c, long long n) {
   const long long i = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x;
   if (i >= n) return;
-  const gpu::SinCos sc = gpu::libm_sincosf(angles[i]);
+  const gpu_math::SinCos sc = gpu_math::libm_sincosf(angles[i]);
   s[i] = sc.sin;
   c[i] = sc.cos;
 }
 
-// The RoPE kernels are bitwise equal to the host only while gpu::libm_sincosf returns what this
-// host's std::sin / std::cos return; a failure here means the host's libm is not the one
-// norm_rope_math.h replays (another glibc, or no FMA hardware), not a kernel bug.
+// The RoPE kernels (and the compressor's) are bitwise equal to the host only while libm.h's
+// libm_sincosf returns what this host's std::sin / std::cos return; a failure here means the host's
+// libm is not the one libm.h replays (another glibc, or no FMA hardware), not a kernel bug. The one
+// check of the device sinf / cosf against the host library.
 TEST(GpuRopeMath, LibmSinCosEqualsTheHostsStdSinCos) {
   DSV4_REQUIRE_GPU();
   std::vector<float> angles;
