@@ -25,6 +25,8 @@
 // kernels/cuda/quant_gemm.cu (and dense_gemm.cu for bf16 weights) on current_stream(), bit for bit
 // the same results (each output element summed by one thread in the order above; linear_fp8 and
 // linear_projection quantize the activations into stream-ordered scratch, no host round trip).
+// The FP8 x FP8 GEMM has a second, fast GPU path: cuBLASLt's Hopper block scaling, chosen with
+// DSV4_FP8_GEMM=cublaslt (kernels/cuda/fp8_gemm_cublaslt.h); it is not bitwise with the host.
 // Nothing here reads tensor contents to check them, so the same rules hold on both devices.
 //
 // Contract violations (dtype, rank, shape, contiguity, K not a multiple of the block, wrongly shaped

@@ -72,19 +72,6 @@ void upload_vec(rt::Runtime& rt, const DeviceTensor& d, const std::vector<T>& v)
   if (!v.empty()) rt.upload(d.buffer, 0, v.data(), v.size() * sizeof(T));
 }
 
-// The bytes of compressed entry `loc`: a MODEL1 entry's values and its scales (two spans), or an
-// indexer key's `dims` floats (one span, the second empty).
-struct Span {
-  int64_t offset = 0, bytes = 0;
-};
-std::array<Span, 2> entry_spans(bool indexer, int64_t dims, const kernels::Model1Layout& l, int64_t page_entries,
-                                int64_t loc) {
-  if (indexer) return {Span{loc * dims * 4, dims * 4}, Span{}};
-  const int64_t page = (loc / page_entries) * l.page_bytes(page_entries), slot = loc % page_entries;
-  return {Span{page + slot * l.value_bytes(), l.value_bytes()},
-          Span{page + page_entries * l.value_bytes() + slot * l.scale_bytes(), l.scale_bytes()}};
-}
-
 int64_t entry_bytes(bool indexer, int64_t dims, const kernels::Model1Layout& l) {
   return indexer ? dims * 4 : l.value_bytes() + l.scale_bytes();
 }
@@ -936,14 +923,8 @@ void ModelRunner::issue_compressor(rt::StreamId stream, Layer& L, bool indexer, 
   DeviceTensor backup_meta = ratio == kC4 ? m_c4_backup_ : m_c128_backup_;
   if (backup) {
     DeviceTensor saved = indexer ? L.idx_state_backup : L.state_backup;
-    op(stream, p + ".backup_state", {state, backup_meta}, {saved}, [state, backup_meta, saved, layout]() mutable {
-      const int64_t* w = backup_meta.t.data<int64_t>();
-      const int64_t E = w[0], S = w[1 + E];
-      const size_t bytes = static_cast<size_t>(layout.row_bytes);
-      for (int64_t j = 0; j < S; ++j) {
-        std::memcpy(saved.t.data<uint8_t>() + j * layout.row_bytes, state.t.data<uint8_t>() + w[2 + E + j] * layout.row_bytes,
-                    bytes);
-      }
+    op(stream, p + ".backup_state", {state, backup_meta}, {saved}, [state, backup_meta, saved]() mutable {
+      kernels::backup_state_rows(state.t, backup_meta.t, saved.t);
     });
   }
   op(stream, p + ".write_state", {kv, score, plan_buf}, {state}, [kv, score, state, plan_buf, layout, ratio]() mutable {
@@ -951,18 +932,10 @@ void ModelRunner::issue_compressor(rt::StreamId stream, Layer& L, bool indexer, 
   });
   if (backup) {
     DeviceTensor saved = indexer ? L.idx_keys_backup : L.comp_backup;
-    op(stream, p + ".backup_entries", {cache, backup_meta}, {saved},
-       [cache, backup_meta, saved, indexer, dims, kv_layout, page_entries]() mutable {
-         const int64_t* w = backup_meta.t.data<int64_t>();
-         const int64_t E = w[0], width = saved.t.size(1);
-         for (int64_t j = 0; j < E; ++j) {
-           int64_t at = 0;
-           for (const Span& s : entry_spans(indexer, dims, kv_layout, page_entries, w[1 + j])) {
-             std::memcpy(saved.t.data<uint8_t>() + j * width + at, cache.t.data<uint8_t>() + s.offset, static_cast<size_t>(s.bytes));
-             at += s.bytes;
-           }
-         }
-       });
+    const kernels::EntrySpans spans = kernels::entry_spans(indexer, dims, kv_layout, page_entries);
+    op(stream, p + ".backup_entries", {cache, backup_meta}, {saved}, [cache, backup_meta, saved, spans]() mutable {
+      kernels::backup_entries(cache.t, backup_meta.t, spans, saved.t);
+    });
   }
   op(stream, p + ".store", {entries, plan_buf}, {cache},
      [entries, plan_buf, cache, ratio, indexer, kv_layout, page_entries]() mutable {
@@ -1688,21 +1661,29 @@ void ModelRunner::draft(const serving::ForwardBatch& batch, StepRecord& rec) {
 
   draft_record_ = StepRecord{};
   record_ = engine_options_.probes ? &draft_record_ : nullptr;
+  pending_probes_.clear();
   try {
     if (graph) {
       auto g = draft_graphs_.find(R);
       if (g == draft_graphs_.end()) {
+        staging_scope_ = -(R + 1);  // the draft graph's own probe staging buffers
         rt_.begin_capture(main_);
         issue_draft(R, A, extend, batch.token_count());
+        staging_scope_ = 0;
         g = draft_graphs_.emplace(R, rt_.end_capture(main_)).first;
+        draft_graph_probes_[R] = pending_probes_;
       }
+      pending_probes_ = draft_graph_probes_[R];
       rt_.replay(g->second, main_);
       ++graph_replays_;
     } else {
       issue_draft(R, A, extend, batch.token_count());
     }
     rt_.synchronize(main_);
+    finish_probes();
   } catch (...) {
+    staging_scope_ = 0;
+    pending_probes_.clear();
     record_ = nullptr;
     suppress_probes_ = false;
     throw;
@@ -1745,28 +1726,20 @@ void ModelRunner::draft(const serving::ForwardBatch& batch, StepRecord& rec) {
 }
 
 void ModelRunner::issue_draft(int64_t R, int64_t A, bool extend, int64_t batch_tokens) {
-  const int64_t k = engine_options_.draft_tokens, V = config_.vocab_size, width = config_.hc_mult * config_.dim;
+  const int64_t k = engine_options_.draft_tokens;
   if (extend) {
     // DRAFT_EXTEND: the verify batch's final residuals of the accepted tokens, the target's tokens.
     DeviceTensor Rf = final_residual(batch_tokens), src = rows(m_dx_src_, A), hidden = rows(mtp_hidden_, A);
-    op(main_, "draft_extend.hidden", {Rf, src}, {hidden}, [Rf, src, hidden, width]() mutable {
-      for (int64_t t = 0; t < hidden.t.size(0); ++t) {
-        std::memcpy(hidden.t.data<uint16_t>() + t * width, Rf.t.data<uint16_t>() + src.t.data<int32_t>()[t] * width,
-                    static_cast<size_t>(width) * 2);
-      }
-    });
+    op(main_, "draft_extend.hidden", {Rf, src}, {hidden},
+       [Rf, src, hidden]() mutable { kernels::gather_rows(Rf.t, src.t, hidden.t); });
     DeviceTensor next = rows(m_dx_next_, A);
     mtp_meta_ = {rows(m_dx_pos_, A), rows(m_dx_swa_loc_, A), rows(m_dx_swa_idx_, A), rows(m_dx_swa_len_, A), next};
     issue_mtp_block(hidden, A, next, rows(m_dx_last_, R), rows(chain_logits_, R), rows(mtp_R_out_, A));
   } else {
     // The batch's own MTP block drafted: its logits at each row's last kept token.
     DeviceTensor all = draft_logits_, head = rows(m_dx_head_, R), first = rows(chain_logits_, R);
-    op(main_, "draft.first", {all, head}, {first}, [all, head, first, V]() mutable {
-      for (int64_t r = 0; r < first.t.size(0); ++r) {
-        std::memcpy(first.t.data<float>() + r * V, all.t.data<float>() + head.t.data<int32_t>()[r] * V,
-                    static_cast<size_t>(V) * 4);
-      }
-    });
+    op(main_, "draft.first", {all, head}, {first},
+       [all, head, first]() mutable { kernels::gather_rows(all.t, head.t, first.t); });
   }
   // The chain records nothing: its positions are scratch, and the next verify batch redoes them.
   suppress_probes_ = true;
@@ -1774,12 +1747,9 @@ void ModelRunner::issue_draft(int64_t R, int64_t A, bool extend, int64_t batch_t
     const int64_t base = A + (j - 1) * R;
     DeviceTensor prev = rows(chain_logits_, (j - 1) * R, R), ids = rows(chain_ids_, R);
     DeviceTensor src = rows(m_dx_src_, base, R), hidden = rows(mtp_hidden_, R), out = mtp_R_out_;
-    op(main_, "draft.chain_input", {prev, src, out}, {ids, hidden}, [prev, src, out, ids, hidden, V, width]() mutable {
-      for (int64_t r = 0; r < ids.t.size(0); ++r) {
-        ids.t.data<int32_t>()[r] = argmax_row(prev.t.data<float>() + r * V, V);
-        std::memcpy(hidden.t.data<uint16_t>() + r * width, out.t.data<uint16_t>() + src.t.data<int32_t>()[r] * width,
-                    static_cast<size_t>(width) * 2);
-      }
+    op(main_, "draft.chain_input", {prev, src, out}, {ids, hidden}, [prev, src, out, ids, hidden]() mutable {
+      kernels::argmax_rows(prev.t, ids.t);
+      kernels::gather_rows(out.t, src.t, hidden.t);
     });
     mtp_meta_ = {rows(m_dx_pos_, base, R), rows(m_dx_swa_loc_, base, R), rows(m_dx_swa_idx_, base, R),
                  rows(m_dx_swa_len_, base, R), ids};
@@ -1828,27 +1798,12 @@ void ModelRunner::scrub_rejected(const serving::ForwardBatch& batch, const std::
       DeviceTensor saved_entries = indexer ? L.idx_keys_backup : L.comp_backup;
       DeviceTensor saved_rows = indexer ? L.idx_state_backup : L.state_backup;
       const int64_t dims = indexer ? config_.index_head_dim : config_.head_dim, page_entries = L.comp_page_entries;
-      const int64_t row_bytes = (indexer ? L.idx_state_layout : L.comp_state_layout).row_bytes;
       const kernels::Model1Layout kv_layout = L.kv_layout;
       const std::string p = L.prefix + (indexer ? ".attn.indexer.compressor" : ".attn.compressor");
+      const kernels::EntrySpans spans = kernels::entry_spans(indexer, dims, kv_layout, page_entries);
       op(main_, p + ".scrub", {saved_entries, saved_rows, meta}, {cache, state},
-         [saved_entries, saved_rows, meta, cache, state, indexer, dims, kv_layout, page_entries, row_bytes]() mutable {
-           const int64_t* w = meta.t.data<int64_t>();
-           const int64_t E = w[0], S = w[1 + 2 * E], width = saved_entries.t.size(1);
-           for (int64_t e = 0; e < E; ++e) {
-             const int64_t j = w[1 + 2 * e], dest = w[2 + 2 * e];
-             int64_t at = 0;
-             for (const Span& s : entry_spans(indexer, dims, kv_layout, page_entries, dest)) {
-               std::memcpy(cache.t.data<uint8_t>() + s.offset, saved_entries.t.data<uint8_t>() + j * width + at,
-                           static_cast<size_t>(s.bytes));
-               at += s.bytes;
-             }
-           }
-           for (int64_t e = 0; e < S; ++e) {
-             const int64_t j = w[2 + 2 * E + 2 * e], row = w[3 + 2 * E + 2 * e];
-             std::memcpy(state.t.data<uint8_t>() + row * row_bytes, saved_rows.t.data<uint8_t>() + j * row_bytes,
-                         static_cast<size_t>(row_bytes));
-           }
+         [saved_entries, saved_rows, meta, cache, state, spans]() mutable {
+           kernels::scrub_restore(saved_entries.t, saved_rows.t, meta.t, spans, cache.t, state.t);
          });
     }
   }

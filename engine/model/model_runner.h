@@ -344,8 +344,9 @@ class ModelRunner {
   };
   std::vector<PendingProbe> pending_probes_;           // this step's, in issue order
   std::map<int64_t, std::vector<PendingProbe>> graph_probes_;  // per graph: the probes its capture issued
+  std::map<int64_t, std::vector<PendingProbe>> draft_graph_probes_;  // likewise per draft graph
   std::map<std::string, rt::BufferId> probe_staging_;
-  int64_t staging_scope_ = 0;  // 0 eager, else 1 + the graph key being captured
+  int64_t staging_scope_ = 0;  // 0 eager, 1 + the key of a graph being captured, -(1 + rows) a draft graph
   std::vector<int32_t> row_next_ids_;
 };
 

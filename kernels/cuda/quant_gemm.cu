@@ -12,12 +12,22 @@
 //              rounds exactly like the host's p + a·w. The tile shape only decides which thread
 //              owns an element, never the order, so both tile configurations give the same bits.
 // (Fault fp8-round-half-up is a host-only software-conversion fault: device code never applies it.)
+//
+// The FP8 x FP8 GEMM has a second, fast path on CUDA: cuBLASLt's Hopper block scaling
+// (kernels/cuda/fp8_gemm_cublaslt.h), taken by gemm_fp8_block_scaled and linear_fp8 when the
+// process-wide switch says cublaslt (DSV4_FP8_GEMM, the default on CUDA) and the problem fits; the
+// kernel here stays the fallback and the path that is bitwise equal to the host (DSV4_FP8_GEMM=portable).
+// HIP builds have only this kernel.
 #include "kernels/quant_gemm.h"
 #include "kernels/cuda/port.h"
 
 #include <cstdint>
 
 #include "engine/core/formats.h"
+#if !defined(__HIPCC__)
+#include "kernels/cuda/fp8_gemm_cublaslt.h"
+#define DSV4_FP8_GEMM_CUBLASLT 1
+#endif
 
 namespace dsv4::kernels::cuda {
 
@@ -219,6 +229,24 @@ void act_quant_fp8(const Tensor& x, int64_t block, Tensor& q, Tensor& scales, vo
 void gemm_fp8_block_scaled(const Tensor& q_act, const Tensor& act_scales, const Tensor& w, const Tensor& w_scales,
                            Tensor& out, int64_t block, void* stream) {
   const int64_t K = q_act.size(1);
+#if defined(DSV4_FP8_GEMM_CUBLASLT)
+  if (fp8_gemm_path() == Fp8GemmPath::cublaslt) {
+    Fp8GemmLtProblem p;
+    p.qa = q_act.data<uint8_t>();
+    p.lda = q_act.stride(0);
+    p.qa_rows = q_act.size(0);
+    p.sa = act_scales.data<uint8_t>();
+    p.sa_ld = K / block;
+    p.w = w.data<uint8_t>();
+    p.sw = w_scales.data<uint8_t>();
+    p.out = out.data<uint16_t>();
+    p.ldo = out.stride(0);
+    p.T = q_act.size(0);
+    p.N = w.size(0);
+    p.K = K;
+    if (fp8_gemm_cublaslt_fits(p, block) && fp8_gemm_cublaslt(p, stream)) return;
+  }
+#endif
   GemmArgs g{q_act.data<uint8_t>(), q_act.stride(0), act_scales.data<uint8_t>(), K / block, block,
              w.data<uint8_t>(), w_scales.data<uint8_t>(), K / block, block, block,
              out.data<uint16_t>(), out.stride(0), q_act.size(0), w.size(0), K};
@@ -240,6 +268,40 @@ void linear_fp8(const Tensor& x, const Tensor& w, const Tensor& w_scale, Tensor&
   const int64_t N = w.size(0);
   if (T == 0 || N == 0) return;
   auto stream = static_cast<gpu::Stream>(stream_ptr);
+#if defined(DSV4_FP8_GEMM_CUBLASLT)
+  if (fp8_gemm_path() == Fp8GemmPath::cublaslt) {
+    // cuBLASLt reads the activations in row blocks of 4: quantize into scratch of T rounded up to 4
+    // rows, the padding rows zero, so it reads them in place.
+    const int64_t rows = (T + 3) / 4 * 4;
+    gpu::Scratch q(static_cast<size_t>(rows * K), stream);
+    gpu::Scratch s(static_cast<size_t>(T * (K / block)), stream);
+    Fp8GemmLtProblem p;
+    p.qa = q.as<uint8_t>();
+    p.lda = K;
+    p.qa_rows = rows;
+    p.sa = s.as<uint8_t>();
+    p.sa_ld = K / block;
+    p.w = w.data<uint8_t>();
+    p.sw = w_scale.data<uint8_t>();
+    p.out = out.data<uint16_t>();
+    p.ldo = out.stride(0);
+    p.T = T;
+    p.N = N;
+    p.K = K;
+    if (fp8_gemm_cublaslt_fits(p, block)) {
+      if (rows > T) gpu::check(cudaMemsetAsync(q.as<uint8_t>() + T * K, 0, static_cast<size_t>((rows - T) * K), stream), "cudaMemsetAsync (linear_fp8 padding)");
+      launch_act_quant(x.data_ptr(), is_bf16(x), x.stride(0), T, K, static_cast<int>(block), q.as<uint8_t>(), K,
+                       s.as<uint8_t>(), stream);
+      if (fp8_gemm_cublaslt(p, stream)) return;
+      // No algorithm: the portable kernel on the same quantized activations.
+      GemmArgs g{q.as<uint8_t>(), K, s.as<uint8_t>(), K / block, block,
+                 w.data<uint8_t>(), w_scale.data<uint8_t>(), K / block, block, block,
+                 out.data<uint16_t>(), out.stride(0), T, N, K};
+      launch_gemm<WeightFormat::e4m3>(g, stream, "linear_fp8");
+      return;
+    }
+  }
+#endif
   // The quantized activations live only between the two launches: stream-ordered scratch.
   gpu::Scratch q(static_cast<size_t>(T * K), stream);
   gpu::Scratch s(static_cast<size_t>(T * (K / block)), stream);
