@@ -108,6 +108,71 @@ __global__ void scale_bf16_kernel(const uint16_t* x, float scale, long long n, f
   if (i < n) out[i] = round_bf16(bf16_to_f32(x[i]) * scale);
 }
 
+// The speculative scrub's copies: one block per item slot up to the buffers' capacity, the counts read
+// from the words here. Counts that break the host's count rules (negative, past the words or past the
+// saved buffer) make every block exit; a block past its count, or whose slot, row or entry is out of
+// range, exits. The block's threads copy the item's bytes.
+__device__ void copy_block_bytes(uint8_t* dst, const uint8_t* src, long long bytes) {
+  for (long long b = threadIdx.x; b < bytes; b += blockDim.x) dst[b] = src[b];
+}
+
+// words = [E, dest[E], S, rows[S]]: saved[j] = state[rows[j]].
+__global__ void backup_state_kernel(const uint8_t* state, long long rows, long long W, const long long* w, long long n,
+                                    uint8_t* saved, long long C) {
+  const long long j = blockIdx.x;
+  const long long E = w[0];
+  if (E < 0 || E > n - 2) return;
+  const long long S = w[1 + E];
+  if (S < 0 || S > C || S > n - 2 - E || j >= S) return;
+  const long long row = w[2 + E + j];
+  if (row < 0 || row >= rows) return;
+  copy_block_bytes(saved + j * W, state + row * W, W);
+}
+
+// saved[j] = entry dest[j]'s spans, back to back.
+__global__ void backup_entries_kernel(const uint8_t* cache, long long entries, EntrySpans spans, const long long* w,
+                                      long long n, uint8_t* saved, long long C) {
+  const long long j = blockIdx.x;
+  const long long E = w[0];
+  if (E < 0 || E > C || E > n - 1 || j >= E) return;
+  const long long dest = w[1 + j];
+  if (dest < 0 || dest >= entries) return;
+  long long at = 0;
+  for (int part = 0; part < 2; ++part) {
+    const ByteSpan s = spans.span(dest, part);
+    copy_block_bytes(saved + j * spans.entry_bytes() + at, cache + s.offset, s.bytes);
+    at += s.bytes;
+  }
+}
+
+// words = [E, (slot, dest)[E], S, (slot, row)[S]]: blocks [0, Ce) restore entries, [Ce, Ce + Cs) rows.
+__global__ void scrub_kernel(const uint8_t* saved_entries, long long Ce, const uint8_t* saved_rows, long long Cs,
+                             const long long* w, long long n, EntrySpans spans, long long entries, uint8_t* cache,
+                             uint8_t* state, long long rows, long long W) {
+  const long long b = blockIdx.x;
+  const long long E = w[0];
+  if (E < 0 || E > Ce || E > (n - 2) / 2) return;
+  const long long S = w[1 + 2 * E];
+  if (S < 0 || S > Cs || S > (n - 2 - 2 * E) / 2) return;
+  if (b < Ce) {
+    if (b >= E) return;
+    const long long slot = w[1 + 2 * b], dest = w[2 + 2 * b];
+    if (slot < 0 || slot >= Ce || dest < 0 || dest >= entries) return;
+    long long at = 0;
+    for (int part = 0; part < 2; ++part) {
+      const ByteSpan s = spans.span(dest, part);
+      copy_block_bytes(cache + s.offset, saved_entries + slot * spans.entry_bytes() + at, s.bytes);
+      at += s.bytes;
+    }
+    return;
+  }
+  const long long i = b - Ce;
+  if (i >= S) return;
+  const long long slot = w[2 + 2 * E + 2 * i], row = w[3 + 2 * E + 2 * i];
+  if (slot < 0 || slot >= Cs || row < 0 || row >= rows) return;
+  copy_block_bytes(state + row * W, saved_rows + slot * W, W);
+}
+
 }  // namespace
 
 void embed_rows(const Tensor& ids, const Tensor& table, int64_t copies, Tensor& out, void* stream) {
@@ -180,6 +245,39 @@ void copy_bytes(void* dst, const void* src, int64_t bytes, bool from_host, void*
                              as_stream(stream)),
              "cudaMemcpyAsync");
 #endif
+}
+
+namespace {
+const long long* words_of(const Tensor& words) { return reinterpret_cast<const long long*>(words.data<int64_t>()); }
+int64_t bytes_of(const Tensor& t) { return dtype_storage_bytes(t.dtype(), t.numel()); }
+}  // namespace
+
+void backup_state_rows(const Tensor& state, const Tensor& words, Tensor& saved, void* stream) {
+  const int64_t C = saved.size(0), W = state.size(1);
+  if (C == 0 || W == 0) return;
+  backup_state_kernel<<<static_cast<unsigned>(C), kThreads, 0, as_stream(stream)>>>(
+      state.data<uint8_t>(), state.size(0), W, words_of(words), words.size(0), saved.data<uint8_t>(), C);
+  gpu::check_launch("backup_state_rows");
+}
+
+void backup_entries(const Tensor& cache, const Tensor& words, const EntrySpans& spans, Tensor& saved, void* stream) {
+  const int64_t C = saved.size(0);
+  if (C == 0 || spans.entry_bytes() == 0) return;
+  backup_entries_kernel<<<static_cast<unsigned>(C), kThreads, 0, as_stream(stream)>>>(
+      static_cast<const uint8_t*>(cache.data_ptr()), spans.capacity(bytes_of(cache)), spans, words_of(words),
+      words.size(0), saved.data<uint8_t>(), C);
+  gpu::check_launch("backup_entries");
+}
+
+void scrub_restore(const Tensor& saved_entries, const Tensor& saved_rows, const Tensor& words, const EntrySpans& spans,
+                   Tensor& cache, Tensor& state, void* stream) {
+  const int64_t Ce = saved_entries.size(0), Cs = saved_rows.size(0);
+  if (Ce + Cs == 0) return;
+  scrub_kernel<<<static_cast<unsigned>(Ce + Cs), kThreads, 0, as_stream(stream)>>>(
+      saved_entries.data<uint8_t>(), Ce, saved_rows.data<uint8_t>(), Cs, words_of(words), words.size(0), spans,
+      spans.capacity(bytes_of(cache)), static_cast<uint8_t*>(cache.data_ptr()), state.data<uint8_t>(), state.size(0),
+      state.size(1));
+  gpu::check_launch("scrub_restore");
 }
 
 }  // namespace dsv4::kernels::cuda

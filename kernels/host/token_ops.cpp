@@ -196,4 +196,150 @@ void copy_tensor(const Tensor& src, Tensor& dst) {
   std::memcpy(dst.data_ptr(), src.data_ptr(), static_cast<size_t>(bytes));
 }
 
+EntrySpans entry_spans(bool indexer, int64_t dims, const Model1Layout& model1, int64_t page_entries) {
+  EntrySpans s;
+  s.f32_rows = indexer;
+  if (indexer) {
+    s.dims = dims;
+  } else {
+    s.value_bytes = model1.value_bytes();
+    s.scale_bytes = model1.scale_bytes();
+    s.page_bytes = model1.page_bytes(page_entries);
+    s.page_entries = page_entries;
+  }
+  return s;
+}
+
+namespace {
+
+void check_spans(const char* op, const EntrySpans& s) {
+  if (s.f32_rows) {
+    if (s.dims < 1) throw ContractError(op, "spans", "f32 rows need dims >= 1, got " + std::to_string(s.dims));
+    return;
+  }
+  if (s.value_bytes < 1 || s.scale_bytes < 0 || s.page_entries < 1 || s.page_bytes < s.page_entries * s.entry_bytes()) {
+    throw ContractError(op, "spans",
+                        "MODEL1 spans need value_bytes >= 1, scale_bytes >= 0, page_entries >= 1 and page_bytes >= "
+                        "page_entries * (value_bytes + scale_bytes), got " + std::to_string(s.value_bytes) + ", " +
+                            std::to_string(s.scale_bytes) + ", " + std::to_string(s.page_entries) + ", " +
+                            std::to_string(s.page_bytes));
+  }
+}
+
+// The cache's bytes (contiguous, whole-byte dtype).
+int64_t cache_bytes(const char* op, const Tensor& cache) {
+  if (cache.dtype() == DType::f4_e2m1) throw ContractError(op, "cache", "needs a whole-byte dtype, got f4_e2m1");
+  return dtype_storage_bytes(cache.dtype(), cache.numel());
+}
+
+void check_words_size(const char* op, const Tensor& words) {
+  if (words.size(0) < 2) throw ContractError(op, "words", "needs at least the 2 count words, got " + shape_str(words.shape()));
+}
+
+// Host value rule: w in [lo, hi].
+void check_word(const char* op, const char* what, int64_t w, int64_t lo, int64_t hi) {
+  if (w < lo || w > hi) {
+    throw ContractError(op, "words", std::string(what) + " " + std::to_string(w) + " outside [" + std::to_string(lo) + ", " +
+                                         std::to_string(hi) + "]");
+  }
+}
+
+}  // namespace
+
+void backup_state_rows(const Tensor& state, const Tensor& words, Tensor& saved) {
+  const char* op = "backup_state_rows";
+  const bool gpu = runs_on_gpu(op, {{"state", &state}, {"words", &words}, {"saved", &saved}});
+  Contract(op)
+      .arg("state").dtype(DType::u8).rank(2).contiguous()
+      .arg("words").dtype(DType::i64).rank(1).contiguous()
+      .arg("saved").dtype(DType::u8).rank(2).contiguous().same_size(1, "state", 1)
+      .check({{"state", &state}, {"words", &words}, {"saved", &saved}});
+  check_words_size(op, words);
+  if (gpu) DSV4_GPU_OR_FAIL(op, cuda::backup_state_rows(state, words, saved, current_stream()));
+  const int64_t* w = words.data<int64_t>();
+  const int64_t n = words.size(0), W = state.size(1);
+  check_word(op, "E", w[0], 0, n - 2);
+  const int64_t E = w[0], S = w[1 + E];
+  check_word(op, "S", S, 0, std::min(saved.size(0), n - 2 - E));
+  for (int64_t j = 0; j < S; ++j) check_word(op, "state row", w[2 + E + j], 0, state.size(0) - 1);
+  for (int64_t j = 0; j < S; ++j) {
+    std::memcpy(saved.data<uint8_t>() + j * W, state.data<uint8_t>() + w[2 + E + j] * W, static_cast<size_t>(W));
+  }
+}
+
+void backup_entries(const Tensor& cache, const Tensor& words, const EntrySpans& spans, Tensor& saved) {
+  const char* op = "backup_entries";
+  const bool gpu = runs_on_gpu(op, {{"cache", &cache}, {"words", &words}, {"saved", &saved}});
+  check_spans(op, spans);
+  Contract(op)
+      .arg("cache").contiguous()
+      .arg("words").dtype(DType::i64).rank(1).contiguous()
+      .arg("saved").dtype(DType::u8).rank(2).contiguous().dim(1, spans.entry_bytes())
+      .check({{"cache", &cache}, {"words", &words}, {"saved", &saved}});
+  const int64_t entries = spans.capacity(cache_bytes(op, cache));
+  check_words_size(op, words);
+  if (gpu) DSV4_GPU_OR_FAIL(op, cuda::backup_entries(cache, words, spans, saved, current_stream()));
+  const int64_t* w = words.data<int64_t>();
+  const int64_t n = words.size(0), width = saved.size(1);
+  check_word(op, "E", w[0], 0, std::min(saved.size(0), n - 1));
+  const int64_t E = w[0];
+  for (int64_t j = 0; j < E; ++j) check_word(op, "entry", w[1 + j], 0, entries - 1);
+  const auto* c = static_cast<const uint8_t*>(cache.data_ptr());
+  for (int64_t j = 0; j < E; ++j) {
+    int64_t at = 0;
+    for (int part = 0; part < 2; ++part) {
+      const ByteSpan b = spans.span(w[1 + j], part);
+      std::memcpy(saved.data<uint8_t>() + j * width + at, c + b.offset, static_cast<size_t>(b.bytes));
+      at += b.bytes;
+    }
+  }
+}
+
+void scrub_restore(const Tensor& saved_entries, const Tensor& saved_rows, const Tensor& words, const EntrySpans& spans,
+                   Tensor& cache, Tensor& state) {
+  const char* op = "scrub_restore";
+  const Contract::Args args = {{"saved_entries", &saved_entries}, {"saved_rows", &saved_rows}, {"words", &words},
+                               {"cache", &cache}, {"state", &state}};
+  const bool gpu = runs_on_gpu(op, {{"saved_entries", &saved_entries}, {"saved_rows", &saved_rows}, {"words", &words},
+                                    {"cache", &cache}, {"state", &state}});
+  check_spans(op, spans);
+  Contract(op)
+      .arg("saved_entries").dtype(DType::u8).rank(2).contiguous().dim(1, spans.entry_bytes())
+      .arg("saved_rows").dtype(DType::u8).rank(2).contiguous().same_size(1, "state", 1)
+      .arg("words").dtype(DType::i64).rank(1).contiguous()
+      .arg("cache").contiguous()
+      .arg("state").dtype(DType::u8).rank(2).contiguous()
+      .check(args);
+  const int64_t entries = spans.capacity(cache_bytes(op, cache));
+  check_words_size(op, words);
+  if (gpu) DSV4_GPU_OR_FAIL(op, cuda::scrub_restore(saved_entries, saved_rows, words, spans, cache, state, current_stream()));
+  const int64_t* w = words.data<int64_t>();
+  const int64_t n = words.size(0), width = saved_entries.size(1), W = state.size(1);
+  check_word(op, "E", w[0], 0, std::min(saved_entries.size(0), (n - 2) / 2));
+  const int64_t E = w[0], S = w[1 + 2 * E];
+  check_word(op, "S", S, 0, std::min(saved_rows.size(0), (n - 2 - 2 * E) / 2));
+  for (int64_t e = 0; e < E; ++e) {
+    check_word(op, "entry slot", w[1 + 2 * e], 0, saved_entries.size(0) - 1);
+    check_word(op, "entry", w[2 + 2 * e], 0, entries - 1);
+  }
+  for (int64_t e = 0; e < S; ++e) {
+    check_word(op, "row slot", w[2 + 2 * E + 2 * e], 0, saved_rows.size(0) - 1);
+    check_word(op, "state row", w[3 + 2 * E + 2 * e], 0, state.size(0) - 1);
+  }
+  auto* c = static_cast<uint8_t*>(cache.data_ptr());
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t j = w[1 + 2 * e], dest = w[2 + 2 * e];
+    int64_t at = 0;
+    for (int part = 0; part < 2; ++part) {
+      const ByteSpan b = spans.span(dest, part);
+      std::memcpy(c + b.offset, saved_entries.data<uint8_t>() + j * width + at, static_cast<size_t>(b.bytes));
+      at += b.bytes;
+    }
+  }
+  for (int64_t e = 0; e < S; ++e) {
+    const int64_t j = w[2 + 2 * E + 2 * e], row = w[3 + 2 * E + 2 * e];
+    std::memcpy(state.data<uint8_t>() + row * W, saved_rows.data<uint8_t>() + j * W, static_cast<size_t>(W));
+  }
+}
+
 }  // namespace dsv4::kernels

@@ -1,5 +1,6 @@
 // kernels/token_ops.h on the GPU (label gpu; skipped without one): each op on device tensors equals
 // the same op on host tensors, bit for bit, over T in {0, 1, 2, odd, bucket sizes}.
+#include <algorithm>
 #include <cstring>
 #include <limits>
 #include <random>
@@ -147,6 +148,179 @@ TEST(TokenOpsGpu, NextIdsAndPositionBiasEqualTheHost) {
     sync();
     EXPECT_EQ(bytes_of(gs), bytes_of(score)) << "bias T=" << T;
   }
+}
+
+Tensor random_u8(const Shape& shape, std::mt19937& rng) {
+  Tensor t = Tensor::empty(shape, DType::u8, "u8");
+  for (int64_t i = 0; i < t.numel(); ++i) t.data<uint8_t>()[i] = static_cast<uint8_t>(rng());
+  return t;
+}
+
+Tensor random_f32(const Shape& shape, std::mt19937& rng) {
+  Tensor t = Tensor::empty(shape, DType::f32, "f32");
+  std::normal_distribution<float> n(0.0f, 1.0f);
+  for (int64_t i = 0; i < t.numel(); ++i) t.data<float>()[i] = n(rng);
+  return t;
+}
+
+// Word lists padded to the engine's buffer size (2 + 4 * capacity) with words never read.
+Tensor words(std::vector<int64_t> w, int64_t capacity) {
+  w.resize(static_cast<size_t>(std::max<int64_t>(static_cast<int64_t>(w.size()), 2 + 4 * capacity)), -7);
+  Tensor t = Tensor::empty({static_cast<int64_t>(w.size())}, DType::i64, "words");
+  std::memcpy(t.data_ptr(), w.data(), w.size() * 8);
+  return t;
+}
+
+// `count` distinct values from [0, n), in random order.
+std::vector<int64_t> distinct(int64_t count, int64_t n, std::mt19937& rng) {
+  std::vector<int64_t> all(static_cast<size_t>(n));
+  for (int64_t i = 0; i < n; ++i) all[static_cast<size_t>(i)] = i;
+  std::shuffle(all.begin(), all.end(), rng);
+  all.resize(static_cast<size_t>(count));
+  return all;
+}
+
+// backup_state_rows, backup_entries and scrub_restore (pure byte copies): the device buffers equal the
+// host's bit for bit, for MODEL1 pages and indexer key rows, at capacities {0, 1, 2, 7, 8, 64} with
+// the lists full (entries) and partial (rows), slots past the counts untouched on both.
+TEST(TokenOpsGpu, ScrubCopiesEqualTheHost) {
+  DSV4_REQUIRE_GPU();
+  std::mt19937 rng(14);
+  const Model1Layout layout = model1_layout("test", 64, 16, 16);
+  const int64_t page_entries = 4, dims = 16, W = 40;
+  for (const bool indexer : {false, true}) {
+    const EntrySpans spans = entry_spans(indexer, dims, layout, page_entries);
+    for (int64_t C : kTokenCounts) {
+      const int64_t pages = C / page_entries + 2, N = C + 5, entries = pages * page_entries;
+      Tensor cache = indexer ? random_f32({pages, page_entries, dims}, rng) : random_u8({pages, layout.page_bytes(page_entries)}, rng);
+      Tensor state = random_u8({N, W}, rng);
+      const std::vector<int64_t> dest = distinct(C, entries, rng), rows = distinct(C - C / 3, N, rng);
+      std::vector<int64_t> w = {C};
+      w.insert(w.end(), dest.begin(), dest.end());
+      w.push_back(static_cast<int64_t>(rows.size()));
+      w.insert(w.end(), rows.begin(), rows.end());
+      const Tensor bw = words(w, C);
+      Tensor he = random_u8({C, spans.entry_bytes()}, rng), hr = random_u8({C, W}, rng);
+      Tensor ge = on_gpu(he), gr = on_gpu(hr), gcache = on_gpu(cache), gstate = on_gpu(state);
+      const Tensor gbw = on_gpu(bw);
+      backup_state_rows(state, bw, hr);
+      backup_entries(cache, bw, spans, he);
+      backup_state_rows(gstate, gbw, gr);
+      backup_entries(gcache, gbw, spans, ge);
+      sync();
+      EXPECT_EQ(bytes_of(gr), bytes_of(hr)) << "backup_state_rows C=" << C << " indexer=" << indexer;
+      EXPECT_EQ(bytes_of(ge), bytes_of(he)) << "backup_entries C=" << C << " indexer=" << indexer;
+      for (int rerun = 0; rerun < 10; ++rerun) {
+        backup_entries(gcache, gbw, spans, ge);
+        backup_state_rows(gstate, gbw, gr);
+      }
+      sync();
+      EXPECT_EQ(bytes_of(gr), bytes_of(hr)) << "rerun C=" << C;
+      EXPECT_EQ(bytes_of(ge), bytes_of(he)) << "rerun C=" << C;
+
+      // The drafts overwrite everything; about half of the items are rejected and restored.
+      cache = indexer ? random_f32({pages, page_entries, dims}, rng) : random_u8({pages, layout.page_bytes(page_entries)}, rng);
+      state = random_u8({N, W}, rng);
+      gcache = on_gpu(cache);
+      gstate = on_gpu(state);
+      std::vector<int64_t> sw = {0};
+      for (int64_t j = 0; j < C; ++j) {
+        if (rng() % 2 == 0) continue;
+        sw.insert(sw.end(), {j, dest[static_cast<size_t>(j)]});
+        ++sw[0];
+      }
+      const size_t s_at = sw.size();
+      sw.push_back(0);
+      for (size_t j = 0; j < rows.size(); ++j) {
+        if (rng() % 2 == 0) continue;
+        sw.insert(sw.end(), {static_cast<int64_t>(j), rows[j]});
+        ++sw[s_at];
+      }
+      const Tensor scw = words(sw, C);
+      scrub_restore(he, hr, scw, spans, cache, state);
+      const Tensor gscw = on_gpu(scw);
+      for (int rerun = 0; rerun < 10; ++rerun) scrub_restore(ge, gr, gscw, spans, gcache, gstate);
+      sync();
+      EXPECT_EQ(bytes_of(gcache), bytes_of(cache)) << "scrub cache C=" << C << " indexer=" << indexer;
+      EXPECT_EQ(bytes_of(gstate), bytes_of(state)) << "scrub state C=" << C << " indexer=" << indexer;
+    }
+  }
+}
+
+// On a GPU the counts and indices are not checked: an item out of range is skipped, and a count that
+// does not fit the words (or the saved buffer) writes nothing. The host refuses the same lists.
+TEST(TokenOpsGpu, ScrubCopiesSkipItemsOutOfRange) {
+  DSV4_REQUIRE_GPU();
+  std::mt19937 rng(15);
+  const Model1Layout layout = model1_layout("test", 64, 16, 16);
+  const EntrySpans spans = entry_spans(false, 64, layout, 4);
+  const int64_t C = 3, N = 6, W = 24, entries = 8;
+  const Tensor cache = random_u8({2, layout.page_bytes(4)}, rng), state = random_u8({N, W}, rng);
+  const Tensor saved_e = random_u8({C, spans.entry_bytes()}, rng), saved_r = random_u8({C, W}, rng);
+  const std::vector<uint8_t> cache0 = bytes_of(cache), state0 = bytes_of(state);
+  const std::vector<uint8_t> e0 = bytes_of(saved_e), r0 = bytes_of(saved_r);
+  const int64_t eb = spans.entry_bytes();
+
+  // Backup: entry dests {-1, 5, 8}, rows {1, N, -3}: only dest 5 (slot 1) and row 1 (slot 0) copied.
+  const Tensor bad = words({3, -1, 5, entries, 3, 1, N, -3}, C);
+  {
+    Tensor h_saved = saved_r;  // the host refuses before it writes
+    EXPECT_THROW(backup_state_rows(state, bad, h_saved), ContractError);
+  }
+  {
+    Tensor ge = on_gpu(saved_e), gr = on_gpu(saved_r);
+    backup_state_rows(on_gpu(state), on_gpu(bad), gr);
+    backup_entries(on_gpu(cache), on_gpu(bad), spans, ge);
+    sync();
+    std::vector<uint8_t> want_e = e0, want_r = r0;
+    int64_t at = 0;
+    for (int part = 0; part < 2; ++part) {
+      const ByteSpan b = spans.span(5, part);
+      std::memcpy(want_e.data() + eb + at, cache0.data() + b.offset, static_cast<size_t>(b.bytes));
+      at += b.bytes;
+    }
+    std::memcpy(want_r.data(), state0.data() + W, static_cast<size_t>(W));
+    EXPECT_EQ(bytes_of(ge), want_e);
+    EXPECT_EQ(bytes_of(gr), want_r);
+  }
+  // Counts that do not fit: nothing written.
+  for (const std::vector<int64_t>& w : {std::vector<int64_t>{1000000, 0, 1}, std::vector<int64_t>{-5, 0, 1},
+                                        std::vector<int64_t>{0, 1000000, 1}}) {
+    Tensor ge = on_gpu(saved_e), gr = on_gpu(saved_r), gc = on_gpu(cache), gs = on_gpu(state);
+    const Tensor gw = on_gpu(words(w, 0));
+    backup_state_rows(gs, gw, gr);
+    backup_entries(gc, gw, spans, ge);
+    scrub_restore(ge, gr, gw, spans, gc, gs);
+    sync();
+    EXPECT_EQ(bytes_of(ge), e0);
+    EXPECT_EQ(bytes_of(gr), r0);
+    EXPECT_EQ(bytes_of(gc), cache0);
+    EXPECT_EQ(bytes_of(gs), state0);
+  }
+  // Scrub: entries (slot 3, dest 0), (0, -1), (2, 6); rows (-1, 0), (1, N), (2, 4): only entry 6 from
+  // slot 2 and row 4 from slot 2 restored.
+  const Tensor sw = words({3, 3, 0, 0, -1, 2, 6, 3, -1, 0, 1, N, 2, 4}, C);
+  {
+    Tensor h_cache = cache, h_state = state;  // the host refuses before it writes
+    EXPECT_THROW(scrub_restore(saved_e, saved_r, sw, spans, h_cache, h_state), ContractError);
+  }
+  Tensor gc = on_gpu(cache), gs = on_gpu(state);
+  scrub_restore(on_gpu(saved_e), on_gpu(saved_r), on_gpu(sw), spans, gc, gs);
+  sync();
+  std::vector<uint8_t> want_c = cache0, want_s = state0;
+  int64_t at = 0;
+  for (int part = 0; part < 2; ++part) {
+    const ByteSpan b = spans.span(6, part);
+    std::memcpy(want_c.data() + b.offset, e0.data() + 2 * eb + at, static_cast<size_t>(b.bytes));
+    at += b.bytes;
+  }
+  std::memcpy(want_s.data() + 4 * W, r0.data() + 2 * W, static_cast<size_t>(W));
+  EXPECT_EQ(bytes_of(gc), want_c);
+  EXPECT_EQ(bytes_of(gs), want_s);
+
+  // Mixed devices are refused.
+  Tensor gr = on_gpu(saved_r);
+  EXPECT_THROW(backup_state_rows(on_gpu(state), bad, gr), ContractError);
 }
 
 TEST(TokenOpsGpu, CopiesAndMixedDevicesAreRefused) {
