@@ -7,6 +7,8 @@
 #include <rapidcheck/detail/TestListener.h>
 
 #include "engine/core/error.h"
+#include "engine/runtime/backend.h"
+#include "properties/engine_run.h"
 #include "properties/isolation.h"
 
 namespace dsv4::props {
@@ -107,6 +109,15 @@ SuiteResult run_suite(const Suite& suite, const RunLimits& limits, const Progres
       Scenario scenario = *suite.generator();
       scenario.faults = limits.faults;
       if (scenario.engine) scenario.engine->backend = limits.backend;
+      if (scenario.engine && limits.backend == "cuda") {
+        if (auto why = cuda_unsupported(*scenario.engine, limits.gpus)) {
+          if (!result.failure) {
+            ++result.skipped;
+            result.skip_reason = *why;
+          }
+          return;
+        }
+      }
       if (result.failure) {
         // Shrinking: a candidate counts as failing only with the same verdict kind.
         if (std::chrono::duration<double>(Clock::now() - failed_at).count() > limits.shrink_budget_s) return;
@@ -143,6 +154,13 @@ SuiteResult run_suite(const Suite& suite, const RunLimits& limits, const Progres
   return result;
 }
 
+std::optional<std::string> cuda_unsupported(const EngineSpec& spec, int gpus) {
+  if (spec.cp > 1) return "context parallelism runs on sim only so far";
+  const int needed = spec_devices(spec);
+  if (needed > gpus) return std::to_string(needed) + " GPUs needed, " + std::to_string(gpus) + " present";
+  return std::nullopt;
+}
+
 FaultHunt hunt_fault(const std::string& fault, const std::vector<const Suite*>& suites, double budget_s, uint64_t seed,
                      const Progress& progress, const std::string& backend) {
   const Clock::time_point start = Clock::now();
@@ -154,6 +172,7 @@ FaultHunt hunt_fault(const std::string& fault, const std::vector<const Suite*>& 
       RunLimits limits;
       limits.faults = {fault};
       limits.backend = backend;
+      limits.gpus = backend == "cuda" ? rt::cuda_gpu_count() : 0;
       limits.seed = seed + 7919 * round;
       limits.max_cases = 100000;
       const double slice = (suite->runs_engine ? 3.0 : 1.0) * static_cast<double>(round + 1);

@@ -24,7 +24,13 @@ struct RunLimits {
   bool isolate = true;           // run each case in a child process
   std::vector<std::string> faults;  // injected into every generated scenario
   std::string backend = "sim";      // where generated engine scenarios run ("sim" | "cuda")
+  // cuda: the GPUs present. An engine scenario needing more ranks (PP stages, CP ranks) than this,
+  // or CP at all (its GPU ops are not written yet), is skipped and counted, not run.
+  int gpus = 0;
 };
+
+// Why `spec` cannot run on the cuda backend with `gpus` GPUs, or nullopt when it can.
+std::optional<std::string> cuda_unsupported(const EngineSpec& spec, int gpus);
 
 struct CaseFailure {
   Scenario original;        // the first failing case
@@ -36,6 +42,8 @@ struct CaseFailure {
 struct SuiteResult {
   std::string suite;
   int64_t cases = 0;        // generated cases run (shrink attempts not counted)
+  int64_t skipped = 0;      // generated cases the backend cannot run (RunLimits::gpus)
+  std::string skip_reason;  // the last one's reason
   double seconds = 0;
   std::optional<CaseFailure> failure;
   bool shrinking = false;   // set while the progress callback sees a shrink in flight

@@ -1,6 +1,8 @@
 #include "engine/runtime/backend.h"
 
 #include <sys/wait.h>
+
+#include <algorithm>
 #include <unistd.h>
 
 #include "engine/core/allocator.h"
@@ -11,22 +13,24 @@
 
 namespace dsv4::rt {
 
-bool cuda_available() {
+int cuda_gpu_count() {
 #if defined(DSV4_WITH_CUDA)
   // Asked in a child process: CUDA does not survive fork(), and the property runner forks a child
   // per case after choosing the backend, so this process must not initialize CUDA by asking.
-  static const bool present = [] {
+  static const int count = [] {
     const pid_t pid = fork();
-    if (pid == 0) _exit(cuda_device_count() > 0 ? 0 : 1);
+    if (pid == 0) _exit(std::min(cuda_device_count(), 100));
     int status = 0;
-    if (pid < 0 || waitpid(pid, &status, 0) != pid) return false;
-    return WIFEXITED(status) && WEXITSTATUS(status) == 0;
+    if (pid < 0 || waitpid(pid, &status, 0) != pid || !WIFEXITED(status)) return 0;
+    return WEXITSTATUS(status);
   }();
-  return present;
+  return count;
 #else
-  return false;
+  return 0;
 #endif
 }
+
+bool cuda_available() { return cuda_gpu_count() > 0; }
 
 BackendKind parse_backend(const std::string& name, const std::string& flag) {
   if (name == "sim") return BackendKind::sim;

@@ -17,6 +17,8 @@ BackendKind parse_backend(const std::string& name, const std::string& flag);
 const char* backend_name(BackendKind kind);
 // True when this build has the cuda backend and at least one GPU is present.
 bool cuda_available();
+// The GPUs present (0 without the cuda backend), counted in a child process like cuda_available().
+int cuda_gpu_count();
 
 // A runtime of `kind`: `sim` with `sim` options; cuda with every synchronization bounded by
 // `sync_deadline_s` seconds (a HangError past it).

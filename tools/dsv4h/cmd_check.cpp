@@ -129,6 +129,7 @@ int cmd_check(const std::vector<std::string>& argv, std::ostream& out) {
   limits.isolate = !args.has("--in-process");
   limits.max_cases = 100000;
   limits.backend = backend;
+  limits.gpus = backend == "cuda" ? rt::cuda_gpu_count() : 0;
   if (args.has("--faults")) {
     for (const std::string& f : split_list(args.str("--faults"), "--faults")) {
       faults::parse(f, "--faults", "");
@@ -158,7 +159,8 @@ int cmd_check(const std::vector<std::string>& argv, std::ostream& out) {
     limits.budget_s = std::max(0.2, (budget - std::min(2.0, budget / 10) - used) * weight(suites[i]) / weights_left);
     const SuiteResult r = props::run_suite(*suites[i], limits, [&](const SuiteResult& p) { line.show("", p); });
     line.clear();
-    std::string status = "pass";
+    std::string status = r.cases == 0 && r.skipped > 0 ? "skip: " + r.skip_reason : "pass";
+    if (r.cases > 0 && r.skipped > 0) status += " (" + std::to_string(r.skipped) + " cases skipped: " + r.skip_reason + ")";
     std::string path;
     if (r.failure) {
       status = std::string(props::verdict_kind_name(r.failure->verdict.kind)) + ": " + r.failure->verdict.signature;
@@ -181,7 +183,7 @@ int cmd_check(const std::vector<std::string>& argv, std::ostream& out) {
     char row[128];
     std::snprintf(row, sizeof row, "%-20s %6lld  %8d  %7.1f  ", r.suite.c_str(), static_cast<long long>(r.cases),
                   r.failure ? 1 : 0, r.seconds);
-    out << row << (r.failure ? "FAIL" : "pass") << "\n";
+    out << row << (r.failure ? "FAIL" : r.cases == 0 && r.skipped > 0 ? "skip" : "pass") << "\n";
   }
   for (size_t i = 0; i < results.size(); ++i) {
     const SuiteResult& r = results[i];
