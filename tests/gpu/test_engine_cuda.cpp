@@ -3,17 +3,14 @@
 // kernel; probes are device copies read after each step.
 #include <gtest/gtest.h>
 
+#include "tests/gpu/gpu_test.h"
+
 #include "engine/config/model_config.h"
 #include "engine/runtime/backend.h"
 #include "tests/unit/engine_fixtures.h"
 
 namespace dsv4::engine::testing {
 namespace {
-
-#define DSV4_REQUIRE_GPU()                                          \
-  do {                                                              \
-    if (!rt::cuda_available()) GTEST_SKIP() << "no CUDA device";   \
-  } while (0)
 
 RunConfig on_cuda(Mode m) {
   RunConfig rc;

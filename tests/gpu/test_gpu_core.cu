@@ -8,6 +8,8 @@
 
 #include <gtest/gtest.h>
 
+#include "tests/gpu/gpu_test.h"
+
 #include "engine/core/allocator.h"
 #include "engine/core/error.h"
 #include "engine/core/formats.h"
@@ -17,11 +19,6 @@
 
 namespace dsv4 {
 namespace {
-
-#define DSV4_REQUIRE_GPU()                                        \
-  do {                                                            \
-    if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device"; \
-  } while (0)
 
 __global__ void write_past_end(float* data, long long n) { data[n] = 1.0f; }
 

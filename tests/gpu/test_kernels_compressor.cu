@@ -18,6 +18,8 @@
 
 #include <gtest/gtest.h>
 
+#include "tests/gpu/gpu_test.h"
+
 #include "engine/config/model_config.h"
 #include "engine/config/runtime_options.h"
 #include "engine/core/allocator.h"
@@ -35,11 +37,6 @@
 
 namespace dsv4::kernels {
 namespace {
-
-#define DSV4_REQUIRE_GPU()                                          \
-  do {                                                              \
-    if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device"; \
-  } while (0)
 
 using Kind = CompressSource::Kind;
 

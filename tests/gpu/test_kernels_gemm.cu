@@ -33,6 +33,8 @@
 
 #include <gtest/gtest.h>
 
+#include "tests/gpu/gpu_test.h"
+
 #include "engine/config/model_config.h"
 #include "engine/core/allocator.h"
 #include "engine/core/error.h"
@@ -53,11 +55,6 @@ namespace {
 
 using ref::Mat;
 using Bytes = std::vector<uint8_t>;
-
-#define DSV4_REQUIRE_GPU()                                          \
-  do {                                                              \
-    if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device"; \
-  } while (0)
 
 // Token counts: empty, one, two, odd, and the capture buckets 8 and 64, and one above 128.
 constexpr int64_t kTokenCounts[] = {0, 1, 2, 7, 8, 64, 130};

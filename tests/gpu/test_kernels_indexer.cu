@@ -20,6 +20,8 @@
 
 #include <gtest/gtest.h>
 
+#include "tests/gpu/gpu_test.h"
+
 #include "engine/core/allocator.h"
 #include "engine/core/error.h"
 #include "engine/core/tensor.h"
@@ -30,11 +32,6 @@
 
 namespace dsv4::kernels {
 namespace {
-
-#define DSV4_REQUIRE_GPU()                                          \
-  do {                                                              \
-    if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device"; \
-  } while (0)
 
 constexpr float kNegInf = -std::numeric_limits<float>::infinity();
 

@@ -27,6 +27,8 @@
 
 #include <gtest/gtest.h>
 
+#include "tests/gpu/gpu_test.h"
+
 #include "engine/config/model_config.h"
 #include "engine/core/allocator.h"
 #include "engine/core/error.h"
@@ -43,11 +45,6 @@
 
 namespace dsv4::kernels {
 namespace {
-
-#define DSV4_REQUIRE_GPU()                                          \
-  do {                                                              \
-    if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device"; \
-  } while (0)
 
 constexpr int kReruns = 10;
 const std::vector<int64_t> kTokenCounts = {0, 1, 2, 7, 8, 64};

@@ -18,6 +18,8 @@
 
 #include <gtest/gtest.h>
 
+#include "tests/gpu/gpu_test.h"
+
 #include "engine/checkpoint/checkpoint_layout.h"
 #include "engine/checkpoint/synthetic_weights.h"
 #include "engine/config/model_config.h"
@@ -36,11 +38,6 @@
 
 namespace dsv4::kernels {
 namespace {
-
-#define DSV4_REQUIRE_GPU()                                          \
-  do {                                                              \
-    if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device"; \
-  } while (0)
 
 constexpr int kReruns = 10;
 

@@ -21,6 +21,8 @@
 
 #include <gtest/gtest.h>
 
+#include "tests/gpu/gpu_test.h"
+
 #include "engine/config/model_config.h"
 #include "engine/core/allocator.h"
 #include "engine/core/error.h"
@@ -45,11 +47,6 @@
 
 namespace dsv4::kernels {
 namespace {
-
-#define DSV4_REQUIRE_GPU()                                          \
-  do {                                                              \
-    if (cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device"; \
-  } while (0)
 
 constexpr uint8_t kPoison = 0xA5;
 constexpr int kReruns = 10;

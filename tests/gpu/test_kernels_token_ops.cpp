@@ -9,6 +9,8 @@
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
+#include "tests/gpu/gpu_test.h"
+
 #include "engine/core/allocator.h"
 #include "engine/core/error.h"
 #include "engine/core/formats.h"
@@ -17,11 +19,6 @@
 
 namespace dsv4::kernels {
 namespace {
-
-#define DSV4_REQUIRE_GPU()                                        \
-  do {                                                            \
-    if (!rt::cuda_available()) GTEST_SKIP() << "no CUDA device"; \
-  } while (0)
 
 constexpr int64_t kTokenCounts[] = {0, 1, 2, 7, 8, 64};
 
