@@ -36,3 +36,16 @@ bool runs_on_gpu(const char* op, std::initializer_list<std::pair<const char*, co
 [[noreturn]] void no_gpu_build(const char* op);
 
 }  // namespace dsv4::kernels
+
+// In an entry point, once runs_on_gpu() said so: runs `call` (the op's kernels::cuda function on
+// current_stream()) and returns; in a build without CUDA, `call` is not compiled and the entry
+// point throws no_gpu_build(op).
+#if defined(DSV4_WITH_CUDA)
+#define DSV4_GPU_OR_FAIL(op, call) \
+  do {                             \
+    call;                          \
+    return;                        \
+  } while (0)
+#else
+#define DSV4_GPU_OR_FAIL(op, call) ::dsv4::kernels::no_gpu_build(op)
+#endif

@@ -35,12 +35,7 @@ void inverse_rope_inplace(Tensor& o, int64_t heads, int64_t head_dim, const Tens
                                                      ", got shape " + shape_str(freqs.shape()));
   }
   if (gpu) {
-#if defined(DSV4_WITH_CUDA)
-    cuda::inverse_rope_inplace(o, heads, head_dim, freqs, positions, current_stream());
-    return;
-#else
-    no_gpu_build(kInverseRopeOp);
-#endif
+    DSV4_GPU_OR_FAIL(kInverseRopeOp, cuda::inverse_rope_inplace(o, heads, head_dim, freqs, positions, current_stream()));
   }
   auto* base = o.data<uint16_t>();
   const float* f = freqs.data<float>();
@@ -74,12 +69,7 @@ void grouped_wo_a(const Tensor& o, const Tensor& wo_a, int64_t groups, Tensor& o
       .arg("out").dtype(DType::bf16).rank(2).contiguous().same_size(0, "o", 0).same_size(1, "wo_a", 0)
       .check({{"o", &o}, {"wo_a", &wo_a}, {"out", &out}});
   if (runs_on_gpu(kGroupedWoAOp, {{"o", &o}, {"wo_a", &wo_a}, {"out", &out}})) {
-#if defined(DSV4_WITH_CUDA)
-    cuda::grouped_wo_a(o, wo_a, groups, out, current_stream());
-    return;
-#else
-    no_gpu_build(kGroupedWoAOp);
-#endif
+    DSV4_GPU_OR_FAIL(kGroupedWoAOp, cuda::grouped_wo_a(o, wo_a, groups, out, current_stream()));
   }
   const int64_t rank = wo_a.size(0) / groups;
   const auto* x = o.data<const uint16_t>();

@@ -56,12 +56,7 @@ void cast_host(const Tensor& src, Tensor& dst) {
 void cast(const Tensor& src, Tensor& dst) {
   check_cast_contract(src, dst);
   if (runs_on_gpu(kCastOp, {{"src", &src}, {"dst", &dst}})) {
-#if defined(DSV4_WITH_CUDA)
-    cast_cuda(src, dst, current_stream());
-    return;
-#else
-    no_gpu_build(kCastOp);
-#endif
+    DSV4_GPU_OR_FAIL(kCastOp, cast_cuda(src, dst, current_stream()));
   }
   cast_host(src, dst);
 }

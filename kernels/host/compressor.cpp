@@ -506,13 +506,8 @@ void compressor_pool(const Tensor& plan, int64_t ratio, const Tensor& kv, const 
                        {"norm_weight", &norm_weight},
                        {"rope_freqs", &rope_freqs},
                        {"entries_out", &entries_out}})) {
-#if defined(DSV4_WITH_CUDA)
-    cuda::compressor_pool(plan, ratio, kv, score, state, layout, norm_weight, rope_freqs, post, entries_out,
-                          current_stream());
-    return;
-#else
-    no_gpu_build(op);
-#endif
+    DSV4_GPU_OR_FAIL(op, cuda::compressor_pool(plan, ratio, kv, score, state, layout, norm_weight, rope_freqs, post, entries_out,
+                          current_stream()));
   }
   const int64_t B = check_plan_words(op, plan, ratio);
   if (B > entries_out.size(0)) {
@@ -539,12 +534,7 @@ void compressor_write_state(const Tensor& plan, int64_t ratio, const Tensor& kv,
   const int64_t width = layout.coff * layout.dims;
   if (kv.size(1) != width) throw ContractError(op, "kv", "width " + num(kv.size(1)) + " != coff * dims " + num(width));
   if (runs_on_gpu(op, {{"plan", &plan}, {"kv", &kv}, {"score", &score}, {"state", &state}})) {
-#if defined(DSV4_WITH_CUDA)
-    cuda::compressor_write_state(plan, ratio, kv, score, state, layout, current_stream());
-    return;
-#else
-    no_gpu_build(op);
-#endif
+    DSV4_GPU_OR_FAIL(op, cuda::compressor_write_state(plan, ratio, kv, score, state, layout, current_stream()));
   }
   check_plan_words(op, plan, ratio);
   std::vector<int64_t> dest;
@@ -584,12 +574,7 @@ void compressor_store(const Tensor& plan, int64_t ratio, const Tensor& entries, 
     locations = cache.size(0) * page_size;
   }
   if (runs_on_gpu(op, {{"plan", &plan}, {"entries", &entries}, {"cache", &cache}})) {
-#if defined(DSV4_WITH_CUDA)
-    cuda::compressor_store(plan, ratio, entries, cache, model1, page_size, current_stream());
-    return;
-#else
-    no_gpu_build(op);
-#endif
+    DSV4_GPU_OR_FAIL(op, cuda::compressor_store(plan, ratio, entries, cache, model1, page_size, current_stream()));
   }
   const int64_t B = check_plan_words(op, plan, ratio);
   if (B > entries.size(0)) {

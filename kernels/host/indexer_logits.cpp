@@ -304,12 +304,7 @@ std::function<rt::BlockTask(rt::BlockContext&)> make_indexer_logits_launch(const
 void indexer_logits(const IndexerLogitsArgs& args) {
   check_indexer_logits_contract(args);  // values too, for host tensors
   if (on_gpu(args.q)) {  // check_indexer_logits_contract has put every tensor on q's device
-#if defined(DSV4_WITH_CUDA)
-    cuda::indexer_logits(args, current_stream());
-    return;
-#else
-    no_gpu_build(kIndexerLogitsOp);
-#endif
+    DSV4_GPU_OR_FAIL(kIndexerLogitsOp, cuda::indexer_logits(args, current_stream()));
   }
   // The cooperative form, its blocks resumed in turn (lowest first) until all finish; a round in
   // which no unfinished block can resume is a hang (the schedule does not partition the work).
@@ -414,12 +409,7 @@ void indexer_topk(const Tensor& logits, const Tensor& block_table, int64_t k, Te
   }
   if (cols > kInt32Max) throw ContractError(op, "logits", "more columns than int32 indices hold");
   if (gpu) {
-#if defined(DSV4_WITH_CUDA)
-    cuda::indexer_topk(logits, block_table, k, topk, kv_index, lengths, current_stream());
-    return;
-#else
-    no_gpu_build(op);
-#endif
+    DSV4_GPU_OR_FAIL(op, cuda::indexer_topk(logits, block_table, k, topk, kv_index, lengths, current_stream()));
   }
   const int64_t rows = logits.size(0);
   const float* lg = logits.data<float>();

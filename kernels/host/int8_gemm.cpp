@@ -53,12 +53,7 @@ void act_quant_int8(const Tensor& x, Tensor& q, Tensor& scales) {
       .arg("scales").dtype(DType::f32).rank(1).contiguous().dim(0, T)
       .check({{"q", &q}, {"scales", &scales}});
   if (runs_on_gpu(op, {{"x", &x}, {"q", &q}, {"scales", &scales}})) {
-#if defined(DSV4_WITH_CUDA)
-    cuda::act_quant_int8(x, q, scales, current_stream());
-    return;
-#else
-    no_gpu_build(op);
-#endif
+    DSV4_GPU_OR_FAIL(op, cuda::act_quant_int8(x, q, scales, current_stream()));
   }
   if (T == 0) return;
 
@@ -118,12 +113,7 @@ void gemm_int8_per_channel(const Tensor& q_act, const Tensor& act_scales, const 
       .arg("out").dtype(DType::bf16).rank(2).inner_contiguous().dim(0, T).same_size(1, "w", 0)
       .check({{"act_scales", &act_scales}, {"w", &w}, {"w_scales", &w_scales}, {"out", &out}});
   if (runs_on_gpu(op, {{"q_act", &q_act}, {"act_scales", &act_scales}, {"w", &w}, {"w_scales", &w_scales}, {"out", &out}})) {
-#if defined(DSV4_WITH_CUDA)
-    cuda::gemm_int8_per_channel(q_act, act_scales, w, w_scales, out, current_stream());
-    return;
-#else
-    no_gpu_build(op);
-#endif
+    DSV4_GPU_OR_FAIL(op, cuda::gemm_int8_per_channel(q_act, act_scales, w, w_scales, out, current_stream()));
   }
   const int64_t N = w.size(0);
   if (T == 0 || N == 0) return;

@@ -121,12 +121,7 @@ void hc_pre(const Tensor& R, const Tensor& fn, const Tensor& base, const Tensor&
   }
   if (runs_on_gpu(kHcPreOp, {{"R", &R}, {"fn", &fn}, {"base", &base}, {"scale", &scale}, {"x", &x},
                              {"post", &post}, {"comb", &comb}})) {
-#if defined(DSV4_WITH_CUDA)
-    cuda::hc_pre(R, fn, base, scale, hc_eps, norm_eps, sinkhorn_iters, x, post, comb, current_stream());
-    return;
-#else
-    no_gpu_build(kHcPreOp);
-#endif
+    DSV4_GPU_OR_FAIL(kHcPreOp, cuda::hc_pre(R, fn, base, scale, hc_eps, norm_eps, sinkhorn_iters, x, post, comb, current_stream()));
   }
   const float* b = base.data<float>();
   const float* s = scale.data<float>();
@@ -164,12 +159,7 @@ void hc_post(const Tensor& F, const Tensor& R, const Tensor& post, const Tensor&
     throw ContractError(kHcPostOp, "R_out", "must not alias R");
   }
   if (gpu) {
-#if defined(DSV4_WITH_CUDA)
-    cuda::hc_post(F, R, post, comb, R_out, current_stream());
-    return;
-#else
-    no_gpu_build(kHcPostOp);
-#endif
+    DSV4_GPU_OR_FAIL(kHcPostOp, cuda::hc_post(F, R, post, comb, R_out, current_stream()));
   }
   std::vector<float> v(static_cast<size_t>(n));
   for (int64_t t = 0; t < R.size(0); ++t) {
@@ -201,12 +191,7 @@ void hc_head(const Tensor& R, const Tensor& fn, const Tensor& base, const Tensor
       .arg("scale").dtype(DType::f32).rank(1).contiguous().dim(0, 1)
       .check({{"fn", &fn}, {"base", &base}, {"scale", &scale}});
   if (runs_on_gpu(kHcHeadOp, {{"R", &R}, {"fn", &fn}, {"base", &base}, {"scale", &scale}, {"y", &y}})) {
-#if defined(DSV4_WITH_CUDA)
-    cuda::hc_head(R, fn, base, scale, hc_eps, norm_eps, y, current_stream());
-    return;
-#else
-    no_gpu_build(kHcHeadOp);
-#endif
+    DSV4_GPU_OR_FAIL(kHcHeadOp, cuda::hc_head(R, fn, base, scale, hc_eps, norm_eps, y, current_stream()));
   }
   const float* b = base.data<float>();
   const float s = scale.data<float>()[0];

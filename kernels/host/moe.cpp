@@ -46,12 +46,7 @@ void moe_gate_logits(const Tensor& x, const Tensor& gate_w, Tensor& logits) {
       .arg("logits").dtype(DType::f32).rank(2).contiguous().same_size(0, "x", 0).same_size(1, "gate_w", 0)
       .check({{"x", &x}, {"gate_w", &gate_w}, {"logits", &logits}});
   if (runs_on_gpu(op, {{"x", &x}, {"gate_w", &gate_w}, {"logits", &logits}})) {
-#if defined(DSV4_WITH_CUDA)
-    cuda::moe_gate_logits(x, gate_w, logits, current_stream());
-    return;
-#else
-    no_gpu_build(op);
-#endif
+    DSV4_GPU_OR_FAIL(op, cuda::moe_gate_logits(x, gate_w, logits, current_stream()));
   }
   const int64_t T = x.size(0);
   const int64_t d = x.size(1);
@@ -96,12 +91,7 @@ void moe_gate(const Tensor& logits, const Tensor& bias, const Tensor& tid2eid, c
              gpu ? Contract::Values::skip : Contract::Values::check);  // the value rules read host memory
   if (hash && !token_ids.defined()) throw ContractError(op, "token_ids", "required by hash routing (tid2eid)");
   if (gpu) {
-#if defined(DSV4_WITH_CUDA)
-    cuda::moe_gate(logits, bias, tid2eid, token_ids, k, route_scale, experts, weights, current_stream());
-    return;
-#else
-    no_gpu_build(op);
-#endif
+    DSV4_GPU_OR_FAIL(op, cuda::moe_gate(logits, bias, tid2eid, token_ids, k, route_scale, experts, weights, current_stream()));
   }
 
   const float* z = logits.data<float>();
@@ -153,12 +143,7 @@ void swiglu_clamp(const Tensor& g, const Tensor& u, float limit, const Tensor& r
       .check({{"g", &g}, {"u", &u}, {"row_weight", &row_weight}, {"h", &h}});
   if (std::isnan(limit)) throw ContractError(op, "limit", "is NaN");
   if (gpu) {
-#if defined(DSV4_WITH_CUDA)
-    cuda::swiglu_clamp(g, u, limit, row_weight, h, current_stream());
-    return;
-#else
-    no_gpu_build(op);
-#endif
+    DSV4_GPU_OR_FAIL(op, cuda::swiglu_clamp(g, u, limit, row_weight, h, current_stream()));
   }
   const bool clamp = limit > 0.0f;
   const float* w = row_weight.defined() ? row_weight.data<float>() : nullptr;
@@ -188,12 +173,7 @@ void moe_combine(const Tensor& routed, const Tensor& shared, Tensor& out) {
       .arg("out").dtype(DType::bf16).rank(2).inner_contiguous().same_size(0, "routed", 0).same_size(1, "routed", 2)
       .check({{"routed", &routed}, {"shared", &shared}, {"out", &out}});
   if (gpu) {
-#if defined(DSV4_WITH_CUDA)
-    cuda::moe_combine(routed, shared, out, current_stream());
-    return;
-#else
-    no_gpu_build(op);
-#endif
+    DSV4_GPU_OR_FAIL(op, cuda::moe_combine(routed, shared, out, current_stream()));
   }
   const int64_t T = routed.size(0);
   const int64_t k = routed.size(1);
@@ -363,12 +343,7 @@ void moe_experts(const Tensor& xn, const Tensor& experts, const Tensor& weights,
   if (gpu) {
     if (!table.defined()) throw ContractError(op, "table", "required on a GPU (expert_pointer_table, uploaded)");
     Contract(op).arg("table").dtype(DType::i64).rank(2).contiguous().dim(0, E).dim(1, 6).check({{"table", &table}});
-#if defined(DSV4_WITH_CUDA)
-    cuda::moe_experts(xn, experts, weights, E, I, table, config, routed, current_stream());
-    return;
-#else
-    no_gpu_build(op);
-#endif
+    DSV4_GPU_OR_FAIL(op, cuda::moe_experts(xn, experts, weights, E, I, table, config, routed, current_stream()));
   }
   const int32_t* ex = experts.data<int32_t>();
   for (int64_t i = 0; i < T * k; ++i) {

@@ -179,12 +179,7 @@ void fused_norm_rope_inplace(Tensor& kv, const Tensor& weight, double eps, const
   const bool unchecked = faults::enabled(faults::Fault::norm_rope_contiguity_unchecked);
   check_norm_rope_contract(unchecked ? contract_stand_in(kv) : kv, weight, freqs, positions);
   if (runs_on_gpu(kNormRopeOp, {{"kv", &kv}, {"weight", &weight}, {"freqs", &freqs}, {"positions", &positions}})) {
-#if defined(DSV4_WITH_CUDA)
-    cuda::fused_norm_rope_inplace(kv, weight, eps, freqs, positions, current_stream());
-    return;
-#else
-    no_gpu_build(kNormRopeOp);
-#endif
+    DSV4_GPU_OR_FAIL(kNormRopeOp, cuda::fused_norm_rope_inplace(kv, weight, eps, freqs, positions, current_stream()));
   }
   const int64_t rows = kv.size(0);
   const int64_t dim = kv.size(1);
@@ -238,13 +233,8 @@ void fused_norm_rope_store_kv(const Tensor& kv, const Tensor& weight, double eps
                                      {"positions", &positions},
                                      {"swa_locs", &swa_locs},
                                      {"cache", &cache}})) {
-#if defined(DSV4_WITH_CUDA)
-    cuda::fused_norm_rope_store_kv(kv, weight, eps, freqs, positions, swa_locs, cache, page_size, scale_block,
-                                   current_stream());
-    return;
-#else
-    no_gpu_build(kNormRopeStoreOp);
-#endif
+    DSV4_GPU_OR_FAIL(kNormRopeStoreOp, cuda::fused_norm_rope_store_kv(kv, weight, eps, freqs, positions, swa_locs, cache, page_size, scale_block,
+                                   current_stream()));
   }
   const int64_t rows = kv.size(0);
   const int64_t dim = kv.size(1);

@@ -74,12 +74,7 @@ void rms_norm(const Tensor& x, const Tensor& weight, double eps, Tensor& out) {
                                        .same_size(1, "x", 1);
   contract.check({{"x", &x}, {"weight", &weight}, {"out", &out}});
   if (runs_on_gpu(kRmsNormOp, {{"x", &x}, {"weight", &weight}, {"out", &out}})) {
-#if defined(DSV4_WITH_CUDA)
-    cuda::rms_norm(x, weight, eps, out, current_stream());
-    return;
-#else
-    no_gpu_build(kRmsNormOp);
-#endif
+    DSV4_GPU_OR_FAIL(kRmsNormOp, cuda::rms_norm(x, weight, eps, out, current_stream()));
   }
   const int64_t rows = x.size(0);
   const int64_t n = x.size(1);
@@ -100,12 +95,7 @@ void q_norm_rope_inplace(Tensor& q, int64_t heads, int64_t head_dim, double eps,
   bool gpu = false;
   const int64_t rope_dim = check_heads_contract(kQNormRopeOp, q, heads, head_dim, freqs, positions, &gpu);
   if (gpu) {
-#if defined(DSV4_WITH_CUDA)
-    cuda::q_norm_rope_inplace(q, heads, head_dim, eps, freqs, positions, current_stream());
-    return;
-#else
-    no_gpu_build(kQNormRopeOp);
-#endif
+    DSV4_GPU_OR_FAIL(kQNormRopeOp, cuda::q_norm_rope_inplace(q, heads, head_dim, eps, freqs, positions, current_stream()));
   }
   auto* base = q.data<uint16_t>();
   const int32_t* pos = positions.data<int32_t>();
@@ -136,12 +126,7 @@ void indexer_q(Tensor& q, int64_t heads, int64_t head_dim, const Tensor& freqs, 
                         "must be >= 1 and divide head_dim " + std::to_string(head_dim) + ", got " + std::to_string(block));
   }
   if (gpu) {
-#if defined(DSV4_WITH_CUDA)
-    cuda::indexer_q(q, heads, head_dim, freqs, positions, quant, block, current_stream());
-    return;
-#else
-    no_gpu_build(kIndexerQOp);
-#endif
+    DSV4_GPU_OR_FAIL(kIndexerQOp, cuda::indexer_q(q, heads, head_dim, freqs, positions, quant, block, current_stream()));
   }
   auto* base = q.data<uint16_t>();
   const int32_t* pos = positions.data<int32_t>();

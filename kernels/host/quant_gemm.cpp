@@ -83,12 +83,7 @@ void act_quant_fp8(const Tensor& x, int64_t block, Tensor& q, Tensor& scales) {
       .arg("scales").dtype(DType::ue8m0).rank(2).contiguous().dim(0, T).dim(1, K / block)
       .check({{"q", &q}, {"scales", &scales}});
   if (runs_on_gpu(op, {{"x", &x}, {"q", &q}, {"scales", &scales}})) {
-#if defined(DSV4_WITH_CUDA)
-    cuda::act_quant_fp8(x, block, q, scales, current_stream());
-    return;
-#else
-    no_gpu_build(op);
-#endif
+    DSV4_GPU_OR_FAIL(op, cuda::act_quant_fp8(x, block, q, scales, current_stream()));
   }
   if (x.numel() == 0) return;
 
@@ -126,12 +121,7 @@ void gemm_fp8_block_scaled(const Tensor& q_act, const Tensor& act_scales, const 
   check_fp8_weight(op, w, K);
   check_fp8_w_scales(op, "w_scales", w_scales, N, K, block);
   if (runs_on_gpu(op, {{"q_act", &q_act}, {"act_scales", &act_scales}, {"w", &w}, {"w_scales", &w_scales}, {"out", &out}})) {
-#if defined(DSV4_WITH_CUDA)
-    cuda::gemm_fp8_block_scaled(q_act, act_scales, w, w_scales, out, block, current_stream());
-    return;
-#else
-    no_gpu_build(op);
-#endif
+    DSV4_GPU_OR_FAIL(op, cuda::gemm_fp8_block_scaled(q_act, act_scales, w, w_scales, out, block, current_stream()));
   }
   if (T == 0 || N == 0) return;
 
@@ -181,12 +171,7 @@ void gemm_fp4_weights(const Tensor& q_act, const Tensor& act_scales, const Tenso
       .arg("w_scales").dtype(DType::ue8m0).rank(2).contiguous().dim(0, N).dim(1, K / w_block)
       .check({{"w", &w}, {"w_scales", &w_scales}});
   if (runs_on_gpu(op, {{"q_act", &q_act}, {"act_scales", &act_scales}, {"w", &w}, {"w_scales", &w_scales}, {"out", &out}})) {
-#if defined(DSV4_WITH_CUDA)
-    cuda::gemm_fp4_weights(q_act, act_scales, w, w_scales, out, act_block, w_block, current_stream());
-    return;
-#else
-    no_gpu_build(op);
-#endif
+    DSV4_GPU_OR_FAIL(op, cuda::gemm_fp4_weights(q_act, act_scales, w, w_scales, out, act_block, w_block, current_stream()));
   }
   if (T == 0 || N == 0) return;
 
@@ -254,12 +239,7 @@ void project_fp8(const char* op, const Tensor& x, const Tensor& w, const Tensor&
   // a wrong output before anything runs.
   Contract(op).arg("out").dtype(DType::bf16).rank(2).inner_contiguous().dim(0, T).dim(1, w.size(0)).check({{"out", &out}});
   if (runs_on_gpu(op, {{"x", &x}, {"w", &w}, {"w_scale", &w_scale}, {"out", &out}})) {
-#if defined(DSV4_WITH_CUDA)
-    cuda::linear_fp8(x, w, w_scale, out, block, current_stream());
-    return;
-#else
-    no_gpu_build(op);
-#endif
+    DSV4_GPU_OR_FAIL(op, cuda::linear_fp8(x, w, w_scale, out, block, current_stream()));
   }
 
   Tensor q = Tensor::empty({T, K}, DType::f8_e4m3fn, std::string(op) + ".q");
@@ -277,12 +257,7 @@ void project_bf16(const char* op, const Tensor& x, const Tensor& w, Tensor& out)
       .arg("out").dtype(DType::bf16).rank(2).inner_contiguous().dim(0, T).same_size(1, "w", 0)
       .check({{"w", &w}, {"out", &out}});
   if (runs_on_gpu(op, {{"x", &x}, {"w", &w}, {"out", &out}})) {
-#if defined(DSV4_WITH_CUDA)
-    cuda::linear_bf16(x, w, out, current_stream());
-    return;
-#else
-    no_gpu_build(op);
-#endif
+    DSV4_GPU_OR_FAIL(op, cuda::linear_bf16(x, w, out, current_stream()));
   }
   const int64_t N = w.size(0);
   const auto* xb = static_cast<const uint8_t*>(x.data_ptr());
@@ -313,12 +288,7 @@ void project_int8(const char* op, const Tensor& x, const Tensor& w, const Tensor
   }
   Contract(op).arg("out").dtype(DType::bf16).rank(2).inner_contiguous().dim(0, T).dim(1, w.size(0)).check({{"out", &out}});
   if (runs_on_gpu(op, {{"x", &x}, {"w", &w}, {"w_scale", &w_scale}, {"out", &out}})) {
-#if defined(DSV4_WITH_CUDA)
-    cuda::linear_int8(x, w, w_scale, out, current_stream());
-    return;
-#else
-    no_gpu_build(op);
-#endif
+    DSV4_GPU_OR_FAIL(op, cuda::linear_int8(x, w, w_scale, out, current_stream()));
   }
   Tensor q = Tensor::empty({T, x.size(1)}, DType::i8, std::string(op) + ".q");
   Tensor s = Tensor::empty({T}, DType::f32, std::string(op) + ".s");

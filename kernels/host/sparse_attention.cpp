@@ -116,12 +116,7 @@ void check_sparse_attention_contract(const SparseAttentionArgs& a) {
 void sparse_attention(const SparseAttentionArgs& a) {
   check_sparse_attention_contract(a);
   if (runs_on_gpu(kSparseAttentionOp, {{"q", &a.q}, {"out", &a.out}})) {
-#if defined(DSV4_WITH_CUDA)
-    cuda::sparse_attention(a, current_stream());
-    return;
-#else
-    no_gpu_build(kSparseAttentionOp);
-#endif
+    DSV4_GPU_OR_FAIL(kSparseAttentionOp, cuda::sparse_attention(a, current_stream()));
   }
   const int64_t tokens = a.q.size(0);
   const int64_t heads = a.q.size(1);

@@ -19,15 +19,6 @@ namespace {
 
 Contract::Values values_for(bool gpu) { return gpu ? Contract::Values::skip : Contract::Values::check; }
 
-#if defined(DSV4_WITH_CUDA)
-#define DSV4_GPU_OR_FAIL(op, call) \
-  do {                             \
-    call;                          \
-    return;                        \
-  } while (0)
-#else
-#define DSV4_GPU_OR_FAIL(op, call) no_gpu_build(op)
-#endif
 
 }  // namespace
 
