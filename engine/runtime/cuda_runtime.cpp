@@ -260,11 +260,33 @@ void CudaRuntime::do_create_event(EventId event) {
   (void)impl_->event_on(impl_->events.back(), 0);
 }
 
+// One process drives every rank of a communicator from one thread, so a collective is enqueued (as one
+// NCCL group) only once all its ranks have issued their parts. Until then the rank's stream has no
+// place for later work: it would run before the collective, which on the GPU it must follow.
+void CudaRuntime::refuse_behind_unmatched(StreamId stream, const std::string& what) const {
+  if (const auto part = unmatched_part(stream)) {
+    throw ContractError(what, streams_[static_cast<size_t>(stream.value)].name,
+                        "is issued behind " + part->text +
+                            "; this backend enqueues a collective once all its ranks have issued their parts, so a rank "
+                            "issues nothing more on its stream before then");
+  }
+}
+
+// A synchronization of a stream with an unmatched part can never end: its peers' parts would have to
+// be issued by this thread, which is waiting. A hang, reported at once rather than at the deadline.
+void CudaRuntime::hang_if_unmatched(StreamId stream, const std::string& waited_for) const {
+  if (const auto part = unmatched_part(stream)) {
+    throw HangError(part->op, {}, waited_for + " cannot finish: stream '" + streams_[static_cast<size_t>(stream.value)].name +
+                                      "' is blocked in " + part->text);
+  }
+}
+
 void CudaRuntime::do_check_launch(const Launch& launch) {
   if (!launch.cuda) throw ContractError(launch.op, "launch", "has no CUDA implementation");
 }
 
 void CudaRuntime::do_launch(StreamId stream, uint64_t seq, const Launch& launch, bool capturing) {
+  refuse_behind_unmatched(stream, launch.op);
   Impl::StreamState& s = impl_->streams[static_cast<size_t>(stream.value)];
   DeviceScope scope(s.device);
   // Do not blame this launch for an error left by earlier work.
@@ -283,6 +305,7 @@ void CudaRuntime::do_launch(StreamId stream, uint64_t seq, const Launch& launch,
 }
 
 void CudaRuntime::do_record(EventId event, StreamId stream, bool capturing) {
+  refuse_behind_unmatched(stream, "record of event '" + events_[static_cast<size_t>(event.value)].name + "'");
   Impl::StreamState& s = impl_->streams[static_cast<size_t>(stream.value)];
   Impl::EventState& e = impl_->events[static_cast<size_t>(event.value)];
   DeviceScope scope(s.device);
@@ -294,6 +317,7 @@ void CudaRuntime::do_record(EventId event, StreamId stream, bool capturing) {
 }
 
 void CudaRuntime::do_wait(StreamId stream, EventId event, bool capturing) {
+  refuse_behind_unmatched(stream, "wait for event '" + events_[static_cast<size_t>(event.value)].name + "'");
   Impl::StreamState& s = impl_->streams[static_cast<size_t>(stream.value)];
   Impl::EventState& e = impl_->events[static_cast<size_t>(event.value)];
   if (e.last_device < 0) return;  // never recorded: nothing to wait for (as in CUDA)
@@ -363,6 +387,7 @@ void CudaRuntime::do_synchronize_event(EventId event) {
 }
 
 void CudaRuntime::do_synchronize_stream(StreamId stream) {
+  hang_if_unmatched(stream, "stream '" + streams_[static_cast<size_t>(stream.value)].name + "'");
   Impl::StreamState& s = impl_->streams[static_cast<size_t>(stream.value)];
   const std::string& name = streams_[static_cast<size_t>(stream.value)].name;
   if (poll_until(impl_->options.sync_deadline_s, [&] { return stream_done(s.handle, name); })) return;
@@ -376,6 +401,7 @@ void CudaRuntime::do_synchronize_device(int device) {
   for (size_t i = 0; i < impl_->streams.size(); ++i) {
     if (impl_->streams[i].device == device) mine.push_back(static_cast<int32_t>(i));
   }
+  for (int32_t i : mine) hang_if_unmatched(StreamId{i}, "device " + std::to_string(device));
   // Every stream of the device, without cudaDeviceSynchronize (which would block past the deadline).
   const bool done = poll_until(impl_->options.sync_deadline_s, [&] {
     for (int32_t i : mine) {
@@ -392,6 +418,7 @@ void CudaRuntime::do_synchronize_device(int device) {
 // ---- graphs ----------------------------------------------------------------------------------------
 
 void CudaRuntime::do_begin_capture(StreamId stream) {
+  refuse_behind_unmatched(stream, "begin_capture");
   Impl::StreamState& s = impl_->streams[static_cast<size_t>(stream.value)];
   DeviceScope scope(s.device);
   // Relaxed: host uploads and allocations elsewhere in the process stay legal while capturing.
@@ -433,6 +460,7 @@ void CudaRuntime::do_end_capture(GraphId graph) {
 }
 
 void CudaRuntime::do_replay(GraphId graph, StreamId stream) {
+  refuse_behind_unmatched(stream, "replay of graph " + std::to_string(graph.value));
   const size_t g = static_cast<size_t>(graph.value);
   if (g >= impl_->graphs.size() || impl_->graphs[g] == nullptr) {
     throw std::runtime_error("replay: graph " + std::to_string(graph.value) + " has no executable CUDA graph (its capture failed)");

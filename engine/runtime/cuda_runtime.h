@@ -43,6 +43,9 @@ class CudaRuntime final : public Runtime {
   void do_collective(int comm, const std::vector<CollectivePart>& parts) override;
 
  private:
+  void refuse_behind_unmatched(StreamId stream, const std::string& what) const;
+  void hang_if_unmatched(StreamId stream, const std::string& waited_for) const;
+
   struct Impl;
   std::unique_ptr<Impl> impl_;
 };

@@ -486,6 +486,34 @@ void Runtime::issue_collective(int comm, CollectivePart part) {
   match_collectives(comm);
 }
 
+std::optional<Runtime::Unmatched> Runtime::unmatched_part(StreamId stream) const {
+  for (const CommunicatorRecord& c : communicators_) {
+    if (c.local_rank >= 0) continue;  // spanning: NCCL matches the parts in the other processes
+    for (size_t r = 0; r < c.streams.size(); ++r) {
+      if (c.streams[r] != stream || c.pending[r].empty()) continue;
+      const CollectivePart& part = c.pending[r].front();
+      std::vector<int> missing;
+      std::string what;
+      if (part.op == "send" || part.op == "recv") {
+        missing.push_back(part.peer);
+        what = std::string(", which never issued the matching ") + (part.op == "send" ? "recv" : "send");
+      } else {
+        for (size_t q = 0; q < c.pending.size(); ++q) {
+          if (c.pending[q].empty()) missing.push_back(static_cast<int>(q));
+        }
+        what = missing.size() == 1 ? ", which never issued its part" : ", which never issued their parts";
+      }
+      const std::string head = part.op + " of '" + c.name + "' (rank " + std::to_string(part.rank) + ")";
+      if (missing.empty()) return Unmatched{part.op, head + " never matched although every rank issued a part"};
+      std::string ranks;
+      for (int q : missing) ranks += (ranks.empty() ? "" : ", ") + std::to_string(q);
+      return Unmatched{part.op, part.op + " of '" + c.name + "' (rank " + std::to_string(part.rank) + ") waits for rank" +
+                                    (missing.size() == 1 ? " " : "s ") + ranks + what};
+    }
+  }
+  return std::nullopt;
+}
+
 void Runtime::match_collectives(int comm) {
   CommunicatorRecord& c = communicators_[static_cast<size_t>(comm)];
   const int n = static_cast<int>(c.streams.size());

@@ -10,6 +10,7 @@
 #include <exception>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <stdexcept>
 #include <string>
 #include <utility>
@@ -264,6 +265,14 @@ class Runtime {
   void check_range(const ByteRange& range, const char* what) const;
   void issue_collective(int comm, CollectivePart part);
   void match_collectives(int comm);
+  // The oldest collective part `stream` issued on a communicator of this process that has not
+  // matched yet, and the ranks it waits for ("all_gather of 'cp' (rank 1) waits for rank 0, which
+  // never issued its part"); empty when the stream has none.
+  struct Unmatched {
+    std::string op;
+    std::string text;
+  };
+  std::optional<Unmatched> unmatched_part(StreamId stream) const;
 
   RuntimeOptions options_;
   std::vector<RuntimeObserver*> observers_;

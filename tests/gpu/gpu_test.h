@@ -10,3 +10,8 @@
   do {                                                                          \
     if (::dsv4::cuda_device_count() == 0) GTEST_SKIP() << "no CUDA device";     \
   } while (0)
+
+#define DSV4_REQUIRE_GPUS(n)                                                                          \
+  do {                                                                                                \
+    if (::dsv4::cuda_device_count() < (n)) GTEST_SKIP() << "needs " << (n) << " CUDA device(s)";       \
+  } while (0)

@@ -1,23 +1,79 @@
 // One rank of a communicator spanning processes (one process per GPU), started by
-// test_runtime_cuda's multi-process test: `nccl_rank_worker RANK WORLD RENDEZVOUS_FILE`, with
-// CUDA_VISIBLE_DEVICES naming this rank's GPU. Exits 0 when all-gather, a send/recv ring and a
+// test_runtime_cuda's multi-process tests: `nccl_rank_worker RANK WORLD RENDEZVOUS_FILE [silent-sender]`,
+// with CUDA_VISIBLE_DEVICES naming this rank's GPU. Exits 0 when all-gather, a send/recv ring and a
 // barrier give the right data; 1 (with a message) otherwise.
+// With `silent-sender` (two ranks): after a barrier rank 0 stops sending; rank 1 receives from it with
+// a 3 s deadline and exits 0 when its synchronization ends in a HangError naming the recv and its rank.
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
+#include <filesystem>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "engine/runtime/cuda_runtime.h"
 
+namespace {
+
+int silent_sender(int rank, const std::string& file) {
+  using namespace dsv4::rt;
+  CudaOptions cuda;
+  cuda.sync_deadline_s = rank == 1 ? 3 : 60;
+  CudaRuntime rt(RuntimeOptions{}, cuda);
+  const StreamId s = rt.create_stream(0, "rank" + std::to_string(rank));
+  const int comm = rt.join_communicator(s, rank, 2, file, "pp");
+  rt.barrier(comm, rank);
+  rt.synchronize(s);
+  const std::string done = file + ".done";
+  if (rank == 0) {
+    // Stops sending, but stays up (a peer that exits can turn the hang into a connection error).
+    const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(60);
+    while (!std::filesystem::exists(done) && std::chrono::steady_clock::now() < until) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    }
+    return 0;
+  }
+  const BufferId in = rt.alloc(0, 1024, "stage_input");
+  rt.recv(comm, 1, 0, rt.all(in));
+  int status = 1;
+  try {
+    rt.synchronize(s);
+    std::fprintf(stderr, "rank 1: the recv from a silent rank 0 finished\n");
+  } catch (const HangError& e) {
+    const std::string what = e.what();
+    if (what.find("recv") != std::string::npos && what.find("rank 1") != std::string::npos &&
+        what.find("'pp'") != std::string::npos) {
+      std::printf("rank 1: %s\n", e.what());
+      status = 0;
+    } else {
+      std::fprintf(stderr, "rank 1: the HangError does not name the recv, the rank and the communicator: %s\n", e.what());
+    }
+  }
+  std::FILE* f = std::fopen(done.c_str(), "w");
+  if (f != nullptr) std::fclose(f);
+  return status;
+}
+
+}  // namespace
+
 int main(int argc, char** argv) {
   using namespace dsv4::rt;
-  if (argc != 4) {
-    std::fprintf(stderr, "usage: nccl_rank_worker RANK WORLD RENDEZVOUS_FILE\n");
+  if (argc != 4 && !(argc == 5 && std::string(argv[4]) == "silent-sender")) {
+    std::fprintf(stderr, "usage: nccl_rank_worker RANK WORLD RENDEZVOUS_FILE [silent-sender]\n");
     return 2;
   }
   const int rank = std::atoi(argv[1]);
   const int world = std::atoi(argv[2]);
+  if (argc == 5) {
+    try {
+      return silent_sender(rank, argv[3]);
+    } catch (const std::exception& e) {
+      std::fprintf(stderr, "rank %d: %s\n", rank, e.what());
+      return 1;
+    }
+  }
   try {
     CudaOptions cuda;
     cuda.sync_deadline_s = 60;

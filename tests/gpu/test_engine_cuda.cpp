@@ -12,15 +12,6 @@
 namespace dsv4::engine::testing {
 namespace {
 
-RunConfig on_cuda(Mode m) {
-  RunConfig rc;
-  rc.backend = rt::BackendKind::cuda;
-  rc.graphs = m.graphs;
-  rc.multi_stream = m.multi_stream;
-  rc.guards = true;  // poisoned fresh memory and guard bytes on device buffers
-  return rc;
-}
-
 class EngineCuda : public ::testing::TestWithParam<Mode> {};
 
 TEST_P(EngineCuda, TinyMixMatchesTheReferenceWithTheDetectorSilent) {

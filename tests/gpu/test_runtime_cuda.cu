@@ -1,7 +1,7 @@
-// GPU tests of the `cuda` runtime backend: stream/event ordering on real hardware (and a missing
-// wait really races), fork/join graph capture replayed with inputs updated in place, the watchdog
-// naming a kernel that never finishes while the process stays usable, and NCCL collectives across
-// two GPUs. Each test skips when the machine has too few GPUs.
+// GPU tests of the `cuda` runtime backend on one GPU: stream/event ordering on real hardware (and a
+// missing wait really races), fork/join graph capture replayed with inputs updated in place, the
+// watchdog naming a kernel that never finishes while the process stays usable. The NCCL tests across
+// GPUs are in test_runtime_multigpu.cu.
 #include <chrono>
 #include <cstdint>
 #include <cstring>
@@ -14,14 +14,13 @@
 #include "engine/core/allocator.h"
 #include "engine/core/error.h"
 #include "engine/runtime/cuda_runtime.h"
+#include "tests/gpu/gpu_test.h"
+#include "tests/gpu/runtime_test_util.h"
 
 namespace dsv4::rt {
 namespace {
 
-#define DSV4_REQUIRE_GPUS(n)                                                              \
-  do {                                                                                    \
-    if (cuda_device_count() < (n)) GTEST_SKIP() << "needs " << (n) << " CUDA device(s)"; \
-  } while (0)
+using namespace gpu_testing;
 
 __device__ unsigned long long now_ns() {
   unsigned long long t;
@@ -73,32 +72,6 @@ __global__ void wait_for_counter(unsigned int* counter, unsigned int* bailed, un
 
 constexpr int kThreads = 256;
 int blocks(int n) { return (n + kThreads - 1) / kThreads; }
-
-template <class T>
-T* ptr(Runtime& rt, BufferId b) {
-  return static_cast<T*>(rt.data(b));
-}
-
-std::vector<float> download_f32(Runtime& rt, BufferId b) {
-  std::vector<float> out(rt.bytes(b) / sizeof(float));
-  rt.download(b, 0, out.data(), rt.bytes(b));
-  return out;
-}
-
-void upload_f32(Runtime& rt, BufferId b, const std::vector<float>& values) {
-  rt.upload(b, 0, values.data(), values.size() * sizeof(float));
-}
-
-Launch launch_of(std::string op, std::vector<Access> accesses, std::function<void(cudaStream_t)> body) {
-  Launch l;
-  l.op = std::move(op);
-  l.accesses = std::move(accesses);
-  l.cuda = [body = std::move(body)](void* s) { body(static_cast<cudaStream_t>(s)); };
-  return l;
-}
-
-Access reads(Runtime& rt, BufferId b) { return Access{rt.all(b), AccessKind::read}; }
-Access writes(Runtime& rt, BufferId b) { return Access{rt.all(b), AccessKind::write}; }
 
 // Producer on one stream, consumer on another; `with_wait` decides whether the consumer's stream
 // waits for the producer's event. Returns what the consumer computed.
@@ -360,147 +333,6 @@ TEST(CudaRuntime, RefusesMoreDevicesThanPresent) {
   RuntimeOptions options;
   options.devices = cuda_device_count() + 1;
   EXPECT_THROW(CudaRuntime(options, CudaOptions{}), std::runtime_error);
-}
-
-// ---- two GPUs ----
-
-struct TwoRanks {
-  CudaRuntime rt;
-  StreamId s0, s1;
-  int comm;
-  TwoRanks() : rt(two_devices(), CudaOptions{}) {
-    s0 = rt.create_stream(0, "rank0");
-    s1 = rt.create_stream(1, "rank1");
-    comm = rt.create_communicator({s0, s1}, "pp");
-  }
-  static RuntimeOptions two_devices() {
-    RuntimeOptions o;
-    o.devices = 2;
-    return o;
-  }
-  void sync() {
-    rt.synchronize(s0);
-    rt.synchronize(s1);
-  }
-};
-
-std::vector<float> ramp(int n, float base) {
-  std::vector<float> v(static_cast<size_t>(n));
-  for (int i = 0; i < n; ++i) v[static_cast<size_t>(i)] = base + static_cast<float>(i);
-  return v;
-}
-
-TEST(CudaRuntimeMultiGpu, AllGatherThroughNccl) {
-  DSV4_REQUIRE_GPUS(2);
-  TwoRanks t;
-  constexpr int n = 1000;
-  BufferId send[2], recv[2];
-  for (int r = 0; r < 2; ++r) {
-    send[r] = t.rt.alloc(r, n * sizeof(float), "send" + std::to_string(r));
-    recv[r] = t.rt.alloc(r, 2 * n * sizeof(float), "recv" + std::to_string(r));
-    upload_f32(t.rt, send[r], ramp(n, 10000.0f * static_cast<float>(r)));
-  }
-  for (int r = 0; r < 2; ++r) t.rt.all_gather(t.comm, r, t.rt.all(send[r]), t.rt.all(recv[r]));
-  t.sync();
-  std::vector<float> expected = ramp(n, 0.0f);
-  const std::vector<float> second = ramp(n, 10000.0f);
-  expected.insert(expected.end(), second.begin(), second.end());
-  for (int r = 0; r < 2; ++r) EXPECT_EQ(download_f32(t.rt, recv[r]), expected) << "rank " << r;
-}
-
-TEST(CudaRuntimeMultiGpu, SendRecvThroughNccl) {
-  DSV4_REQUIRE_GPUS(2);
-  TwoRanks t;
-  constexpr int n = 1 << 18;  // 1 MiB
-  const BufferId a = t.rt.alloc(0, n * sizeof(float), "activations");
-  const BufferId b = t.rt.alloc(1, n * sizeof(float), "activations_in");
-  const BufferId back = t.rt.alloc(0, n * sizeof(float), "grad_in");
-  upload_f32(t.rt, a, ramp(n, 0.5f));
-  upload_f32(t.rt, b, std::vector<float>(n, 0.0f));
-  // Rank 1 posts its recv first: matching does not depend on which side issues first.
-  t.rt.recv(t.comm, 1, 0, t.rt.all(b));
-  t.rt.send(t.comm, 0, 1, t.rt.all(a));
-  t.rt.send(t.comm, 1, 0, t.rt.all(b));
-  t.rt.recv(t.comm, 0, 1, t.rt.all(back));
-  t.sync();
-  EXPECT_EQ(download_f32(t.rt, b), ramp(n, 0.5f));
-  EXPECT_EQ(download_f32(t.rt, back), ramp(n, 0.5f));
-}
-
-TEST(CudaRuntimeMultiGpu, AllReduceAndBarrierThroughNccl) {
-  DSV4_REQUIRE_GPUS(2);
-  TwoRanks t;
-  constexpr int n = 4096;
-  BufferId send[2], recv[2];
-  for (int r = 0; r < 2; ++r) {
-    send[r] = t.rt.alloc(r, n * sizeof(float), "partial" + std::to_string(r));
-    recv[r] = t.rt.alloc(r, n * sizeof(float), "sum" + std::to_string(r));
-    std::vector<float> v(n);
-    for (int i = 0; i < n; ++i) v[static_cast<size_t>(i)] = static_cast<float>((r + 1) * i);
-    upload_f32(t.rt, send[r], v);
-  }
-  for (int r = 0; r < 2; ++r) t.rt.all_reduce_sum_f32(t.comm, r, t.rt.all(send[r]), t.rt.all(recv[r]));
-  for (int r = 0; r < 2; ++r) t.rt.barrier(t.comm, r);
-  t.sync();
-  std::vector<float> expected(n);
-  for (int i = 0; i < n; ++i) expected[static_cast<size_t>(i)] = static_cast<float>(3 * i);
-  for (int r = 0; r < 2; ++r) EXPECT_EQ(download_f32(t.rt, recv[r]), expected) << "rank " << r;
-}
-
-}  // namespace
-}  // namespace dsv4::rt
-
-// ---- one process per GPU -------------------------------------------------------------------------
-
-#include <spawn.h>
-#include <sys/wait.h>
-
-#include <chrono>
-#include <filesystem>
-#include <thread>
-
-extern char** environ;
-
-namespace dsv4::rt {
-namespace {
-
-TEST(CudaRuntimeMultiProcess, TwoProcessesAllGatherAndSendRecvThroughNccl) {
-  if (cuda_device_count() < 2) GTEST_SKIP() << "needs 2 GPUs";
-  const std::string dir = ::testing::TempDir() + "/dsv4_nccl_" + std::to_string(getpid());
-  std::filesystem::remove_all(dir);
-  std::filesystem::create_directories(dir);
-  const std::string file = dir + "/id";
-  std::vector<pid_t> pids;
-  for (int rank = 0; rank < 2; ++rank) {
-    std::vector<std::string> env_strings = {"CUDA_VISIBLE_DEVICES=" + std::to_string(rank)};
-    for (char** e = environ; *e != nullptr; ++e) {
-      if (std::string(*e).rfind("CUDA_VISIBLE_DEVICES=", 0) != 0) env_strings.emplace_back(*e);
-    }
-    std::vector<char*> envp;
-    for (auto& s : env_strings) envp.push_back(s.data());
-    envp.push_back(nullptr);
-    std::string exe = DSV4_NCCL_WORKER, r = std::to_string(rank), w = "2", f = file;
-    char* argv[] = {exe.data(), r.data(), w.data(), f.data(), nullptr};
-    pid_t pid = 0;
-    ASSERT_EQ(posix_spawn(&pid, exe.c_str(), nullptr, nullptr, argv, envp.data()), 0) << exe;
-    pids.push_back(pid);
-  }
-  // Each rank has a 60 s deadline of its own; give them 120 s before killing.
-  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(120);
-  for (pid_t pid : pids) {
-    int status = 0;
-    while (waitpid(pid, &status, WNOHANG) == 0) {
-      if (std::chrono::steady_clock::now() > deadline) {
-        kill(pid, SIGKILL);
-        waitpid(pid, &status, 0);
-        ADD_FAILURE() << "rank process " << pid << " did not finish";
-        break;
-      }
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    }
-    EXPECT_TRUE(WIFEXITED(status) && WEXITSTATUS(status) == 0) << "rank process exit status " << status;
-  }
-  std::filesystem::remove_all(dir);
 }
 
 }  // namespace

@@ -54,6 +54,16 @@ struct RunResult {
   std::vector<std::vector<int32_t>> generated;  // per request, in workload order
 };
 
+// A run on the cuda backend in mode `m`, with poisoned fresh memory and guard bytes on device buffers.
+inline RunConfig on_cuda(const Mode& m) {
+  RunConfig rc;
+  rc.backend = rt::BackendKind::cuda;
+  rc.graphs = m.graphs;
+  rc.multi_stream = m.multi_stream;
+  rc.guards = true;
+  return rc;
+}
+
 // Buckets up to the workload's size so the scheduler accepts max_running_requests = requests.
 inline RuntimeOptions options_for(int64_t requests) {
   RuntimeOptions o;
