@@ -26,14 +26,23 @@
 //     swa_locs i64 [T] with values in [-1, pages * page_size) (-1: write nothing); cache u8
 //     [pages, page_bytes(page_size)] contiguous; page_size >= 1; scale_block >= 1 with
 //     (D - rope_dim) % scale_block == 0 (else a ContractError naming `scale_block`).
-//   The value rules (positions >= 0, the swa_locs range) read tensor data, so they are checked for
-//   host tensors only; on a GPU a location outside [0, pages * page_size) writes nothing (as -1)
-//   and a negative position is rotated like any other. When two rows name one location the later
-//   row's entry is written, on either device.
+//   store_kv_model1: the store half of fused_norm_rope_store_kv alone, for rows already normed and
+//     rotated (prefill CP norms its share in place, all-gathers it and stores the whole batch): each
+//     row with locs[t] >= 0 is packed as it is at that location (model1_pack of the values
+//     f32(kv[t]): the rope dims' bf16 codes come back unchanged, but for a signalling NaN, quieted).
+//     kv bf16 [T, D] with a unit last-dim stride (any row stride); rope_dim even with 0 <= rope_dim < D (else a ContractError naming
+//     `rope_dim`; the last rope_dim dims are the rope part); locs i64 [T] with values in
+//     [-1, pages * page_size); cache, page_size and scale_block as for fused_norm_rope_store_kv.
+//   The value rules (positions >= 0, the swa_locs / locs range) read tensor data, so they are
+//   checked for host tensors only; on a GPU a location outside [0, pages * page_size) writes nothing
+//   (as -1) and a negative position is rotated like any other. When two rows name one location the
+//   later row's entry is written, on either device.
 //
 // Devices: host tensors run the host kernels (kernels/host/norm_rope.cpp), GPU tensors the CUDA
 // kernels (kernels/cuda/norm_rope.cu) on current_stream(); they write the same bits (the GPU's f64
-// sum of squares runs in another order: kernels/cuda/norm_rope_math.h says when that can matter).
+// sum of squares runs in another order: kernels/cuda/norm_rope_math.h says when that can matter;
+// store_kv_model1 has no sum: equal for every input but NaN nope values, whose e4m3 NaN code may
+// take another sign, as each device's division propagates a NaN).
 #pragma once
 
 #include <cstdint>
@@ -44,6 +53,7 @@ namespace dsv4::kernels {
 
 inline constexpr const char* kNormRopeOp = "fused_norm_rope_inplace";
 inline constexpr const char* kNormRopeStoreOp = "fused_norm_rope_store_kv";
+inline constexpr const char* kStoreKvModel1Op = "store_kv_model1";
 inline constexpr int64_t kKvScaleBlock = 64;  // nope dims per ue8m0 scale on the released models
 
 // Byte geometry of one MODEL1 entry and page (the GPU kernel's constants, derived from D, rope_dim
@@ -94,6 +104,12 @@ void fused_norm_rope_store_kv(const Tensor& kv, const Tensor& weight, double eps
                               const Tensor& positions, const Tensor& swa_locs, Tensor& cache, int64_t page_size,
                               int64_t scale_block = kKvScaleBlock);
 
+// kv is read only; each row with locs[t] >= 0 is packed as it is at that location (no norm, no RoPE),
+// with one ue8m0 scale per scale_block nope dims. store_kv_model1 of the rows fused_norm_rope_inplace
+// leaves writes fused_norm_rope_store_kv's bytes for the same rows.
+void store_kv_model1(const Tensor& kv, int64_t rope_dim, const Tensor& locs, Tensor& cache, int64_t page_size,
+                     int64_t scale_block = kKvScaleBlock);
+
 }  // namespace dsv4::kernels
 
 #if defined(DSV4_WITH_CUDA)
@@ -105,5 +121,7 @@ void fused_norm_rope_inplace(Tensor& kv, const Tensor& weight, double eps, const
 void fused_norm_rope_store_kv(const Tensor& kv, const Tensor& weight, double eps, const Tensor& freqs,
                               const Tensor& positions, const Tensor& swa_locs, Tensor& cache, int64_t page_size,
                               int64_t scale_block, void* stream);
+void store_kv_model1(const Tensor& kv, int64_t rope_dim, const Tensor& locs, Tensor& cache, int64_t page_size,
+                     int64_t scale_block, void* stream);
 }  // namespace dsv4::kernels::cuda
 #endif

@@ -1,7 +1,7 @@
 // The engine's small per-token ops between the model's kernels: embedding lookups, row gathers, the
 // greedy argmax, the MTP block's next-token ids, bf16 adds into a residual copy, the compressor's
-// positional bias, and host-to-device metadata copies. Each is one entry point that runs on the host
-// or on a GPU by where its tensors live (kernels/device.h).
+// positional bias, host-to-device metadata copies, and prefill CP's row copies. Each is one entry
+// point that runs on the host or on a GPU by where its tensors live (kernels/device.h).
 //
 // Contracts (ContractError naming the argument and the rule):
 //   embed_rows: ids i32 [T]; table bf16 [V, d] contiguous; out bf16 [T, copies * d] contiguous;
@@ -22,6 +22,13 @@
 //     scale) (the indexer's head weights, scaled and kept at bf16 precision in f32).
 //   add_position_bias: score f32 [T, C] contiguous, bias f32 [ratio, C] contiguous, positions i32 [T]
 //     (>= 0; host check): score[t] += bias[positions[t] % ratio].
+//   copy_rows: src rank 2 with a unit last-dim stride (any row stride: a column slice of a wider
+//     buffer), dst of src's dtype and shape, contiguous; any whole-byte dtype: dst[t] = src[t]
+//     (prefill CP's contiguous copy of the qkv_a[:, q_lora:] slice).
+//   unshard_rows: gathered [ranks * L, W] contiguous (the ranks' shares of L rows each, rank-major, as
+//     an all-gather leaves them), global [T, W] contiguous of gathered's dtype (any whole-byte dtype),
+//     ranks >= 1, T <= ranks * L: global[t] = gathered[(t % ranks) * L + t / ranks] (prefill CP's
+//     round-robin split undone: token t lives on rank t % ranks, row t / ranks of its share).
 //
 // The speculative scrub (MTP drafts in a verify batch): the compressor state rows and cache entries the
 // drafts are about to overwrite are saved first (backup_*), and the ones whose token is rejected are
@@ -68,6 +75,10 @@ void copy_from_host(Tensor& dst, const void* src, int64_t bytes);
 // dst's bytes from src's (same dtype and numel, both contiguous): a memcpy, or a device copy on the
 // current stream.
 void copy_tensor(const Tensor& src, Tensor& dst);
+// The row copies of prefill CP (contracts above): a strided [T, W] view into a dense one, and the
+// all-gathered shares back into global token order. Pure byte copies: bitwise equal on both devices.
+void copy_rows(const Tensor& src, Tensor& dst);
+void unshard_rows(const Tensor& gathered, int64_t ranks, Tensor& global);
 
 // The bytes of one compressed entry in a cache, as byte offsets from the cache's data pointer.
 struct ByteSpan {
@@ -113,6 +124,8 @@ void add_bf16(const Tensor& a, const Tensor& b, Tensor& out, void* stream);
 void add_position_bias(Tensor& score, const Tensor& bias, const Tensor& positions, int64_t ratio, void* stream);
 void scale_bf16(const Tensor& x, float scale, Tensor& out, void* stream);
 void copy_bytes(void* dst, const void* src, int64_t bytes, bool from_host, void* stream);
+void copy_rows(const Tensor& src, Tensor& dst, void* stream);
+void unshard_rows(const Tensor& gathered, int64_t ranks, Tensor& global, void* stream);
 void backup_state_rows(const Tensor& state, const Tensor& words, Tensor& saved, void* stream);
 void backup_entries(const Tensor& cache, const Tensor& words, const EntrySpans& spans, Tensor& saved, void* stream);
 void scrub_restore(const Tensor& saved_entries, const Tensor& saved_rows, const Tensor& words, const EntrySpans& spans,

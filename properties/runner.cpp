@@ -155,7 +155,6 @@ SuiteResult run_suite(const Suite& suite, const RunLimits& limits, const Progres
 }
 
 std::optional<std::string> cuda_unsupported(const EngineSpec& spec, int gpus) {
-  if (spec.cp > 1) return "context parallelism runs on sim only so far";
   const int needed = spec_devices(spec);
   if (needed > gpus) return std::to_string(needed) + " GPUs needed, " + std::to_string(gpus) + " present";
   return std::nullopt;

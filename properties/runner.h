@@ -24,8 +24,8 @@ struct RunLimits {
   bool isolate = true;           // run each case in a child process
   std::vector<std::string> faults;  // injected into every generated scenario
   std::string backend = "sim";      // where generated engine scenarios run ("sim" | "cuda")
-  // cuda: the GPUs present. An engine scenario needing more ranks (PP stages, CP ranks) than this,
-  // or CP at all (its GPU ops are not written yet), is skipped and counted, not run.
+  // cuda: the GPUs present. An engine scenario needing more ranks (PP stages, CP ranks; one GPU
+  // each) than this is skipped and counted, not run.
   int gpus = 0;
 };
 

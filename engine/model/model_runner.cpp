@@ -1066,12 +1066,7 @@ void ModelRunner::issue_attention(Layer& L, int64_t T) {
     // in-place kernel refuses the strided slice itself), gathered in global order, and stored whole.
     DeviceTensor kvc = rows(cp_kv_local_, T), kvg = rows(cp_kv_global_, cp_global_tokens_);
     auto make_contiguous = [&] {
-      op(main_, "contiguous", {kva}, {kvc}, [kva, kvc]() mutable {
-        for (int64_t t = 0; t < kva.t.size(0); ++t) {
-          std::memcpy(kvc.t.data<uint16_t>() + t * kvc.t.size(1), kva.t.data<uint16_t>() + t * kva.t.stride(0),
-                      static_cast<size_t>(kvc.t.size(1)) * 2);
-        }
-      });
+      op(main_, "contiguous", {kva}, {kvc}, [kva, kvc]() mutable { kernels::copy_rows(kva.t, kvc.t); });
     };
     // Fault kv-slice-noncontiguous (seed bug A1): the slice itself goes to the contiguous-only
     // kernel, and only the all-gather's input is made contiguous. One token per rank hides it.
@@ -1085,14 +1080,8 @@ void ModelRunner::issue_attention(Layer& L, int64_t T) {
     cp_gather(kvc, kvg);
     DeviceTensor gloc = rows(m_swa_loc_, cp_global_tokens_);
     const kernels::Model1Layout lay = L.kv_layout;
-    op(main_, "store_kv", {kvg, gloc}, {swa_cache}, [kvg, gloc, swa_cache, lay, swa_ps, D]() mutable {
-      std::vector<float> row(static_cast<size_t>(D));
-      for (int64_t t = 0; t < kvg.t.size(0); ++t) {
-        const int64_t loc = gloc.t.data<int64_t>()[t];
-        if (loc < 0) continue;
-        for (int64_t i = 0; i < D; ++i) row[static_cast<size_t>(i)] = bf16_to_f32(kvg.t.data<uint16_t>()[t * D + i]);
-        kernels::model1_pack(lay, swa_ps, row.data(), swa_cache.t.data<uint8_t>(), loc);
-      }
+    op(main_, "store_kv", {kvg, gloc}, {swa_cache}, [kvg, gloc, swa_cache, lay, swa_ps]() mutable {
+      kernels::store_kv_model1(kvg.t, lay.rope_dim, gloc.t, swa_cache.t, swa_ps, lay.scale_block);
     });
   } else {
     op(streams_->kv, kernels::kNormRopeStoreOp, {kva, kvnorm, pos, swa_loc}, {swa_cache},
@@ -1362,10 +1351,6 @@ void ModelRunner::set_context_parallel(int comm, int rank, int size) {
   cp_rank_ = rank;
   cp_size_ = size;
   if (size == 1) return;
-  // The CP path's row reorder and whole-cache store are host code still; multi-GPU CP is issue 10.
-  if (rt_.kind() == rt::BackendKind::cuda) {
-    throw InputError("cp", "", "context parallelism runs on sim only so far (its GPU ops come with multi-GPU CP)");
-  }
   const int64_t T = max_tokens_, D = config_.head_dim, Di = has_c4_ ? config_.index_head_dim : 0;
   const int64_t w = std::max(D, Di) * 2;  // widest compressor projection (f32)
   const int64_t row_bytes = std::max({2 * D, 4 * w, 2 * config_.hc_mult * config_.dim});
@@ -1378,21 +1363,17 @@ void ModelRunner::set_context_parallel(int comm, int rank, int size) {
 }
 
 void ModelRunner::cp_gather(const DeviceTensor& local, const DeviceTensor& global) {
-  const int64_t L = local.t.size(0), W = local.t.size(1), T = global.t.size(0);
+  const int64_t L = local.t.size(0), W = local.t.size(1);
   const int64_t esize = dtype_storage_bytes(local.t.dtype(), 1);
   const uint64_t part = static_cast<uint64_t>(L * W * esize);
   const uint64_t begin = static_cast<uint64_t>(local.t.offset() * esize);
   rt_.all_gather(cp_comm_, cp_rank_, rt_.range(local.buffer, begin, begin + part),
                  rt_.range(cp_gather_buf_.buffer, 0, part * static_cast<uint64_t>(cp_size_)));
-  DeviceTensor gathered{cp_gather_buf_.buffer, rt_.tensor(cp_gather_buf_.buffer, DType::u8,
-                                                          {static_cast<int64_t>(part) * cp_size_})};
   const int64_t n = cp_size_;
-  op(main_, "cp_reorder", {gathered}, {global}, [gathered, global, L, W, T, n, esize]() mutable {
-    const auto* src = gathered.t.data<uint8_t>();
-    auto* dst = static_cast<uint8_t*>(global.t.data_ptr());
-    const size_t row = static_cast<size_t>(W * esize);
-    for (int64_t t = 0; t < T; ++t) std::memcpy(dst + t * row, src + ((t % n) * L + t / n) * row, row);
-  });
+  DeviceTensor gathered{cp_gather_buf_.buffer, rt_.tensor(cp_gather_buf_.buffer, local.t.dtype(), {n * L, W})};
+  DeviceTensor out = global;
+  op(main_, "cp_reorder", {gathered}, {out},
+     [gathered, out, n]() mutable { kernels::unshard_rows(gathered.t, n, out.t); });
 }
 
 void ModelRunner::begin_cp(const serving::ForwardBatch& batch, StepRecord* record) {

@@ -66,8 +66,9 @@ struct EngineOptions {
   // layer). Rank r runs on device r; the embedding lives on the first stage, the head (and the MTP
   // block) on the last.
   std::vector<int64_t> pp_partition;
-  // Prefill context parallelism: EXTEND batches split round-robin over `cp` ranks (one simulated
-  // device each, every rank a whole model with its own full caches); DECODE runs on rank 0.
+  // Prefill context parallelism: EXTEND batches split round-robin over `cp` ranks (one device each:
+  // a simulated one on sim, a GPU on cuda; every rank a whole model with its own full caches);
+  // DECODE runs on rank 0.
   int64_t cp = 1;
   // The quantized linears: FP8 block-scaled (the checkpoint's) or w8a8-int8 (per-channel int8
   // weights requantized at load, dynamic per-token int8 activations).

@@ -70,23 +70,30 @@ struct Model1Geometry {
   int64_t dim, rope_dim, scale_block, page_size, page_bytes, entries;
 };
 
-// Row t (at t * row_stride) normed, rotated and packed at swa_locs[t] (model1_pack_entry's bytes).
-// Rows whose location is -1 (or, unchecked on the GPU, outside the cache) write nothing; a row whose
-// location a later row also names writes nothing either, so the later row's bytes win as in the
-// host's sequential loop.
-__global__ void norm_rope_store_kernel(const uint16_t* kv, int64_t row_stride, int64_t rows, const float* weight,
-                                       double eps, const float* freqs, const int32_t* positions, const int64_t* locs,
-                                       uint8_t* cache, Model1Geometry g) {
-  __shared__ double red[gpu::kMaxWarps];
-  const int64_t t = blockIdx.x;
+// The geometry of a launch into `cache` (u8 [pages, page_bytes]).
+Model1Geometry model1_geometry(int64_t dim, int64_t rope_dim, int64_t scale_block, int64_t page_size,
+                               const Tensor& cache) {
+  const Model1Layout l{dim, rope_dim, scale_block};
+  return Model1Geometry{dim, rope_dim, scale_block, page_size, l.page_bytes(page_size), cache.size(0) * page_size};
+}
+
+// The location block t writes, or -1 for none: its location is -1 (or, unchecked on the GPU, outside
+// the cache), or a later row names the same location, whose bytes win as in the host's sequential
+// loop. Uniform across the block; contains __syncthreads_or (call from every thread).
+__device__ int64_t written_location(const int64_t* locs, int64_t t, int64_t rows, int64_t entries) {
   const int64_t loc = locs[t];
-  if (loc < 0 || loc >= g.entries) return;  // uniform across the block
+  if (loc < 0 || loc >= entries) return -1;  // uniform across the block
   int overwritten = 0;
   for (int64_t u = t + 1 + threadIdx.x; u < rows; u += blockDim.x) overwritten |= locs[u] == loc ? 1 : 0;
-  if (__syncthreads_or(overwritten) != 0) return;  // uniform across the block
+  return __syncthreads_or(overwritten) != 0 ? -1 : loc;
+}
 
-  const uint16_t* x = kv + t * row_stride;
-  const float r = row_inverse_rms(x, g.dim, eps, red);
+// Packs one row at `loc` of the cache, model1_pack_entry's bytes. The row is f32-valued: `row.nope(i)`
+// is nope dim i, `row.rope_pair(j, &a, &b)` rope dims 2j and 2j + 1. The one MODEL1 packer of both
+// stores (the fused kernel's row is normed and rotated on the fly, store_kv_model1's is read as it
+// is). Called by every thread of the block; block-strided loops, no barrier.
+template <class Row>
+__device__ void pack_model1_row(const Row& row, const Model1Geometry& g, uint8_t* cache, int64_t loc) {
   const int64_t nope = g.dim - g.rope_dim;
   const int64_t block = g.scale_block;
   const int64_t scale_count = nope / block;
@@ -101,22 +108,21 @@ __global__ void norm_rope_store_kernel(const uint16_t* kv, int64_t row_stride, i
   for (int64_t s = threadIdx.x; s < scale_count; s += blockDim.x) {
     const int64_t first = s * block;
     float amax = 0.0f;
-    for (int64_t i = first; i < first + block; ++i) amax = gpu_math::std_max(amax, fabsf(normed(x[i], r, weight[i])));
+    for (int64_t i = first; i < first + block; ++i) amax = gpu_math::std_max(amax, fabsf(row.nope(i)));
     // e4m3_block_scale: 2^ceil(log2(max(amax, 1e-4) * f32(1/448))).
     const float scale = round_ue8m0_ceil(gpu_math::fmul(gpu_math::std_max(amax, 1e-4f), kInvE4m3Max));
     scales[s] = f32_to_ue8m0_ceil(scale);  // exact: the scale is a power of two
     for (int64_t i = first; i < first + block; ++i) {
-      const float v = gpu_math::fdiv(normed(x[i], r, weight[i]), scale);
+      const float v = gpu_math::fdiv(row.nope(i), scale);
       values[i] = f32_to_e4m3fn(gpu_math::std_clamp(v, -kE4m3fnMaxF32, kE4m3fnMaxF32));
     }
   }
   for (int64_t k = scale_count + threadIdx.x; k < scale_bytes; k += blockDim.x) scales[k] = 0;
   // The rope dims as bf16, little-endian.
-  const int32_t pos = positions[t];
   uint8_t* rope = values + nope;
   for (int64_t j = threadIdx.x; j < g.rope_dim / 2; j += blockDim.x) {
     float a, b;
-    normed_rope_pair(x, nope + 2 * j, r, weight, freqs[j], pos, &a, &b);
+    row.rope_pair(j, &a, &b);
     const uint16_t ca = f32_to_bf16(a);
     const uint16_t cb = f32_to_bf16(b);
     rope[4 * j] = static_cast<uint8_t>(ca & 0xFFu);
@@ -124,6 +130,53 @@ __global__ void norm_rope_store_kernel(const uint16_t* kv, int64_t row_stride, i
     rope[4 * j + 2] = static_cast<uint8_t>(cb & 0xFFu);
     rope[4 * j + 3] = static_cast<uint8_t>(cb >> 8);
   }
+}
+
+// Row x of the fused store: normed with inverse rms r and weight, the rope pairs rotated at pos.
+struct NormedRopeRow {
+  const uint16_t* x;
+  float r;
+  const float* weight;
+  const float* freqs;
+  int32_t pos;
+  int64_t nope_dim;
+  __device__ float nope(int64_t i) const { return normed(x[i], r, weight[i]); }
+  __device__ void rope_pair(int64_t j, float* a, float* b) const {
+    normed_rope_pair(x, nope_dim + 2 * j, r, weight, freqs[j], pos, a, b);
+  }
+};
+
+// Row x of store_kv_model1: its bf16 values as they are.
+struct PlainRow {
+  const uint16_t* x;
+  int64_t nope_dim;
+  __device__ float nope(int64_t i) const { return bf16_to_f32(x[i]); }
+  __device__ void rope_pair(int64_t j, float* a, float* b) const {
+    *a = bf16_to_f32(x[nope_dim + 2 * j]);
+    *b = bf16_to_f32(x[nope_dim + 2 * j + 1]);
+  }
+};
+
+// Row t (at t * row_stride) normed, rotated and packed at swa_locs[t].
+__global__ void norm_rope_store_kernel(const uint16_t* kv, int64_t row_stride, int64_t rows, const float* weight,
+                                       double eps, const float* freqs, const int32_t* positions, const int64_t* locs,
+                                       uint8_t* cache, Model1Geometry g) {
+  __shared__ double red[gpu::kMaxWarps];
+  const int64_t t = blockIdx.x;
+  const int64_t loc = written_location(locs, t, rows, g.entries);
+  if (loc < 0) return;  // uniform across the block
+  const uint16_t* x = kv + t * row_stride;
+  const float r = row_inverse_rms(x, g.dim, eps, red);
+  pack_model1_row(NormedRopeRow{x, r, weight, freqs, positions[t], g.dim - g.rope_dim}, g, cache, loc);
+}
+
+// Row t (at t * row_stride) packed as it is at locs[t].
+__global__ void store_model1_kernel(const uint16_t* kv, int64_t row_stride, int64_t rows, const int64_t* locs,
+                                    uint8_t* cache, Model1Geometry g) {
+  const int64_t t = blockIdx.x;
+  const int64_t loc = written_location(locs, t, rows, g.entries);
+  if (loc < 0) return;  // uniform across the block
+  pack_model1_row(PlainRow{kv + t * row_stride, g.dim - g.rope_dim}, g, cache, loc);
 }
 
 }  // namespace
@@ -143,13 +196,21 @@ void fused_norm_rope_store_kv(const Tensor& kv, const Tensor& weight, double eps
                               int64_t scale_block, void* stream) {
   const int64_t rows = kv.size(0);
   if (rows == 0) return;
-  const Model1Layout layout{kv.size(1), 2 * freqs.size(0), scale_block};
-  const Model1Geometry g{layout.head_dim,  layout.rope_dim, layout.scale_block,
-                         page_size,        layout.page_bytes(page_size), cache.size(0) * page_size};
+  const Model1Geometry g = model1_geometry(kv.size(1), 2 * freqs.size(0), scale_block, page_size, cache);
   norm_rope_store_kernel<<<static_cast<unsigned>(rows), kThreads, 0, static_cast<gpu::Stream>(stream)>>>(
       kv.data<const uint16_t>(), kv.stride(0), rows, weight.data<const float>(), eps, freqs.data<const float>(),
       positions.data<const int32_t>(), swa_locs.data<const int64_t>(), cache.data<uint8_t>(), g);
   gpu::check_launch(kNormRopeStoreOp);
+}
+
+void store_kv_model1(const Tensor& kv, int64_t rope_dim, const Tensor& locs, Tensor& cache, int64_t page_size,
+                     int64_t scale_block, void* stream) {
+  const int64_t rows = kv.size(0);
+  if (rows == 0) return;
+  const Model1Geometry g = model1_geometry(kv.size(1), rope_dim, scale_block, page_size, cache);
+  store_model1_kernel<<<static_cast<unsigned>(rows), kThreads, 0, static_cast<gpu::Stream>(stream)>>>(
+      kv.data<const uint16_t>(), kv.stride(0), rows, locs.data<const int64_t>(), cache.data<uint8_t>(), g);
+  gpu::check_launch(kStoreKvModel1Op);
 }
 
 }  // namespace dsv4::kernels::cuda

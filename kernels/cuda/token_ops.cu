@@ -108,6 +108,45 @@ __global__ void scale_bf16_kernel(const uint16_t* x, float scale, long long n, f
   if (i < n) out[i] = round_bf16(bf16_to_f32(x[i]) * scale);
 }
 
+// One block per destination row r (dense, `row_words` words): row (r % ranks) * share + r / ranks of
+// src, `src_stride` words apart (copy_rows: ranks 1; unshard_rows). Word is the widest unit that the
+// pointers, the stride and the row bytes are all aligned to, so a row moves in 16-byte loads where
+// it can.
+template <class Word>
+__global__ void mapped_rows_kernel(const Word* src, long long src_stride, long long row_words, long long ranks,
+                                   long long share, Word* dst) {
+  const long long r = blockIdx.x;
+  const Word* from = src + ((r % ranks) * share + r / ranks) * src_stride;
+  Word* to = dst + r * row_words;
+  for (long long i = threadIdx.x; i < row_words; i += blockDim.x) to[i] = from[i];
+}
+
+template <class Word>
+void launch_mapped_rows(const uint8_t* src, long long src_stride_bytes, long long rows, long long row_bytes,
+                        long long ranks, long long share, uint8_t* dst, gpu::Stream stream) {
+  const long long w = static_cast<long long>(sizeof(Word));
+  mapped_rows_kernel<Word><<<static_cast<unsigned>(rows), kThreads, 0, stream>>>(
+      reinterpret_cast<const Word*>(src), src_stride_bytes / w, row_bytes / w, ranks, share,
+      reinterpret_cast<Word*>(dst));
+}
+
+void copy_mapped_rows(const uint8_t* src, long long src_stride_bytes, long long rows, long long row_bytes,
+                      long long ranks, long long share, uint8_t* dst, gpu::Stream stream, const char* op) {
+  const unsigned long long align = reinterpret_cast<uintptr_t>(src) | reinterpret_cast<uintptr_t>(dst) |
+                                   static_cast<unsigned long long>(src_stride_bytes) |
+                                   static_cast<unsigned long long>(row_bytes);
+  if (align % 16 == 0) {
+    launch_mapped_rows<uint4>(src, src_stride_bytes, rows, row_bytes, ranks, share, dst, stream);
+  } else if (align % 8 == 0) {
+    launch_mapped_rows<unsigned long long>(src, src_stride_bytes, rows, row_bytes, ranks, share, dst, stream);
+  } else if (align % 4 == 0) {
+    launch_mapped_rows<unsigned int>(src, src_stride_bytes, rows, row_bytes, ranks, share, dst, stream);
+  } else {
+    launch_mapped_rows<uint8_t>(src, src_stride_bytes, rows, row_bytes, ranks, share, dst, stream);
+  }
+  gpu::check_launch(op);
+}
+
 // The speculative scrub's copies: one block per item slot up to the buffers' capacity, the counts read
 // from the words here. Counts that break the host's count rules (negative, past the words or past the
 // saved buffer) make every block exit; a block past its count, or whose slot, row or entry is out of
@@ -245,6 +284,23 @@ void copy_bytes(void* dst, const void* src, int64_t bytes, bool from_host, void*
                              as_stream(stream)),
              "cudaMemcpyAsync");
 #endif
+}
+
+void copy_rows(const Tensor& src, Tensor& dst, void* stream) {
+  const int64_t rows = src.size(0);
+  if (rows == 0 || src.size(1) == 0) return;
+  const int64_t es = dtype_storage_bytes(src.dtype(), 1);
+  copy_mapped_rows(static_cast<const uint8_t*>(src.data_ptr()), src.stride(0) * es, rows, src.size(1) * es, 1, rows,
+                   static_cast<uint8_t*>(dst.data_ptr()), as_stream(stream), "copy_rows");
+}
+
+void unshard_rows(const Tensor& gathered, int64_t ranks, Tensor& global, void* stream) {
+  const int64_t T = global.size(0);
+  if (T == 0 || global.size(1) == 0) return;
+  const int64_t row_bytes = global.size(1) * dtype_storage_bytes(global.dtype(), 1);
+  copy_mapped_rows(static_cast<const uint8_t*>(gathered.data_ptr()), row_bytes, T, row_bytes, ranks,
+                   gathered.size(0) / ranks, static_cast<uint8_t*>(global.data_ptr()), as_stream(stream),
+                   "unshard_rows");
 }
 
 namespace {

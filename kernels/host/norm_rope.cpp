@@ -91,6 +91,44 @@ const Contract& store_contract() {
   return contract;
 }
 
+const Contract& store_model1_contract() {
+  static const Contract contract = Contract(kStoreKvModel1Op)
+                                       .arg("kv").dtype(DType::bf16).rank(2).inner_contiguous()
+                                       .arg("locs").dtype(DType::i64).rank(1).contiguous().same_size(0, "kv", 0)
+                                       .arg("cache").dtype(DType::u8).rank(2).contiguous();
+  return contract;
+}
+
+// The MODEL1 cache rules both stores share, once the structural contract has passed: page_size >= 1,
+// the layout of [D = kv.shape[1], rope_dim, scale_block], the cache's page bytes, and (host tensors)
+// the locations in [-1, pages * page_size). Returns the layout.
+Model1Layout check_model1_store(const char* op, const Tensor& kv, int64_t rope_dim, const char* locs_name,
+                                const Tensor& locs, const Tensor& cache, int64_t page_size, int64_t scale_block,
+                                Contract::Values values) {
+  if (page_size < 1) throw ContractError(op, "page_size", "must be >= 1, got " + std::to_string(page_size));
+  const Model1Layout layout = model1_layout(op, kv.size(1), rope_dim, scale_block);
+  // The bounds depend on the geometry, so this part of the contract is built per launch.
+  const int64_t entries = cache.size(0) * page_size;
+  Contract(op)
+      .arg(locs_name).values_in(-1, entries - 1)
+      .arg("cache").dim(1, layout.page_bytes(page_size))
+      .check({{locs_name, &locs}, {"cache", &cache}}, values);
+  return layout;
+}
+
+// The host stores' loop: `fill(t, row)` writes row t's D floats, which are packed at locs[t]; rows at
+// -1 are skipped, and a later row naming a location overwrites an earlier one.
+template <class Fill>
+void pack_rows(const Model1Layout& layout, int64_t page_size, const Tensor& locs, Tensor& cache, Fill fill) {
+  const int64_t* loc = locs.data<int64_t>();
+  std::vector<float> row(static_cast<size_t>(layout.head_dim));
+  for (int64_t t = 0; t < locs.size(0); ++t) {
+    if (loc[t] < 0) continue;  // padding rows (-1) write nothing
+    fill(t, row.data());
+    model1_pack(layout, page_size, row.data(), cache.data<uint8_t>(), loc[t]);
+  }
+}
+
 }  // namespace
 
 Model1Layout model1_layout(const char* op, int64_t head_dim, int64_t rope_dim, int64_t scale_block,
@@ -212,15 +250,8 @@ void check_norm_rope_store_contract(const Tensor& kv, const Tensor& weight, cons
                           {"swa_locs", &swa_locs},
                           {"cache", &cache}},
                          values);
-  if (page_size < 1) throw ContractError(kNormRopeStoreOp, "page_size", "must be >= 1, got " + std::to_string(page_size));
-  const int64_t rope_dim = rope_dim_of(kNormRopeStoreOp, kv, freqs);
-  const Model1Layout layout = model1_layout(kNormRopeStoreOp, kv.size(1), rope_dim, scale_block);
-  // The bounds depend on the geometry, so this part of the contract is built per launch.
-  const int64_t entries = cache.size(0) * page_size;
-  Contract(kNormRopeStoreOp)
-      .arg("swa_locs").values_in(-1, entries - 1)
-      .arg("cache").dim(1, layout.page_bytes(page_size))
-      .check({{"swa_locs", &swa_locs}, {"cache", &cache}}, values);
+  check_model1_store(kNormRopeStoreOp, kv, rope_dim_of(kNormRopeStoreOp, kv, freqs), "swa_locs", swa_locs, cache,
+                     page_size, scale_block, values);
 }
 
 void fused_norm_rope_store_kv(const Tensor& kv, const Tensor& weight, double eps, const Tensor& freqs,
@@ -236,21 +267,39 @@ void fused_norm_rope_store_kv(const Tensor& kv, const Tensor& weight, double eps
     DSV4_GPU_OR_FAIL(kNormRopeStoreOp, cuda::fused_norm_rope_store_kv(kv, weight, eps, freqs, positions, swa_locs, cache, page_size, scale_block,
                                    current_stream()));
   }
-  const int64_t rows = kv.size(0);
   const int64_t dim = kv.size(1);
   const int64_t rope_dim = rope_dim_of(kNormRopeStoreOp, kv, freqs);
   const Model1Layout layout = model1_layout(kNormRopeStoreOp, dim, rope_dim, scale_block);
   const auto* base = kv.data<const uint16_t>();
   const int32_t* pos = positions.data<int32_t>();
-  const int64_t* locs = swa_locs.data<int64_t>();
-  std::vector<float> row(static_cast<size_t>(dim));
-  for (int64_t t = 0; t < rows; ++t) {
-    if (locs[t] < 0) continue;  // padding rows (-1) write nothing
+  pack_rows(layout, page_size, swa_locs, cache, [&](int64_t t, float* row) {
     // The row stride comes from the view, so slices of a wider qkv_a buffer are read correctly.
-    norm_rope_row(base + t * kv.stride(0), weight.data<float>(), eps, freqs.data<float>(), dim, rope_dim, pos[t],
-                  row.data());
-    model1_pack(layout, page_size, row.data(), cache.data<uint8_t>(), locs[t]);
+    norm_rope_row(base + t * kv.stride(0), weight.data<float>(), eps, freqs.data<float>(), dim, rope_dim, pos[t], row);
+  });
+}
+
+void store_kv_model1(const Tensor& kv, int64_t rope_dim, const Tensor& locs, Tensor& cache, int64_t page_size,
+                     int64_t scale_block) {
+  // One device; the value rule (the locs range) reads host tensors only.
+  const bool gpu = runs_on_gpu(kStoreKvModel1Op, {{"kv", &kv}, {"locs", &locs}, {"cache", &cache}});
+  const Contract::Values values = gpu ? Contract::Values::skip : Contract::Values::check;
+  store_model1_contract().check({{"kv", &kv}, {"locs", &locs}, {"cache", &cache}}, values);
+  if (rope_dim < 0 || rope_dim >= kv.size(1) || rope_dim % 2 != 0) {
+    throw ContractError(kStoreKvModel1Op, "rope_dim",
+                        "needs an even rope_dim with 0 <= rope_dim < kv.shape[1], got " + std::to_string(rope_dim) +
+                            " for kv " + shape_str(kv.shape()));
   }
+  const Model1Layout layout =
+      check_model1_store(kStoreKvModel1Op, kv, rope_dim, "locs", locs, cache, page_size, scale_block, values);
+  if (gpu) {
+    DSV4_GPU_OR_FAIL(kStoreKvModel1Op,
+                     cuda::store_kv_model1(kv, rope_dim, locs, cache, page_size, scale_block, current_stream()));
+  }
+  const auto* base = kv.data<const uint16_t>();
+  pack_rows(layout, page_size, locs, cache, [&](int64_t t, float* row) {
+    const uint16_t* x = base + t * kv.stride(0);
+    for (int64_t i = 0; i < layout.head_dim; ++i) row[i] = bf16_to_f32(x[i]);
+  });
 }
 
 }  // namespace dsv4::kernels

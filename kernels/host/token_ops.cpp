@@ -187,6 +187,60 @@ void copy_tensor(const Tensor& src, Tensor& dst) {
   std::memcpy(dst.data_ptr(), src.data_ptr(), static_cast<size_t>(bytes));
 }
 
+namespace {
+
+// A ContractError unless `t` (named `name`) has a whole-byte dtype; returns its element bytes.
+int64_t whole_byte_size(const char* op, const char* name, const Tensor& t) {
+  if (t.dtype() == DType::f4_e2m1) throw ContractError(op, name, "needs a whole-byte dtype, got f4_e2m1");
+  return dtype_storage_bytes(t.dtype(), 1);
+}
+
+// dst row r (dense, row_bytes) = src row (r % ranks) * share + r / ranks (src_stride bytes apart): the
+// host loop of copy_rows (ranks 1) and unshard_rows.
+void copy_mapped_rows(const uint8_t* src, int64_t src_stride, int64_t rows, int64_t row_bytes, int64_t ranks,
+                      int64_t share, uint8_t* dst) {
+  for (int64_t r = 0; r < rows; ++r) {
+    std::memcpy(dst + r * row_bytes, src + ((r % ranks) * share + r / ranks) * src_stride, static_cast<size_t>(row_bytes));
+  }
+}
+
+}  // namespace
+
+void copy_rows(const Tensor& src, Tensor& dst) {
+  const char* op = "copy_rows";
+  const bool gpu = runs_on_gpu(op, {{"src", &src}, {"dst", &dst}});
+  Contract(op)
+      .arg("src").rank(2).inner_contiguous()
+      .arg("dst").dtype(src.dtype()).rank(2).contiguous().same_size(0, "src", 0).same_size(1, "src", 1)
+      .check({{"src", &src}, {"dst", &dst}});
+  const int64_t es = whole_byte_size(op, "src", src);
+  if (src.numel() == 0) return;
+  if (gpu) DSV4_GPU_OR_FAIL(op, cuda::copy_rows(src, dst, current_stream()));
+  copy_mapped_rows(static_cast<const uint8_t*>(src.data_ptr()), src.stride(0) * es, src.size(0), src.size(1) * es, 1,
+                   src.size(0), static_cast<uint8_t*>(dst.data_ptr()));
+}
+
+void unshard_rows(const Tensor& gathered, int64_t ranks, Tensor& global) {
+  const char* op = "unshard_rows";
+  if (ranks < 1) throw ContractError(op, "ranks", "must be >= 1, got " + std::to_string(ranks));
+  const bool gpu = runs_on_gpu(op, {{"gathered", &gathered}, {"global", &global}});
+  Contract(op)
+      .arg("gathered").rank(2).contiguous().dim_multiple_of(0, ranks)
+      .arg("global").dtype(gathered.dtype()).rank(2).contiguous().same_size(1, "gathered", 1)
+      .check({{"gathered", &gathered}, {"global", &global}});
+  const int64_t es = whole_byte_size(op, "gathered", gathered);
+  const int64_t share = gathered.size(0) / ranks, T = global.size(0);
+  if (T > gathered.size(0)) {
+    throw ContractError(op, "global", "needs shape[0] <= gathered.shape[0] = ranks * L = " +
+                                          std::to_string(gathered.size(0)) + ", got " + shape_str(global.shape()));
+  }
+  if (global.numel() == 0) return;
+  if (gpu) DSV4_GPU_OR_FAIL(op, cuda::unshard_rows(gathered, ranks, global, current_stream()));
+  const int64_t row_bytes = global.size(1) * es;
+  copy_mapped_rows(static_cast<const uint8_t*>(gathered.data_ptr()), row_bytes, T, row_bytes, ranks, share,
+                   static_cast<uint8_t*>(global.data_ptr()));
+}
+
 EntrySpans entry_spans(bool indexer, int64_t dims, const Model1Layout& model1, int64_t page_entries) {
   EntrySpans s;
   s.f32_rows = indexer;

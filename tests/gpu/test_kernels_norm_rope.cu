@@ -1,5 +1,6 @@
 // GPU tests of the norm / RoPE / q path / attention output kernels (kernels/cuda/norm_rope.cu,
-// q_path.cu, attn_output.cu) and the dispatching cast entry, all through their public entry points.
+// q_path.cu, attn_output.cu) and the dispatching cast entry, all through their public entry points;
+// store_kv_model1 (prefill CP's store) too, and its identity with the fused store on normed rows.
 //
 // Every op runs on host tensors and on device copies of the same tensors; the device buffers must
 // equal the host buffers byte for byte (outputs, untouched bytes and inputs alike). The GPU kernels
@@ -37,6 +38,7 @@
 #include "kernels/cuda/port.h"
 #include "kernels/norm_rope.h"
 #include "kernels/q_path.h"
+#include "kernels/token_ops.h"
 #include "reference/compressor.h"
 #include "reference/context.h"
 #include "reference/hadamard.h"
@@ -548,6 +550,134 @@ TEST(GpuNormRopeStore, EntriesDecodeToTheReference) {
   }
 }
 
+// ---- store_kv_model1: the store half alone (prefill CP) ------------------------------------------------
+
+// T rows of kv (the last D columns of a wider buffer when extra_cols > 0, as the CP path's slice),
+// every fourth row padding (-1), the rest random locations over just enough pages, so that rows
+// repeat locations (the last row always repeats row 0's), and a poisoned cache.
+std::vector<Tensor> store_model1_inputs(const ModelConfig& c, int64_t T, int64_t extra_cols, int64_t page_size,
+                                        uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  const int64_t pages = std::max<int64_t>((T + page_size - 1) / page_size, 1);
+  std::vector<int64_t> locs;
+  for (int64_t t = 0; t < T; ++t) locs.push_back(t % 4 == 1 ? -1 : static_cast<int64_t>(rng() % (pages * page_size)));
+  if (T >= 3) locs.back() = locs.front();
+  Tensor kv = random_bf16(rng, T, extra_cols + c.head_dim, "kv", c.kv_block_size);
+  if (T > 0) {
+    // Edge blocks in row 0: a zero block (amax clamped to 1e-4); a large value beside tiny ones.
+    auto* p = kv.data<uint16_t>() + extra_cols;
+    for (int64_t i = 0; i < c.kv_block_size; ++i) p[i] = f32_to_bf16(0.0f);
+    p[c.kv_block_size + 2] = f32_to_bf16(448.0f);
+    p[c.kv_block_size + 3] = f32_to_bf16(-1e30f);
+  }
+  const Model1Layout l = model1_layout(kStoreKvModel1Op, c.head_dim, c.rope_head_dim, c.kv_block_size);
+  return {kv, int_tensor<int64_t>(DType::i64, locs, "locs"),
+          filled({pages, l.page_bytes(page_size)}, DType::u8, kPoison, "swa_cache")};
+}
+
+Op store_model1_op(const ModelConfig& c, int64_t extra_cols, int64_t page_size) {
+  return [&c, extra_cols, page_size](std::vector<Tensor>& b) {
+    const Tensor kv = extra_cols > 0 ? b[0].narrow(1, extra_cols, c.head_dim) : b[0];
+    store_kv_model1(kv, c.rope_head_dim, b[1], b[2], page_size, c.kv_block_size);
+  };
+}
+
+// Host vs GPU bit for bit (the whole cache: entries, padding and untouched poison), repeated locations
+// and -1 included, dense and strided kv, two page sizes, ten reruns.
+TEST(GpuStoreKvModel1, CacheBytesEqualHost) {
+  DSV4_REQUIRE_GPU();
+  for (const NormCase& nc : norm_cases()) {
+    const ModelConfig& c = *nc.config;
+    for (int64_t T : {0, 1, 2, 7, 8, 64}) {
+      for (int64_t extra : {int64_t{0}, c.q_lora_rank}) {
+        for (int64_t page_size : {int64_t{3}, int64_t{64}}) {
+          expect_device_equals_host(store_model1_inputs(c, T, extra, page_size, 400 + T),
+                                    store_model1_op(c, extra, page_size),
+                                    std::string(nc.name) + " T " + std::to_string(T) + " extra cols " +
+                                        std::to_string(extra) + " page size " + std::to_string(page_size));
+        }
+      }
+    }
+  }
+}
+
+// The CP path's identity on the device: norm + RoPE in place on a contiguous copy of the slice, then
+// store_kv_model1, writes the bytes fused_norm_rope_store_kv writes from the slice (one packer).
+TEST(GpuStoreKvModel1, OfNormedRowsEqualsTheFusedStore) {
+  DSV4_REQUIRE_GPU();
+  for (const NormCase& nc : norm_cases()) {
+    const ModelConfig& c = *nc.config;
+    const ref::RopeTable rope = ref::make_rope_table(c, 4);
+    for (int64_t T : {1, 2, 7, 8, 64}) {
+      const int64_t page_size = 4;
+      const StoreInputs in = store_inputs(c, rope, T, c.q_lora_rank, page_size, 500 + T);
+      Allocator device(*cuda_memory(0), AllocatorMode::testing);
+      std::vector<Tensor> dev;
+      for (const Tensor& t : in.buffers) dev.push_back(t.to(device));
+      const Tensor slice = dev[0].narrow(1, c.q_lora_rank, c.head_dim);
+      Tensor fused = dev[5].clone("fused");
+      fused_norm_rope_store_kv(slice, dev[1], c.norm_eps, dev[2], dev[3], dev[4], fused, page_size, c.kv_block_size);
+      Tensor normed = Tensor::empty({T, c.head_dim}, DType::bf16, device, "normed");
+      copy_rows(slice, normed);
+      fused_norm_rope_inplace(normed, dev[1], c.norm_eps, dev[2], dev[3]);
+      Tensor split = dev[5].clone("split");
+      store_kv_model1(normed, c.rope_head_dim, dev[4], split, page_size, c.kv_block_size);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      expect_same_bytes(storage_bytes(split), storage_bytes(fused), std::string(nc.name) + " T " + std::to_string(T));
+      EXPECT_TRUE(device.check_guards().empty());
+    }
+  }
+}
+
+// A location outside the cache (unchecked on the GPU) writes nothing; the host refuses it.
+TEST(GpuStoreKvModel1, LocationOutsideTheCacheWritesNothingOnTheGpu) {
+  DSV4_REQUIRE_GPU();
+  const ModelConfig& c = flash();
+  std::vector<Tensor> in = store_model1_inputs(c, 3, 0, 4, 401);
+  const int64_t entries = in[2].size(0) * 4;
+  const std::vector<int64_t> locs = {entries, -7, entries + 100};
+  std::copy(locs.begin(), locs.end(), in[1].data<int64_t>());
+  EXPECT_THROW(store_model1_op(c, 0, 4)(in), ContractError);
+  Allocator device(*cuda_memory(0), AllocatorMode::testing);
+  std::vector<Tensor> dev;
+  for (const Tensor& t : in) dev.push_back(t.to(device));
+  store_model1_op(c, 0, 4)(dev);
+  ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  expect_same_bytes(storage_bytes(dev[2]), storage_bytes(in[2]), "cache");
+  EXPECT_TRUE(device.check_guards().empty());
+}
+
+// The device entries decode to the reference's cached view of the rows (FP8 quant-dequant of the nope
+// dims in blocks, the rope dims bf16), the tolerance of the host tests: none.
+TEST(GpuStoreKvModel1, EntriesDecodeToTheReference) {
+  DSV4_REQUIRE_GPU();
+  for (const NormCase& nc : norm_cases()) {
+    const ModelConfig& c = *nc.config;
+    const int64_t T = 7, page_size = 4;
+    std::vector<Tensor> in = store_model1_inputs(c, T, c.q_lora_rank, page_size, 402);
+    // Distinct locations here, so that every row's entry survives.
+    for (int64_t t = 0; t < T; ++t) in[1].data<int64_t>()[t] = t % 4 == 1 ? -1 : t;
+    Allocator device(*cuda_memory(0), AllocatorMode::testing);
+    std::vector<Tensor> dev;
+    for (const Tensor& t : in) dev.push_back(t.to(device));
+    store_model1_op(c, c.q_lora_rank, page_size)(dev);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    const Tensor cache = dev[2].to(default_host_allocator());
+    const Model1Layout l = model1_layout(kStoreKvModel1Op, c.head_dim, c.rope_head_dim, c.kv_block_size);
+    const Tensor kv = in[0].narrow(1, c.q_lora_rank, c.head_dim);
+    std::vector<float> got(static_cast<size_t>(c.head_dim));
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t loc = in[1].data<int64_t>()[t];
+      if (loc < 0) continue;
+      const std::vector<float> want = reference_cached(row_floats(kv, t), c.nope_head_dim(), c.kv_block_size);
+      model1_unpack(l, page_size, cache.data<uint8_t>(), loc, got.data());
+      for (size_t i = 0; i < want.size(); ++i) {
+        ASSERT_EQ(f32_bits(got[i]), f32_bits(want[i])) << nc.name << " row " << t << " dim " << i;
+      }
+    }
+  }
+}
+
 // ---- rms_norm ---------------------------------------------------------------------------------------
 
 TEST(GpuRmsNorm, EqualsHost) {
@@ -909,7 +1039,8 @@ TEST(GpuCapture, EntryPointsCaptureIntoAGraphThatReplaysTheEagerBytes) {
   const int64_t T = 8, H = 4, n = 1000;
   const StoreInputs store = store_inputs(c, rope, T, c.q_lora_rank, 4, 1000);
   std::mt19937_64 rng(1001);
-  // store (6 buffers), then rms_norm x, weight, out; q; index_q; o; wo_a, u; cast x, codes.
+  // store (6 buffers), then rms_norm x, weight, out; q; index_q; o; wo_a, u; cast x, codes; the cache
+  // of store_kv_model1.
   std::vector<Tensor> inputs = store.buffers;
   for (const Tensor& t : {random_bf16(rng, T, n, "x"), random_weight(rng, n, "weight"),
                           filled({T, n}, DType::bf16, kPoison, "out"), random_bf16(rng, T, H * c.head_dim, "q"),
@@ -917,7 +1048,8 @@ TEST(GpuCapture, EntryPointsCaptureIntoAGraphThatReplaysTheEagerBytes) {
                           random_bf16(rng, T, H * c.head_dim, "o"),
                           random_bf16(rng, 2 * 96, H * c.head_dim / 2, "wo_a"),
                           filled({T, 2 * 96}, DType::bf16, kPoison, "u"),
-                          f32_tensor(std::vector<float>(77, 3.7f), "xc"), filled({77}, DType::f8_e4m3fn, 0, "codes")}) {
+                          f32_tensor(std::vector<float>(77, 3.7f), "xc"), filled({77}, DType::f8_e4m3fn, 0, "codes"),
+                          filled(store.buffers[5].shape(), DType::u8, kPoison, "model1_cache")}) {
     inputs.push_back(t);
   }
   const Op all = [&](std::vector<Tensor>& b) {
@@ -928,6 +1060,7 @@ TEST(GpuCapture, EntryPointsCaptureIntoAGraphThatReplaysTheEagerBytes) {
     inverse_rope_inplace(b[11], H, c.head_dim, b[2], b[3]);
     grouped_wo_a(b[11], b[12], 2, b[13]);
     cast(b[14], b[15]);
+    store_kv_model1(b[0].narrow(1, c.q_lora_rank, c.head_dim), c.rope_head_dim, b[4], b[16], 4, c.kv_block_size);
   };
   Allocator device(*cuda_memory(0), AllocatorMode::testing);
   cudaStream_t stream = nullptr;

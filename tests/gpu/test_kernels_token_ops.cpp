@@ -1,9 +1,12 @@
 // kernels/token_ops.h on the GPU (label gpu; skipped without one): each op on device tensors equals
-// the same op on host tensors, bit for bit, over T in {0, 1, 2, odd, bucket sizes}.
+// the same op on host tensors, bit for bit, over T in {0, 1, 2, odd, bucket sizes}; prefill CP's
+// copy_rows and unshard_rows (2 and 4 ranks) among them.
 #include <algorithm>
 #include <cstring>
 #include <limits>
 #include <random>
+#include <tuple>
+#include <utility>
 #include <vector>
 
 #include <cuda_runtime.h>
@@ -318,6 +321,65 @@ TEST(TokenOpsGpu, ScrubCopiesSkipItemsOutOfRange) {
   // Mixed devices are refused.
   Tensor gr = on_gpu(saved_r);
   EXPECT_THROW(backup_state_rows(on_gpu(state), bad, gr), ContractError);
+}
+
+// Prefill CP's row copies. copy_rows from a column slice of a wider buffer (row strides that do and
+// do not keep 16-byte alignment, so every word width of the kernel runs) and unshard_rows for 2 and 4
+// ranks at token counts that are not multiples: the device rows equal the host's bit for bit, ten
+// reruns too, and the testing allocator's poison past T stays (nothing written past the rows).
+TEST(TokenOpsGpu, CpRowCopiesEqualTheHost) {
+  DSV4_REQUIRE_GPU();
+  std::mt19937 rng(16);
+  for (int64_t T : kTokenCounts) {
+    // (wide, first, width, dtype), in elements: strides, offsets and row bytes aligned to 16, 8, 4
+    // and 1 bytes (the kernel's word widths), an odd bf16 stride among them.
+    using Slice = std::tuple<int64_t, int64_t, int64_t, DType>;
+    for (const auto& [wide_w, first, width, dtype] :
+         {Slice{24, 8, 8, DType::bf16}, Slice{40, 4, 32, DType::f32}, Slice{6, 2, 2, DType::f32},
+          Slice{5, 1, 3, DType::f32}, Slice{37, 3, 11, DType::bf16}, Slice{13, 1, 7, DType::u8}}) {
+      Tensor wide = random_u8({T, wide_w * dtype_storage_bytes(dtype, 1)}, rng);
+      const Tensor wide_h = Tensor::over(wide.storage(), dtype, {T, wide_w});
+      Tensor host = Tensor::empty({T, width}, dtype, "dst");
+      copy_rows(wide_h.narrow(1, first, width), host);
+      const Tensor wide_g = on_gpu(wide_h);
+      for (int rerun = 0; rerun < 10; ++rerun) {
+        Tensor dev = empty_gpu({T, width}, dtype);
+        copy_rows(wide_g.narrow(1, first, width), dev);
+        sync();
+        EXPECT_EQ(bytes_of(dev), bytes_of(host)) << "copy_rows T=" << T << " width " << width << " rerun " << rerun;
+      }
+    }
+    for (int64_t ranks : {2, 4}) {
+      const int64_t L = (T + ranks - 1) / ranks;
+      for (const auto& [width, dtype] : {std::pair<int64_t, DType>{24, DType::bf16},
+                                         std::pair<int64_t, DType>{7, DType::bf16},
+                                         std::pair<int64_t, DType>{10, DType::f32}}) {
+        const Tensor bytes = random_u8({ranks * L, width * dtype_storage_bytes(dtype, 1)}, rng);
+        const Tensor gathered = Tensor::over(bytes.storage(), dtype, {ranks * L, width});
+        Tensor host = Tensor::empty({T, width}, dtype, "global");
+        unshard_rows(gathered, ranks, host);
+        const Tensor gathered_g = on_gpu(gathered);
+        for (int rerun = 0; rerun < 10; ++rerun) {
+          // One row more than T in the buffer: its poison must survive.
+          Tensor buffer = empty_gpu({T + 1, width}, dtype);
+          const std::vector<uint8_t> poison = bytes_of(buffer.narrow(0, T, 1));
+          Tensor dev = buffer.narrow(0, 0, T);
+          unshard_rows(gathered_g, ranks, dev);
+          sync();
+          EXPECT_EQ(bytes_of(dev), bytes_of(host)) << "unshard_rows T=" << T << " ranks " << ranks << " rerun " << rerun;
+          EXPECT_EQ(bytes_of(buffer.narrow(0, T, 1)), poison) << "row T written";
+        }
+      }
+    }
+  }
+  // Contracts on device tensors: a strided dst or global, mixed devices.
+  const Tensor src = on_gpu(random_bf16({4, 8}, rng));
+  Tensor strided = empty_gpu({4, 16}, DType::bf16).narrow(1, 0, 8);
+  EXPECT_THROW(copy_rows(src, strided), ContractError);
+  EXPECT_THROW(unshard_rows(src, 2, strided), ContractError);
+  Tensor host_dst = Tensor::empty({4, 8}, DType::bf16, "dst");
+  EXPECT_THROW(copy_rows(src, host_dst), ContractError);
+  EXPECT_THROW(unshard_rows(src, 2, host_dst), ContractError);
 }
 
 TEST(TokenOpsGpu, CopiesAndMixedDevicesAreRefused) {

@@ -5,6 +5,9 @@
 // (quant-sim numerics) and its length / index contracts. The same at the micro preset's scale block
 // of 16 (head_dim 64, rope 16, nope 48), where the cache values are checked against the reference's
 // fp8_quant_dequant in blocks of 16, and the scale-block contracts (`scale_block`, `kv_block`).
+// store_kv_model1 (prefill CP's store of rows already normed and rotated): model1_pack per row, the
+// fused store's bytes when given the rows fused_norm_rope_inplace leaves, -1 skipped, a repeated
+// location keeping the later row, and its contracts.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -14,6 +17,7 @@
 #include <random>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -592,6 +596,142 @@ TEST(NormRopeStore, ScaleBlockNotDividingNopeIsContractErrorNamingIt) {
   };
   EXPECT_EQ(flash_argument_of(16), "cache") << "page bytes of another scale block";
   EXPECT_EQ(flash_argument_of(64), "");
+}
+
+// ---- store_kv_model1: the store half alone (prefill CP) ------------------------------------------
+
+// The cache model1_pack writes for rows of a bf16 view (any row stride), row by row in order.
+void pack_rows_by_hand(const Model1Layout& l, int64_t page_size, const Tensor& kv, const std::vector<int64_t>& locs,
+                       SwaCache& c) {
+  for (size_t t = 0; t < locs.size(); ++t) {
+    if (locs[t] < 0) continue;
+    model1_pack(l, page_size, row_values(kv, static_cast<int64_t>(t)).data(), c.bytes.data<uint8_t>(), locs[t]);
+  }
+}
+
+TEST(StoreKvModel1, EqualsModel1PackPerRow) {
+  for (const char* preset : {"flash", "micro"}) {
+    const Fixture f(preset);
+    std::mt19937_64 rng(31);
+    const int64_t rows = 7, pages = 3, page_size = 4;
+    const std::vector<float> x = random_rows(rng, rows, f.dim(), f.block());
+    const Model1Layout l = model1_layout(kStoreKvModel1Op, f.dim(), f.config.rope_head_dim, f.block());
+    const std::vector<int64_t> locs = {9, -1, 0, 4, 3, -1, 11};  // across page boundaries; two padding rows
+    const Tensor locs_t = int_tensor<int64_t>({rows}, DType::i64, locs, "locs");
+    // A dense kv and the strided qkv_a[:, q_lora:] slice of the same rows write the same bytes.
+    QkvA s = qkv_a_slice(f, rows, x);
+    const Tensor dense = bf16_tensor({rows, f.dim()}, x, "kv");
+    for (const Tensor& kv : {dense, s.kv}) {
+      SwaCache got = make_cache(f, pages, page_size, "cache");
+      SwaCache want = make_cache(f, pages, page_size, "expected");
+      const std::vector<double> kv_before = kv.values();
+      store_kv_model1(kv, f.config.rope_head_dim, locs_t, got.bytes, page_size, f.block());
+      pack_rows_by_hand(l, page_size, kv, locs, want);
+      EXPECT_TRUE(same_bytes(got.bytes, want.bytes)) << preset << (kv.is_contiguous() ? " dense" : " slice");
+      EXPECT_EQ(kv.values(), kv_before) << "kv is read only";
+    }
+  }
+}
+
+// The identity the CP path relies on: norm + RoPE in place on a contiguous copy, then store_kv_model1,
+// writes fused_norm_rope_store_kv's bytes for the same rows.
+TEST(StoreKvModel1, OfNormedRowsEqualsTheFusedStore) {
+  for (const char* preset : {"flash", "micro"}) {
+    const Fixture f(preset);
+    std::mt19937_64 rng(32);
+    for (int64_t rows : {1, 2, 7, 8}) {
+      const int64_t pages = 4, page_size = 4;
+      const std::vector<float> x = random_rows(rng, rows, f.dim(), f.block());
+      NormInputs in = norm_inputs(f, rng, rows);
+      QkvA s = qkv_a_slice(f, rows, x);
+      std::vector<int64_t> locs;
+      for (int64_t t = 0; t < rows; ++t) locs.push_back(t % 3 == 1 ? -1 : (5 * t + 3) % (pages * page_size));
+      const Tensor locs_t = int_tensor<int64_t>({rows}, DType::i64, locs, "locs");
+      SwaCache fused = make_cache(f, pages, page_size, "fused");
+      fused_norm_rope_store_kv(s.kv, in.weight_t, f.config.norm_eps, in.freqs_t, in.positions_t, locs_t, fused.bytes,
+                               page_size, f.block());
+      Tensor normed = s.kv.contiguous();
+      fused_norm_rope_inplace(normed, in.weight_t, f.config.norm_eps, in.freqs_t, in.positions_t);
+      SwaCache split = make_cache(f, pages, page_size, "split");
+      store_kv_model1(normed, f.config.rope_head_dim, locs_t, split.bytes, page_size, f.block());
+      EXPECT_TRUE(same_bytes(split.bytes, fused.bytes)) << preset << " rows " << rows;
+    }
+  }
+}
+
+TEST(StoreKvModel1, RepeatedLocationKeepsTheLaterRowAndPaddingWritesNothing) {
+  const Fixture f("micro");
+  std::mt19937_64 rng(33);
+  const int64_t page_size = 4;
+  const Model1Layout l = model1_layout(kStoreKvModel1Op, f.dim(), f.config.rope_head_dim, f.block());
+  const std::vector<int64_t> locs = {5, 2, 5, -1, 7, 2, 5, 0, 7};
+  const int64_t rows = static_cast<int64_t>(locs.size());
+  const Tensor kv = bf16_tensor({rows, f.dim()}, random_rows(rng, rows, f.dim(), f.block()), "kv");
+  SwaCache got = make_cache(f, 2, page_size, "cache");
+  store_kv_model1(kv, f.config.rope_head_dim, int_tensor<int64_t>({rows}, DType::i64, locs, "locs"), got.bytes,
+                  page_size, f.block());
+  // Location 5 holds row 6, 2 row 5, 7 row 8, 0 row 7: the later row of each pair.
+  SwaCache want = make_cache(f, 2, page_size, "expected");
+  for (const auto& [row, loc] : std::vector<std::pair<int64_t, int64_t>>{{6, 5}, {5, 2}, {8, 7}, {7, 0}}) {
+    model1_pack(l, page_size, row_values(kv, row).data(), want.bytes.data<uint8_t>(), loc);
+  }
+  EXPECT_TRUE(same_bytes(got.bytes, want.bytes));
+  // Every row padding: nothing written.
+  SwaCache c = make_cache(f, 2, page_size, "cache");
+  SwaCache untouched = make_cache(f, 2, page_size, "poison");
+  const Tensor padding = int_tensor<int64_t>({rows}, DType::i64, std::vector<int64_t>(9, -1), "locs");
+  store_kv_model1(kv, f.config.rope_head_dim, padding, c.bytes, page_size, f.block());
+  EXPECT_TRUE(same_bytes(c.bytes, untouched.bytes));
+  // No rows at all.
+  store_kv_model1(Tensor::empty({0, f.dim()}, DType::bf16, "kv"), f.config.rope_head_dim,
+                  Tensor::empty({0}, DType::i64, "locs"), c.bytes, page_size, f.block());
+  EXPECT_TRUE(same_bytes(c.bytes, untouched.bytes));
+}
+
+TEST(StoreKvModel1, ContractsNameTheArgument) {
+  const Fixture f("micro");
+  std::mt19937_64 rng(34);
+  const int64_t rows = 2, page_size = 4, rope = f.config.rope_head_dim;
+  const Tensor kv = bf16_tensor({rows, f.dim()}, random_rows(rng, rows, f.dim(), f.block()), "kv");
+  const Tensor locs = int_tensor<int64_t>({rows}, DType::i64, std::vector<int64_t>{0, 7}, "locs");
+  SwaCache c = make_cache(f, 2, page_size, "cache");
+  SwaCache untouched = make_cache(f, 2, page_size, "poison");
+  auto argument_of = [&](const Tensor& k, int64_t rope_dim, const Tensor& l, Tensor& cache, int64_t ps,
+                         int64_t block) -> std::string {
+    try {
+      store_kv_model1(k, rope_dim, l, cache, ps, block);
+    } catch (const ContractError& e) {
+      EXPECT_EQ(e.op(), kStoreKvModel1Op);
+      return e.argument();
+    }
+    return "";
+  };
+  auto locs_of = [](const std::vector<int64_t>& v) {
+    return int_tensor<int64_t>({static_cast<int64_t>(v.size())}, DType::i64, v, "locs");
+  };
+  const int64_t block = f.block();
+  EXPECT_EQ(argument_of(Tensor::empty({rows, f.dim()}, DType::f32, "kv"), rope, locs, c.bytes, page_size, block), "kv");
+  EXPECT_EQ(argument_of(Tensor::empty({f.dim(), rows}, DType::bf16, "kv").transpose(0, 1), rope, locs, c.bytes,
+                        page_size, block),
+            "kv")
+      << "last-dim stride";
+  EXPECT_EQ(argument_of(kv, rope, int_tensor<int32_t>({rows}, DType::i32, std::vector<int32_t>{0, 1}, "locs"), c.bytes,
+                        page_size, block),
+            "locs");
+  EXPECT_EQ(argument_of(kv, rope, locs_of({0}), c.bytes, page_size, block), "locs") << "one location per row";
+  EXPECT_EQ(argument_of(kv, rope, locs_of({0, 8}), c.bytes, page_size, block), "locs") << "one past the last entry";
+  EXPECT_EQ(argument_of(kv, rope, locs_of({-2, 0}), c.bytes, page_size, block), "locs");
+  EXPECT_EQ(argument_of(kv, rope, locs, c.bytes, 5, block), "cache") << "page bytes of another page size";
+  Tensor f32_cache = Tensor::empty({2, c.layout.page_bytes / 4}, DType::f32, "cache");
+  EXPECT_EQ(argument_of(kv, rope, locs, f32_cache, page_size, block), "cache");
+  EXPECT_EQ(argument_of(kv, rope, locs, c.bytes, 0, block), "page_size");
+  EXPECT_EQ(argument_of(kv, rope - 1, locs, c.bytes, page_size, block), "rope_dim") << "odd";
+  EXPECT_EQ(argument_of(kv, -2, locs, c.bytes, page_size, block), "rope_dim");
+  EXPECT_EQ(argument_of(kv, f.dim(), locs, c.bytes, page_size, block), "rope_dim");
+  EXPECT_EQ(argument_of(kv, rope, locs, c.bytes, page_size, 32), "scale_block") << "48 % 32";
+  EXPECT_EQ(argument_of(kv, rope, locs, c.bytes, page_size, kKvScaleBlock), "scale_block") << "the default of 64";
+  EXPECT_TRUE(same_bytes(c.bytes, untouched.bytes)) << "refused before touching the cache";
+  EXPECT_EQ(argument_of(kv, rope, locs, c.bytes, page_size, block), "");
 }
 
 // ---- sparse_attention ---------------------------------------------------------------------------

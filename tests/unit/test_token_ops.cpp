@@ -1,6 +1,7 @@
 // kernels/token_ops.h's speculative-scrub copies on the host: EntrySpans against the MODEL1 packer,
 // the contracts (ContractError naming the argument), and a round trip backup -> overwrite -> scrub that
-// restores exactly the named items and nothing else.
+// restores exactly the named items and nothing else. Prefill CP's row copies (copy_rows of a strided
+// slice, unshard_rows for 1..4 ranks and token counts that are not multiples) and their contracts.
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -223,6 +224,104 @@ void round_trip(bool indexer) {
 
 TEST(TokenOpsScrub, RoundTripModel1Entries) { round_trip(false); }
 TEST(TokenOpsScrub, RoundTripIndexerKeys) { round_trip(true); }
+
+// ---- prefill CP's row copies ----------------------------------------------------------------------
+
+TEST(TokenOpsCp, CopyRowsReadsAStridedSlice) {
+  std::mt19937 rng(5);
+  for (int64_t T : {0, 1, 2, 7}) {
+    // A column slice [T, 6] of a bf16 [T, 16] buffer, and of u8 / f32 buffers: any whole-byte dtype.
+    for (DType dtype : {DType::bf16, DType::u8, DType::f32}) {
+      const int64_t es = dtype_storage_bytes(dtype, 1);
+      Tensor wide = Tensor::empty({T, 16}, dtype, "wide");
+      for (int64_t i = 0; i < T * 16 * es; ++i) static_cast<uint8_t*>(wide.data_ptr())[i] = static_cast<uint8_t>(rng());
+      const Tensor src = wide.narrow(1, 5, 6);
+      ASSERT_EQ(src.stride(0), 16);
+      Tensor dst = Tensor::empty({T, 6}, dtype, "dst");
+      copy_rows(src, dst);
+      EXPECT_EQ(bytes(dst), bytes(src.contiguous())) << "T " << T << " " << dtype_name(dtype);
+    }
+  }
+  // A dense source too.
+  Tensor a = random_u8({3, 5}, rng, "a"), b = random_u8({3, 5}, rng, "b");
+  copy_rows(a, b);
+  EXPECT_EQ(bytes(b), bytes(a));
+}
+
+TEST(TokenOpsCp, CopyRowsContracts) {
+  std::mt19937 rng(6);
+  Tensor wide = random_u8({4, 10}, rng, "wide");
+  const Tensor src = wide.narrow(1, 2, 4);
+  Tensor dst = random_u8({4, 4}, rng, "dst");
+  const std::vector<uint8_t> before = bytes(dst);
+  expect_contract([&] { Tensor d = random_u8({4, 5}, rng, "d"); copy_rows(src, d); }, "dst");    // width
+  expect_contract([&] { Tensor d = random_u8({3, 4}, rng, "d"); copy_rows(src, d); }, "dst");    // rows
+  expect_contract([&] { Tensor d = random_f32({4, 1}, rng, "d"); copy_rows(src, d); }, "dst");   // dtype
+  expect_contract([&] { Tensor d = random_u8({4, 8}, rng, "d").narrow(1, 0, 4); copy_rows(src, d); }, "dst");
+  expect_contract([&] { copy_rows(wide.transpose(0, 1), dst); }, "src");                          // last-dim stride
+  expect_contract([&] { copy_rows(random_u8({4}, rng, "s"), dst); }, "src");                      // rank
+  expect_contract([&] { Tensor d = Tensor::empty({4, 4}, DType::f4_e2m1, "d");
+                        copy_rows(Tensor::empty({4, 4}, DType::f4_e2m1, "s"), d); }, "src");      // sub-byte
+  EXPECT_EQ(bytes(dst), before) << "refused before writing";
+}
+
+// global[t] = gathered[(t % ranks) * L + t / ranks], written out by hand.
+std::vector<uint8_t> unsharded(const Tensor& gathered, int64_t ranks, int64_t T) {
+  const int64_t L = gathered.size(0) / ranks, row = gathered.size(1) * dtype_storage_bytes(gathered.dtype(), 1);
+  const std::vector<uint8_t> g = bytes(gathered);
+  std::vector<uint8_t> out;
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t rank = t % ranks, i = t / ranks;  // token t is row i of rank `rank`'s share
+    out.insert(out.end(), g.begin() + (rank * L + i) * row, g.begin() + (rank * L + i + 1) * row);
+  }
+  return out;
+}
+
+TEST(TokenOpsCp, UnshardRowsPutsTheSharesBackInTokenOrder) {
+  std::mt19937 rng(7);
+  for (int64_t ranks = 1; ranks <= 4; ++ranks) {
+    for (int64_t T : {0, 1, 2, 5, 7, 8, 13}) {
+      const int64_t L = (T + ranks - 1) / ranks;  // the padded share
+      for (DType dtype : {DType::bf16, DType::f32}) {
+        Tensor gathered = Tensor::empty({ranks * L, 3}, dtype, "gathered");
+        for (int64_t i = 0; i < dtype_storage_bytes(dtype, gathered.numel()); ++i) {
+          static_cast<uint8_t*>(gathered.data_ptr())[i] = static_cast<uint8_t>(rng());
+        }
+        Tensor global = Tensor::empty({T, 3}, dtype, "global");
+        unshard_rows(gathered, ranks, global);
+        EXPECT_EQ(bytes(global), unsharded(gathered, ranks, T)) << "ranks " << ranks << " T " << T;
+      }
+    }
+  }
+  // A concrete case: 2 ranks, T = 5 (shares of 3, the last row of rank 1 padding).
+  Tensor g = Tensor::empty({6, 1}, DType::i32, "gathered");
+  for (int32_t i = 0; i < 6; ++i) g.data<int32_t>()[i] = 10 * i;  // rank 0: t 0, 2, 4; rank 1: t 1, 3, pad
+  Tensor out = Tensor::empty({5, 1}, DType::i32, "global");
+  unshard_rows(g, 2, out);
+  EXPECT_EQ(out.values(), (std::vector<double>{0, 30, 10, 40, 20}));
+  // A global shorter than the shares' rows is fine too (the rule is T <= ranks * L).
+  Tensor two = Tensor::empty({2, 1}, DType::i32, "global");
+  unshard_rows(g, 2, two);
+  EXPECT_EQ(two.values(), (std::vector<double>{0, 30}));
+}
+
+TEST(TokenOpsCp, UnshardRowsContracts) {
+  std::mt19937 rng(8);
+  Tensor g = random_u8({8, 4}, rng, "gathered");
+  Tensor out = random_u8({7, 4}, rng, "global");
+  const std::vector<uint8_t> before = bytes(out);
+  expect_contract([&] { unshard_rows(g, 0, out); }, "ranks");
+  expect_contract([&] { unshard_rows(g, -2, out); }, "ranks");
+  expect_contract([&] { unshard_rows(g, 3, out); }, "gathered");                                   // 8 % 3
+  expect_contract([&] { Tensor o = random_u8({9, 4}, rng, "o"); unshard_rows(g, 2, o); }, "global");  // T > n * L
+  expect_contract([&] { Tensor o = random_u8({7, 3}, rng, "o"); unshard_rows(g, 2, o); }, "global");  // width
+  expect_contract([&] { Tensor o = random_f32({7, 1}, rng, "o"); unshard_rows(g, 2, o); }, "global"); // dtype
+  expect_contract([&] { Tensor o = random_u8({7, 8}, rng, "o").narrow(1, 0, 4); unshard_rows(g, 2, o); }, "global");
+  expect_contract([&] { unshard_rows(random_u8({8, 8}, rng, "w").narrow(1, 0, 4), 2, out); }, "gathered");
+  expect_contract([&] { Tensor o = Tensor::empty({2, 4}, DType::f4_e2m1, "o");
+                        unshard_rows(Tensor::empty({2, 4}, DType::f4_e2m1, "g"), 2, o); }, "gathered");
+  EXPECT_EQ(bytes(out), before) << "refused before writing";
+}
 
 }  // namespace
 }  // namespace dsv4::kernels

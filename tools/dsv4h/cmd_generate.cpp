@@ -54,7 +54,7 @@ int cmd_generate(const std::vector<std::string>& argv, std::ostream& out) {
       {"--mtp", "", "speculative decoding with the MTP block's drafts (EAGLE, greedy acceptance); the drafts are compared with the reference's MTP block at every step", false},
       {"--draft-tokens", "N", "with --mtp: draft tokens per step, 1 to 4 (default 1, as sglang runs it; more than 1 drafts with the EAGLE chain)", false},
       {"--draft-extend", "v1|v2", "with --mtp: the MTP block over the verified tokens inside the verify batch (v2, the overlap scheduler's DRAFT_EXTEND_V2; default) or as its own forward over the accepted tokens (v1, DRAFT_EXTEND)", false},
-      {"--cp", "N", "prefill context-parallel ranks, one simulated device each (default 1)", false},
+      {"--cp", "N", "prefill context-parallel ranks, one device each (a GPU per rank on cuda; default 1)", false},
       {"--indexer-sms", "N", "blocks of the persistent indexer-logits kernel (default 4)", false},
       {"--guards", "", "testing allocator: guard bytes and poison on every buffer, checked at the end", false},
       {"--compare-reference", "", "compare every step with the scalar reference (tolerances, tie-aware decisions)", false},
