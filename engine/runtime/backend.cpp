@@ -70,6 +70,10 @@ void discard_after_failure(Runtime& runtime) {
     } catch (const std::exception&) {
     }
   }
+#if defined(DSV4_WITH_CUDA)
+  // Work held back behind a collective that never matched would never run.
+  if (auto* cuda = dynamic_cast<CudaRuntime*>(&runtime)) cuda->discard_deferred_work();
+#endif
 }
 
 }  // namespace dsv4::rt

@@ -14,6 +14,8 @@
 #include <filesystem>
 #include <unistd.h>
 #include <fstream>
+#include <functional>
+#include <memory>
 #include <limits>
 #include <sstream>
 #include <stdexcept>
@@ -77,10 +79,19 @@ struct CudaRuntime::Impl {
     std::string what;    // "launch #12 'op'"
     cudaEvent_t done = nullptr;
   };
+  // What a stream holds back while a collective it issued waits for other ranks (see "Deferred work").
+  struct Deferred {
+    enum class Kind { work, record, wait, collective } kind = Kind::work;
+    std::function<void()> run;  // work and record: enqueues it
+    int32_t event = -1;         // record: this version of the event's records; wait: waits for it
+    uint64_t version = 0;
+    int comm = -1, rank = -1;   // collective: the rank's next part on the communicator
+  };
   struct StreamState {
     cudaStream_t handle = nullptr;
     int device = 0;
     std::deque<Tracked> pending;  // oldest first; finished entries are pruned lazily
+    std::deque<Deferred> deferred;  // issued but not yet enqueued on CUDA, oldest first
   };
   // The API's events have no device, but a CUDA event can be recorded only on a stream of the device
   // it was created on: one CUDA event per device, made on first use there.
@@ -89,11 +100,19 @@ struct CudaRuntime::Impl {
     int last_device = -1;  // where it was last recorded (-1: never, its wait and query are no-ops)
     int32_t last_stream = -1;  // the stream of its last record outside a capture
     int capture = -1;          // the base's capture index when its last record was inside a capture
+    uint64_t issued = 0;       // records issued outside captures (versions 1..issued)
+    uint64_t enqueued = 0;     // versions 1..enqueued are on CUDA (records enqueue in version order)
+  };
+  struct Group {
+    std::vector<CollectivePart> parts;
   };
   struct CommState {
     std::vector<ncclComm_t> comms;  // per rank
     std::vector<float*> scratch;    // per rank, for barriers
     std::vector<int> devices;       // per rank
+    // One process, every rank: per rank, the matched collectives whose parts are still held back
+    // in their streams, oldest first.
+    std::vector<std::deque<std::shared_ptr<Group>>> matched;
   };
 
   CudaOptions options;
@@ -109,6 +128,19 @@ struct CudaRuntime::Impl {
   std::vector<std::vector<cudaEvent_t>> spare_events;  // per device: recycled completion events
   uint64_t order = 0;
   bool hung = false;  // a HangError was raised: work may still be stuck at destruction
+  size_t deferred_items = 0;
+
+  void defer(int32_t stream, Deferred d) {
+    streams[static_cast<size_t>(stream)].deferred.push_back(std::move(d));
+    ++deferred_items;
+  }
+  bool blocked(int32_t stream) const { return !streams[static_cast<size_t>(stream)].deferred.empty(); }
+  CommState& comm_state(int comm, size_t ranks) {
+    if (comms.size() <= static_cast<size_t>(comm)) comms.resize(static_cast<size_t>(comm) + 1);
+    CommState& c = comms[static_cast<size_t>(comm)];
+    if (c.matched.size() < ranks) c.matched.resize(ranks);
+    return c;
+  }
 
   cudaEvent_t event_on(EventState& e, int device) {
     if (e.per_device.size() <= static_cast<size_t>(device)) e.per_device.resize(static_cast<size_t>(device) + 1, nullptr);
@@ -260,25 +292,173 @@ void CudaRuntime::do_create_event(EventId event) {
   (void)impl_->event_on(impl_->events.back(), 0);
 }
 
-// One process drives every rank of a communicator from one thread, so a collective is enqueued (as one
-// NCCL group) only once all its ranks have issued their parts. Until then the rank's stream has no
-// place for later work: it would run before the collective, which on the GPU it must follow.
-void CudaRuntime::refuse_behind_unmatched(StreamId stream, const std::string& what) const {
-  if (const auto part = unmatched_part(stream)) {
-    throw ContractError(what, streams_[static_cast<size_t>(stream.value)].name,
-                        "is issued behind " + part->text +
-                            "; this backend enqueues a collective once all its ranks have issued their parts, so a rank "
-                            "issues nothing more on its stream before then");
+// ---- deferred work ------------------------------------------------------------------------------
+//
+// One process drives every rank of a communicator from one thread, so a collective is enqueued (as
+// one NCCL group) only once all its ranks have issued their parts. Until then a rank's stream holds
+// back what is issued on it after its part, as the GPU would hold it behind the collective: the
+// work, records and waits go into the stream's deferred queue and are enqueued, in order, as soon as
+// what blocks them is on CUDA. A wait for an event whose record is held back is held back too, and an
+// event's records reach CUDA in the order they were issued. A synchronization flushes what it can;
+// what stays blocked can never run (the thread that would issue the missing part is the one waiting)
+// and is a HangError at once, naming the collective and the ranks it waits for.
+
+void CudaRuntime::flush_deferred() {
+  Impl& m = *impl_;
+  if (m.deferred_items == 0) return;
+  using Kind = Impl::Deferred::Kind;
+  for (bool progress = true; progress;) {
+    progress = false;
+    for (size_t i = 0; i < m.streams.size(); ++i) {
+      auto& q = m.streams[i].deferred;
+      while (!q.empty()) {
+        Impl::Deferred& d = q.front();
+        if (d.kind == Kind::work || d.kind == Kind::record) {
+          if (d.kind == Kind::record && m.events[static_cast<size_t>(d.event)].enqueued + 1 != d.version) break;
+          const std::function<void()> run = std::move(d.run);
+          const int32_t event = d.event;
+          const uint64_t version = d.version;
+          const bool record = d.kind == Kind::record;
+          q.pop_front();
+          --m.deferred_items;
+          run();
+          if (record) m.events[static_cast<size_t>(event)].enqueued = version;
+        } else if (d.kind == Kind::wait) {
+          if (m.events[static_cast<size_t>(d.event)].enqueued < d.version) break;
+          const int32_t event = d.event;
+          q.pop_front();
+          --m.deferred_items;
+          wait_now(StreamId{static_cast<int32_t>(i)}, EventId{event}, false);
+        } else {
+          const int comm = d.comm;
+          const auto& matched = m.comms[static_cast<size_t>(comm)].matched;
+          if (matched[static_cast<size_t>(d.rank)].empty()) break;
+          const std::shared_ptr<Impl::Group> group = matched[static_cast<size_t>(d.rank)].front();
+          // Every part of the group must stand at the front of its own stream.
+          bool ready = true;
+          for (const CollectivePart& p : group->parts) {
+            const auto& pq = m.streams[static_cast<size_t>(communicators_[static_cast<size_t>(comm)].streams[static_cast<size_t>(p.rank)].value)].deferred;
+            ready = ready && !pq.empty() && pq.front().kind == Kind::collective && pq.front().comm == comm &&
+                    pq.front().rank == p.rank && matched[static_cast<size_t>(p.rank)].front() == group;
+          }
+          if (!ready) break;
+          for (const CollectivePart& p : group->parts) {
+            auto& pq = m.streams[static_cast<size_t>(communicators_[static_cast<size_t>(comm)].streams[static_cast<size_t>(p.rank)].value)].deferred;
+            pq.pop_front();
+            --m.deferred_items;
+            m.comms[static_cast<size_t>(comm)].matched[static_cast<size_t>(p.rank)].pop_front();
+          }
+          enqueue_collective(comm, group->parts);
+        }
+        progress = true;
+      }
+    }
   }
 }
 
-// A synchronization of a stream with an unmatched part can never end: its peers' parts would have to
-// be issued by this thread, which is waiting. A hang, reported at once rather than at the deadline.
-void CudaRuntime::hang_if_unmatched(StreamId stream, const std::string& waited_for) const {
-  if (const auto part = unmatched_part(stream)) {
-    throw HangError(part->op, {}, waited_for + " cannot finish: stream '" + streams_[static_cast<size_t>(stream.value)].name +
-                                      "' is blocked in " + part->text);
+void CudaRuntime::discard_deferred_work() {
+  for (auto& s : impl_->streams) s.deferred.clear();
+  for (auto& c : impl_->comms) {
+    for (auto& q : c.matched) q.clear();
   }
+  impl_->deferred_items = 0;
+}
+
+// Why a stream's deferred queue cannot move (after a flush): its front item and what that waits for.
+std::string CudaRuntime::why_blocked(int32_t stream, int depth) const {
+  const Impl& m = *impl_;
+  const auto& q = m.streams[static_cast<size_t>(stream)].deferred;
+  if (q.empty()) return "nothing";
+  if (depth > 4) return "...";
+  const Impl::Deferred& d = q.front();
+  using Kind = Impl::Deferred::Kind;
+  auto holder = [&](int32_t event, uint64_t version) -> int32_t {
+    for (size_t i = 0; i < m.streams.size(); ++i) {
+      for (const auto& x : m.streams[i].deferred) {
+        if (x.kind == Kind::record && x.event == event && x.version == version) return static_cast<int32_t>(i);
+      }
+    }
+    return -1;
+  };
+  auto behind = [&](int32_t other) {
+    if (other < 0) return std::string("a record this backend no longer holds");
+    return "stream '" + streams_[static_cast<size_t>(other)].name + "', blocked in " + why_blocked(other, depth + 1);
+  };
+  const std::string& event_name = d.event >= 0 ? events_[static_cast<size_t>(d.event)].name : std::string();
+  switch (d.kind) {
+    case Kind::work:
+      return "work that is ready (a flush would enqueue it)";
+    case Kind::record:
+      return "a record of event '" + event_name + "' behind its earlier record on " +
+             behind(holder(d.event, m.events[static_cast<size_t>(d.event)].enqueued + 1));
+    case Kind::wait:
+      return "a wait for event '" + event_name + "', whose record is held on " + behind(holder(d.event, d.version));
+    case Kind::collective:
+      break;
+  }
+  if (const auto part = unmatched_part(d.comm, d.rank)) return part->text;
+  const auto& matched = m.comms[static_cast<size_t>(d.comm)].matched;
+  const auto& record = communicators_[static_cast<size_t>(d.comm)];
+  const auto& group = matched[static_cast<size_t>(d.rank)].front();
+  for (const CollectivePart& p : group->parts) {
+    const int32_t other = record.streams[static_cast<size_t>(p.rank)].value;
+    const auto& pq = m.streams[static_cast<size_t>(other)].deferred;
+    if (other != stream && (pq.empty() || pq.front().kind != Kind::collective || pq.front().comm != d.comm)) {
+      return group->parts.front().op + " of '" + record.name + "' (rank " + std::to_string(d.rank) +
+             "), matched, waits for rank " + std::to_string(p.rank) + "'s " + behind(other);
+    }
+  }
+  return group->parts.front().op + " of '" + record.name + "' (rank " + std::to_string(d.rank) + ")";
+}
+
+void CudaRuntime::hang_if_blocked(int32_t stream, const std::string& waited_for) {
+  flush_deferred();
+  if (!impl_->blocked(stream)) return;
+  const Impl::Deferred& d = impl_->streams[static_cast<size_t>(stream)].deferred.front();
+  std::string op = "wait";
+  if (d.kind == Impl::Deferred::Kind::collective) {
+    const auto& g = impl_->comms[static_cast<size_t>(d.comm)].matched[static_cast<size_t>(d.rank)];
+    if (const auto part = unmatched_part(d.comm, d.rank)) {
+      op = part->op;
+    } else if (!g.empty()) {
+      op = g.front()->parts.front().op;
+    }
+  }
+  throw HangError(op, {}, waited_for + " cannot finish: stream '" + streams_[static_cast<size_t>(stream)].name +
+                              "' is blocked in " + why_blocked(stream, 0));
+}
+
+void CudaRuntime::refuse_capture_on_blocked(StreamId stream) const {
+  throw ContractError("capture", streams_[static_cast<size_t>(stream.value)].name,
+                      "the stream joins a capture while it holds back work behind " + why_blocked(stream.value, 0));
+}
+
+void CudaRuntime::do_collective_issued(int comm, const CollectivePart& part) {
+  const CommunicatorRecord& record = communicators_[static_cast<size_t>(comm)];
+  impl_->comm_state(comm, record.streams.size());
+  Impl::Deferred d;
+  d.kind = Impl::Deferred::Kind::collective;
+  d.comm = comm;
+  d.rank = part.rank;
+  impl_->defer(record.streams[static_cast<size_t>(part.rank)].value, std::move(d));
+}
+
+void CudaRuntime::do_collective_dropped(int comm, const std::vector<CollectivePart>& parts) {
+  // The part's place is the rank's first collective item on this communicator not yet matched.
+  Impl& m = *impl_;
+  const CommunicatorRecord& record = communicators_[static_cast<size_t>(comm)];
+  for (const CollectivePart& p : parts) {
+    auto& q = m.streams[static_cast<size_t>(record.streams[static_cast<size_t>(p.rank)].value)].deferred;
+    size_t skip = m.comm_state(comm, record.streams.size()).matched[static_cast<size_t>(p.rank)].size();
+    for (auto it = q.begin(); it != q.end(); ++it) {
+      if (it->kind != Impl::Deferred::Kind::collective || it->comm != comm || it->rank != p.rank) continue;
+      if (skip-- > 0) continue;
+      q.erase(it);
+      --m.deferred_items;
+      break;
+    }
+  }
+  flush_deferred();
 }
 
 void CudaRuntime::do_check_launch(const Launch& launch) {
@@ -286,7 +466,17 @@ void CudaRuntime::do_check_launch(const Launch& launch) {
 }
 
 void CudaRuntime::do_launch(StreamId stream, uint64_t seq, const Launch& launch, bool capturing) {
-  refuse_behind_unmatched(stream, launch.op);
+  if (impl_->blocked(stream.value)) {
+    if (capturing) refuse_capture_on_blocked(stream);
+    Impl::Deferred d;
+    d.run = [this, stream, seq, launch] { launch_now(stream, seq, launch, false); };
+    impl_->defer(stream.value, std::move(d));
+    return;
+  }
+  launch_now(stream, seq, launch, capturing);
+}
+
+void CudaRuntime::launch_now(StreamId stream, uint64_t seq, const Launch& launch, bool capturing) {
   Impl::StreamState& s = impl_->streams[static_cast<size_t>(stream.value)];
   DeviceScope scope(s.device);
   // Do not blame this launch for an error left by earlier work.
@@ -305,7 +495,27 @@ void CudaRuntime::do_launch(StreamId stream, uint64_t seq, const Launch& launch,
 }
 
 void CudaRuntime::do_record(EventId event, StreamId stream, bool capturing) {
-  refuse_behind_unmatched(stream, "record of event '" + events_[static_cast<size_t>(event.value)].name + "'");
+  Impl::EventState& ev = impl_->events[static_cast<size_t>(event.value)];
+  if (!capturing) {
+    const uint64_t version = ++ev.issued;
+    if (impl_->blocked(stream.value) || ev.enqueued + 1 != version) {
+      Impl::Deferred d;
+      d.kind = Impl::Deferred::Kind::record;
+      d.event = event.value;
+      d.version = version;
+      d.run = [this, event, stream] { record_now(event, stream, false); };
+      impl_->defer(stream.value, std::move(d));
+      return;
+    }
+    record_now(event, stream, false);
+    ev.enqueued = version;
+    flush_deferred();  // a held-back wait for this record can go now
+    return;
+  }
+  record_now(event, stream, capturing);
+}
+
+void CudaRuntime::record_now(EventId event, StreamId stream, bool capturing) {
   Impl::StreamState& s = impl_->streams[static_cast<size_t>(stream.value)];
   Impl::EventState& e = impl_->events[static_cast<size_t>(event.value)];
   DeviceScope scope(s.device);
@@ -317,7 +527,27 @@ void CudaRuntime::do_record(EventId event, StreamId stream, bool capturing) {
 }
 
 void CudaRuntime::do_wait(StreamId stream, EventId event, bool capturing) {
-  refuse_behind_unmatched(stream, "wait for event '" + events_[static_cast<size_t>(event.value)].name + "'");
+  const Impl::EventState& ev = impl_->events[static_cast<size_t>(event.value)];
+  const bool held = ev.enqueued < ev.issued;  // the latest record is held back behind a collective
+  if (capturing) {
+    if (impl_->blocked(stream.value)) refuse_capture_on_blocked(stream);
+    if (held) {
+      throw ContractError("wait", streams_[static_cast<size_t>(stream.value)].name,
+                          "a capturing stream waits for event '" + events_[static_cast<size_t>(event.value)].name +
+                              "', whose record is held back behind a collective that has not matched");
+    }
+  } else if (held || impl_->blocked(stream.value)) {
+    Impl::Deferred d;
+    d.kind = Impl::Deferred::Kind::wait;
+    d.event = event.value;
+    d.version = ev.issued;
+    impl_->defer(stream.value, std::move(d));
+    return;
+  }
+  wait_now(stream, event, capturing);
+}
+
+void CudaRuntime::wait_now(StreamId stream, EventId event, bool capturing) {
   Impl::StreamState& s = impl_->streams[static_cast<size_t>(stream.value)];
   Impl::EventState& e = impl_->events[static_cast<size_t>(event.value)];
   if (e.last_device < 0) return;  // never recorded: nothing to wait for (as in CUDA)
@@ -330,7 +560,9 @@ void CudaRuntime::do_wait(StreamId stream, EventId event, bool capturing) {
 }
 
 bool CudaRuntime::do_query(EventId event) {
+  flush_deferred();
   Impl::EventState& e = impl_->events[static_cast<size_t>(event.value)];
+  if (e.enqueued < e.issued) return false;  // its latest record is still held back
   if (e.last_device < 0) return true;
   const cudaError_t r = cudaEventQuery(e.per_device[static_cast<size_t>(e.last_device)]);
   if (r == cudaErrorNotReady) return false;
@@ -376,7 +608,17 @@ bool stream_done(cudaStream_t s, const std::string& name) {
 }  // namespace
 
 void CudaRuntime::do_synchronize_event(EventId event) {
+  flush_deferred();
   Impl::EventState& e = impl_->events[static_cast<size_t>(event.value)];
+  if (e.enqueued < e.issued) {
+    for (size_t i = 0; i < impl_->streams.size(); ++i) {
+      for (const auto& d : impl_->streams[i].deferred) {
+        if (d.kind == Impl::Deferred::Kind::record && d.event == event.value) {
+          hang_if_blocked(static_cast<int32_t>(i), "event '" + events_[static_cast<size_t>(event.value)].name + "'");
+        }
+      }
+    }
+  }
   if (e.last_device < 0) return;
   if (poll_until(impl_->options.sync_deadline_s, [&] { return do_query(event); })) return;
   std::vector<std::string> names;
@@ -387,7 +629,7 @@ void CudaRuntime::do_synchronize_event(EventId event) {
 }
 
 void CudaRuntime::do_synchronize_stream(StreamId stream) {
-  hang_if_unmatched(stream, "stream '" + streams_[static_cast<size_t>(stream.value)].name + "'");
+  hang_if_blocked(stream.value, "stream '" + streams_[static_cast<size_t>(stream.value)].name + "'");
   Impl::StreamState& s = impl_->streams[static_cast<size_t>(stream.value)];
   const std::string& name = streams_[static_cast<size_t>(stream.value)].name;
   if (poll_until(impl_->options.sync_deadline_s, [&] { return stream_done(s.handle, name); })) return;
@@ -401,7 +643,7 @@ void CudaRuntime::do_synchronize_device(int device) {
   for (size_t i = 0; i < impl_->streams.size(); ++i) {
     if (impl_->streams[i].device == device) mine.push_back(static_cast<int32_t>(i));
   }
-  for (int32_t i : mine) hang_if_unmatched(StreamId{i}, "device " + std::to_string(device));
+  for (int32_t i : mine) hang_if_blocked(i, "device " + std::to_string(device));
   // Every stream of the device, without cudaDeviceSynchronize (which would block past the deadline).
   const bool done = poll_until(impl_->options.sync_deadline_s, [&] {
     for (int32_t i : mine) {
@@ -418,7 +660,8 @@ void CudaRuntime::do_synchronize_device(int device) {
 // ---- graphs ----------------------------------------------------------------------------------------
 
 void CudaRuntime::do_begin_capture(StreamId stream) {
-  refuse_behind_unmatched(stream, "begin_capture");
+  flush_deferred();
+  if (impl_->blocked(stream.value)) refuse_capture_on_blocked(stream);
   Impl::StreamState& s = impl_->streams[static_cast<size_t>(stream.value)];
   DeviceScope scope(s.device);
   // Relaxed: host uploads and allocations elsewhere in the process stay legal while capturing.
@@ -460,7 +703,16 @@ void CudaRuntime::do_end_capture(GraphId graph) {
 }
 
 void CudaRuntime::do_replay(GraphId graph, StreamId stream) {
-  refuse_behind_unmatched(stream, "replay of graph " + std::to_string(graph.value));
+  if (impl_->blocked(stream.value)) {
+    Impl::Deferred d;
+    d.run = [this, graph, stream] { replay_now(graph, stream); };
+    impl_->defer(stream.value, std::move(d));
+    return;
+  }
+  replay_now(graph, stream);
+}
+
+void CudaRuntime::replay_now(GraphId graph, StreamId stream) {
   const size_t g = static_cast<size_t>(graph.value);
   if (g >= impl_->graphs.size() || impl_->graphs[g] == nullptr) {
     throw std::runtime_error("replay: graph " + std::to_string(graph.value) + " has no executable CUDA graph (its capture failed)");
@@ -474,6 +726,30 @@ void CudaRuntime::do_replay(GraphId graph, StreamId stream) {
 // ---- collectives ---------------------------------------------------------------------------------
 
 void CudaRuntime::do_collective(int comm, const std::vector<CollectivePart>& parts) {
+  const CommunicatorRecord& record = communicators_[static_cast<size_t>(comm)];
+  if (record.local_rank >= 0) {
+    // Spanning: the other ranks are other processes; NCCL matches there. Held back only behind
+    // this stream's own deferred work.
+    const int32_t stream = record.streams.front().value;
+    if (impl_->blocked(stream)) {
+      Impl::Deferred d;
+      d.run = [this, comm, parts] { enqueue_collective(comm, parts); };
+      impl_->defer(stream, std::move(d));
+      return;
+    }
+    enqueue_collective(comm, parts);
+    return;
+  }
+  // Every part was put in its stream's queue when it was issued; the group goes to CUDA once each
+  // part stands at the front of its stream.
+  auto group = std::make_shared<Impl::Group>();
+  group->parts = parts;
+  Impl::CommState& c = impl_->comm_state(comm, record.streams.size());
+  for (const CollectivePart& p : parts) c.matched[static_cast<size_t>(p.rank)].push_back(group);
+  flush_deferred();
+}
+
+void CudaRuntime::enqueue_collective(int comm, const std::vector<CollectivePart>& parts) {
   Impl& m = *impl_;
   const CommunicatorRecord& record = communicators_[static_cast<size_t>(comm)];
   const int n = static_cast<int>(record.streams.size());

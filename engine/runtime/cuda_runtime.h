@@ -24,6 +24,9 @@ class CudaRuntime final : public Runtime {
   BackendKind kind() const override { return BackendKind::cuda; }
   // The cudaStream_t of a stream, for code that launches kernels directly.
   void* native(StreamId stream) const;
+  // Drops the work held back behind collectives that never matched (after a failed step, so that
+  // teardown does not wait for it).
+  void discard_deferred_work();
 
  protected:
   MemorySpace& memory(int device) override;
@@ -41,10 +44,19 @@ class CudaRuntime final : public Runtime {
   void do_end_capture(GraphId graph) override;
   void do_replay(GraphId graph, StreamId stream) override;
   void do_collective(int comm, const std::vector<CollectivePart>& parts) override;
+  void do_collective_issued(int comm, const CollectivePart& part) override;
+  void do_collective_dropped(int comm, const std::vector<CollectivePart>& parts) override;
 
  private:
-  void refuse_behind_unmatched(StreamId stream, const std::string& what) const;
-  void hang_if_unmatched(StreamId stream, const std::string& waited_for) const;
+  void launch_now(StreamId stream, uint64_t seq, const Launch& launch, bool capturing);
+  void record_now(EventId event, StreamId stream, bool capturing);
+  void wait_now(StreamId stream, EventId event, bool capturing);
+  void replay_now(GraphId graph, StreamId stream);
+  void enqueue_collective(int comm, const std::vector<CollectivePart>& parts);
+  void flush_deferred();
+  std::string why_blocked(int32_t stream, int depth) const;
+  void hang_if_blocked(int32_t stream, const std::string& waited_for);
+  [[noreturn]] void refuse_capture_on_blocked(StreamId stream) const;
 
   struct Impl;
   std::unique_ptr<Impl> impl_;

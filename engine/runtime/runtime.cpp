@@ -482,36 +482,31 @@ void Runtime::issue_collective(int comm, CollectivePart part) {
     do_collective(comm, {part});
     return;
   }
+  do_collective_issued(comm, part);
   c.pending[static_cast<size_t>(part.rank)].push_back(part);
   match_collectives(comm);
 }
 
-std::optional<Runtime::Unmatched> Runtime::unmatched_part(StreamId stream) const {
-  for (const CommunicatorRecord& c : communicators_) {
-    if (c.local_rank >= 0) continue;  // spanning: NCCL matches the parts in the other processes
-    for (size_t r = 0; r < c.streams.size(); ++r) {
-      if (c.streams[r] != stream || c.pending[r].empty()) continue;
-      const CollectivePart& part = c.pending[r].front();
-      std::vector<int> missing;
-      std::string what;
-      if (part.op == "send" || part.op == "recv") {
-        missing.push_back(part.peer);
-        what = std::string(", which never issued the matching ") + (part.op == "send" ? "recv" : "send");
-      } else {
-        for (size_t q = 0; q < c.pending.size(); ++q) {
-          if (c.pending[q].empty()) missing.push_back(static_cast<int>(q));
-        }
-        what = missing.size() == 1 ? ", which never issued its part" : ", which never issued their parts";
-      }
-      const std::string head = part.op + " of '" + c.name + "' (rank " + std::to_string(part.rank) + ")";
-      if (missing.empty()) return Unmatched{part.op, head + " never matched although every rank issued a part"};
-      std::string ranks;
-      for (int q : missing) ranks += (ranks.empty() ? "" : ", ") + std::to_string(q);
-      return Unmatched{part.op, part.op + " of '" + c.name + "' (rank " + std::to_string(part.rank) + ") waits for rank" +
-                                    (missing.size() == 1 ? " " : "s ") + ranks + what};
+std::optional<Runtime::Unmatched> Runtime::unmatched_part(int comm, int rank) const {
+  const CommunicatorRecord& c = communicators_[static_cast<size_t>(comm)];
+  if (c.local_rank >= 0 || c.pending[static_cast<size_t>(rank)].empty()) return std::nullopt;
+  const CollectivePart& part = c.pending[static_cast<size_t>(rank)].front();
+  std::vector<int> missing;
+  std::string what;
+  if (part.op == "send" || part.op == "recv") {
+    missing.push_back(part.peer);
+    what = std::string(", which never issued the matching ") + (part.op == "send" ? "recv" : "send");
+  } else {
+    for (size_t q = 0; q < c.pending.size(); ++q) {
+      if (c.pending[q].empty()) missing.push_back(static_cast<int>(q));
     }
+    what = missing.size() == 1 ? ", which never issued its part" : ", which never issued their parts";
   }
-  return std::nullopt;
+  const std::string head = part.op + " of '" + c.name + "' (rank " + std::to_string(part.rank) + ")";
+  if (missing.empty()) return Unmatched{part.op, head + " never matched although every rank issued a part"};
+  std::string ranks;
+  for (int q : missing) ranks += (ranks.empty() ? "" : ", ") + std::to_string(q);
+  return Unmatched{part.op, head + " waits for rank" + (missing.size() == 1 ? " " : "s ") + ranks + what};
 }
 
 void Runtime::match_collectives(int comm) {
@@ -545,6 +540,7 @@ void Runtime::match_collectives(int comm) {
       const CollectivePart& sender = a.op == "send" ? a : b;
       const CollectivePart& receiver = a.op == "send" ? b : a;
       if (sender.send.end - sender.send.begin != receiver.recv.end - receiver.recv.begin) {
+        do_collective_dropped(comm, {a, b});
         throw ContractError("send/recv", "data", "rank " + std::to_string(sender.rank) + " sends " +
                                                      std::to_string(sender.send.end - sender.send.begin) + " bytes, rank " +
                                                      std::to_string(receiver.rank) + " receives " +
@@ -571,11 +567,13 @@ void Runtime::match_collectives(int comm) {
     // Taken off the queues first: a mismatched group is refused without wedging the communicator.
     for (const auto& p : parts) {
       if (p.op != parts[0].op) {
+        do_collective_dropped(comm, parts);
         throw ContractError(parts[0].op, "rank " + std::to_string(p.rank), "issued " + p.op + " where rank 0 issued " + parts[0].op);
       }
       const uint64_t bytes = p.send.end - p.send.begin;
       const uint64_t first = parts[0].send.end - parts[0].send.begin;
       if (bytes != first) {
+        do_collective_dropped(comm, parts);
         throw ContractError(p.op, "rank " + std::to_string(p.rank), "sends " + std::to_string(bytes) +
                                                                        " bytes, rank 0 sends " + std::to_string(first));
       }

@@ -256,6 +256,11 @@ class Runtime {
   virtual void do_replay(GraphId graph, StreamId stream) = 0;
   // A matched collective: parts[r] is rank r's part (for send/recv: the two matched parts).
   virtual void do_collective(int comm, const std::vector<CollectivePart>& parts) = 0;
+  // A part of a communicator of this process, as it is issued (before it can match), so that the
+  // backend knows where in its stream the collective will stand; and parts the base took off its
+  // queues but refused (their match broke a rule), which will never reach do_collective.
+  virtual void do_collective_issued(int comm, const CollectivePart& part) { (void)comm, (void)part; }
+  virtual void do_collective_dropped(int comm, const std::vector<CollectivePart>& parts) { (void)comm, (void)parts; }
   // Called at end_capture so the backend can build its executable graph.
   virtual void do_end_capture(GraphId graph) { (void)graph; }
 
@@ -265,14 +270,14 @@ class Runtime {
   void check_range(const ByteRange& range, const char* what) const;
   void issue_collective(int comm, CollectivePart part);
   void match_collectives(int comm);
-  // The oldest collective part `stream` issued on a communicator of this process that has not
-  // matched yet, and the ranks it waits for ("all_gather of 'cp' (rank 1) waits for rank 0, which
-  // never issued its part"); empty when the stream has none.
+  // The oldest part rank `rank` issued on communicator `comm` (of this process) that has not matched
+  // yet, and the ranks it waits for ("all_gather of 'cp' (rank 1) waits for rank 0, which never
+  // issued its part"); empty when the rank has none.
   struct Unmatched {
     std::string op;
     std::string text;
   };
-  std::optional<Unmatched> unmatched_part(StreamId stream) const;
+  std::optional<Unmatched> unmatched_part(int comm, int rank) const;
 
   RuntimeOptions options_;
   std::vector<RuntimeObserver*> observers_;

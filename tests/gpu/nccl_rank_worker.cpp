@@ -2,8 +2,9 @@
 // test_runtime_cuda's multi-process tests: `nccl_rank_worker RANK WORLD RENDEZVOUS_FILE [silent-sender]`,
 // with CUDA_VISIBLE_DEVICES naming this rank's GPU. Exits 0 when all-gather, a send/recv ring and a
 // barrier give the right data; 1 (with a message) otherwise.
-// With `silent-sender` (two ranks): after a barrier rank 0 stops sending; rank 1 receives from it with
-// a 3 s deadline and exits 0 when its synchronization ends in a HangError naming the recv and its rank.
+// With `silent-sender` (two ranks): after one exchange rank 0 stops sending; rank 1 receives from it
+// again with a 3 s deadline and exits 0 when its synchronization ends in a HangError naming the recv,
+// its rank and the communicator.
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -24,18 +25,25 @@ int silent_sender(int rank, const std::string& file) {
   CudaRuntime rt(RuntimeOptions{}, cuda);
   const StreamId s = rt.create_stream(0, "rank" + std::to_string(rank));
   const int comm = rt.join_communicator(s, rank, 2, file, "pp");
-  rt.barrier(comm, rank);
+  // One exchange first: NCCL connects a pair at its first send/recv, which needs both ranks.
+  const BufferId in = rt.alloc(0, 1024, "stage_input");
+  if (rank == 0) {
+    rt.send(comm, 0, 1, rt.all(in));
+  } else {
+    rt.recv(comm, 1, 0, rt.all(in));
+  }
   rt.synchronize(s);
   const std::string done = file + ".done";
   if (rank == 0) {
-    // Stops sending, but stays up (a peer that exits can turn the hang into a connection error).
+    // Stops sending, but stays up (a peer that exits can turn the hang into a connection error);
+    // then leaves without tearing the communicator down, which could wait for the aborted peer.
     const auto until = std::chrono::steady_clock::now() + std::chrono::seconds(60);
     while (!std::filesystem::exists(done) && std::chrono::steady_clock::now() < until) {
       std::this_thread::sleep_for(std::chrono::milliseconds(20));
     }
-    return 0;
+    std::fflush(stdout);
+    std::_Exit(0);
   }
-  const BufferId in = rt.alloc(0, 1024, "stage_input");
   rt.recv(comm, 1, 0, rt.all(in));
   int status = 1;
   try {

@@ -70,7 +70,7 @@ TEST_P(EngineCuda, W8a8Int8MatchesTheReferencesInt8Simulation) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Modes, EngineCuda, ::testing::ValuesIn(kModes),
-                         [](const ::testing::TestParamInfo<Mode>& info) { return std::string(info.param.name); });
+                         [](const ::testing::TestParamInfo<Mode>& p) { return std::string(p.param.name); });
 
 TEST(EngineCudaDeterminism, TenRunsAreBitwiseIdenticalAndGraphsEqualEager) {
   DSV4_REQUIRE_GPU();

@@ -94,7 +94,7 @@ TEST_P(EngineMultiGpu, MtpWithTwoPipelineStages) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Modes, EngineMultiGpu, ::testing::ValuesIn(kModes),
-                         [](const ::testing::TestParamInfo<Mode>& info) { return std::string(info.param.name); });
+                         [](const ::testing::TestParamInfo<Mode>& p) { return std::string(p.param.name); });
 
 // The small config (8 layers of dim 4096) split 4 + 4 over two GPUs, graphs on both, against one
 // GPU: bitwise equal tokens and logits on a short mix.

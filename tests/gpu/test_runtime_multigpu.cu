@@ -109,13 +109,18 @@ TEST(CudaRuntimeMultiGpu, AllReduceAndBarrierThroughNccl) {
   for (int r = 0; r < 2; ++r) EXPECT_EQ(download_f32(t.rt, recv[r]), expected) << "rank " << r;
 }
 
+__global__ void double_kernel(const float* in, float* out, int n) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) out[i] = 2.0f * in[i];
+}
+
 // One process drives both ranks: a part whose peer never issues its own can never match, so
-// synchronizing its stream is a hang at once, naming the collective, the rank and the missing rank,
-// and nothing more may be issued behind it (it would run before the collective).
+// synchronizing its stream is a hang at once, naming the collective, the rank and the missing rank.
 TEST(CudaRuntimeMultiGpu, AnUnmatchedRecvIsAHangNamingTheSilentRank) {
   DSV4_REQUIRE_GPUS(2);
   TwoRanks t;
-  const BufferId in = t.rt.alloc(1, 4096, "stage_input");
+  const BufferId in = t.rt.alloc(1, 1024 * sizeof(float), "stage_input");
+  upload_f32(t.rt, in, std::vector<float>(1024, 0.0f));
   t.rt.recv(t.comm, 1, 0, t.rt.all(in));
   try {
     t.rt.synchronize(t.s1);
@@ -132,11 +137,22 @@ TEST(CudaRuntimeMultiGpu, AnUnmatchedRecvIsAHangNamingTheSilentRank) {
   } catch (const HangError& e) {
     EXPECT_NE(std::string(e.what()).find("rank 0"), std::string::npos) << e.what();
   }
-  EXPECT_THROW(t.rt.launch(t.s1, launch_of("stage1.layers", {}, [](cudaStream_t) {})), ContractError);
-  // The silent rank sends after all: the pair matches and runs.
-  const BufferId out = t.rt.alloc(0, 4096, "stage_output");
+  // Work issued behind the recv is held back, as the GPU would hold it behind the collective: when
+  // the silent rank sends after all, the pair runs first and the doubling reads what arrived.
+  constexpr int n = 1024;
+  const BufferId doubled = t.rt.alloc(1, n * sizeof(float), "doubled");
+  float* src = ptr<float>(t.rt, in);
+  float* dst = ptr<float>(t.rt, doubled);
+  t.rt.launch(t.s1, launch_of("stage1.layers", {reads(t.rt, in), writes(t.rt, doubled)}, [=](cudaStream_t s) {
+    double_kernel<<<(n + 255) / 256, 256, 0, s>>>(src, dst, n);
+  }));
+  const BufferId out = t.rt.alloc(0, n * sizeof(float), "stage_output");
+  upload_f32(t.rt, out, ramp(n, 1.0f));
   t.rt.send(t.comm, 0, 1, t.rt.all(out));
   t.sync();
+  std::vector<float> expected = ramp(n, 1.0f);
+  for (float& v : expected) v *= 2.0f;
+  EXPECT_EQ(download_f32(t.rt, doubled), expected);
 }
 
 TEST(CudaRuntimeMultiGpu, AnAllGatherARankNeverJoinsIsAHang) {
