@@ -4,6 +4,8 @@
 #include <cmath>
 #include <cstdio>
 #include <map>
+#include <string>
+#include <string_view>
 #include <memory>
 
 #include <gtest/gtest.h>
@@ -24,8 +26,10 @@ struct Fixture {
   Weights weights;
 };
 
-const Fixture& fixture(const std::string& preset) {
+// By value: GCC 13's -Wdangling-reference would take a temporary string argument for a risk.
+const Fixture& fixture(std::string_view preset_name) {
   static std::map<std::string, std::unique_ptr<Fixture>> cache;
+  const std::string preset(preset_name);
   auto& slot = cache[preset];
   if (!slot) {
     ModelConfig c = load_model_config(preset);

@@ -17,6 +17,7 @@
 #include <ostream>
 #include <set>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -34,12 +35,13 @@ namespace {
 
 // ---- domain values -------------------------------------------------------------------------------
 
-const ModelConfig& model_named(const std::string& name) {
+// By value: GCC 13's -Wdangling-reference would take a temporary string argument for a risk.
+const ModelConfig& model_named(std::string_view name) {
   static const std::map<std::string, ModelConfig> models = {
       {"micro", load_model_config("micro")},  // window 16, ratios 4 and 16
       {"tiny", load_model_config("tiny")},    // window 128, ratios 4 and 128
   };
-  return models.at(name);
+  return models.at(std::string(name));
 }
 
 int64_t first_layer_with(const ModelConfig& m, bool ratio_4) {
