@@ -122,6 +122,14 @@ void generate_geometry(const ModelConfig& config, int64_t requests, bool specula
 
 }  // namespace
 
+namespace {
+int g_device_limit = 0;
+}  // namespace
+
+int device_limit() { return g_device_limit; }
+DeviceLimit::DeviceLimit(int devices) : saved_(g_device_limit) { g_device_limit = devices; }
+DeviceLimit::~DeviceLimit() { g_device_limit = saved_; }
+
 rc::Gen<EngineSpec> engine_spec(const EngineMix& mix) {
   return rc::gen::exec([mix] {
     const ModelConfig config = load_model_config(kConfig);
@@ -129,10 +137,16 @@ rc::Gen<EngineSpec> engine_spec(const EngineMix& mix) {
     s.config = kConfig;
     s.weight_seed = *rc::gen::inRange<uint64_t>(1, 1000);
     s.requests = *request_mix(config, mix.max_requests);
-    const bool pp = *percent(mix.pp_percent);
-    if (pp) s.pp_partition = *pp_partition(config.n_layers);
-    const bool cp = !pp && *percent(mix.cp_percent);
-    if (cp) s.cp = *rc::gen::element<int64_t>(2, 4);
+    const int limit = device_limit();
+    const bool pp = (limit == 0 || limit >= 2) && *percent(mix.pp_percent);
+    if (pp && limit == 0) s.pp_partition = *pp_partition(config.n_layers);
+    if (pp && limit > 0) {
+      s.pp_partition = *rc::gen::suchThat(pp_partition(config.n_layers), [limit](const std::vector<int64_t>& p) {
+        return static_cast<int64_t>(p.size()) <= limit;
+      });
+    }
+    const bool cp = !pp && (limit == 0 || limit >= 2) && *percent(mix.cp_percent);
+    if (cp) s.cp = limit == 0 || limit >= 4 ? *rc::gen::element<int64_t>(2, 4) : 2;
     s.mtp = !cp && *percent(mix.mtp_percent);
     s.draft_tokens = s.mtp ? 1 : 0;
     s.quant = *percent(mix.int8_percent) ? "w8a8-int8" : "fp8";

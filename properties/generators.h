@@ -42,6 +42,21 @@ struct EngineMix {
 // an engine scenario on the micro config.
 rc::Gen<EngineSpec> engine_spec(const EngineMix& mix);
 
+// The most devices (PP stages, CP ranks) engine_spec draws for; 0 (the default) is no limit. The
+// runner sets it to the GPUs present while it runs on cuda, so that no case is drawn only to be
+// skipped. DeviceLimit sets it for its lifetime.
+int device_limit();
+class DeviceLimit {
+ public:
+  explicit DeviceLimit(int devices);
+  ~DeviceLimit();
+  DeviceLimit(const DeviceLimit&) = delete;
+  DeviceLimit& operator=(const DeviceLimit&) = delete;
+
+ private:
+  int saved_;
+};
+
 // invalid-config: a valid engine scenario with one runtime option set to a value that construction
 // must refuse (0, 1, a non-divisor, a non-multiple, an unordered bucket list), and the field name.
 rc::Gen<std::pair<EngineSpec, std::string>> invalid_engine_spec();

@@ -1,5 +1,6 @@
 #include "properties/runner.h"
 
+#include <algorithm>
 #include <chrono>
 #include <iostream>
 
@@ -9,6 +10,7 @@
 #include "engine/core/error.h"
 #include "engine/runtime/backend.h"
 #include "properties/engine_run.h"
+#include "properties/generators.h"
 #include "properties/isolation.h"
 
 namespace dsv4::props {
@@ -87,6 +89,7 @@ Verdict run_case(const Scenario& scenario, const RunLimits& limits) {
 
 SuiteResult run_suite(const Suite& suite, const RunLimits& limits, const Progress& progress) {
   load_rapidcheck_configuration_quietly();
+  const gen::DeviceLimit devices(limits.backend == "cuda" ? std::max(limits.gpus, 1) : 0);
   const Clock::time_point start = Clock::now();
   SuiteResult result;
   result.suite = suite.name;

@@ -5,7 +5,12 @@
 
 #include <cstdlib>
 
+#include <rapidcheck.h>
+#include <rapidcheck/gtest.h>
+
 #include "properties/case_file.h"
+#include "properties/engine_run.h"
+#include "properties/generators.h"
 #include "properties/runner.h"
 #include "tests/property/param_names.h"
 #include "properties/suites.h"
@@ -53,6 +58,28 @@ std::vector<std::string> names() {
 }
 
 INSTANTIATE_TEST_SUITE_P(Suites, PropertySuite, ::testing::ValuesIn(names()), param_test_name);
+
+// On cuda the runner limits the devices a scenario may ask for to the GPUs present: every drawn
+// engine scenario fits (PP stages and CP ranks), and with one GPU none asks for PP or CP.
+RC_GTEST_PROP(EngineGenerator, ScenariosFitTheDeviceLimit, ()) {
+  const int limit = *rc::gen::inRange(1, 5);
+  const gen::DeviceLimit devices(limit);
+  gen::EngineMix mix;
+  mix.pp_percent = 50;
+  mix.cp_percent = 100;
+  const EngineSpec s = *gen::engine_spec(mix);
+  RC_ASSERT(spec_devices(s) <= limit);
+  RC_ASSERT(gen::device_limit() == limit);
+}
+
+TEST(EngineGenerator, DeviceLimitIsRestored) {
+  EXPECT_EQ(gen::device_limit(), 0);
+  {
+    const gen::DeviceLimit two(2);
+    EXPECT_EQ(gen::device_limit(), 2);
+  }
+  EXPECT_EQ(gen::device_limit(), 0);
+}
 
 }  // namespace
 }  // namespace dsv4::props

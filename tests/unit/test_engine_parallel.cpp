@@ -6,7 +6,11 @@
 #include <cstdio>
 #include <map>
 
+#include <nlohmann/json.hpp>
+
+#include "engine/config/model_config.h"
 #include "engine/core/error.h"
+#include "engine/faults/faults.h"
 #include "tests/unit/engine_fixtures.h"
 
 namespace dsv4::engine {
@@ -142,6 +146,72 @@ TEST_P(ContextParallelTiny, EqualsOneRank) {
   }
 }
 INSTANTIATE_TEST_SUITE_P(Modes, ContextParallelTiny, ::testing::ValuesIn(kModes));
+
+// Eight ranks on eight simulated devices (the 8-GPU issue's runs, on sim). micro's structure with
+// eight layers, the smallest config PP=8 can split one layer per stage.
+ModelConfig micro8() {
+  nlohmann::json j = model_config_to_json(load_model_config("micro"));
+  j["n_layers"] = 8;
+  j["compress_ratios"] = {0, 4, 16, 4, 16, 4, 16, 0, 0};  // eight layers, then the MTP block
+  return parse_model_config(j.dump(), "micro with 8 layers (test)");
+}
+
+class EightRanks : public ::testing::TestWithParam<Mode> {};
+
+// PP=8, one layer per stage and the MTP block, head and final norm on the last, with speculative
+// decoding: bitwise equal to one stage, the detector silent; against the reference in one mode.
+TEST_P(EightRanks, EightPipelineStagesEqualOneStage) {
+  static const ModelConfig config = micro8();
+  const auto mix = standard_workload(config, 1, 4, 6);
+  RunConfig rc;
+  rc.options = options_for(4);
+  rc.mtp = true;
+  rc.draft_tokens = 1;
+  const RunResult base = run_engine(config, 1, mix, rc);
+  rc.graphs = GetParam().graphs;
+  rc.multi_stream = GetParam().multi_stream;
+  rc.pp_partition = std::vector<int64_t>(8, 1);
+  rc.schedule = "random:8";
+  const RunResult r = run_engine(config, 1, mix, rc);
+  EXPECT_EQ(first_difference(base, r), "");
+  EXPECT_TRUE(r.hazards.empty()) << r.hazards.front();
+  if (!GetParam().graphs && GetParam().multi_stream) {
+    EXPECT_EQ(testing::reference_divergence(config, 1, mix, r), "");
+  }
+}
+
+// CP=8 prefill against one rank: the same tokens, logits within the CP tolerance, the detector silent.
+TEST_P(EightRanks, EightContextParallelRanksEqualOneRank) {
+  static const ModelConfig config = micro8();
+  const auto mix = standard_workload(config, 1, 4, 6);
+  RunConfig rc;
+  rc.options = options_for(4);
+  rc.probes = false;
+  const RunResult base = run_engine(config, 1, mix, rc);
+  rc.graphs = GetParam().graphs;
+  rc.multi_stream = GetParam().multi_stream;
+  rc.cp = 8;
+  rc.schedule = "random:8";
+  const RunResult r = run_engine(config, 1, mix, rc);
+  EXPECT_EQ(r.generated, base.generated);
+  EXPECT_LE(testing::max_logit_difference(base, r), 1e-3);
+  EXPECT_TRUE(r.hazards.empty()) << r.hazards.front();
+}
+INSTANTIATE_TEST_SUITE_P(Modes, EightRanks, ::testing::ValuesIn(kModes));
+
+// Seed bug A2 at PP=8: with the lazy metadata upgrade on the alt stream, the detector reports the
+// race; without it, the same run is silent (the test above).
+TEST(EightRanksFaults, LazyUpgradeOnAltStreamRacesAtEightStages) {
+  static const ModelConfig config = micro8();
+  const auto mix = standard_workload(config, 1, 4, 6);
+  RunConfig rc;
+  rc.options = options_for(4);
+  rc.pp_partition = std::vector<int64_t>(8, 1);
+  const faults::ScopedFaults fault({faults::Fault::lazy_upgrade_on_alt_stream});
+  const RunResult r = run_engine(config, 1, mix, rc);
+  ASSERT_FALSE(r.hazards.empty());
+  EXPECT_NE(r.hazards.front().find("metadata.upgrade"), std::string::npos) << r.hazards.front();
+}
 
 
 // w8a8-int8: the in-order eager run through the oracle against the reference's int8 simulation,
