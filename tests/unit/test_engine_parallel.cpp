@@ -126,17 +126,15 @@ TEST(ContextParallel, NeedsItsDevicesAndNoPp) {
 // CP 2 and 4 prefill against CP 1 on the tiny mix: the same tokens, logits within a tolerance (the
 // kv goes through an in-place norm + RoPE on a bf16 copy instead of the fused store), the detector
 // silent; in the four modes (graphs and streams apply to the decode, which runs on rank 0).
-class ContextParallelTiny : public ::testing::TestWithParam<Mode> {};
-TEST_P(ContextParallelTiny, EqualsOneRank) {
-  static const ModelConfig config = load_model_config("tiny");
+void expect_cp_equals_one_rank(const ModelConfig& config, const Mode& mode, std::initializer_list<int64_t> sizes) {
   const auto mix = standard_workload(config, 1, 4, 6);
   RunConfig rc;
   rc.options = options_for(4);
   rc.probes = false;
   const RunResult base = run_engine(config, 1, mix, rc);
-  rc.graphs = GetParam().graphs;
-  rc.multi_stream = GetParam().multi_stream;
-  for (int64_t cp : {2, 4}) {
+  rc.graphs = mode.graphs;
+  rc.multi_stream = mode.multi_stream;
+  for (int64_t cp : sizes) {
     rc.cp = cp;
     rc.schedule = "random:" + std::to_string(cp);
     const RunResult r = run_engine(config, 1, mix, rc);
@@ -144,6 +142,12 @@ TEST_P(ContextParallelTiny, EqualsOneRank) {
     EXPECT_LE(testing::max_logit_difference(base, r), 1e-3) << "cp " << cp;
     EXPECT_TRUE(r.hazards.empty()) << "cp " << cp << ": " << r.hazards.front();
   }
+}
+
+class ContextParallelTiny : public ::testing::TestWithParam<Mode> {};
+TEST_P(ContextParallelTiny, EqualsOneRank) {
+  static const ModelConfig config = load_model_config("tiny");
+  expect_cp_equals_one_rank(config, GetParam(), {2, 4});
 }
 INSTANTIATE_TEST_SUITE_P(Modes, ContextParallelTiny, ::testing::ValuesIn(kModes));
 
@@ -183,19 +187,7 @@ TEST_P(EightRanks, EightPipelineStagesEqualOneStage) {
 // CP=8 prefill against one rank: the same tokens, logits within the CP tolerance, the detector silent.
 TEST_P(EightRanks, EightContextParallelRanksEqualOneRank) {
   static const ModelConfig config = micro8();
-  const auto mix = standard_workload(config, 1, 4, 6);
-  RunConfig rc;
-  rc.options = options_for(4);
-  rc.probes = false;
-  const RunResult base = run_engine(config, 1, mix, rc);
-  rc.graphs = GetParam().graphs;
-  rc.multi_stream = GetParam().multi_stream;
-  rc.cp = 8;
-  rc.schedule = "random:8";
-  const RunResult r = run_engine(config, 1, mix, rc);
-  EXPECT_EQ(r.generated, base.generated);
-  EXPECT_LE(testing::max_logit_difference(base, r), 1e-3);
-  EXPECT_TRUE(r.hazards.empty()) << r.hazards.front();
+  expect_cp_equals_one_rank(config, GetParam(), {8});
 }
 INSTANTIATE_TEST_SUITE_P(Modes, EightRanks, ::testing::ValuesIn(kModes));
 
