@@ -244,19 +244,36 @@ const Fp8Shape kFp8Shapes[] = {
     {"shared_w1", 2048, 4096}, {"shared_w2", 4096, 2048}, {"indexer_wq_b", 8192, 1024},
 };
 
+// Enough copies of a linear's FP8 weights and their 128 x 128 block scales to rotate past L2 (codes
+// from `seed`, scales from `seed + 10`, then one seed per copy).
+struct Fp8Weights {
+  std::vector<Tensor> w, ws;
+  long long bytes = 0;  // one copy's
+  int copies = 0;
+};
+Fp8Weights fp8_weights(int64_t N, int64_t K, uint64_t seed) {
+  const int64_t nkb = K / 128;
+  Fp8Weights f;
+  f.bytes = N * K + ((N + 127) / 128) * nkb;
+  f.copies = copies_for(f.bytes);
+  for (int c = 0; c < f.copies; ++c) {
+    f.w.push_back(dev_tensor({N, K}, DType::f8_e4m3fn, "w"));
+    f.ws.push_back(dev_tensor({(N + 127) / 128, nkb}, DType::ue8m0, "ws"));
+    fill_e4m3(f.w.back(), seed + static_cast<uint64_t>(c));
+    fill_scales(f.ws.back(), seed + 10 + static_cast<uint64_t>(c));
+  }
+  return f;
+}
+
 void BM_Fp8Gemm(benchmark::State& state, int shape_index, cuda::Fp8GemmPath path, bool tune) {
   if (!have_gpu(state)) return;
   const Fp8Shape& s = kFp8Shapes[shape_index];
   const int64_t M = state.range(0), N = s.N, K = s.K, nkb = K / 128;
-  const long long w_bytes = N * K + ((N + 127) / 128) * nkb;
-  const int copies = copies_for(w_bytes);
-  std::vector<Tensor> w, ws;
-  for (int c = 0; c < copies; ++c) {
-    w.push_back(dev_tensor({N, K}, DType::f8_e4m3fn, "w"));
-    ws.push_back(dev_tensor({(N + 127) / 128, nkb}, DType::ue8m0, "ws"));
-    fill_e4m3(w.back(), 10 + static_cast<uint64_t>(c));
-    fill_scales(ws.back(), 20 + static_cast<uint64_t>(c));
-  }
+  const Fp8Weights f = fp8_weights(N, K, 10);
+  const std::vector<Tensor>& w = f.w;
+  const std::vector<Tensor>& ws = f.ws;
+  const long long w_bytes = f.bytes;
+  const int copies = f.copies;
   Tensor q = dev_tensor({M, K}, DType::f8_e4m3fn, "q"), sa = dev_tensor({M, nkb}, DType::ue8m0, "sa");
   fill_e4m3(q, 1);
   fill_scales(sa, 2);
@@ -303,16 +320,12 @@ void register_fp8_gemms() {
 void BM_LinearFp8(benchmark::State& state, int shape_index, cuda::Fp8GemmPath path) {
   if (!have_gpu(state)) return;
   const Fp8Shape& s = kFp8Shapes[shape_index];
-  const int64_t M = state.range(0), N = s.N, K = s.K, nkb = K / 128;
-  const long long w_bytes = N * K + ((N + 127) / 128) * nkb;
-  const int copies = copies_for(w_bytes);
-  std::vector<Tensor> w, ws;
-  for (int c = 0; c < copies; ++c) {
-    w.push_back(dev_tensor({N, K}, DType::f8_e4m3fn, "w"));
-    ws.push_back(dev_tensor({(N + 127) / 128, nkb}, DType::ue8m0, "ws"));
-    fill_e4m3(w.back(), 30 + static_cast<uint64_t>(c));
-    fill_scales(ws.back(), 40 + static_cast<uint64_t>(c));
-  }
+  const int64_t M = state.range(0), N = s.N, K = s.K;
+  const Fp8Weights f = fp8_weights(N, K, 30);
+  const std::vector<Tensor>& w = f.w;
+  const std::vector<Tensor>& ws = f.ws;
+  const long long w_bytes = f.bytes;
+  const int copies = f.copies;
   Tensor x = dev_tensor({M, K}, DType::bf16, "x");
   fill_float(x, 3, -2.0f, 2.0f);
   Tensor out = dev_tensor({M, N}, DType::bf16, "out");

@@ -1437,22 +1437,26 @@ void ModelRunner::launch(const serving::ForwardBatch& batch) {
   auto g = graphs_.find(key);
   if (g == graphs_.end()) {
     batch_metadata_->freeze();
-    staging_scope_ = key + 1;  // the graph's own probe staging buffers
-    rt_.begin_capture(main_);
-    try {
-      issue_forward(T, head_rows);
-    } catch (...) {
-      staging_scope_ = 0;
-      throw;
-    }
-    staging_scope_ = 0;
-    g = graphs_.emplace(key, rt_.end_capture(main_)).first;
+    g = graphs_.emplace(key, capture(key + 1, [&] { issue_forward(T, head_rows); })).first;
     graph_probes_[key] = pending_probes_;
   }
   pending_probes_ = graph_probes_[key];
   rt_.replay(g->second, main_);
   ++graph_replays_;
   if (record_ != nullptr) record_->graph_replay = true;
+}
+
+rt::GraphId ModelRunner::capture(int64_t scope, const std::function<void()>& issue) {
+  staging_scope_ = scope;
+  rt_.begin_capture(main_);
+  try {
+    issue();
+  } catch (...) {
+    staging_scope_ = 0;
+    throw;
+  }
+  staging_scope_ = 0;
+  return rt_.end_capture(main_);
 }
 
 void ModelRunner::end() {
@@ -1646,11 +1650,7 @@ void ModelRunner::draft(const serving::ForwardBatch& batch, StepRecord& rec) {
     if (graph) {
       auto g = draft_graphs_.find(R);
       if (g == draft_graphs_.end()) {
-        staging_scope_ = -(R + 1);  // the draft graph's own probe staging buffers
-        rt_.begin_capture(main_);
-        issue_draft(R, A, extend, batch.token_count());
-        staging_scope_ = 0;
-        g = draft_graphs_.emplace(R, rt_.end_capture(main_)).first;
+        g = draft_graphs_.emplace(R, capture(-(R + 1), [&] { issue_draft(R, A, extend, batch.token_count()); })).first;
         draft_graph_probes_[R] = pending_probes_;
       }
       pending_probes_ = draft_graph_probes_[R];

@@ -229,6 +229,9 @@ class ModelRunner {
   // The draft forward's launches: DRAFT_EXTEND over `extend_tokens` tokens (v1; 0: none), then the
   // chain, for `nrows` rows of a batch of `batch_tokens` tokens.
   void issue_draft(int64_t nrows, int64_t extend_tokens, bool extend, int64_t batch_tokens);
+  // Captures what `issue` launches into a graph on the main stream, its probes staged in the
+  // buffers of `scope` (staging_scope_: 1 + a batch graph's key, or -(1 + rows) for a draft graph).
+  rt::GraphId capture(int64_t scope, const std::function<void()>& issue);
   DeviceTensor final_residual(int64_t tokens) const;
   bool in_batch_mtp() const;  // the MTP block runs inside the current batch
   DeviceTensor weight(const std::string& name) const;
