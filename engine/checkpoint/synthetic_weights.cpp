@@ -42,9 +42,21 @@ bool ends_with(std::string_view s, std::string_view suffix) {
 // Largest magnitude of a matrix with variance 1/fan_in drawn uniformly: sqrt(3 / fan_in).
 double matrix_bound(int64_t fan_in) { return std::sqrt(3.0 / static_cast<double>(fan_in)); }
 
+// synthetic_hash for one (seed, name), with the name hashed once: the generators below draw every
+// element of a tensor from it (hashing the name per element made the tiny checkpoint take 0.7 s).
+class NameStream {
+ public:
+  NameStream(uint64_t seed, std::string_view name) : key_(mix64(seed ^ fnv1a64(name))) {}
+  uint64_t hash(uint64_t index) const { return mix64(key_ + index * 0x9e3779b97f4a7c15ULL); }
+  double uniform(uint64_t index) const { return static_cast<double>(hash(index) >> 11) * 0x1.0p-52 - 1.0; }
+
+ private:
+  uint64_t key_;
+};
+
 // The dense value of element `index` for the roles stored as plain floats.
-double dense_value(const TensorSpec& spec, uint64_t seed, int64_t index) {
-  const double u = synthetic_uniform(seed, spec.name, static_cast<uint64_t>(index));
+double dense_value(const TensorSpec& spec, const NameStream& values, int64_t index) {
+  const double u = values.uniform(static_cast<uint64_t>(index));
   switch (spec.role) {
     case TensorRole::dense_weight:
       // embed has no fan-in: its rows are the residual stream's O(1) input.
@@ -109,26 +121,47 @@ BlockGeometry geometry(const ModelConfig& c, const TensorSpec& weight) {
 }  // namespace
 
 uint64_t synthetic_hash(uint64_t seed, std::string_view name, uint64_t index) {
-  return mix64(mix64(seed ^ fnv1a64(name)) + index * 0x9e3779b97f4a7c15ULL);
+  return NameStream(seed, name).hash(index);
 }
 
 double synthetic_uniform(uint64_t seed, std::string_view name, uint64_t index) {
-  const uint64_t bits53 = synthetic_hash(seed, name, index) >> 11;
-  return static_cast<double>(bits53) * 0x1.0p-52 - 1.0;
+  return NameStream(seed, name).uniform(index);
 }
 
+namespace {
+
+// The scale codes of one block-scaled weight (its fp8_weight / fp4_weight spec or its block_scale
+// spec): the smallest power of two that maps the weight's bound into the format, raised per block.
+class ScaleCodes {
+ public:
+  ScaleCodes(const TensorSpec& spec, uint64_t seed) : stream_(seed, scale_stream_name(spec)) {
+    const bool is_scale = spec.role == TensorRole::block_scale;
+    const DType scaled = is_scale ? spec.scaled_dtype
+                                  : (spec.role == TensorRole::fp8_weight ? DType::f8_e4m3fn : DType::f4_e2m1);
+    const BlockFormat fmt = block_format(scaled);
+    base_ = f32_to_ue8m0_ceil(static_cast<float>(matrix_bound(spec.fan_in) / fmt.max_value));
+    spread_ = static_cast<uint64_t>(fmt.exponent_spread);
+  }
+  uint8_t code(int64_t block_index) const {
+    return static_cast<uint8_t>(base_ + stream_.hash(static_cast<uint64_t>(block_index)) % spread_);
+  }
+
+ private:
+  static std::string scale_stream_name(const TensorSpec& spec) {
+    const bool is_scale = spec.role == TensorRole::block_scale;
+    DSV4_ASSERT(is_scale || spec.role == TensorRole::fp8_weight || spec.role == TensorRole::fp4_weight,
+                "scale codes belong to block-scaled weights: " + spec.name);
+    return (is_scale ? spec.weight_name : spec.name) + "#scale";
+  }
+  NameStream stream_;
+  uint8_t base_ = 0;
+  uint64_t spread_ = 1;
+};
+
+}  // namespace
+
 uint8_t synthetic_scale_code(const TensorSpec& spec, uint64_t seed, int64_t block_index) {
-  const bool is_scale = spec.role == TensorRole::block_scale;
-  DSV4_ASSERT(is_scale || spec.role == TensorRole::fp8_weight || spec.role == TensorRole::fp4_weight,
-              "scale codes belong to block-scaled weights: " + spec.name);
-  const DType scaled = is_scale ? spec.scaled_dtype
-                                : (spec.role == TensorRole::fp8_weight ? DType::f8_e4m3fn : DType::f4_e2m1);
-  const std::string& weight_name = is_scale ? spec.weight_name : spec.name;
-  const BlockFormat fmt = block_format(scaled);
-  // The smallest power of two that maps the weight's bound into the format, raised per block.
-  const uint8_t base = f32_to_ue8m0_ceil(static_cast<float>(matrix_bound(spec.fan_in) / fmt.max_value));
-  const uint64_t h = synthetic_hash(seed, weight_name + "#scale", static_cast<uint64_t>(block_index));
-  return static_cast<uint8_t>(base + h % static_cast<uint64_t>(fmt.exponent_spread));
+  return ScaleCodes(spec, seed).code(block_index);
 }
 
 std::vector<uint8_t> synthetic_tensor_bytes(const ModelConfig& config, const TensorSpec& spec, uint64_t seed) {
@@ -139,12 +172,19 @@ std::vector<uint8_t> synthetic_tensor_bytes(const ModelConfig& config, const Ten
     case TensorRole::fp4_weight: {
       const BlockGeometry g = geometry(config, spec);
       const double bound = matrix_bound(spec.fan_in);
+      const ScaleCodes codes(spec, seed);
+      const NameStream values(seed, spec.name);
+      std::vector<float> row_scales(static_cast<size_t>(g.scale_cols));
       for (int64_t r = 0; r < g.rows; ++r) {
+        if (r % g.block_rows == 0) {
+          for (int64_t b = 0; b < g.scale_cols; ++b) {
+            row_scales[static_cast<size_t>(b)] = ue8m0_to_f32(codes.code((r / g.block_rows) * g.scale_cols + b));
+          }
+        }
         for (int64_t col = 0; col < g.cols; ++col) {
           const int64_t logical = r * g.cols + col;
-          const int64_t block = (r / g.block_rows) * g.scale_cols + col / g.block_cols;
-          const float scale = ue8m0_to_f32(synthetic_scale_code(spec, seed, block));
-          const double value = synthetic_uniform(seed, spec.name, static_cast<uint64_t>(logical)) * bound;
+          const float scale = row_scales[static_cast<size_t>(col / g.block_cols)];
+          const double value = values.uniform(static_cast<uint64_t>(logical)) * bound;
           const float scaled = static_cast<float>(value / scale);
           if (spec.role == TensorRole::fp8_weight) {
             out[static_cast<size_t>(logical)] = f32_to_e4m3fn(scaled);
@@ -155,9 +195,11 @@ std::vector<uint8_t> synthetic_tensor_bytes(const ModelConfig& config, const Ten
       }
       break;
     }
-    case TensorRole::block_scale:
-      for (int64_t i = 0; i < n; ++i) out[static_cast<size_t>(i)] = synthetic_scale_code(spec, seed, i);
+    case TensorRole::block_scale: {
+      const ScaleCodes codes(spec, seed);
+      for (int64_t i = 0; i < n; ++i) out[static_cast<size_t>(i)] = codes.code(i);
       break;
+    }
     case TensorRole::hash_table: {
       // Each row holds distinct experts (a partial Fisher-Yates shuffle driven by the hash), since the
       // reference's scatter-add would drop one of two equal experts.
@@ -165,10 +207,11 @@ std::vector<uint8_t> synthetic_tensor_bytes(const ModelConfig& config, const Ten
       const int64_t experts = config.n_routed_experts;
       DSV4_ASSERT(k <= experts, "tid2eid needs k distinct experts");
       std::vector<int32_t> perm(static_cast<size_t>(experts));
+      const NameStream picks(seed, spec.name);
       for (int64_t row = 0; row < spec.shape[0]; ++row) {
         for (int64_t e = 0; e < experts; ++e) perm[static_cast<size_t>(e)] = static_cast<int32_t>(e);
         for (int64_t j = 0; j < k; ++j) {
-          const uint64_t h = synthetic_hash(seed, spec.name, static_cast<uint64_t>(row * k + j));
+          const uint64_t h = picks.hash(static_cast<uint64_t>(row * k + j));
           const int64_t pick = j + static_cast<int64_t>(h % static_cast<uint64_t>(experts - j));
           std::swap(perm[static_cast<size_t>(j)], perm[static_cast<size_t>(pick)]);
           std::memcpy(out.data() + 4 * (row * k + j), &perm[static_cast<size_t>(j)], 4);
@@ -176,9 +219,11 @@ std::vector<uint8_t> synthetic_tensor_bytes(const ModelConfig& config, const Ten
       }
       break;
     }
-    default:
-      for (int64_t i = 0; i < n; ++i) store_float(spec.dtype, out.data(), i, dense_value(spec, seed, i));
+    default: {
+      const NameStream values(seed, spec.name);
+      for (int64_t i = 0; i < n; ++i) store_float(spec.dtype, out.data(), i, dense_value(spec, values, i));
       break;
+    }
   }
   return out;
 }
