@@ -16,6 +16,7 @@
 #include <vector>
 
 #include "engine/core/error.h"
+#include "engine/core/files.h"
 #include "properties/scenario_json.h"
 
 namespace dsv4::props {
@@ -204,6 +205,7 @@ std::string case_file_name(const CaseFile& c) {
 }
 
 void write_case_file_at(const std::string& path, const CaseFile& c) {
+  require_regular_target(path);
   const fs::path target(path);
   const fs::path dir = target.has_parent_path() ? target.parent_path() : fs::path(".");
   std::error_code ec;

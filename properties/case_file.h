@@ -49,7 +49,8 @@ struct WrittenCase {
 };
 WrittenCase write_case_file(const std::string& directory, const CaseFile& c);
 
-// Writes `c` to exactly `path` (replacing a file there), atomically as above: `dsv4h shrink --out`.
+// Writes `c` to exactly `path` (replacing a regular file there; anything else at `path` is an
+// InputError), atomically as above: `dsv4h shrink --out`.
 void write_case_file_at(const std::string& path, const CaseFile& c);
 
 // The file name write_case_file uses for `c` (without the directory).

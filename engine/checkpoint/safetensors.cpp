@@ -15,6 +15,7 @@
 #include <nlohmann/json.hpp>
 
 #include "engine/core/error.h"
+#include "engine/core/files.h"
 
 namespace dsv4 {
 
@@ -465,7 +466,7 @@ void SafetensorsWriter::add_raw(std::string name, std::string safetensors_dtype,
                              std::move(bytes)});
 }
 
-std::vector<uint8_t> SafetensorsWriter::serialize() const {
+std::vector<uint8_t> SafetensorsWriter::header_bytes() const {
   // ordered_json keeps __metadata__ first and the tensors in insertion order, for readability.
   nlohmann::ordered_json header = nlohmann::ordered_json::object();
   if (!metadata_.empty()) {
@@ -487,16 +488,21 @@ std::vector<uint8_t> SafetensorsWriter::serialize() const {
   text.append((8 - text.size() % 8) % 8, ' ');
 
   std::vector<uint8_t> out;
-  out.reserve(8 + text.size() + offset_bytes);
+  out.reserve(8 + text.size());
   const uint64_t n = text.size();
   for (int i = 0; i < 8; ++i) out.push_back(static_cast<uint8_t>(n >> (8 * i)));
   out.insert(out.end(), text.begin(), text.end());
+  return out;
+}
+
+std::vector<uint8_t> SafetensorsWriter::serialize() const {
+  std::vector<uint8_t> out = header_bytes();
   for (const Pending& t : tensors_) out.insert(out.end(), t.bytes.begin(), t.bytes.end());
   return out;
 }
 
 void SafetensorsWriter::write(const std::string& path) const {
-  const std::vector<uint8_t> data = serialize();
+  require_regular_target(path);
   const std::string tmp = path + ".tmp." + std::to_string(::getpid());
   const auto fail = [&](const std::string& what, int err, int fd) {
     if (fd >= 0) ::close(fd);
@@ -506,15 +512,20 @@ void SafetensorsWriter::write(const std::string& path) const {
 
   const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
   if (fd < 0) fail("cannot create " + tmp, errno, -1);
-  size_t done_bytes = 0;
-  while (done_bytes < data.size()) {
-    const ssize_t w = ::write(fd, data.data() + done_bytes, data.size() - done_bytes);
-    if (w < 0) {
-      if (errno == EINTR) continue;
-      fail("cannot write " + tmp, errno, fd);
+  // The header, then each tensor's bytes in place: no second copy of the checkpoint in memory.
+  const auto write_all = [&](const std::vector<uint8_t>& data) {
+    size_t done_bytes = 0;
+    while (done_bytes < data.size()) {
+      const ssize_t w = ::write(fd, data.data() + done_bytes, data.size() - done_bytes);
+      if (w < 0) {
+        if (errno == EINTR) continue;
+        fail("cannot write " + tmp, errno, fd);
+      }
+      done_bytes += static_cast<size_t>(w);
     }
-    done_bytes += static_cast<size_t>(w);
-  }
+  };
+  write_all(header_bytes());
+  for (const Pending& t : tensors_) write_all(t.bytes);
   if (::fsync(fd) != 0) fail("cannot fsync " + tmp, errno, fd);
   if (::close(fd) != 0) fail("cannot close " + tmp, errno, -1);
   if (::rename(tmp.c_str(), path.c_str()) != 0) fail("cannot rename " + tmp, errno, -1);

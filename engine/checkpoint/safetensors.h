@@ -100,8 +100,10 @@ class SafetensorsWriter {
                std::vector<uint8_t> bytes);
   // Header padded with spaces so the data section starts 8-byte aligned; tensors contiguous.
   std::vector<uint8_t> serialize() const;
+  // The 8-byte header length and the JSON header (padded): serialize() less the tensors' bytes.
+  std::vector<uint8_t> header_bytes() const;
   // Atomic: writes <path>.tmp.<pid>, fsyncs, renames over path. InputError(path, "", ...) on
-  // failure.
+  // failure, and when path exists but is not a regular file (a device, a FIFO, a directory).
   void write(const std::string& path) const;
 
   size_t size() const { return tensors_.size(); }

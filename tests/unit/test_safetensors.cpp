@@ -3,6 +3,7 @@
 #include "engine/checkpoint/safetensors.h"
 
 #include <gtest/gtest.h>
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <cstring>
@@ -389,6 +390,41 @@ TEST(SafetensorsWrite, FailureNamesThePath) {
     EXPECT_EQ(e.field(), "");
     EXPECT_NE(std::string(e.what()).find("No such file"), std::string::npos) << e.what();
   }
+}
+
+// The rename would swap a device (`dsv4h weights --out /dev/null` as root did), a FIFO or a directory
+// for a regular file: each is refused by name and left as it was, with no temp file behind.
+TEST(SafetensorsWrite, RefusesAPathThatIsNotARegularFile) {
+  TempDir dir;
+  const std::string fifo = dir.file("pipe");
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  const std::string sub = dir.file("sub");
+  fs::create_directory(sub);
+  for (const std::string& path : {fifo, sub}) {
+    try {
+      sample_writer().write(path);
+      ADD_FAILURE() << "wrote over " << path;
+    } catch (const InputError& e) {
+      EXPECT_EQ(e.source(), path);
+      EXPECT_NE(std::string(e.what()).find("not a regular file"), std::string::npos) << e.what();
+    }
+  }
+  EXPECT_TRUE(fs::is_fifo(fifo));
+  EXPECT_TRUE(fs::is_directory(sub));
+  int entries = 0;
+  for ([[maybe_unused]] const auto& entry : fs::directory_iterator(dir.path())) ++entries;
+  EXPECT_EQ(entries, 2);
+}
+
+// write() streams the header and then each tensor: the file equals serialize() byte for byte.
+TEST(SafetensorsWrite, FileEqualsSerialize) {
+  TempDir dir;
+  const std::string path = dir.file("out.safetensors");
+  const SafetensorsWriter w = sample_writer();
+  w.write(path);
+  std::ifstream in(path, std::ios::binary);
+  const std::vector<uint8_t> file((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  EXPECT_EQ(file, w.serialize());
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -1,5 +1,6 @@
 // The Scenario's JSON form and the recorder's case files: lossless round trips, strict parsing that
 // names the JSON path of every error, content-named atomic writes.
+#include <sys/stat.h>
 #include <unistd.h>
 
 #include <filesystem>
@@ -437,12 +438,18 @@ TEST_F(CaseFiles, NoTemporaryFileIsLeftBehind) {
 }
 
 TEST_F(CaseFiles, FailedWriteLeavesNoTemporaryFile) {
-  // A directory squatting on the case's name makes the rename fail after the temporary was written.
+  // A directory squatting on the case's name is refused by name (a rename would fail on it).
   const CaseFile c = sample();
   fs::create_directories(dir_ / case_file_name(c));
   expect_error([&] { write_case_file(dir_.string(), c); }, (dir_ / case_file_name(c)).string(), "",
-               {"cannot move the case file into place"});
+               {"not a regular file"});
   EXPECT_EQ(listing(), std::set<std::string>{case_file_name(c)});
+  // `shrink --out` onto a FIFO (or, as root, a device such as /dev/null): refused, left a FIFO.
+  const fs::path fifo = dir_ / "pipe";
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  expect_error([&] { write_case_file_at(fifo.string(), c); }, fifo.string(), "", {"not a regular file"});
+  EXPECT_TRUE(fs::is_fifo(fifo));
+  EXPECT_EQ(listing(), (std::set<std::string>{case_file_name(c), "pipe"}));
   // A directory path that is a file is refused naming it.
   const std::string file = write_text("plain", "x");
   expect_error([&] { write_case_file(file + "/sub", c); }, file + "/sub", "", {"cannot create the case directory"});
