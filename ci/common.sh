@@ -23,10 +23,12 @@ preset_cache_args() {
   fi
 }
 
+# build_preset PRESET [extra -D cache arguments...]
 build_preset() {
   local preset="$1" args=()
+  shift
   IFS=';' read -r -a args <<<"$(preset_cache_args)"
-  cmake --preset "$preset" -S "$repo_root" "${args[@]}" >/dev/null
+  cmake --preset "$preset" -S "$repo_root" "${args[@]}" "$@" >/dev/null
   cmake --build --preset "$preset" -j "$jobs"
 }
 

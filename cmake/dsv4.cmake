@@ -4,12 +4,20 @@ add_library(dsv4_warnings INTERFACE)
 target_compile_options(dsv4_warnings INTERFACE
   $<$<COMPILE_LANGUAGE:CXX>:-Wall -Wextra -Wshadow=local -Wno-missing-field-initializers>)
 
+# The sanitizer flags, for every target that links dsv4_sanitize (the libraries pass it on PUBLIC).
+# A test binary whose DSV4_UNSANITIZED_SOURCES property is set compiles its own sources without
+# them and still links the runtimes: the libraries it tests stay instrumented (see
+# DSV4_SANITIZE_TEST_SOURCES).
 add_library(dsv4_sanitize INTERFACE)
 if(DSV4_SANITIZE)
+  set(dsv4_sanitize_flags -fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined)
   target_compile_options(dsv4_sanitize INTERFACE
-    $<$<COMPILE_LANGUAGE:CXX>:-fsanitize=address,undefined -fno-omit-frame-pointer -fno-sanitize-recover=undefined>)
+    "$<$<AND:$<COMPILE_LANGUAGE:CXX>,$<NOT:$<BOOL:$<TARGET_PROPERTY:DSV4_UNSANITIZED_SOURCES>>>>:${dsv4_sanitize_flags}>")
   target_link_options(dsv4_sanitize INTERFACE -fsanitize=address,undefined)
 endif()
+# OFF: under DSV4_SANITIZE, the test binaries' own sources (GoogleTest scaffolding, half the
+# sanitizer build's compile time) are built without the sanitizers. CI's sanitizer step sets it.
+option(DSV4_SANITIZE_TEST_SOURCES "Under DSV4_SANITIZE, instrument the test binaries' own sources too" ON)
 
 # Extra flags for the test binaries' own C++ sources (CI passes -O1: they are mostly GoogleTest
 # scaffolding and build a quarter faster, while the libraries they test keep the build's flags). The
@@ -36,6 +44,9 @@ function(dsv4_add_gtest name)
     set(resources "${ARG_GPUS},gpus:1")
   endif()
   add_executable(${name} ${ARG_SOURCES})
+  if(DSV4_SANITIZE AND NOT DSV4_SANITIZE_TEST_SOURCES)
+    set_target_properties(${name} PROPERTIES DSV4_UNSANITIZED_SOURCES ON)
+  endif()
   target_link_libraries(${name} PRIVATE ${ARG_LIBS} GTest::gtest GTest::gtest_main dsv4_warnings dsv4_sanitize)
   if(DSV4_TEST_CXX_FLAGS AND NOT "exhaustive" IN_LIST ARG_LABELS)
     separate_arguments(test_flags UNIX_COMMAND "${DSV4_TEST_CXX_FLAGS}")
