@@ -15,6 +15,7 @@
 #include <tuple>
 
 #include "engine/core/formats.h"
+#include "kernels/cuda/path_switch.h"
 #include "kernels/cuda/port.h"
 
 namespace dsv4::kernels::cuda {
@@ -31,20 +32,15 @@ bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) ==
 
 // ---- the switch -----------------------------------------------------------------------------------
 
-std::atomic<int> g_path{-1};  // -1: not read yet
+// Portable by default: the engine's GPU run then equals its sim run bit for bit and passes the
+// oracle's calibrated tolerances; cublaslt is the fast path, chosen explicitly (benchmarks).
+// Constructed at first use: benchmarks name their registrations by path during static initialization.
+PathSwitch& path_switch() {
+  static PathSwitch s("DSV4_FP8_GEMM", {"portable", "cublaslt"});
+  return s;
+}
 std::atomic<uint64_t> g_calls{0};
 std::atomic<int> g_autotune{-1};  // -1: not read yet (DSV4_FP8_GEMM_TUNE)
-
-Fp8GemmPath path_from_env() {
-  const char* v = std::getenv("DSV4_FP8_GEMM");
-  // Portable by default: the engine's GPU run then equals its sim run bit for bit and passes the
-  // oracle's calibrated tolerances; cublaslt is the fast path, chosen explicitly (benchmarks).
-  if (v == nullptr || *v == '\0') return Fp8GemmPath::portable;
-  const std::string s(v);
-  if (s == "cublaslt") return Fp8GemmPath::cublaslt;
-  if (s == "portable") return Fp8GemmPath::portable;
-  throw std::invalid_argument("DSV4_FP8_GEMM: expected portable or cublaslt, got '" + s + "'");
-}
 
 void check_cuda(cudaError_t e, const char* what) {
   if (e != cudaSuccess) throw std::runtime_error(std::string("fp8_gemm_cublaslt: ") + what + ": " + cudaGetErrorString(e));
@@ -226,18 +222,9 @@ __global__ void widen_scales_kernel(const uint8_t* sa, long long sa_ld, long lon
 
 }  // namespace
 
-Fp8GemmPath fp8_gemm_path() {
-  int p = g_path.load(std::memory_order_relaxed);
-  if (p < 0) {
-    const int from_env = static_cast<int>(path_from_env());
-    int expected = -1;
-    g_path.compare_exchange_strong(expected, from_env);
-    p = g_path.load(std::memory_order_relaxed);
-  }
-  return static_cast<Fp8GemmPath>(p);
-}
+Fp8GemmPath fp8_gemm_path() { return static_cast<Fp8GemmPath>(path_switch().get()); }
 
-void set_fp8_gemm_path(Fp8GemmPath path) { g_path.store(static_cast<int>(path), std::memory_order_relaxed); }
+void set_fp8_gemm_path(Fp8GemmPath path) { path_switch().set(static_cast<int>(path)); }
 
 bool fp8_gemm_autotune() {
   int v = g_autotune.load(std::memory_order_relaxed);
@@ -254,7 +241,7 @@ void set_fp8_gemm_autotune(bool on) { g_autotune.store(on ? 1 : 0, std::memory_o
 
 uint64_t fp8_gemm_cublaslt_calls() { return g_calls.load(std::memory_order_relaxed); }
 
-const char* fp8_gemm_path_name(Fp8GemmPath path) { return path == Fp8GemmPath::cublaslt ? "cublaslt" : "portable"; }
+const char* fp8_gemm_path_name(Fp8GemmPath path) { return path_switch().name(static_cast<int>(path)); }
 
 bool fp8_gemm_cublaslt_fits(const Fp8GemmLtProblem& p, int64_t block) {
   if (block != kBlock || p.K <= 0 || p.K % kBlock != 0 || p.N <= 0 || p.T < 0) return false;

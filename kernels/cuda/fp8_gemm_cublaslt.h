@@ -7,7 +7,7 @@
 //
 // The switch (process-wide): the environment variable DSV4_FP8_GEMM=portable|cublaslt, read once at
 // the first FP8 GEMM (default portable); set_fp8_gemm_path overrides it (tests, benchmarks). Any
-// other value of the variable is refused (std::invalid_argument at the first GEMM).
+// other value of the variable is refused (an InputError naming it at the first GEMM).
 //   portable : kernels/cuda/quant_gemm.cu's kernel, bit for bit the host kernel (every output element
 //              summed by one thread in the host's order).
 //   cublaslt : this file wherever the problem fits (block 128, K % 128 == 0, an sm_90 device, and

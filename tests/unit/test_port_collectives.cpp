@@ -11,14 +11,18 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
 #include <cstring>
 #include <limits>
 #include <random>
 #include <stdexcept>
+#include <string>
 #include <type_traits>
 #include <vector>
 
+#include "engine/core/error.h"
 #include "engine/core/formats.h"
+#include "kernels/cuda/path_switch.h"
 #include "kernels/cuda/port.h"
 #include "reference/formats_oracle.h"
 
@@ -271,6 +275,41 @@ TEST(PortFp8, TiesGoToEvenAndOverflowSaturates) {
   EXPECT_EQ(gpu::e4m3fn_software(std::numeric_limits<float>::infinity()), 0x7Eu);
   EXPECT_EQ(gpu::e4m3fn_software(0x1p-10f), 0x00u);  // half the smallest subnormal: ties to even 0
   EXPECT_EQ(gpu::e4m3fn_software(-std::nanf("")), 0xFFu);
+}
+
+// ---- the fast-path switch (DSV4_FP8_GEMM, DSV4_SPARSE_ATTENTION) ------------------------------------
+
+TEST(PathSwitch, ReadsTheVariableOnceAtFirstUseAndSetOverridesIt) {
+  constexpr const char* kVar = "DSV4_TEST_PATH_SWITCH";
+  ::unsetenv(kVar);
+  kernels::cuda::PathSwitch unset(kVar, {"exact", "fast"});
+  EXPECT_EQ(unset.get(), 0);  // unset: the first name
+  ::setenv(kVar, "fast", 1);
+  EXPECT_EQ(unset.get(), 0);  // read once: a later change of the environment is not seen
+  kernels::cuda::PathSwitch from_env(kVar, {"exact", "fast"});
+  EXPECT_EQ(from_env.get(), 1);
+  from_env.set(0);
+  EXPECT_EQ(from_env.get(), 0);
+  EXPECT_STREQ(from_env.name(1), "fast");
+  EXPECT_STREQ(from_env.name(7), "?");
+  ::setenv(kVar, "", 1);
+  kernels::cuda::PathSwitch empty(kVar, {"exact", "fast"});
+  EXPECT_EQ(empty.get(), 0);
+  ::unsetenv(kVar);
+}
+
+TEST(PathSwitch, AnUnknownValueNamesTheVariableAndTheAcceptedValues) {
+  constexpr const char* kVar = "DSV4_TEST_PATH_SWITCH_BAD";
+  ::setenv(kVar, "tensorcore", 1);
+  kernels::cuda::PathSwitch s(kVar, {"exact", "tensor_core", "other"});
+  try {
+    s.get();
+    ADD_FAILURE() << "accepted an unknown value";
+  } catch (const InputError& e) {
+    EXPECT_EQ(e.source(), kVar);
+    EXPECT_EQ(std::string(e.what()), "DSV4_TEST_PATH_SWITCH_BAD: expected exact, tensor_core or other, got 'tensorcore'");
+  }
+  ::unsetenv(kVar);
 }
 
 }  // namespace
