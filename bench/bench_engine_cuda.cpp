@@ -13,8 +13,8 @@
 // scheduler's DECODE batch for that state (positions 8191, seq_len 8191 -> 8192), built here; the
 // same batch is stepped again each iteration (its KV write lands on the same slots).
 //
-// Weights. CheckpointSource::synthetic computes every element through a per-element string hash,
-// which takes far too long for the small config's ~10 GB; so this benchmark writes a safetensors file
+// Weights. CheckpointSource::synthetic computes every element through a counter-based hash, single
+// threaded, which is slow for the small config's ~10 GB; so this benchmark writes a safetensors file
 // with the same layout and value ranges from a fast generator (e4m3 / e2m1 codes and block scales
 // sized for variance ~1/fan_in, dense matrices uniform in +-sqrt(3/fan_in), norms near 1, distinct
 // hash-table experts) into /dev/shm (or $TMPDIR) and loads it with CheckpointSource::file. The MTP
@@ -71,6 +71,7 @@
 #include "engine/serving/swa_token_allocator.h"
 #include "engine/serving/token_allocator.h"
 #include "kernels/cuda/fp8_gemm_cublaslt.h"
+#include "kernels/cuda/sparse_attention_tc.h"
 #include "kernels/indexer_logits.h"
 #include "kernels/norm_rope.h"
 #include "kernels/quant_gemm.h"
@@ -538,7 +539,8 @@ void BM_EngineDecodeStep(benchmark::State& state) {
   state.counters["cublaslt_gemms_per_step"] = static_cast<double>(lt_in_graph);
   state.SetLabel("small config, batch " + std::to_string(kBatch) + " at context " + std::to_string(kContext) +
                  ", graphs + multi-stream, indexer " + std::to_string(s.indexer_sms) + " blocks, FP8 GEMM " +
-                 kernels::cuda::fp8_gemm_path_name(kernels::cuda::fp8_gemm_path()) + ", " +
+                 kernels::cuda::fp8_gemm_path_name(kernels::cuda::fp8_gemm_path()) + ", attention " +
+                 kernels::cuda::sparse_attention_path_name(kernels::cuda::sparse_attention_path()) + ", " +
                  std::to_string(first.rows.size()) + " rows sampled (" + std::to_string(distinct) + " distinct tokens)");
   std::printf("decode step: gpu %.3f ms, wall %.3f ms, bound %.3f ms (weights %.3f GB + KV %.3f GB at 3.35 TB/s), "
               "ratio %.2f\n",

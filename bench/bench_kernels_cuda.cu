@@ -39,6 +39,7 @@
 #include "engine/core/tensor.h"
 #include "kernels/attn_output.h"
 #include "kernels/cuda/fp8_gemm_cublaslt.h"
+#include "kernels/cuda/sparse_attention_tc.h"
 #include "kernels/device.h"
 #include "kernels/indexer_logits.h"
 #include "kernels/moe.h"
@@ -486,8 +487,9 @@ Tensor model1_cache(const Model1Layout& layout, int64_t page_size, int64_t pages
 
 // T decode tokens; swa_topk window keys and extra_topk compressed keys each (a c4 layer: the
 // indexer's top-512; a c128 layer: all 64 compressed entries of an 8K context).
-void BM_SparseAttentionDecode(benchmark::State& state, int64_t extra_topk) {
+void BM_SparseAttentionDecode(benchmark::State& state, int64_t extra_topk, cuda::SparseAttentionPath path) {
   if (!have_gpu(state)) return;
+  cuda::SparseAttentionPathScope scope(path);
   const ModelConfig& c = small();
   const int64_t T = state.range(0), H = c.n_heads, D = c.head_dim, swa_topk = c.window_size;
   const Model1Layout layout = model1_layout("bench", D, c.rope_head_dim, c.kv_block_size);
@@ -620,10 +622,15 @@ int register_all() {
   benchmark::RegisterBenchmark("BM_HeadLogits", BM_HeadLogits)->Arg(64)->ArgName("T")->UseManualTime()->Unit(benchmark::kMicrosecond)->MinTime(0.2);
   benchmark::RegisterBenchmark("BM_GroupedWoA", BM_GroupedWoA)->Arg(64)->ArgName("T")->UseManualTime()->Unit(benchmark::kMicrosecond)->MinTime(0.1);
   benchmark::RegisterBenchmark("BM_MoeExperts", BM_MoeExperts)->Arg(64)->ArgName("T")->UseManualTime()->Unit(benchmark::kMicrosecond)->MinTime(0.2);
-  benchmark::RegisterBenchmark("BM_SparseAttentionDecode/c4_layer", BM_SparseAttentionDecode, small().index_topk)
-      ->Arg(64)->ArgName("batch")->UseManualTime()->Unit(benchmark::kMicrosecond)->MinTime(0.2);
-  benchmark::RegisterBenchmark("BM_SparseAttentionDecode/c128_layer", BM_SparseAttentionDecode, int64_t{8192 / 128})
-      ->Arg(64)->ArgName("batch")->UseManualTime()->Unit(benchmark::kMicrosecond)->MinTime(0.2);
+  for (const auto path : {cuda::SparseAttentionPath::exact, cuda::SparseAttentionPath::tensor_core}) {
+    const std::string suffix = std::string("_") + cuda::sparse_attention_path_name(path);
+    benchmark::RegisterBenchmark(("BM_SparseAttentionDecode" + suffix + "/c4_layer").c_str(), BM_SparseAttentionDecode,
+                                 small().index_topk, path)
+        ->Arg(64)->ArgName("batch")->UseManualTime()->Unit(benchmark::kMicrosecond)->MinTime(0.2);
+    benchmark::RegisterBenchmark(("BM_SparseAttentionDecode" + suffix + "/c128_layer").c_str(), BM_SparseAttentionDecode,
+                                 int64_t{8192 / 128}, path)
+        ->Arg(64)->ArgName("batch")->UseManualTime()->Unit(benchmark::kMicrosecond)->MinTime(0.2);
+  }
   benchmark::RegisterBenchmark("BM_IndexerLogitsDecode", BM_IndexerLogitsDecode)
       ->Args({64, 0})->Args({64, 4})->ArgNames({"batch", "sms"})->UseManualTime()->Unit(benchmark::kMicrosecond)->MinTime(0.2);
   benchmark::RegisterBenchmark("BM_IndexerTopkDecode", BM_IndexerTopkDecode)->Arg(64)->ArgName("batch")->UseManualTime()->Unit(benchmark::kMicrosecond)->MinTime(0.1);

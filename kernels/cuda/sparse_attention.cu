@@ -30,6 +30,9 @@
 
 #include "engine/core/formats.h"
 #include "kernels/norm_rope.h"
+#if !defined(__HIPCC__)
+#include "kernels/cuda/sparse_attention_tc.h"  // the tensor-core path: CUDA only
+#endif
 
 namespace dsv4::kernels::cuda {
 
@@ -255,6 +258,10 @@ void sparse_attention(const SparseAttentionArgs& a, void* stream) {
   const int64_t heads = a.q.size(1);
   const int64_t dim = a.q.size(2);
   if (tokens == 0 || heads == 0) return;
+#if !defined(__HIPCC__)
+  // DSV4_SPARSE_ATTENTION=tensor_core: the tensor-core path where the problem fits (sparse_attention_tc.h).
+  if (sparse_attention_path() == SparseAttentionPath::tensor_core && sparse_attention_tensor_core(a, stream)) return;
+#endif
   const Model1Layout layout = model1_layout(kSparseAttentionOp, dim, a.rope_dim, a.kv_block, "kv_block");
 
   Params p;

@@ -10,7 +10,9 @@
 //
 // Against the host (expect_matches_host) the comparison is exact: the kernel performs the host's f32
 // operations in the host's order, and its exp is glibc's expf (kernels/cuda/libm.h's libm_expf), so
-// every bf16 output code equals the host's.
+// every bf16 output code equals the host's. The tensor-core path (GpuSparseAttentionTensorCore) is
+// held to a stated bound instead, and shown to be taken (its call counter) or, where a shape does not
+// fit it, to fall back to the exact kernel.
 #include <algorithm>
 #include <climits>
 #include <cmath>
@@ -31,6 +33,7 @@
 #include "engine/core/formats.h"
 #include "engine/core/tensor.h"
 #include "kernels/cuda/port.h"
+#include "kernels/cuda/sparse_attention_tc.h"
 #include "kernels/device.h"
 #include "kernels/norm_rope.h"
 #include "kernels/sparse_attention.h"
@@ -153,11 +156,11 @@ struct Case {
   }
 };
 
-Case make_case(const std::string& preset, uint64_t seed, int64_t tokens, int64_t heads, const CacheSpec& swa,
+Case make_case(const Geometry& g, uint64_t seed, int64_t tokens, int64_t heads, const CacheSpec& swa,
                const CacheSpec& extra = {}) {
   std::mt19937_64 rng(seed);
   Case c;
-  c.g = geometry(preset);
+  c.g = g;
   c.tokens = tokens;
   c.heads = heads;
   for (int64_t i = 0; i < tokens * heads * c.g.dim; ++i) c.q.push_back(rand_bf16(rng, -3.0f, 3.0f));
@@ -170,6 +173,11 @@ Case make_case(const std::string& preset, uint64_t seed, int64_t tokens, int64_t
   c.with_extra = extra.pages > 0;
   if (c.with_extra) c.extra = make_pool(c.g, extra, tokens, rng, "extra_cache");
   return c;
+}
+
+Case make_case(const std::string& preset, uint64_t seed, int64_t tokens, int64_t heads, const CacheSpec& swa,
+               const CacheSpec& extra = {}) {
+  return make_case(geometry(preset), seed, tokens, heads, swa, extra);
 }
 
 Tensor on(Allocator& device, const Tensor& t) { return t.defined() ? t.to(device) : Tensor(); }
@@ -519,6 +527,137 @@ TEST(GpuSparseAttention, ContractOnDeviceTensors) {
   b.rope_dim = 64;
   b.kv_block = 64;
   EXPECT_EQ(contract_argument(b), "q");
+}
+
+// ---- the tensor-core path (DSV4_SPARSE_ATTENTION=tensor_core, kernels/cuda/sparse_attention_tc.h) ----
+//
+// Not bitwise with the host: the products are exact (bf16 keys and queries), the sums run in the
+// tensor cores' order, and P is rounded to bf16 against the running max of its key tile instead of the
+// final max. Each weight bf16(p) then differs by at most two bf16 roundings (2^-8 relative) and the
+// output by one more rounding each side, so |GPU - host| <= 2^-7 * (max |v| over the token's keys +
+// |host|) bounds it with a margin; a wrong key, scale, head or split shows far above that.
+
+std::vector<uint16_t> run_tensor_core(const SparseAttentionArgs& d) {
+  cuda::SparseAttentionPathScope tc(cuda::SparseAttentionPath::tensor_core);
+  return run_device(d);
+}
+
+void expect_within_tensor_core_bound(const Case& c, const std::vector<uint16_t>& got,
+                                     const std::vector<uint16_t>& want, const std::string& what) {
+  ASSERT_EQ(got.size(), want.size()) << what;
+  const int64_t D = c.g.dim;
+  int64_t outside = 0;
+  double worst = 0;  // the largest error as a fraction of its bound
+  for (int64_t t = 0; t < c.tokens; ++t) {
+    float vmax = 0.0f;
+    for (const float* k : c.keys(t)) {
+      for (int64_t i = 0; i < D; ++i) vmax = std::max(vmax, std::fabs(k[i]));
+    }
+    for (int64_t e = t * c.heads * D; e < (t + 1) * c.heads * D; ++e) {
+      const float g = bf16_to_f32(got[static_cast<size_t>(e)]), w = bf16_to_f32(want[static_cast<size_t>(e)]);
+      const float bound = std::ldexp(vmax + std::fabs(w), -7);
+      const float err = std::fabs(g - w);
+      const bool ok = err <= bound || (std::isnan(g) && std::isnan(w));
+      worst = std::max(worst, bound > 0 ? static_cast<double>(err) / bound : (err > 0 ? 1e9 : 0.0));
+      if (!ok && outside++ < 5) {
+        ADD_FAILURE() << what << ": token " << t << " head " << (e / D) % c.heads << " dim " << e % D << " GPU " << g
+                      << " host " << w << " bound " << bound;
+      }
+    }
+  }
+  EXPECT_EQ(outside, 0) << what << ": " << outside << " of " << want.size() << " outputs outside the bound";
+  std::printf("%s: worst error %.3g of the bound\n", what.c_str(), worst);
+}
+
+// The tensor-core path on one case: within the bound of the host, taken (not the fallback), and the
+// device allocator's guards intact.
+void check_tensor_core_case(const Case& c, const std::string& what) {
+  Allocator device(*cuda_memory(0), AllocatorMode::testing);
+  const SparseAttentionArgs h = c.args();
+  const std::vector<uint16_t> want = run_host(h);
+  const SparseAttentionArgs d = to_device(h, device);
+  const uint64_t calls = cuda::sparse_attention_tensor_core_calls();
+  const std::vector<uint16_t> got = run_tensor_core(d);
+  EXPECT_EQ(cuda::sparse_attention_tensor_core_calls(), calls + (c.tokens > 0 ? 1 : 0)) << what;
+  expect_within_tensor_core_bound(c, got, want, what);
+  EXPECT_TRUE(device.check_guards().empty()) << what;
+}
+
+TEST(GpuSparseAttentionTensorCore, MatchesHostWithinTheBound) {
+  DSV4_REQUIRE_GPU();
+  struct Shape {
+    std::string preset;
+    int64_t heads;
+    CacheSpec swa, extra;
+  };
+  // D 512 (flash) with 4 and 64 heads (one and several head blocks), D 128 (tiny), D 64 (micro) with a
+  // partial last head block; window only, c4-like and c128-like. Where tokens x head blocks leave SMs
+  // idle (small T, few heads) the keys are split across blocks (the combine kernel); flash with 64
+  // heads at T = 64 is not split.
+  const Shape shapes[] = {{"flash", 4, {4, 64, 128}, {}},          {"flash", 4, {3, 16, 32}, {4, 64, 64}},
+                          {"flash", 64, {3, 16, 32}, {2, 64, 48}}, {"flash", 5, {2, 64, 128}, {5, 2, 10}},
+                          {"tiny", 8, {2, 64, 128}, {4, 16, 64}},  {"micro", 4, {2, 32, 64}, {5, 4, 20}},
+                          {"micro", 70, {2, 32, 64}, {2, 16, 16}}};
+  uint64_t seed = 2000;
+  for (const Shape& s : shapes) {
+    for (int64_t tokens : kTokenCounts) {
+      const Case c = make_case(s.preset, ++seed, tokens, s.heads, s.swa, s.extra);
+      check_tensor_core_case(c, "tensor core " + s.preset + " H=" + std::to_string(s.heads) +
+                                    (s.extra.pages > 0 ? " with compressed" : " window") + " T=" + std::to_string(tokens));
+    }
+  }
+  Case sinks = make_case("flash", 2100, 7, 4, {3, 16, 32}, {5, 2, 10});
+  const float extremes[] = {-std::numeric_limits<float>::infinity(), 60.0f, -60.0f, 0.0f};
+  std::copy(std::begin(extremes), std::end(extremes), sinks.sink_t.data<float>());
+  check_tensor_core_case(sinks, "tensor core, extreme sinks");
+}
+
+TEST(GpuSparseAttentionTensorCore, RerunsAndAGraphReplayAreBitwiseIdentical) {
+  DSV4_REQUIRE_GPU();
+  Allocator device(*cuda_memory(0), AllocatorMode::testing);
+  cuda::SparseAttentionPathScope tc(cuda::SparseAttentionPath::tensor_core);
+  cudaStream_t stream = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking), cudaSuccess);
+  for (int64_t tokens : {1, 64}) {  // with and without the split combine
+    const Case c = make_case("flash", 2200 + static_cast<uint64_t>(tokens), tokens, 16, {3, 16, 32}, {4, 64, 64});
+    const SparseAttentionArgs d = to_device(c.args(), device);
+    const std::vector<uint16_t> first = run_device(d);
+    for (int run = 1; run < 10; ++run) {
+      d.out.storage()->space().copy_from_host(d.out.data_ptr(), std::vector<uint8_t>(d.out.storage()->bytes(), 0xFF).data(),
+                                              d.out.storage()->bytes());
+      ASSERT_EQ(run_device(d), first) << "T=" << tokens << " run " << run;
+    }
+    const SparseAttentionArgs g = to_device(c.args(), device);
+    cudaGraph_t graph = nullptr;
+    cudaGraphExec_t exec = nullptr;
+    ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+    {
+      StreamScope scope(stream);
+      sparse_attention(g);
+    }
+    ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
+    ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+    for (int replay = 0; replay < 2; ++replay) {
+      ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
+      ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+      EXPECT_EQ(codes(g.out), first) << "T=" << tokens << " graph replay " << replay;
+    }
+    EXPECT_EQ(cudaGraphExecDestroy(exec), cudaSuccess);
+    EXPECT_EQ(cudaGraphDestroy(graph), cudaSuccess);
+  }
+  EXPECT_EQ(cudaStreamDestroy(stream), cudaSuccess);
+}
+
+TEST(GpuSparseAttentionTensorCore, ShapesItDoesNotTakeRunTheExactKernel) {
+  DSV4_REQUIRE_GPU();
+  // head_dim 96 is not a multiple of 64: the switch says tensor_core, the exact kernel runs, bitwise.
+  const Case c = make_case(Geometry{"custom", 96, 32, 16}, 2300, 7, 4, {2, 32, 64}, {3, 8, 16});
+  Allocator device(*cuda_memory(0), AllocatorMode::testing);
+  const std::vector<uint16_t> want = run_host(c.args());
+  const uint64_t calls = cuda::sparse_attention_tensor_core_calls();
+  const std::vector<uint16_t> got = run_tensor_core(to_device(c.args(), device));
+  EXPECT_EQ(cuda::sparse_attention_tensor_core_calls(), calls);
+  expect_matches_host(c, got, want, "head_dim 96 under tensor_core");
 }
 
 }  // namespace

@@ -1,0 +1,536 @@
+// The tensor-core sparse attention (kernels/cuda/sparse_attention_tc.h: the switch, when it applies,
+// the numerics). CUDA only, sm_80 and later (mma.sync).
+//
+// Grid: (token, head block, split). A block of 8 warps owns HB = 16, 32 or 64 heads of one token (the
+// rows of the mma tiles; heads past H are zero rows, never stored) and one split of the token's
+// candidate keys (the window's columns first, then the compressed ones, as the host orders them).
+// Per tile of 32 candidates:
+//   1. the tile's locations (-1, out of range and past the split: no key);
+//   2. the keys dequantized into shared memory as bf16 [32][D] (exact: e4m3 times a power of two,
+//      bf16 rope dims), a missing key as zeros;
+//   3. S = scale * Q K^T: (HB / 16) x 4 mma tiles of 16 x 8 over D, spread over the warps, into
+//      shared f32 (a missing key's logit is masked in step 4);
+//   4. the online softmax, 4 threads per head: the new max m, alpha = exp(m_old - m),
+//      p = exp(s - m), l = l * alpha + sum p (f32), P = bf16(p) into shared memory;
+//   5. O = O * alpha + P V (V = K): each warp owns one 16-row m tile and D * (HB / 16) / 8 of its
+//      columns, in registers (at most 32 n8 tiles, 128 floats per thread, at D 512 and HB 64).
+// One split: out = bf16(O / (l + exp(sink - m))), and 0 for a head with no valid key. Several splits
+// (few tokens): each writes its O, m and l (f32) to scratch, and the combine kernel merges them in
+// split order: M = max m_s, O = sum O_s exp(m_s - M), l = sum l_s exp(m_s - M) + exp(sink - M).
+#include "kernels/cuda/sparse_attention_tc.h"
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <algorithm>
+#include <array>
+#include <atomic>
+#include <cstdint>
+#include <mutex>
+
+#include "engine/core/formats.h"
+#include "kernels/cuda/path_switch.h"
+#include "kernels/cuda/port.h"
+#include "kernels/norm_rope.h"
+
+namespace dsv4::kernels::cuda {
+
+namespace {
+
+constexpr int kWarps = 8;
+constexpr int kThreads = 32 * kWarps;
+constexpr int kKeyTile = 32;                                             // candidates per tile
+constexpr int kMaxDim = 512;                                             // head_dim
+constexpr int kMaxHeadBlock = 64;                                        // mma rows per block
+constexpr int kMaxOutTiles = kMaxDim * (kMaxHeadBlock / 16) / (8 * kWarps);  // n8 tiles per warp
+constexpr int kPad = 8;         // bf16 elements of row padding in the Q, K and P tiles (16 bytes)
+constexpr int kSPitch = kKeyTile + 1;     // f32 logits row pitch
+constexpr int kPPitch = kKeyTile + kPad;  // bf16 P row pitch
+constexpr int kMaxSplits = 32;
+constexpr int kCombineThreads = 128;
+static_assert(kMaxOutTiles == 32, "the accumulators hold D 512 x 64 heads over 8 warps");
+
+// Constructed at first use: benchmarks name their registrations by path during static initialization.
+PathSwitch& path_switch() {
+  static PathSwitch s("DSV4_SPARSE_ATTENTION", {"exact", "tensor_core"});
+  return s;
+}
+std::atomic<uint64_t> g_calls{0};
+
+struct TcCache {
+  const uint8_t* bytes = nullptr;
+  const int32_t* indices = nullptr;  // [T, topk]
+  const int32_t* lens = nullptr;     // [T]
+  long long page_size = 1;
+  long long page_bytes = 0;
+  long long entries = 0;  // pages * page_size
+  int topk = 0;           // 0: no such cache
+};
+
+struct TcParams {
+  const uint16_t* q = nullptr;  // [T, H, D] bf16
+  uint16_t* out = nullptr;      // [T, H, D] bf16
+  const float* sink = nullptr;  // [H]
+  TcCache swa, extra;
+  int heads = 0, dim = 0, nope = 0, scale_block = 1, value_bytes = 0, scale_bytes = 0;
+  float scale = 0.0f;
+  int head_block = 16;
+  int splits = 1;
+  int split_keys = kKeyTile;  // candidates per split, a multiple of kKeyTile
+  float* part_o = nullptr;    // splits > 1: [T][splits][H][D], unnormalised
+  float* part_ml = nullptr;   // splits > 1: [T][splits][H][2], the running max and the sum of p
+};
+
+// Shared memory of one block, in bytes from its start (every region 16-byte aligned).
+struct TcSmem {
+  int ld = 0;  // bf16 elements per Q and K row
+  unsigned q = 0, k = 0, s = 0, p = 0, m = 0, l = 0, alpha = 0, loc = 0, src = 0, bytes = 0;
+};
+
+__host__ __device__ inline TcSmem tc_smem(int head_block, int dim) {
+  TcSmem s;
+  s.ld = dim + kPad;
+  unsigned off = 0;
+  const auto take = [&off](unsigned n) {
+    const unsigned at = off;
+    off += (n + 15u) / 16u * 16u;
+    return at;
+  };
+  s.q = take(static_cast<unsigned>(head_block * s.ld * 2));
+  s.k = take(static_cast<unsigned>(kKeyTile * s.ld * 2));
+  s.s = take(static_cast<unsigned>(head_block * kSPitch * 4));
+  s.p = take(static_cast<unsigned>(head_block * kPPitch * 2));
+  s.m = take(static_cast<unsigned>(head_block * 4));
+  s.l = take(static_cast<unsigned>(head_block * 4));
+  s.alpha = take(static_cast<unsigned>(head_block * 4));
+  s.loc = take(kKeyTile * 4);
+  s.src = take(kKeyTile * 4);
+  s.bytes = off;
+  return s;
+}
+
+__device__ inline float neg_inf() { return __int_as_float(static_cast<int>(0xff800000u)); }
+
+__device__ inline int clamp_len(const TcCache& c, int t) {
+  if (c.lens == nullptr || c.topk <= 0) return 0;
+  const int len = c.lens[t];
+  return len < 0 ? 0 : (len > c.topk ? c.topk : len);
+}
+
+__device__ inline uint32_t ld32(const uint16_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
+
+__device__ inline uint32_t pack_bf16x2(float lo, float hi) {
+  const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (lo) in the low half
+  return *reinterpret_cast<const uint32_t*>(&v);
+}
+
+// D = A B + D for one 16 x 8 tile, k 16: A row-major bf16 (a0: row g, cols 2t..2t+1; a1: row g + 8;
+// a2: cols + 8; a3: both), B "col" bf16 (b0: k rows 2t..2t+1 of column g; b1: k rows + 8), D f32
+// (d0, d1: row g, cols 2t, 2t+1; d2, d3: row g + 8), with g = lane / 4 and t = lane % 4.
+__device__ inline void mma_16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t b0,
+                                 uint32_t b1) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5, %6, %7}, {%8, %9}, "
+      "{%0, %1, %2, %3};\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+#else
+  __trap();  // the host never selects this path below compute capability 8.0
+#endif
+}
+
+// Eight e4m3 codes times their block's power-of-two scale, as eight bf16 (exact).
+__device__ inline uint4 dequant8(const uint8_t* codes, float scale) {
+  const uint2 raw = *reinterpret_cast<const uint2*>(codes);
+  const uint32_t words[2] = {raw.x, raw.y};
+  uint32_t out[4];
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const auto pair = static_cast<__nv_fp8x2_storage_t>((words[i / 2] >> (16 * (i % 2))) & 0xffffu);
+    const __half2 h(__nv_cvt_fp8x2_to_halfraw2(pair, __NV_E4M3));
+    const float2 f = __half22float2(h);
+    out[i] = pack_bf16x2(f.x * scale, f.y * scale);
+  }
+  return make_uint4(out[0], out[1], out[2], out[3]);
+}
+
+__global__ void __launch_bounds__(kThreads, 1) sparse_attention_tc_kernel(TcParams p) {
+  extern __shared__ __align__(16) unsigned char smem[];
+  const TcSmem L = tc_smem(p.head_block, p.dim);
+  uint16_t* q_s = reinterpret_cast<uint16_t*>(smem + L.q);  // [HB][ld]
+  uint16_t* k_s = reinterpret_cast<uint16_t*>(smem + L.k);  // [kKeyTile][ld]
+  float* s_s = reinterpret_cast<float*>(smem + L.s);        // [HB][kSPitch]
+  uint16_t* p_s = reinterpret_cast<uint16_t*>(smem + L.p);  // [HB][kPPitch]
+  float* m_s = reinterpret_cast<float*>(smem + L.m);
+  float* l_s = reinterpret_cast<float*>(smem + L.l);
+  float* alpha_s = reinterpret_cast<float*>(smem + L.alpha);
+  int* loc_s = reinterpret_cast<int*>(smem + L.loc);
+  int* src_s = reinterpret_cast<int*>(smem + L.src);
+
+  const int tid = static_cast<int>(threadIdx.x);
+  const int warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
+  const int token = static_cast<int>(blockIdx.x);
+  const int HB = p.head_block, D = p.dim, ld = L.ld;
+  const int h0 = static_cast<int>(blockIdx.y) * HB;
+  const int split = static_cast<int>(blockIdx.z);
+  const int mtiles = HB / 16;
+
+  const int swa_len = clamp_len(p.swa, token);
+  const int candidates = swa_len + clamp_len(p.extra, token);
+  const int begin = split * p.split_keys;
+  const int end = min(candidates, begin + p.split_keys);
+
+  // Q (zero rows for heads past H) and the running state.
+  const int row_chunks = D / 8;
+  for (int e = tid; e < HB * row_chunks; e += kThreads) {
+    const int r = e / row_chunks, c = e - r * row_chunks;
+    uint4 v = make_uint4(0u, 0u, 0u, 0u);
+    if (h0 + r < p.heads) {
+      v = *reinterpret_cast<const uint4*>(p.q + (static_cast<long long>(token) * p.heads + h0 + r) * D + c * 8);
+    }
+    *reinterpret_cast<uint4*>(q_s + r * ld + c * 8) = v;
+  }
+  for (int r = tid; r < HB; r += kThreads) {
+    m_s[r] = neg_inf();
+    l_s[r] = 0.0f;
+    alpha_s[r] = 1.0f;
+  }
+
+  // This warp's output: one m tile, `ntiles` n8 tiles from column col0.
+  const int warps_per_mtile = kWarps / mtiles;
+  const int my_mtile = warp / warps_per_mtile;
+  const int ntiles = D / warps_per_mtile / 8;
+  const int col0 = (warp % warps_per_mtile) * ntiles * 8;
+  float acc[kMaxOutTiles][4];
+#pragma unroll
+  for (int j = 0; j < kMaxOutTiles; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+
+  for (int c0 = begin; c0 < end; c0 += kKeyTile) {
+    const int kt = min(kKeyTile, end - c0);
+    __syncthreads();  // the previous tile's readers are done; Q and the state are in place
+    if (tid < kKeyTile) {
+      int loc = -1, src = 0;
+      if (tid < kt) {
+        const int c = c0 + tid;
+        const bool from_swa = c < swa_len;
+        const TcCache& cache = from_swa ? p.swa : p.extra;
+        const int column = from_swa ? c : c - swa_len;
+        const int32_t idx = cache.indices[static_cast<long long>(token) * cache.topk + column];
+        loc = idx >= 0 && static_cast<long long>(idx) < cache.entries ? idx : -1;
+        src = from_swa ? 0 : 1;
+      }
+      loc_s[tid] = loc;
+      src_s[tid] = src;
+    }
+    __syncthreads();
+
+    // Step 2: the keys, 8 dims per item (a nope chunk lies inside one scale block).
+    for (int e = tid; e < kKeyTile * row_chunks; e += kThreads) {
+      const int k = e / row_chunks;
+      const int d0 = (e - k * row_chunks) * 8;
+      const int loc = loc_s[k];
+      uint4 v = make_uint4(0u, 0u, 0u, 0u);
+      if (loc >= 0) {
+        const TcCache& cache = src_s[k] == 0 ? p.swa : p.extra;
+        const long long page = loc / cache.page_size;
+        const long long slot = loc - page * cache.page_size;
+        const uint8_t* base = cache.bytes + page * cache.page_bytes;
+        const uint8_t* values = base + slot * p.value_bytes;
+        if (d0 < p.nope) {
+          const uint8_t* scales = base + cache.page_size * p.value_bytes + slot * p.scale_bytes;
+          v = dequant8(values + d0, ue8m0_to_f32(scales[d0 / p.scale_block]));
+        } else {
+          const uint2* rope = reinterpret_cast<const uint2*>(values + p.nope + 2 * (d0 - p.nope));
+          const uint2 lo = rope[0], hi = rope[1];
+          v = make_uint4(lo.x, lo.y, hi.x, hi.y);
+        }
+      }
+      *reinterpret_cast<uint4*>(k_s + k * ld + d0) = v;
+    }
+    __syncthreads();
+
+    // Step 3: S = scale * Q K^T.
+    for (int tile = warp; tile < mtiles * (kKeyTile / 8); tile += kWarps) {
+      const int m0 = (tile / (kKeyTile / 8)) * 16;
+      const int n0 = (tile % (kKeyTile / 8)) * 8;
+      float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      const uint16_t* qa = q_s + (m0 + g) * ld + 2 * t4;
+      const uint16_t* kb = k_s + (n0 + g) * ld + 2 * t4;
+      for (int k0 = 0; k0 < D; k0 += 16) {
+        mma_16816(c, ld32(qa + k0), ld32(qa + 8 * ld + k0), ld32(qa + k0 + 8), ld32(qa + 8 * ld + k0 + 8),
+                  ld32(kb + k0), ld32(kb + k0 + 8));
+      }
+      float* srow = s_s + (m0 + g) * kSPitch + n0 + 2 * t4;
+      srow[0] = c[0] * p.scale;
+      srow[1] = c[1] * p.scale;
+      srow[8 * kSPitch] = c[2] * p.scale;
+      srow[8 * kSPitch + 1] = c[3] * p.scale;
+    }
+    __syncthreads();
+
+    // Step 4: the online softmax; whole warps take part (4 * HB is a multiple of 32).
+    if (tid < 4 * HB) {
+      const int r = tid / 4, part = tid % 4;
+      const float* srow = s_s + r * kSPitch + part * 8;
+      float sv[8];
+      bool valid[8];
+      float mx = neg_inf();
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        valid[j] = loc_s[part * 8 + j] >= 0;
+        sv[j] = valid[j] ? srow[j] : neg_inf();
+        mx = mx < sv[j] ? sv[j] : mx;  // the host's std::max predicate
+      }
+#pragma unroll
+      for (int width = 1; width < 4; width *= 2) {
+        const float other = __shfl_xor_sync(0xffffffffu, mx, width);
+        mx = mx < other ? other : mx;
+      }
+      const float m_old = m_s[r];
+      const float m_new = m_old < mx ? mx : m_old;
+      const bool none = m_new == neg_inf();  // no valid key yet in this split
+      const float alpha = none ? 1.0f : (m_old == neg_inf() ? 0.0f : expf(m_old - m_new));
+      float sum = 0.0f;
+      uint16_t* prow = p_s + r * kPPitch + part * 8;
+#pragma unroll
+      for (int j = 0; j < 8; j += 2) {
+        const float pa = !none && valid[j] ? expf(sv[j] - m_new) : 0.0f;
+        const float pb = !none && valid[j + 1] ? expf(sv[j + 1] - m_new) : 0.0f;
+        sum += pa;
+        sum += pb;
+        *reinterpret_cast<uint32_t*>(prow + j) = pack_bf16x2(pa, pb);
+      }
+#pragma unroll
+      for (int width = 1; width < 4; width *= 2) sum += __shfl_xor_sync(0xffffffffu, sum, width);
+      if (part == 0) {
+        m_s[r] = m_new;
+        l_s[r] = l_s[r] * alpha + sum;
+        alpha_s[r] = alpha;
+      }
+    }
+    __syncthreads();
+
+    // Step 5: O = O * alpha + P V.
+    {
+      const int row = my_mtile * 16 + g;
+      const float a_lo = alpha_s[row], a_hi = alpha_s[row + 8];
+#pragma unroll
+      for (int j = 0; j < kMaxOutTiles; ++j) {
+        if (j < ntiles) {
+          acc[j][0] *= a_lo;
+          acc[j][1] *= a_lo;
+          acc[j][2] *= a_hi;
+          acc[j][3] *= a_hi;
+        }
+      }
+      const uint16_t* pa = p_s + row * kPPitch + 2 * t4;
+#pragma unroll
+      for (int ks = 0; ks < kKeyTile; ks += 16) {
+        const uint32_t a0 = ld32(pa + ks), a1 = ld32(pa + 8 * kPPitch + ks);
+        const uint32_t a2 = ld32(pa + ks + 8), a3 = ld32(pa + 8 * kPPitch + ks + 8);
+        const uint16_t* vb = k_s + (ks + 2 * t4) * ld + col0 + g;
+#pragma unroll
+        for (int j = 0; j < kMaxOutTiles; ++j) {
+          if (j < ntiles) {
+            const uint16_t* v = vb + j * 8;
+            const uint32_t b0 = static_cast<uint32_t>(v[0]) | (static_cast<uint32_t>(v[ld]) << 16);
+            const uint32_t b1 = static_cast<uint32_t>(v[8 * ld]) | (static_cast<uint32_t>(v[9 * ld]) << 16);
+            mma_16816(acc[j], a0, a1, a2, a3, b0, b1);
+          }
+        }
+      }
+    }
+  }
+  __syncthreads();  // the last tile's state
+
+  const int row = my_mtile * 16 + g;
+#pragma unroll
+  for (int half = 0; half < 2; ++half) {
+    const int r = row + 8 * half;
+    const int h = h0 + r;
+    if (h >= p.heads) continue;
+    const float m = m_s[r], l = l_s[r];
+    const long long head_row = static_cast<long long>(token) * p.heads + h;
+    if (p.splits == 1) {
+      const bool empty = m == neg_inf();
+      const float den = empty ? 1.0f : l + expf(p.sink[h] - m);
+      uint16_t* o = p.out + head_row * D + col0 + 2 * t4;
+#pragma unroll
+      for (int j = 0; j < kMaxOutTiles; ++j) {
+        if (j < ntiles) {
+          const float x0 = empty ? 0.0f : acc[j][2 * half] / den;
+          const float x1 = empty ? 0.0f : acc[j][2 * half + 1] / den;
+          *reinterpret_cast<uint32_t*>(o + 8 * j) = pack_bf16x2(x0, x1);
+        }
+      }
+    } else {
+      const long long part_row = (static_cast<long long>(token) * p.splits + split) * p.heads + h;
+      float* o = p.part_o + part_row * D + col0 + 2 * t4;
+#pragma unroll
+      for (int j = 0; j < kMaxOutTiles; ++j) {
+        if (j < ntiles) *reinterpret_cast<float2*>(o + 8 * j) = make_float2(acc[j][2 * half], acc[j][2 * half + 1]);
+      }
+      if (col0 == 0 && t4 == 0) {
+        p.part_ml[part_row * 2] = m;
+        p.part_ml[part_row * 2 + 1] = l;
+      }
+    }
+  }
+}
+
+// One block per (head, token): the splits merged in split order.
+__global__ void __launch_bounds__(kCombineThreads) sparse_attention_tc_combine(TcParams p) {
+  const int h = static_cast<int>(blockIdx.x);
+  const int token = static_cast<int>(blockIdx.y);
+  const int D = p.dim;
+  const auto part_row = [&](int s) { return (static_cast<long long>(token) * p.splits + s) * p.heads + h; };
+  float m = neg_inf();
+  for (int s = 0; s < p.splits; ++s) {
+    const float ms = p.part_ml[part_row(s) * 2];
+    m = m < ms ? ms : m;
+  }
+  uint16_t* out = p.out + (static_cast<long long>(token) * p.heads + h) * D;
+  if (m == neg_inf()) {
+    for (int d = static_cast<int>(threadIdx.x); d < D; d += kCombineThreads) out[d] = 0;  // no valid key
+    return;
+  }
+  float den = 0.0f;
+  for (int s = 0; s < p.splits; ++s) {
+    const float ms = p.part_ml[part_row(s) * 2];
+    if (ms != neg_inf()) den += p.part_ml[part_row(s) * 2 + 1] * expf(ms - m);
+  }
+  den += expf(p.sink[h] - m);
+  for (int d = static_cast<int>(threadIdx.x); d < D; d += kCombineThreads) {
+    float o = 0.0f;
+    for (int s = 0; s < p.splits; ++s) {
+      const float ms = p.part_ml[part_row(s) * 2];
+      if (ms != neg_inf()) o += p.part_o[part_row(s) * D + d] * expf(ms - m);
+    }
+    out[d] = f32_to_bf16(o / den);
+  }
+}
+
+// ---- host -------------------------------------------------------------------------------------------
+
+struct DeviceInfo {
+  bool known = false;
+  int major = 0, sms = 0, smem_optin = 0;
+};
+
+// The device's compute capability, SM count and shared-memory opt-in; on first use per device also
+// lets the kernel take as much dynamic shared memory as the largest block needs (or the device has).
+DeviceInfo device_info() {
+  static std::mutex mu;
+  static std::array<DeviceInfo, 64> infos{};
+  int device = 0;
+  gpu::check(cudaGetDevice(&device), "cudaGetDevice");
+  std::lock_guard<std::mutex> lock(mu);
+  if (device < 0 || device >= static_cast<int>(infos.size())) return DeviceInfo{};
+  DeviceInfo& info = infos[static_cast<size_t>(device)];
+  if (!info.known) {
+    gpu::check(cudaDeviceGetAttribute(&info.major, cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute");
+    gpu::check(cudaDeviceGetAttribute(&info.sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+    gpu::check(cudaDeviceGetAttribute(&info.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
+               "cudaDeviceGetAttribute");
+    if (info.major >= 8) {
+      const int most = std::min(info.smem_optin, static_cast<int>(tc_smem(kMaxHeadBlock, kMaxDim).bytes));
+      gpu::check(cudaFuncSetAttribute(sparse_attention_tc_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, most),
+                 "cudaFuncSetAttribute (sparse_attention_tc)");
+      info.smem_optin = most;
+    }
+    info.known = true;
+  }
+  return info;
+}
+
+bool aligned(const void* p, uintptr_t bytes) { return (reinterpret_cast<uintptr_t>(p) % bytes) == 0; }
+
+TcCache tc_cache(const Model1Layout& layout, const Tensor& cache, int64_t page_size, const Tensor& indices,
+                 const Tensor& lens) {
+  TcCache v;
+  if (!cache.defined()) return v;
+  v.bytes = cache.data<const uint8_t>();
+  v.indices = indices.data<const int32_t>();
+  v.lens = lens.data<const int32_t>();
+  v.page_size = page_size;
+  v.page_bytes = layout.page_bytes(page_size);
+  v.entries = cache.size(0) * page_size;
+  v.topk = static_cast<int>(indices.size(1));
+  return v;
+}
+
+long long ceil_div(long long a, long long b) { return (a + b - 1) / b; }
+
+}  // namespace
+
+SparseAttentionPath sparse_attention_path() { return static_cast<SparseAttentionPath>(path_switch().get()); }
+void set_sparse_attention_path(SparseAttentionPath path) { path_switch().set(static_cast<int>(path)); }
+const char* sparse_attention_path_name(SparseAttentionPath path) { return path_switch().name(static_cast<int>(path)); }
+uint64_t sparse_attention_tensor_core_calls() { return g_calls.load(std::memory_order_relaxed); }
+
+bool sparse_attention_tensor_core(const SparseAttentionArgs& a, void* stream) {
+  const int64_t T = a.q.size(0), H = a.q.size(1), D = a.q.size(2);
+  const Model1Layout layout = model1_layout(kSparseAttentionOp, D, a.rope_dim, a.kv_block, "kv_block");
+  if (D % 64 != 0 || D > kMaxDim || layout.nope_dim() % 8 != 0 || layout.scale_block % 8 != 0) return false;
+  if (!aligned(a.q.data<const uint16_t>(), 16) || !aligned(a.out.data<uint16_t>(), 16)) return false;
+  if (!aligned(a.swa_cache.data<const uint8_t>(), 8)) return false;
+  if (a.extra_cache.defined() && !aligned(a.extra_cache.data<const uint8_t>(), 8)) return false;
+  if (T > 0x7fffffffLL || H > 65535) return false;
+  const DeviceInfo info = device_info();
+  if (info.major < 8) return false;
+
+  // Heads per block: all of them up to 64, fewer while the tokens leave SMs idle (each block then
+  // dequantizes the keys again, from L2) or the shared memory does not fit.
+  int hb = H <= 16 ? 16 : (H <= 32 ? 32 : kMaxHeadBlock);
+  const auto blocks = [&](int b) { return T * ceil_div(H, b); };
+  while (hb > 16 && (blocks(hb) < info.sms || static_cast<int>(tc_smem(hb, static_cast<int>(D)).bytes) > info.smem_optin)) {
+    hb /= 2;
+  }
+  const unsigned smem = tc_smem(hb, static_cast<int>(D)).bytes;
+  if (static_cast<int>(smem) > info.smem_optin) return false;
+  // Splits of the candidates while the blocks still leave SMs idle (decode at small batch).
+  const int64_t max_candidates = a.swa_indices.size(1) + (a.extra_cache.defined() ? a.extra_indices.size(1) : 0);
+  const int64_t tiles = std::max<int64_t>(1, ceil_div(max_candidates, kKeyTile));
+  int64_t splits = 1;
+  if (blocks(hb) < info.sms) splits = std::min<int64_t>({ceil_div(info.sms, blocks(hb)), tiles, kMaxSplits});
+  const int64_t split_tiles = ceil_div(tiles, splits);
+  splits = ceil_div(tiles, split_tiles);
+
+  TcParams p;
+  p.q = a.q.data<const uint16_t>();
+  p.out = a.out.data<uint16_t>();
+  p.sink = a.attn_sink.data<const float>();
+  p.swa = tc_cache(layout, a.swa_cache, a.swa_page_size, a.swa_indices, a.swa_lens);
+  p.extra = tc_cache(layout, a.extra_cache, a.extra_page_size, a.extra_indices, a.extra_lens);
+  p.heads = static_cast<int>(H);
+  p.dim = static_cast<int>(D);
+  p.nope = static_cast<int>(layout.nope_dim());
+  p.scale_block = static_cast<int>(layout.scale_block);
+  p.value_bytes = static_cast<int>(layout.value_bytes());
+  p.scale_bytes = static_cast<int>(layout.scale_bytes());
+  p.scale = a.scale;
+  p.head_block = hb;
+  p.splits = static_cast<int>(splits);
+  p.split_keys = static_cast<int>(split_tiles * kKeyTile);
+
+  const auto st = static_cast<gpu::Stream>(stream);
+  const size_t part_floats = splits > 1 ? static_cast<size_t>(T * splits * H * (D + 2)) : 0;
+  gpu::Scratch part(part_floats * sizeof(float), st);
+  if (splits > 1) {
+    p.part_o = part.as<float>();
+    p.part_ml = p.part_o + T * splits * H * D;
+  }
+  const dim3 grid(static_cast<unsigned>(T), static_cast<unsigned>(ceil_div(H, hb)), static_cast<unsigned>(splits));
+  sparse_attention_tc_kernel<<<grid, kThreads, smem, st>>>(p);
+  gpu::check_launch(kSparseAttentionOp);
+  if (splits > 1) {
+    sparse_attention_tc_combine<<<dim3(static_cast<unsigned>(H), static_cast<unsigned>(T)), kCombineThreads, 0, st>>>(p);
+    gpu::check_launch(kSparseAttentionOp);
+  }
+  g_calls.fetch_add(1, std::memory_order_relaxed);
+  return true;
+}
+
+}  // namespace dsv4::kernels::cuda
