@@ -29,6 +29,7 @@
 #include <cstdint>
 
 #include "engine/core/formats.h"
+#include "kernels/cuda/sparse_attention_problem.h"
 #include "kernels/norm_rope.h"
 #if !defined(__HIPCC__)
 #include "kernels/cuda/sparse_attention_tc.h"  // the tensor-core path: CUDA only
@@ -48,24 +49,7 @@ static_assert(kMaxGroupElements >= kSparseAttentionGpuMaxDim, "one head per bloc
 
 using namespace gpu_math;  // rounded operations, glibc's expf
 
-// One MODEL1 cache and its per-token index rows, as the kernel reads them.
-struct CacheView {
-  const uint8_t* bytes = nullptr;
-  const int32_t* indices = nullptr;  // [T, topk]
-  const int32_t* lens = nullptr;     // [T]
-  long long page_size = 1;
-  long long page_bytes = 0;
-  long long entries = 0;  // pages * page_size: valid indices are [0, entries)
-  int topk = 0;
-};
-
-struct Params {
-  const uint16_t* q = nullptr;  // [T, H, D] bf16
-  uint16_t* out = nullptr;      // [T, H, D] bf16
-  const float* sink = nullptr;  // [H]
-  CacheView swa, extra;         // extra.topk == 0 when absent
-  int heads = 0, dim = 0, nope = 0, scale_block = 1, value_bytes = 0, scale_bytes = 0;
-  float scale = 0.0f;
+struct Params : AttentionProblem {
   int group = 1;  // heads per block
   int tile = 1;   // keys per tile
 };
@@ -76,12 +60,6 @@ struct Params {
 long long smem_words(int group, int tile, int dim) {
   return static_cast<long long>(group) * dim + 2LL * group + 1 +
          static_cast<long long>(tile) * (dim + 1 + 2LL * group + 2);
-}
-
-__device__ inline int clamp_len(const int32_t* lens, int t, int topk) {
-  if (lens == nullptr || topk <= 0) return 0;
-  const int len = lens[t];
-  return len < 0 ? 0 : (len > topk ? topk : len);
 }
 
 __global__ void __launch_bounds__(kThreads) sparse_attention_kernel(Params p) {
@@ -104,8 +82,8 @@ __global__ void __launch_bounds__(kThreads) sparse_attention_kernel(Params p) {
   int* src_s = loc_s + KT;                                // [tile]: 0 SWA, 1 extra
   int* count_s = src_s + KT;                              // valid keys of the token
 
-  const int swa_len = clamp_len(p.swa.lens, t, p.swa.topk);
-  const int extra_len = clamp_len(p.extra.lens, t, p.extra.topk);
+  const int swa_len = attention_clamp_len(p.swa, t);
+  const int extra_len = attention_clamp_len(p.extra, t);
   const int candidates = swa_len + extra_len;
 
   const long long head_base = (static_cast<long long>(t) * p.heads + h0) * D;  // the group's heads are adjacent
@@ -127,12 +105,8 @@ __global__ void __launch_bounds__(kThreads) sparse_attention_kernel(Params p) {
       const int kt = min(KT, candidates - c0);
       // The tile's locations, in candidate order; anything outside its cache is no key.
       if (tid < kt) {
-        const int c = c0 + tid;
-        const bool from_swa = c < swa_len;
-        const CacheView& cache = from_swa ? p.swa : p.extra;
-        const int column = from_swa ? c : c - swa_len;
-        const int32_t idx = cache.indices[static_cast<long long>(t) * cache.topk + column];
-        loc_s[tid] = idx >= 0 && static_cast<long long>(idx) < cache.entries ? idx : -1;
+        bool from_swa = false;
+        loc_s[tid] = attention_candidate(p, t, c0 + tid, swa_len, &from_swa);
         src_s[tid] = from_swa ? 0 : 1;
       }
       __syncthreads();
@@ -143,13 +117,9 @@ __global__ void __launch_bounds__(kThreads) sparse_attention_kernel(Params p) {
         const int loc = loc_s[k];
         float v = 0.0f;
         if (loc >= 0) {
-          const CacheView& cache = src_s[k] == 0 ? p.swa : p.extra;
-          const long long page = loc / cache.page_size;
-          const long long slot = loc - page * cache.page_size;
-          const uint8_t* base = cache.bytes + page * cache.page_bytes;
-          const uint8_t* values = base + slot * p.value_bytes;
+          const uint8_t* scales = nullptr;
+          const uint8_t* values = attention_entry_values(p, src_s[k] == 0 ? p.swa : p.extra, loc, &scales);
           if (d < p.nope) {
-            const uint8_t* scales = base + cache.page_size * p.value_bytes + slot * p.scale_bytes;
             v = fmul(e4m3fn_to_f32(values[d]), ue8m0_to_f32(scales[d / p.scale_block]));
           } else {
             const int i = d - p.nope;
@@ -237,20 +207,6 @@ __global__ void __launch_bounds__(kThreads) sparse_attention_kernel(Params p) {
   }
 }
 
-CacheView cache_view(const Model1Layout& layout, const Tensor& cache, int64_t page_size, const Tensor& indices,
-                     const Tensor& lens) {
-  CacheView v;
-  if (!cache.defined()) return v;
-  v.bytes = cache.data<const uint8_t>();
-  v.indices = indices.data<const int32_t>();
-  v.lens = lens.data<const int32_t>();
-  v.page_size = page_size;
-  v.page_bytes = layout.page_bytes(page_size);
-  v.entries = cache.size(0) * page_size;
-  v.topk = static_cast<int>(indices.size(1));
-  return v;
-}
-
 }  // namespace
 
 void sparse_attention(const SparseAttentionArgs& a, void* stream) {
@@ -265,18 +221,7 @@ void sparse_attention(const SparseAttentionArgs& a, void* stream) {
   const Model1Layout layout = model1_layout(kSparseAttentionOp, dim, a.rope_dim, a.kv_block, "kv_block");
 
   Params p;
-  p.q = a.q.data<const uint16_t>();
-  p.out = a.out.data<uint16_t>();
-  p.sink = a.attn_sink.data<const float>();
-  p.swa = cache_view(layout, a.swa_cache, a.swa_page_size, a.swa_indices, a.swa_lens);
-  p.extra = cache_view(layout, a.extra_cache, a.extra_page_size, a.extra_indices, a.extra_lens);
-  p.heads = static_cast<int>(heads);
-  p.dim = static_cast<int>(dim);
-  p.nope = static_cast<int>(layout.nope_dim());
-  p.scale_block = static_cast<int>(layout.scale_block);
-  p.value_bytes = static_cast<int>(layout.value_bytes());
-  p.scale_bytes = static_cast<int>(layout.scale_bytes());
-  p.scale = a.scale;
+  fill_attention_problem(p, a, layout);
 
   // Heads per block: as many as the accumulators hold, fewer when that leaves too few blocks
   // (decode). The numerics do not depend on the grouping.

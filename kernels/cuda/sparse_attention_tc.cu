@@ -32,6 +32,7 @@
 #include "engine/core/formats.h"
 #include "kernels/cuda/path_switch.h"
 #include "kernels/cuda/port.h"
+#include "kernels/cuda/sparse_attention_problem.h"
 #include "kernels/norm_rope.h"
 
 namespace dsv4::kernels::cuda {
@@ -58,23 +59,7 @@ PathSwitch& path_switch() {
 }
 std::atomic<uint64_t> g_calls{0};
 
-struct TcCache {
-  const uint8_t* bytes = nullptr;
-  const int32_t* indices = nullptr;  // [T, topk]
-  const int32_t* lens = nullptr;     // [T]
-  long long page_size = 1;
-  long long page_bytes = 0;
-  long long entries = 0;  // pages * page_size
-  int topk = 0;           // 0: no such cache
-};
-
-struct TcParams {
-  const uint16_t* q = nullptr;  // [T, H, D] bf16
-  uint16_t* out = nullptr;      // [T, H, D] bf16
-  const float* sink = nullptr;  // [H]
-  TcCache swa, extra;
-  int heads = 0, dim = 0, nope = 0, scale_block = 1, value_bytes = 0, scale_bytes = 0;
-  float scale = 0.0f;
+struct TcParams : AttentionProblem {
   int head_block = 16;
   int splits = 1;
   int split_keys = kKeyTile;  // candidates per split, a multiple of kKeyTile
@@ -111,12 +96,6 @@ __host__ __device__ inline TcSmem tc_smem(int head_block, int dim) {
 }
 
 __device__ inline float neg_inf() { return __int_as_float(static_cast<int>(0xff800000u)); }
-
-__device__ inline int clamp_len(const TcCache& c, int t) {
-  if (c.lens == nullptr || c.topk <= 0) return 0;
-  const int len = c.lens[t];
-  return len < 0 ? 0 : (len > c.topk ? c.topk : len);
-}
 
 __device__ inline uint32_t ld32(const uint16_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
@@ -177,8 +156,8 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attention_tc_kernel(TcPara
   const int split = static_cast<int>(blockIdx.z);
   const int mtiles = HB / 16;
 
-  const int swa_len = clamp_len(p.swa, token);
-  const int candidates = swa_len + clamp_len(p.extra, token);
+  const int swa_len = attention_clamp_len(p.swa, token);
+  const int candidates = swa_len + attention_clamp_len(p.extra, token);
   const int begin = split * p.split_keys;
   const int end = min(candidates, begin + p.split_keys);
 
@@ -213,12 +192,8 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attention_tc_kernel(TcPara
     if (tid < kKeyTile) {
       int loc = -1, src = 0;
       if (tid < kt) {
-        const int c = c0 + tid;
-        const bool from_swa = c < swa_len;
-        const TcCache& cache = from_swa ? p.swa : p.extra;
-        const int column = from_swa ? c : c - swa_len;
-        const int32_t idx = cache.indices[static_cast<long long>(token) * cache.topk + column];
-        loc = idx >= 0 && static_cast<long long>(idx) < cache.entries ? idx : -1;
+        bool from_swa = false;
+        loc = attention_candidate(p, token, c0 + tid, swa_len, &from_swa);
         src = from_swa ? 0 : 1;
       }
       loc_s[tid] = loc;
@@ -233,13 +208,9 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attention_tc_kernel(TcPara
       const int loc = loc_s[k];
       uint4 v = make_uint4(0u, 0u, 0u, 0u);
       if (loc >= 0) {
-        const TcCache& cache = src_s[k] == 0 ? p.swa : p.extra;
-        const long long page = loc / cache.page_size;
-        const long long slot = loc - page * cache.page_size;
-        const uint8_t* base = cache.bytes + page * cache.page_bytes;
-        const uint8_t* values = base + slot * p.value_bytes;
+        const uint8_t* scales = nullptr;
+        const uint8_t* values = attention_entry_values(p, src_s[k] == 0 ? p.swa : p.extra, loc, &scales);
         if (d0 < p.nope) {
-          const uint8_t* scales = base + cache.page_size * p.value_bytes + slot * p.scale_bytes;
           v = dequant8(values + d0, ue8m0_to_f32(scales[d0 / p.scale_block]));
         } else {
           const uint2* rope = reinterpret_cast<const uint2*>(values + p.nope + 2 * (d0 - p.nope));
@@ -447,20 +418,6 @@ DeviceInfo device_info() {
 
 bool aligned(const void* p, uintptr_t bytes) { return (reinterpret_cast<uintptr_t>(p) % bytes) == 0; }
 
-TcCache tc_cache(const Model1Layout& layout, const Tensor& cache, int64_t page_size, const Tensor& indices,
-                 const Tensor& lens) {
-  TcCache v;
-  if (!cache.defined()) return v;
-  v.bytes = cache.data<const uint8_t>();
-  v.indices = indices.data<const int32_t>();
-  v.lens = lens.data<const int32_t>();
-  v.page_size = page_size;
-  v.page_bytes = layout.page_bytes(page_size);
-  v.entries = cache.size(0) * page_size;
-  v.topk = static_cast<int>(indices.size(1));
-  return v;
-}
-
 long long ceil_div(long long a, long long b) { return (a + b - 1) / b; }
 
 }  // namespace
@@ -499,18 +456,7 @@ bool sparse_attention_tensor_core(const SparseAttentionArgs& a, void* stream) {
   splits = ceil_div(tiles, split_tiles);
 
   TcParams p;
-  p.q = a.q.data<const uint16_t>();
-  p.out = a.out.data<uint16_t>();
-  p.sink = a.attn_sink.data<const float>();
-  p.swa = tc_cache(layout, a.swa_cache, a.swa_page_size, a.swa_indices, a.swa_lens);
-  p.extra = tc_cache(layout, a.extra_cache, a.extra_page_size, a.extra_indices, a.extra_lens);
-  p.heads = static_cast<int>(H);
-  p.dim = static_cast<int>(D);
-  p.nope = static_cast<int>(layout.nope_dim());
-  p.scale_block = static_cast<int>(layout.scale_block);
-  p.value_bytes = static_cast<int>(layout.value_bytes());
-  p.scale_bytes = static_cast<int>(layout.scale_bytes());
-  p.scale = a.scale;
+  fill_attention_problem(p, a, layout);
   p.head_block = hb;
   p.splits = static_cast<int>(splits);
   p.split_keys = static_cast<int>(split_tiles * kKeyTile);
