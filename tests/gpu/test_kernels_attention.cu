@@ -18,6 +18,7 @@
 #include <cmath>
 #include <cstdint>
 #include <cstdio>
+#include <functional>
 #include <limits>
 #include <random>
 #include <string>
@@ -253,6 +254,28 @@ void sweep(const std::string& preset, int64_t heads, const CacheSpec& swa, const
   }
 }
 
+// Captures sparse_attention(d) on `stream` into a CUDA graph, then replays it `replays` times,
+// synchronizing and calling check(replay) after each.
+void replay_in_a_graph(cudaStream_t stream, const SparseAttentionArgs& d, int replays,
+                       const std::function<void(int)>& check) {
+  cudaGraph_t graph = nullptr;
+  cudaGraphExec_t exec = nullptr;
+  ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), cudaSuccess);
+  {
+    StreamScope scope(stream);
+    sparse_attention(d);
+  }
+  ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
+  ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
+  for (int replay = 0; replay < replays; ++replay) {
+    ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
+    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+    check(replay);
+  }
+  EXPECT_EQ(cudaGraphExecDestroy(exec), cudaSuccess);
+  EXPECT_EQ(cudaGraphDestroy(graph), cudaSuccess);
+}
+
 // ---- host vs GPU ----------------------------------------------------------------------------------
 
 TEST(GpuSparseAttention, FlashWindowOnlyMatchesHost) {
@@ -396,20 +419,7 @@ TEST(GpuSparseAttention, RunsOnTheCurrentStreamAndInAGraph) {
   {
     // Captured into a graph (no allocation, no synchronization inside the entry point).
     const SparseAttentionArgs d = to_device(c.args(), device);
-    cudaGraph_t graph = nullptr;
-    cudaGraphExec_t exec = nullptr;
-    ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), cudaSuccess);
-    {
-      StreamScope scope(stream);
-      sparse_attention(d);
-    }
-    ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
-    ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
-    ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
-    ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
-    expect_matches_host(c, codes(d.out), want, "graph replay");
-    EXPECT_EQ(cudaGraphExecDestroy(exec), cudaSuccess);
-    EXPECT_EQ(cudaGraphDestroy(graph), cudaSuccess);
+    replay_in_a_graph(stream, d, 1, [&](int) { expect_matches_host(c, codes(d.out), want, "graph replay"); });
   }
   EXPECT_EQ(cudaStreamDestroy(stream), cudaSuccess);
 }
@@ -628,22 +638,9 @@ TEST(GpuSparseAttentionTensorCore, RerunsAndAGraphReplayAreBitwiseIdentical) {
       ASSERT_EQ(run_device(d), first) << "T=" << tokens << " run " << run;
     }
     const SparseAttentionArgs g = to_device(c.args(), device);
-    cudaGraph_t graph = nullptr;
-    cudaGraphExec_t exec = nullptr;
-    ASSERT_EQ(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal), cudaSuccess);
-    {
-      StreamScope scope(stream);
-      sparse_attention(g);
-    }
-    ASSERT_EQ(cudaStreamEndCapture(stream, &graph), cudaSuccess);
-    ASSERT_EQ(cudaGraphInstantiate(&exec, graph, 0), cudaSuccess);
-    for (int replay = 0; replay < 2; ++replay) {
-      ASSERT_EQ(cudaGraphLaunch(exec, stream), cudaSuccess);
-      ASSERT_EQ(cudaStreamSynchronize(stream), cudaSuccess);
+    replay_in_a_graph(stream, g, 2, [&](int replay) {
       EXPECT_EQ(codes(g.out), first) << "T=" << tokens << " graph replay " << replay;
-    }
-    EXPECT_EQ(cudaGraphExecDestroy(exec), cudaSuccess);
-    EXPECT_EQ(cudaGraphDestroy(graph), cudaSuccess);
+    });
   }
   EXPECT_EQ(cudaStreamDestroy(stream), cudaSuccess);
 }
