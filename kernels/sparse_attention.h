@@ -30,7 +30,8 @@
 // The GPU kernel (kernels/cuda/sparse_attention.cu) equals the host bit for bit: it follows the host
 // order (sequential f32 dot products, max, then P, the denominator and P.V summed in key order, no
 // FMA contraction), and its exp is kernels/cuda/libm.h's libm_expf, glibc's expf (what the host's
-// std::exp(float) calls) operation for operation.
+// std::exp(float) calls) operation for operation. That is the default; DSV4_SPARSE_ATTENTION=
+// tensor_core selects a faster, not bitwise, path on CUDA (kernels/cuda/sparse_attention_tc.h).
 #pragma once
 
 #include <cstdint>
@@ -70,7 +71,8 @@ void sparse_attention(const SparseAttentionArgs& args);
 #if defined(DSV4_WITH_CUDA)
 namespace dsv4::kernels::cuda {
 // The CUDA (HIP-portable) implementation on `stream` (a cudaStream_t; nullptr is the default
-// stream): asynchronous, no allocation, capturable. `args` must have passed
+// stream): asynchronous, capturable, no allocation (the tensor-core path's split partials come from
+// stream-ordered cudaMallocAsync scratch). `args` must have passed
 // check_sparse_attention_contract with its tensors on the GPU.
 void sparse_attention(const SparseAttentionArgs& args, void* stream);
 }  // namespace dsv4::kernels::cuda

@@ -135,7 +135,11 @@ __device__ inline uint4 dequant8(const uint8_t* codes, float scale) {
   return make_uint4(out[0], out[1], out[2], out[3]);
 }
 
-__global__ void __launch_bounds__(kThreads, 1) sparse_attention_tc_kernel(TcParams p) {
+// kTiles: the accumulators' n8 tiles per warp (at least D * (HB / 16) / 64): registers for 8 or 16
+// tiles leave room for 3 or 2 blocks per SM, where all 32 allow one.
+template <int kTiles>
+__global__ void __launch_bounds__(kThreads, kTiles <= 8 ? 3 : (kTiles <= 16 ? 2 : 1))
+    sparse_attention_tc_kernel(TcParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
   const TcSmem L = tc_smem(p.head_block, p.dim);
   uint16_t* q_s = reinterpret_cast<uint16_t*>(smem + L.q);  // [HB][ld]
@@ -182,9 +186,9 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attention_tc_kernel(TcPara
   const int my_mtile = warp / warps_per_mtile;
   const int ntiles = D / warps_per_mtile / 8;
   const int col0 = (warp % warps_per_mtile) * ntiles * 8;
-  float acc[kMaxOutTiles][4];
+  float acc[kTiles][4];
 #pragma unroll
-  for (int j = 0; j < kMaxOutTiles; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
+  for (int j = 0; j < kTiles; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
 
   for (int c0 = begin; c0 < end; c0 += kKeyTile) {
     const int kt = min(kKeyTile, end - c0);
@@ -261,14 +265,15 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attention_tc_kernel(TcPara
       }
       const float m_old = m_s[r];
       const float m_new = m_old < mx ? mx : m_old;
-      const bool none = m_new == neg_inf();  // no valid key yet in this split
-      const float alpha = none ? 1.0f : (m_old == neg_inf() ? 0.0f : expf(m_old - m_new));
+      // Every valid key gets p = exp(s - m), as on the host: a NaN logit (a corrupt entry) makes l and
+      // the output NaN, and l stays 0 exactly while the split has no valid key.
+      const float alpha = m_old == m_new ? 1.0f : expf(m_old - m_new);
       float sum = 0.0f;
       uint16_t* prow = p_s + r * kPPitch + part * 8;
 #pragma unroll
       for (int j = 0; j < 8; j += 2) {
-        const float pa = !none && valid[j] ? expf(sv[j] - m_new) : 0.0f;
-        const float pb = !none && valid[j + 1] ? expf(sv[j + 1] - m_new) : 0.0f;
+        const float pa = valid[j] ? expf(sv[j] - m_new) : 0.0f;
+        const float pb = valid[j + 1] ? expf(sv[j + 1] - m_new) : 0.0f;
         sum += pa;
         sum += pb;
         *reinterpret_cast<uint32_t*>(prow + j) = pack_bf16x2(pa, pb);
@@ -288,7 +293,7 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attention_tc_kernel(TcPara
       const int row = my_mtile * 16 + g;
       const float a_lo = alpha_s[row], a_hi = alpha_s[row + 8];
 #pragma unroll
-      for (int j = 0; j < kMaxOutTiles; ++j) {
+      for (int j = 0; j < kTiles; ++j) {
         if (j < ntiles) {
           acc[j][0] *= a_lo;
           acc[j][1] *= a_lo;
@@ -303,7 +308,7 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attention_tc_kernel(TcPara
         const uint32_t a2 = ld32(pa + ks + 8), a3 = ld32(pa + 8 * kPPitch + ks + 8);
         const uint16_t* vb = k_s + (ks + 2 * t4) * ld + col0 + g;
 #pragma unroll
-        for (int j = 0; j < kMaxOutTiles; ++j) {
+        for (int j = 0; j < kTiles; ++j) {
           if (j < ntiles) {
             const uint16_t* v = vb + j * 8;
             const uint32_t b0 = static_cast<uint32_t>(v[0]) | (static_cast<uint32_t>(v[ld]) << 16);
@@ -325,11 +330,11 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attention_tc_kernel(TcPara
     const float m = m_s[r], l = l_s[r];
     const long long head_row = static_cast<long long>(token) * p.heads + h;
     if (p.splits == 1) {
-      const bool empty = m == neg_inf();
+      const bool empty = l == 0.0f;  // no valid key (a valid key's p is 1 at the max, or NaN)
       const float den = empty ? 1.0f : l + expf(p.sink[h] - m);
       uint16_t* o = p.out + head_row * D + col0 + 2 * t4;
 #pragma unroll
-      for (int j = 0; j < kMaxOutTiles; ++j) {
+      for (int j = 0; j < kTiles; ++j) {
         if (j < ntiles) {
           const float x0 = empty ? 0.0f : acc[j][2 * half] / den;
           const float x1 = empty ? 0.0f : acc[j][2 * half + 1] / den;
@@ -340,7 +345,7 @@ __global__ void __launch_bounds__(kThreads, 1) sparse_attention_tc_kernel(TcPara
       const long long part_row = (static_cast<long long>(token) * p.splits + split) * p.heads + h;
       float* o = p.part_o + part_row * D + col0 + 2 * t4;
 #pragma unroll
-      for (int j = 0; j < kMaxOutTiles; ++j) {
+      for (int j = 0; j < kTiles; ++j) {
         if (j < ntiles) *reinterpret_cast<float2*>(o + 8 * j) = make_float2(acc[j][2 * half], acc[j][2 * half + 1]);
       }
       if (col0 == 0 && t4 == 0) {
@@ -357,27 +362,32 @@ __global__ void __launch_bounds__(kCombineThreads) sparse_attention_tc_combine(T
   const int token = static_cast<int>(blockIdx.y);
   const int D = p.dim;
   const auto part_row = [&](int s) { return (static_cast<long long>(token) * p.splits + s) * p.heads + h; };
+  // A split with no valid key has l == 0 exactly and is left out; any other one counts (a NaN l
+  // from a corrupt entry makes the output NaN, as on the host).
   float m = neg_inf();
+  bool any = false;
   for (int s = 0; s < p.splits; ++s) {
+    if (p.part_ml[part_row(s) * 2 + 1] == 0.0f) continue;
     const float ms = p.part_ml[part_row(s) * 2];
     m = m < ms ? ms : m;
+    any = true;
   }
   uint16_t* out = p.out + (static_cast<long long>(token) * p.heads + h) * D;
-  if (m == neg_inf()) {
+  if (!any) {
     for (int d = static_cast<int>(threadIdx.x); d < D; d += kCombineThreads) out[d] = 0;  // no valid key
     return;
   }
+  const auto weight = [&](int s) { return expf(p.part_ml[part_row(s) * 2] - m); };
   float den = 0.0f;
   for (int s = 0; s < p.splits; ++s) {
-    const float ms = p.part_ml[part_row(s) * 2];
-    if (ms != neg_inf()) den += p.part_ml[part_row(s) * 2 + 1] * expf(ms - m);
+    const float ls = p.part_ml[part_row(s) * 2 + 1];
+    if (ls != 0.0f) den += ls * weight(s);
   }
   den += expf(p.sink[h] - m);
   for (int d = static_cast<int>(threadIdx.x); d < D; d += kCombineThreads) {
     float o = 0.0f;
     for (int s = 0; s < p.splits; ++s) {
-      const float ms = p.part_ml[part_row(s) * 2];
-      if (ms != neg_inf()) o += p.part_o[part_row(s) * D + d] * expf(ms - m);
+      if (p.part_ml[part_row(s) * 2 + 1] != 0.0f) o += p.part_o[part_row(s) * D + d] * weight(s);
     }
     out[d] = f32_to_bf16(o / den);
   }
@@ -388,6 +398,7 @@ __global__ void __launch_bounds__(kCombineThreads) sparse_attention_tc_combine(T
 struct DeviceInfo {
   bool known = false;
   int major = 0, sms = 0, smem_optin = 0;
+  bool compiled = false;  // the kernel's code for this device is sm_80 or later (mma.sync), not the trap
 };
 
 // The device's compute capability, SM count and shared-memory opt-in; on first use per device also
@@ -405,10 +416,18 @@ DeviceInfo device_info() {
     gpu::check(cudaDeviceGetAttribute(&info.sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
     gpu::check(cudaDeviceGetAttribute(&info.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
                "cudaDeviceGetAttribute");
-    if (info.major >= 8) {
+    cudaFuncAttributes attributes{};
+    gpu::check(cudaFuncGetAttributes(&attributes, sparse_attention_tc_kernel<kMaxOutTiles>),
+               "cudaFuncGetAttributes (sparse_attention_tc)");
+    info.compiled = attributes.ptxVersion >= 80 && attributes.binaryVersion >= 80;
+    if (info.major >= 8 && info.compiled) {
       const int most = std::min(info.smem_optin, static_cast<int>(tc_smem(kMaxHeadBlock, kMaxDim).bytes));
-      gpu::check(cudaFuncSetAttribute(sparse_attention_tc_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, most),
-                 "cudaFuncSetAttribute (sparse_attention_tc)");
+      for (const void* kernel : {reinterpret_cast<const void*>(sparse_attention_tc_kernel<8>),
+                                 reinterpret_cast<const void*>(sparse_attention_tc_kernel<16>),
+                                 reinterpret_cast<const void*>(sparse_attention_tc_kernel<kMaxOutTiles>)}) {
+        gpu::check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, most),
+                   "cudaFuncSetAttribute (sparse_attention_tc)");
+      }
       info.smem_optin = most;
     }
     info.known = true;
@@ -436,7 +455,7 @@ bool sparse_attention_tensor_core(const SparseAttentionArgs& a, void* stream) {
   if (a.extra_cache.defined() && !aligned(a.extra_cache.data<const uint8_t>(), 8)) return false;
   if (T > 0x7fffffffLL || H > 65535) return false;
   const DeviceInfo info = device_info();
-  if (info.major < 8) return false;
+  if (info.major < 8 || !info.compiled) return false;
 
   // Heads per block: all of them up to 64, fewer while the tokens leave SMs idle (each block then
   // dequantizes the keys again, from L2) or the shared memory does not fit.
@@ -469,7 +488,14 @@ bool sparse_attention_tensor_core(const SparseAttentionArgs& a, void* stream) {
     p.part_ml = p.part_o + T * splits * H * D;
   }
   const dim3 grid(static_cast<unsigned>(T), static_cast<unsigned>(ceil_div(H, hb)), static_cast<unsigned>(splits));
-  sparse_attention_tc_kernel<<<grid, kThreads, smem, st>>>(p);
+  const int64_t tiles_per_warp = D * (hb / 16) / 64;
+  if (tiles_per_warp <= 8) {
+    sparse_attention_tc_kernel<8><<<grid, kThreads, smem, st>>>(p);
+  } else if (tiles_per_warp <= 16) {
+    sparse_attention_tc_kernel<16><<<grid, kThreads, smem, st>>>(p);
+  } else {
+    sparse_attention_tc_kernel<kMaxOutTiles><<<grid, kThreads, smem, st>>>(p);
+  }
   gpu::check_launch(kSparseAttentionOp);
   if (splits > 1) {
     sparse_attention_tc_combine<<<dim3(static_cast<unsigned>(H), static_cast<unsigned>(T)), kCombineThreads, 0, st>>>(p);

@@ -9,7 +9,8 @@
 //   exact       : kernels/cuda/sparse_attention.cu, bit for bit the host kernel.
 //   tensor_core : this path wherever the problem fits (head_dim a multiple of 64 up to 512, the nope
 //                 dims, rope dims and kv_block multiples of 8, 16-byte aligned q and out, 8-byte
-//                 aligned caches, a device of compute capability 8.0 or later), the exact kernel
+//                 aligned caches, a device of compute capability 8.0 or later and a build whose
+//                 code for it is sm_80 or later), the exact kernel
 //                 otherwise. Flash-decoding: bf16 tensor-core products (mma.sync m16n8k16, f32
 //                 accumulation) over key tiles with an online softmax. The dequantized keys are
 //                 exact in bf16 (e4m3 times a power of two, and bf16 rope dims), so the products are
