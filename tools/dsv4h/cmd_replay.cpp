@@ -1,9 +1,12 @@
 // dsv4h replay (re-run a recorded case exactly and print its verdict and first divergence) and
 // dsv4h shrink (make a recorded case smaller while it fails the same way).
 #include <cstdio>
+#include <sstream>
+#include <string>
 
 #include "engine/core/error.h"
 #include "properties/case_file.h"
+#include "properties/isolation.h"
 #include "repros/replay.h"
 #include "repros/shrink.h"
 #include "tools/dsv4h/cli.h"
@@ -65,7 +68,17 @@ int cmd_replay(const std::vector<std::string>& argv, std::ostream& out) {
   for (size_t i = 0; i < r.verdicts.size() && i < 5; ++i) {
     out << "run " << i + 1 << (options.without_faults ? " (without faults)" : "") << ": " << verdict_line(r.verdicts[i])
         << "\n";
-    if (!r.verdicts[i].passed()) out << "  " << first_line(r.verdicts[i].detail) << "\n";
+    if (r.verdicts[i].passed()) continue;
+    out << "  " << first_line(r.verdicts[i].detail) << "\n";
+    // A crash's detail goes on with the child's stderr (the sanitizer, CUDA or abort report): print
+    // it on the first failing run, indented, since that is where the cause is.
+    const std::string& detail = r.verdicts[i].detail;
+    const size_t rest = detail.find('\n');
+    if (r.verdicts[i].kind == props::VerdictKind::crash && rest != std::string::npos && i == 0) {
+      out << "  child stderr (its last " << props::kStderrTailBytes << " bytes at most):\n";
+      std::istringstream lines(detail.substr(rest + 1));
+      for (std::string line; std::getline(lines, line);) out << "    " << line << "\n";
+    }
   }
   if (options.repeat > 1) {
     char rate[128];
