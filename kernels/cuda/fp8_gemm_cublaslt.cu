@@ -27,8 +27,8 @@ constexpr size_t kMaxWorkspace = size_t{32} << 20;  // what the heuristic may as
 constexpr long long kTuneMinTokens = 512;            // autotuning only for prefill-sized problems
 
 long long round_up(long long a, long long b) { return (a + b - 1) / b * b; }
-long long ceil_div(long long a, long long b) { return (a + b - 1) / b; }
-bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15u) == 0; }
+using gpu::ceil_div;
+bool aligned16(const void* p) { return gpu::aligned(p, 16); }
 
 // ---- the switch -----------------------------------------------------------------------------------
 

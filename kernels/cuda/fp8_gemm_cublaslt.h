@@ -33,6 +33,8 @@
 
 #include <cstdint>
 
+#include "kernels/cuda/path_switch.h"
+
 namespace dsv4::kernels::cuda {
 
 enum class Fp8GemmPath : int { portable = 0, cublaslt = 1 };
@@ -43,16 +45,7 @@ void set_fp8_gemm_path(Fp8GemmPath path);
 const char* fp8_gemm_path_name(Fp8GemmPath path);
 
 // Sets the path for its lifetime (tests, benchmarks); restores the previous one.
-class Fp8GemmPathScope {
- public:
-  explicit Fp8GemmPathScope(Fp8GemmPath path) : previous_(fp8_gemm_path()) { set_fp8_gemm_path(path); }
-  ~Fp8GemmPathScope() { set_fp8_gemm_path(previous_); }
-  Fp8GemmPathScope(const Fp8GemmPathScope&) = delete;
-  Fp8GemmPathScope& operator=(const Fp8GemmPathScope&) = delete;
-
- private:
-  Fp8GemmPath previous_;
-};
+using Fp8GemmPathScope = PathScope<Fp8GemmPath, fp8_gemm_path, set_fp8_gemm_path>;
 
 // One problem: out [T, N] bf16 = qa [T, K] e4m3 · w [N, K]^T with 1 x 128 activation scales sa
 // [T, K / 128] ue8m0 (rows sa_ld apart) and 128 x 128 weight scales sw [ceil(N / 128), K / 128]

@@ -53,4 +53,17 @@ class PathSwitch {
   std::atomic<int> value_{-1};  // -1: not read yet
 };
 
+// Sets a switch's path for its lifetime (tests, benchmarks) and restores the previous one.
+template <class Path, Path (*get)(), void (*set)(Path)>
+class PathScope {
+ public:
+  explicit PathScope(Path path) : previous_(get()) { set(path); }
+  ~PathScope() { set(previous_); }
+  PathScope(const PathScope&) = delete;
+  PathScope& operator=(const PathScope&) = delete;
+
+ private:
+  Path previous_;
+};
+
 }  // namespace dsv4::kernels::cuda

@@ -71,7 +71,10 @@ inline void check_launch(const char* op) {
   if (e != kSuccess) throw std::runtime_error(std::string(op) + ": kernel launch failed: " + error_string(e));
 }
 
-inline int blocks_for(long long n, int threads) { return static_cast<int>((n + threads - 1) / threads); }
+inline long long ceil_div(long long a, long long b) { return (a + b - 1) / b; }
+inline int blocks_for(long long n, int threads) { return static_cast<int>(ceil_div(n, threads)); }
+// Whether p is a multiple of `bytes` (a power of two): the vector loads a fast path relies on.
+inline bool aligned(const void* p, uintptr_t bytes) { return (reinterpret_cast<uintptr_t>(p) & (bytes - 1)) == 0; }
 
 inline void check(Error e, const char* what) {
   if (e != kSuccess) throw std::runtime_error(std::string(what) + ": " + error_string(e));

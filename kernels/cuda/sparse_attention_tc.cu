@@ -435,9 +435,8 @@ DeviceInfo device_info() {
   return info;
 }
 
-bool aligned(const void* p, uintptr_t bytes) { return (reinterpret_cast<uintptr_t>(p) % bytes) == 0; }
-
-long long ceil_div(long long a, long long b) { return (a + b - 1) / b; }
+using gpu::aligned;
+using gpu::ceil_div;
 
 }  // namespace
 

@@ -24,6 +24,8 @@
 
 #include <cstdint>
 
+#include "kernels/cuda/path_switch.h"
+
 #include "kernels/sparse_attention.h"
 
 namespace dsv4::kernels::cuda {
@@ -35,18 +37,7 @@ void set_sparse_attention_path(SparseAttentionPath path);
 const char* sparse_attention_path_name(SparseAttentionPath path);
 
 // Sets the path for its lifetime (tests, benchmarks); restores the previous one.
-class SparseAttentionPathScope {
- public:
-  explicit SparseAttentionPathScope(SparseAttentionPath path) : previous_(sparse_attention_path()) {
-    set_sparse_attention_path(path);
-  }
-  ~SparseAttentionPathScope() { set_sparse_attention_path(previous_); }
-  SparseAttentionPathScope(const SparseAttentionPathScope&) = delete;
-  SparseAttentionPathScope& operator=(const SparseAttentionPathScope&) = delete;
-
- private:
-  SparseAttentionPath previous_;
-};
+using SparseAttentionPathScope = PathScope<SparseAttentionPath, sparse_attention_path, set_sparse_attention_path>;
 
 // Runs `args` (contract already checked, tensors on the GPU, T and H > 0) on the tensor-core path and
 // returns true, or returns false without enqueueing anything when the problem does not fit.

@@ -65,16 +65,18 @@ int cmd_replay(const std::vector<std::string>& argv, std::ostream& out) {
       << "\n";
 
   const repro::ReplayResult r = repro::replay_case(c, options);
+  bool stderr_shown = false;
   for (size_t i = 0; i < r.verdicts.size() && i < 5; ++i) {
     out << "run " << i + 1 << (options.without_faults ? " (without faults)" : "") << ": " << verdict_line(r.verdicts[i])
         << "\n";
     if (r.verdicts[i].passed()) continue;
     out << "  " << first_line(r.verdicts[i].detail) << "\n";
     // A crash's detail goes on with the child's stderr (the sanitizer, CUDA or abort report): print
-    // it on the first failing run, indented, since that is where the cause is.
+    // it on the first crashed run, indented, since that is where the cause is.
     const std::string& detail = r.verdicts[i].detail;
     const size_t rest = detail.find('\n');
-    if (r.verdicts[i].kind == props::VerdictKind::crash && rest != std::string::npos && i == 0) {
+    if (r.verdicts[i].kind == props::VerdictKind::crash && rest != std::string::npos && !stderr_shown) {
+      stderr_shown = true;
       out << "  child stderr (its last " << props::kStderrTailBytes << " bytes at most):\n";
       std::istringstream lines(detail.substr(rest + 1));
       for (std::string line; std::getline(lines, line);) out << "    " << line << "\n";
