@@ -553,7 +553,7 @@ void BM_IndexerLogitsDecode(benchmark::State& state) {
   if (num_sms == 0) {
     int sms = 0;
     cuda_ok(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0), "SM count");
-    num_sms = std::min<int64_t>(sms, cuda::indexer_logits_max_blocks(Hi));
+    num_sms = std::min<int64_t>(sms, cuda::indexer_logits_max_blocks());
   }
   const double key_bytes = static_cast<double>(T * keys * Di * 4);
   const int sets = std::clamp(static_cast<int>(std::ceil(static_cast<double>(kRotationBytes) / key_bytes)), 1, 4);

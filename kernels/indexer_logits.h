@@ -151,6 +151,6 @@ void indexer_topk(const Tensor& logits, const Tensor& block_table, int64_t k, Te
                   Tensor& lengths, void* stream);
 // The number of blocks of the logits kernel the current device holds at once (queried once per
 // device): the largest num_sms a launch may ask for.
-int64_t indexer_logits_max_blocks(int64_t heads);
+int64_t indexer_logits_max_blocks();
 }  // namespace dsv4::kernels::cuda
 #endif

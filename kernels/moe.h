@@ -128,5 +128,9 @@ void swiglu_clamp(const Tensor& g, const Tensor& u, float limit, const Tensor& r
 void moe_combine(const Tensor& routed, const Tensor& shared, Tensor& out, void* stream);
 void moe_experts(const Tensor& xn, const Tensor& experts, const Tensor& weights, int64_t num_experts, int64_t inter,
                  const Tensor& table, const MoeExpertsConfig& config, Tensor& routed, void* stream);
+// GEMMs of moe_experts run so far (process-wide) by the small-batch fp4 kernel: fp4 experts with a
+// 16- or 32-wide weight block, K a multiple of 32, and T * k <= 8 * E (decode batches). It gives the
+// tiled kernel's bits; tests read this count to know which kernel they checked.
+uint64_t moe_small_batch_gemms();
 }  // namespace dsv4::kernels::cuda
 #endif

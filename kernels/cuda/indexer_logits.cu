@@ -10,7 +10,8 @@
 // computes from the walk (row, offset, token, lengths) is block-uniform: all threads read the same
 // words. Waits are spun by thread 0 and bounded: when no block has made progress (done blocks,
 // finished rows, arrived blocks) for kHangCycles, the block prints which row or barrier it waited on
-// and traps. A key's score follows the host's order exactly: per head the f32 products summed in f64
+// and traps. Unlike the host walk, a block waits for the row its range starts inside only after
+// walking the rest of its range (see the hand-over below), so the blocks run side by side. A key's score follows the host's order exactly: per head the f32 products summed in f64
 // over d in order, rounded to f32; the ReLU'd logit times w in f32; the head sum in f64 over h in
 // order, rounded once. Phase A of a key tile computes the (key, head) logits in parallel into shared
 // memory, phase B sums them per key: the same operations as the host, so the logits are bitwise equal.
@@ -38,8 +39,8 @@ namespace {
 constexpr int kThreads = 256;  // a multiple of 64: whole warps (wavefronts) on NVIDIA and CDNA
 constexpr long long kPageKeys = kIndexerPageKeys;
 constexpr long long kMaxKeyTile = 64;                // keys of one shared-memory tile
-constexpr long long kTileBytesBudget = 32 * 1024;    // the tile's per-head logits
-constexpr long long kMaxTileBytes = 48 * 1024;       // the default dynamic shared memory limit
+// Every launch's dynamic shared memory: the default 48 KiB limit less room for the static part.
+constexpr long long kSmemBytes = 47 * 1024;
 // A wait gives up after this many clock64() cycles without progress anywhere in the grid: about 2 s
 // at H100 clocks (1.6-2.0 GHz: 2.0-2.5 s). A correct schedule never waits that long (the other
 // blocks make progress with every key block), a non-partitioning one stalls for good.
@@ -60,7 +61,8 @@ struct LogitsParams {
   float* logits;            // [tokens, max_context]
   long long rows, next_n, heads, head_dim, max_pages, max_context, num_pages, block_kv, num_sms;
   long long max_len;   // min(max_context, 64 * max_pages): a length is clamped to [0, max_len]
-  long long key_tile;  // keys per shared-memory tile (the tile holds key_tile * heads floats)
+  long long key_tile;   // keys per shared-memory tile: key_tile * (heads + key_pitch) floats
+  long long key_pitch;  // floats per staged key row: head_dim rounded up to an odd number
   unsigned long long* grid;       // [kGridCounters]
   unsigned int* token_done;       // [tokens] key blocks of the row done so far
   unsigned int* token_finished;   // [tokens] 1 once the row's tail is written and the row counted
@@ -165,40 +167,84 @@ __device__ void finish_row(const LogitsParams& p, long long token, long long len
 }
 
 // All threads: keys [first, end) of `token` (schedule row b) into its logits row; ends synchronized.
+// Per tile of key_tile keys: the keys are staged in shared memory (rows of key_pitch floats, an odd
+// pitch, so the lanes of a warp, one key each, read distinct banks); phase A gives each thread
+// (key, head) pairs of one key, kPairs at a time (independent f64 chains), the q values coming
+// through L1 as one broadcast per warp; phase B sums a key's heads.
 __device__ void score_keys(const LogitsParams& p, long long b, long long token, long long first, long long end,
-                           float* tile) {
-  const long long H = p.heads, D = p.head_dim;
+                           float* smem) {
+  const int H = static_cast<int>(p.heads), D = static_cast<int>(p.head_dim);
+  const int tile_keys = static_cast<int>(p.key_tile), pitch = static_cast<int>(p.key_pitch);
+  float* logit_tile = smem;                    // [H][tile_keys]
+  float* key_tile = smem + H * tile_keys;      // [tile_keys][pitch]
   const float* q = p.q + token * H * D;
   const float* w = p.weights + token * H;
   const int32_t* table = p.table + b * p.max_pages;
   float* out = p.logits + token * p.max_context;
-  for (long long t0 = first; t0 < end; t0 += p.key_tile) {
-    const long long nk = end - t0 < p.key_tile ? end - t0 : p.key_tile;
-    // Phase A: the (key, head) logits, each a sequential f64 sum over d as the host's dot_f32.
-    for (long long i = threadIdx.x; i < nk * H; i += blockDim.x) {
-      const long long key = t0 + i / H;
-      const long long h = i % H;
-      const long long page = table[key / kPageKeys];
-      float logit = 0.0f;
-      if (page >= 0 && page < p.num_pages) {
-        const float* k = p.pages + (page * kPageKeys + key % kPageKeys) * D;
-        const float* qh = q + h * D;
-        double acc = 0.0;
-        for (long long d = 0; d < D; ++d) acc = __dadd_rn(acc, static_cast<double>(__fmul_rn(qh[d], k[d])));
-        logit = __double2float_rn(acc);
+  const int tid = static_cast<int>(threadIdx.x), threads = static_cast<int>(blockDim.x);
+  for (long long t0 = first; t0 < end; t0 += tile_keys) {
+    const int nk = static_cast<int>(end - t0 < tile_keys ? end - t0 : tile_keys);
+    // The keys of the tile (a page outside the cache: zeros, never read out of bounds).
+    constexpr int kLoads = 8;  // loads in flight per thread
+    for (int base = tid; base < nk * D; base += kLoads * threads) {
+      float v[kLoads];
+#pragma unroll
+      for (int j = 0; j < kLoads; ++j) {
+        const int i = base + j * threads;
+        v[j] = 0.0f;
+        if (i < nk * D) {
+          const int kk = i / D, d = i - kk * D;
+          const long long key = t0 + kk;
+          const long long page = table[key / kPageKeys];
+          if (page >= 0 && page < p.num_pages) v[j] = p.pages[(page * kPageKeys + key % kPageKeys) * D + d];
+        }
       }
-      tile[i] = logit;
+#pragma unroll
+      for (int j = 0; j < kLoads; ++j) {
+        const int i = base + j * threads;
+        if (i < nk * D) key_tile[(i / D) * pitch + i % D] = v[j];
+      }
+    }
+    __syncthreads();
+    // Phase A: the (key, head) logits, each a sequential f64 sum over d as the host's dot_f32. Pair
+    // i is (head i / nk, key i % nk); a thread's pairs i, i + threads, ... are its chains.
+    constexpr int kPairs = 4;
+    const int pairs = nk * H;
+    for (int base = tid; base < pairs; base += kPairs * threads) {
+      int kk[kPairs];
+      const float* qh[kPairs];
+      double acc[kPairs];
+#pragma unroll
+      for (int j = 0; j < kPairs; ++j) {
+        const int i = base + j * threads < pairs ? base + j * threads : base;  // a spare chain redoes `base`
+        const int h = i / nk;
+        kk[j] = i - h * nk;
+        qh[j] = q + h * D;
+        acc[j] = 0.0;
+      }
+#pragma unroll 4
+      for (int d = 0; d < D; ++d) {
+#pragma unroll
+        for (int j = 0; j < kPairs; ++j) {
+          acc[j] = __dadd_rn(acc[j], static_cast<double>(__fmul_rn(__ldg(qh[j] + d), key_tile[kk[j] * pitch + d])));
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < kPairs; ++j) {
+        const int i = base + j * threads;
+        if (i < pairs) logit_tile[i] = __double2float_rn(acc[j]);  // [h][kk]
+      }
     }
     __syncthreads();
     // Phase B: per key, the head sum in f64 over h in order (std::max(logit, 0.0f) as the ReLU).
-    for (long long kk = threadIdx.x; kk < nk; kk += blockDim.x) {
+    for (int kk = tid; kk < nk; kk += threads) {
       const long long key = t0 + kk;
       const long long page = table[key / kPageKeys];
-      float value = quiet_nan();  // a page outside the cache: poison, never a read out of bounds
+      float value = quiet_nan();  // a page outside the cache: poison
       if (page >= 0 && page < p.num_pages) {
         double sum = 0.0;
-        for (long long h = 0; h < H; ++h) {
-          const float logit = tile[kk * H + h];
+        for (int h = 0; h < H; ++h) {
+          const float logit = logit_tile[h * nk + kk];
           const float relu = logit < 0.0f ? 0.0f : logit;
           sum = __dadd_rn(sum, static_cast<double>(__fmul_rn(w[h], relu)));
         }
@@ -206,13 +252,15 @@ __device__ void score_keys(const LogitsParams& p, long long b, long long token, 
       }
       out[key] = value;
     }
-    __syncthreads();  // the tile is reused, and the caller publishes the block after this
+    __syncthreads();  // the tiles are reused, and the caller publishes the block after this
   }
 }
 
 __global__ void __launch_bounds__(kThreads) logits_kernel(LogitsParams p) {
   extern __shared__ float tile[];
+  __shared__ bool s_ready;
   const long long sm = blockIdx.x;
+  long long deferred = -1, deferred_len = 0, deferred_need = 0;  // the row finished after the walk
   const long long tokens = p.rows * p.next_n;
 
   // 1. Rows without work: all -inf, no hand-over. Thread 0 also tallies this block's share of the
@@ -260,13 +308,32 @@ __global__ void __launch_bounds__(kThreads) logits_kernel(LogitsParams p) {
         atomicAdd(&p.grid[kDone], 1ull);
       }
       if (o == need_blocks - 1) {
-        // This block owns the row's last key block: the row is published once every part is in.
-        if (threadIdx.x == 0) wait_row(p, token, static_cast<unsigned int>(need_blocks));
+        // This block owns the row's last key block: the row is published once every part is in. A
+        // row whose earlier parts are not all in yet (the row this block's range starts inside) is
+        // waited for after the walk: waiting here would make each block wait for the whole range of
+        // the block before it, one block after another. A second such row (only a schedule that
+        // does not partition the work has one) is waited for at once.
+        if (threadIdx.x == 0) s_ready = load_counter(&p.token_done[token]) >= static_cast<unsigned int>(need_blocks);
         __syncthreads();
-        finish_row(p, token, len);
+        const bool ready = s_ready;
+        __syncthreads();  // s_ready is rewritten by the next check
+        if (ready || deferred >= 0) {
+          if (threadIdx.x == 0) wait_row(p, token, static_cast<unsigned int>(need_blocks));
+          __syncthreads();
+          finish_row(p, token, len);
+        } else {
+          deferred = token;
+          deferred_len = len;
+          deferred_need = need_blocks;
+        }
       }
       ++offset_blocks;
     }
+  }
+  if (deferred >= 0) {
+    if (threadIdx.x == 0) wait_row(p, deferred, static_cast<unsigned int>(deferred_need));
+    __syncthreads();
+    finish_row(p, deferred, deferred_len);
   }
 
   // 4. Exit barrier.
@@ -278,14 +345,13 @@ __global__ void __launch_bounds__(kThreads) logits_kernel(LogitsParams p) {
   }
 }
 
-long long key_tile_for(long long heads) {
-  if (heads <= 0) return kMaxKeyTile;
-  const long long fit = kTileBytesBudget / (heads * static_cast<long long>(sizeof(float)));
-  return fit < 1 ? 1 : (fit > kMaxKeyTile ? kMaxKeyTile : fit);
-}
+long long key_pitch_for(long long head_dim) { return head_dim % 2 == 0 ? head_dim + 1 : head_dim; }
 
-size_t tile_bytes_for(long long heads) {
-  return static_cast<size_t>(key_tile_for(heads) * (heads > 0 ? heads : 0)) * sizeof(float);
+// Keys per tile for `heads` and `head_dim`; 0 when one key does not fit.
+long long key_tile_for(long long heads, long long head_dim) {
+  const long long per_key = (heads + key_pitch_for(head_dim)) * static_cast<long long>(sizeof(float));
+  const long long fit = kSmemBytes / per_key;
+  return fit > kMaxKeyTile ? kMaxKeyTile : fit;
 }
 
 // Co-resident blocks of logits_kernel on the current device with `smem` dynamic shared bytes.
@@ -447,16 +513,20 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(const float* logits, lon
 
 }  // namespace
 
-int64_t indexer_logits_max_blocks(int64_t heads) { return resident_blocks(tile_bytes_for(heads)); }
+int64_t indexer_logits_max_blocks() { return resident_blocks(kSmemBytes); }
 
 void indexer_logits(const IndexerLogitsArgs& a, void* stream_ptr) {
   const char* op = kIndexerLogitsOp;
   const long long heads = a.q.size(2);
-  if (heads * static_cast<long long>(sizeof(float)) > kMaxTileBytes) {
-    throw ContractError(op, "q", "at most " + std::to_string(kMaxTileBytes / 4) + " heads fit the GPU kernel's tile, got " +
-                                     std::to_string(heads));
+  const long long head_dim = a.q.size(3);
+  const long long key_tile = key_tile_for(heads, head_dim);
+  if (key_tile < 1) {
+    throw ContractError(op, "q", std::to_string(heads) + " heads of " + std::to_string(head_dim) +
+                                     " dims do not fit the GPU kernel's " + std::to_string(kSmemBytes) +
+                                     "-byte tile (heads + head_dim + 1 must stay below " +
+                                     std::to_string(kSmemBytes / 4) + ")");
   }
-  const size_t smem = tile_bytes_for(heads);
+  const size_t smem = kSmemBytes;
   const long long capacity = resident_blocks(smem);
   if (a.num_sms > capacity) {
     throw ContractError(op, "num_sms",
@@ -484,14 +554,15 @@ void indexer_logits(const IndexerLogitsArgs& a, void* stream_ptr) {
   p.rows = a.q.size(0);
   p.next_n = a.q.size(1);
   p.heads = heads;
-  p.head_dim = a.q.size(3);
+  p.head_dim = head_dim;
   p.max_pages = a.block_table.size(1);
   p.max_context = a.logits.size(1);
   p.num_pages = a.kv_pages.size(0);
   p.block_kv = a.block_kv;
   p.num_sms = a.num_sms;
   p.max_len = p.max_context < kPageKeys * p.max_pages ? p.max_context : kPageKeys * p.max_pages;
-  p.key_tile = key_tile_for(heads);
+  p.key_tile = key_tile;
+  p.key_pitch = key_pitch_for(head_dim);
   p.grid = scratch.as<unsigned long long>();
   p.token_done = reinterpret_cast<unsigned int*>(p.grid + kGridCounters);
   p.token_finished = p.token_done + tokens;

@@ -7,6 +7,7 @@
 #include "kernels/cuda/port.h"
 
 #include <algorithm>
+#include <atomic>
 #include <climits>
 #include <cstdint>
 #include <string>
@@ -538,6 +539,222 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_kernel(const GemmArgs a
   }
 }
 
+// ---- routed experts at decode batch sizes: fp4 weights, a few rows per expert ---------------------
+//
+// At decode, an expert has a handful of rows, and the tiled kernel above, whose threads load the
+// weights one scalar at a time into mostly empty 64-row tiles, is far from the memory bound. Here a
+// block takes kSbCols output columns of one expert and that expert's rows kSbRows at a time: the
+// rows' codes are staged in shared memory as bf16 (every e4m3 value is one), each lane reads its
+// 32-element chunks of a weight row as 16 bytes, and each output still follows the host's order. A
+// chunk holds whole weight-scale blocks (kWb divides 32), so the partial of a block is one lane's
+// fused multiply-add chain over ascending k (the e4m3 x e2m1 products are exact, so this rounds as
+// the host's multiply-then-add); the lane scales it (fp32 partial · (s_a · s_w)) into shared memory,
+// and lane r then adds row r's scaled partials in ascending block order. The same operations in the
+// same order as grouped_gemm_kernel: the same bits.
+
+constexpr int kSbRows = 8;                          // rows of one expert per pass
+constexpr int kSbWarps = 8;                         // warps per block (a warp's width: kChunkLanes)
+constexpr int kChunkLanes = 32;                     // lanes sharing a weight row (of a 32- or 64-wide warp)
+constexpr int kSbColsPerWarp = 4;                   // output columns per warp
+constexpr int kSbCols = kSbWarps * kSbColsPerWarp;  // output columns per block
+constexpr int kSbChunk = 32;                        // K elements of a lane step: 16 bytes of fp4
+constexpr int kSbChunkPitch = 40;                   // bf16 per staged chunk: 80 bytes, 16-byte reads without conflicts
+
+// Dynamic shared memory of small_batch_fp4_kernel for K, the number of weight blocks nw and of
+// activation blocks na: staged rows, their scales, each warp's scaled partials, the e2m1 table.
+size_t small_batch_smem(int K, int nw, int na) {
+  return static_cast<size_t>(kSbRows) * static_cast<size_t>(K / kSbChunk) * kSbChunkPitch * 2 +
+         static_cast<size_t>(kSbRows) * static_cast<size_t>(na) * 4 +
+         static_cast<size_t>(kSbWarps) * kSbRows * static_cast<size_t>(nw) * 4 + 16 * 4 + 2 * kSbRows * 4;
+}
+
+// 16 bytes of a weight row: one vector load when the row is 16-byte aligned, else byte loads.
+__device__ inline uint4 load_16(const uint8_t* p, bool vector) {
+  if (vector) return *reinterpret_cast<const uint4*>(p);
+  uint32_t w[4];
+  for (int i = 0; i < 4; ++i) {
+    w[i] = static_cast<uint32_t>(p[4 * i]) | static_cast<uint32_t>(p[4 * i + 1]) << 8 |
+           static_cast<uint32_t>(p[4 * i + 2]) << 16 | static_cast<uint32_t>(p[4 * i + 3]) << 24;
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// Two bf16 of a 32-bit word as fp32 (the low half is the earlier element).
+__device__ inline float bf16_lo(uint32_t w) { return __uint_as_float(w << 16); }
+__device__ inline float bf16_hi(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
+
+// Rows r and r + 1 of a staged chunk against the chunk's 32 weights: the scaled partial of each of
+// the chunk's weight blocks into `terms` (row-major [kSbRows][nw]); `pair` false: row r alone.
+template <int kWb>
+__device__ inline void chunk_terms(const uint16_t* a_tile, int chunks, int ch, int r, bool pair, const float (&w)[32],
+                                   const float* sa_tile, int na, int a_block, const uint8_t* srow, float* terms,
+                                   int nw) {
+  constexpr int kSub = kSbChunk / kWb;
+  const uint4* a0 = reinterpret_cast<const uint4*>(a_tile + (r * chunks + ch) * kSbChunkPitch);
+  const uint4* a1 = reinterpret_cast<const uint4*>(a_tile + ((pair ? r + 1 : r) * chunks + ch) * kSbChunkPitch);
+  float p0[kSub], p1[kSub];
+#pragma unroll
+  for (int j = 0; j < kSub; ++j) p0[j] = p1[j] = 0.0f;
+#pragma unroll
+  for (int v = 0; v < 4; ++v) {  // 8 elements per 16-byte read, ascending k
+    const uint4 x0 = a0[v], x1 = a1[v];
+    const uint32_t u0[4] = {x0.x, x0.y, x0.z, x0.w}, u1[4] = {x1.x, x1.y, x1.z, x1.w};
+#pragma unroll
+    for (int q = 0; q < 4; ++q) {
+      const int k = 8 * v + 2 * q;
+      const int j = k / kWb;
+      p0[j] = __fmaf_rn(bf16_lo(u0[q]), w[k], p0[j]);
+      p1[j] = __fmaf_rn(bf16_lo(u1[q]), w[k], p1[j]);
+      p0[j] = __fmaf_rn(bf16_hi(u0[q]), w[k + 1], p0[j]);
+      p1[j] = __fmaf_rn(bf16_hi(u1[q]), w[k + 1], p1[j]);
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < kSub; ++j) {
+    const int b = ch * kSub + j;
+    const int ka = (b * kWb) / a_block;
+    const float sw = ue8m0_to_f32(srow[b]);
+    terms[r * nw + b] = mul_rn(p0[j], mul_rn(sa_tile[r * na + ka], sw));
+    if (pair) terms[(r + 1) * nw + b] = mul_rn(p1[j], mul_rn(sa_tile[(r + 1) * na + ka], sw));
+  }
+}
+
+template <bool kUp, int kWb>
+__global__ void __launch_bounds__(kSbWarps * kChunkLanes) small_batch_fp4_kernel(const GemmArgs args) {
+  extern __shared__ __align__(16) unsigned char sb_smem[];
+  constexpr int kPlanes = kUp ? 2 : 1;
+  const int e = static_cast<int>(blockIdx.y);
+  const int first = args.offsets[e];
+  const int count = args.offsets[e + 1] - first;
+  if (count <= 0) return;  // uniform per block
+  const int K = args.K, N = args.N, na = K / args.a_block, nw = K / kWb, chunks = K / kSbChunk;
+  auto* a_tile = reinterpret_cast<uint16_t*>(sb_smem);                                  // [rows][chunks][pitch]
+  auto* sa_tile = reinterpret_cast<float*>(sb_smem + static_cast<size_t>(kSbRows) * chunks * kSbChunkPitch * 2);
+  float* terms_all = sa_tile + kSbRows * na;                                            // [warps][rows][nw]
+  float* lut = terms_all + kSbWarps * kSbRows * nw;                                     // [16]
+  int* rows_a = reinterpret_cast<int*>(lut + 16);                                       // [rows]
+  int* slots = rows_a + kSbRows;                                                        // [rows]
+  const int tid = static_cast<int>(threadIdx.x);
+  const int warp = tid / kChunkLanes, lane = tid % kChunkLanes;
+  if (tid < 16) lut[tid] = e2m1_to_f32(static_cast<uint8_t>(tid));
+
+  const unsigned long long* trow = args.table + static_cast<long long>(e) * 6;
+  const uint8_t* w_ptr[kPlanes];
+  const uint8_t* s_ptr[kPlanes];
+  w_ptr[0] = table_ptr<const uint8_t*>(trow, kUp ? 0 : 2);
+  s_ptr[0] = table_ptr<const uint8_t*>(trow, kUp ? 1 : 3);
+  if constexpr (kUp) {
+    w_ptr[1] = table_ptr<const uint8_t*>(trow, 4);
+    s_ptr[1] = table_ptr<const uint8_t*>(trow, 5);
+  }
+  bool vector[kPlanes];
+#pragma unroll
+  for (int pl = 0; pl < kPlanes; ++pl) vector[pl] = (reinterpret_cast<uintptr_t>(w_ptr[pl]) & 15u) == 0;
+  const auto* sa_codes = static_cast<const uint8_t*>(args.a_scales);
+  float* terms = terms_all + warp * kSbRows * nw;
+
+  for (int r0 = 0; r0 < count; r0 += kSbRows) {
+    const int rows = count - r0 < kSbRows ? count - r0 : kSbRows;
+    __syncthreads();  // the previous pass is done with the staged rows
+    if (tid < rows) {
+      const int p = first + r0 + tid;
+      slots[tid] = args.order[p];
+      rows_a[tid] = kUp ? slots[tid] / args.k_route : p;
+    }
+    __syncthreads();
+    for (int idx = tid; idx < rows * K; idx += static_cast<int>(blockDim.x)) {
+      const int r = idx / K, k = idx - r * K;
+      const uint8_t code = args.a[static_cast<long long>(rows_a[r]) * K + k];
+      a_tile[(r * chunks + k / kSbChunk) * kSbChunkPitch + k % kSbChunk] =
+          static_cast<uint16_t>(__float_as_uint(e4m3fn_to_f32(code)) >> 16);  // exact: e4m3 fits bf16
+    }
+    for (int idx = tid; idx < rows * na; idx += static_cast<int>(blockDim.x)) {
+      const int r = idx / na, kb = idx - r * na;
+      sa_tile[idx] = ue8m0_to_f32(sa_codes[static_cast<long long>(rows_a[r]) * na + kb]);
+    }
+    __syncthreads();
+
+    for (int c = 0; c < kSbColsPerWarp; ++c) {
+      const int n = static_cast<int>(blockIdx.x) * kSbCols + warp * kSbColsPerWarp + c;
+      if (n >= N) break;  // uniform per warp
+      float result[kPlanes];
+#pragma unroll
+      for (int pl = 0; pl < kPlanes; ++pl) {
+        const uint8_t* wrow = w_ptr[pl] + static_cast<long long>(n) * (K / 2);
+        const uint8_t* srow = s_ptr[pl] + static_cast<long long>(n) * nw;
+        for (int ch = lane; ch < chunks; ch += kChunkLanes) {
+          const uint4 packed = load_16(wrow + ch * 16, vector[pl]);
+          const uint32_t bytes4[4] = {packed.x, packed.y, packed.z, packed.w};
+          float w[32];
+#pragma unroll
+          for (int i = 0; i < 16; ++i) {  // byte i holds k = 2i (low nibble) and 2i + 1
+            const uint32_t byte = (bytes4[i / 4] >> (8 * (i % 4))) & 0xffu;
+            w[2 * i] = lut[byte & 0xfu];
+            w[2 * i + 1] = lut[byte >> 4];
+          }
+          for (int r = 0; r < rows; r += 2) {
+            chunk_terms<kWb>(a_tile, chunks, ch, r, r + 1 < rows, w, sa_tile, na, args.a_block, srow, terms, nw);
+          }
+        }
+        gpu::sync_lanes();
+        result[pl] = 0.0f;
+        if (lane < rows) {
+          float acc = 0.0f;
+          for (int b = 0; b < nw; ++b) acc = add_rn(acc, terms[lane * nw + b]);
+          result[pl] = acc;
+        }
+        gpu::sync_lanes();  // terms are rewritten by the next plane or column
+      }
+      if (lane < rows) {
+        const int p = first + r0 + lane;
+        if constexpr (kUp) {
+          const float gi = round_bf16(result[0]);  // the host's bf16 g and u
+          const float ui = round_bf16(result[1]);
+          args.out[static_cast<long long>(p) * N + n] =
+              f32_to_bf16(swiglu_value(gi, ui, args.limit, true, args.slot_weight[slots[lane]]));
+        } else {
+          args.out[static_cast<long long>(slots[lane]) * N + n] = f32_to_bf16(result[0]);
+        }
+      }
+    }
+  }
+}
+
+std::atomic<uint64_t> g_small_batch_gemms{0};
+
+// Whether the small-batch kernel takes a GEMM of inner size K: fp4, a 16- or 32-wide weight block,
+// K in whole chunks, few rows per expert on average (R <= kSbRows * E: one pass for most experts),
+// and its shared memory within the device's limit.
+bool small_batch_fits(const GemmArgs& g, int64_t R, size_t* smem) {
+  if (g.w_block != 16 && g.w_block != 32) return false;
+  if (g.K % kSbChunk != 0 || g.K % g.a_block != 0 || R > static_cast<int64_t>(kSbRows) * g.E || g.E > 65535) return false;
+  *smem = small_batch_smem(g.K, g.K / g.w_block, g.K / g.a_block);
+  return *smem <= gpu::smem_optin_limit();
+}
+
+template <bool kUp, int kWb>
+void launch_small_batch(const GemmArgs& g, size_t smem, gpu::Stream stream) {
+  auto kernel = small_batch_fp4_kernel<kUp, kWb>;
+  gpu::allow_smem(kernel, smem, "cudaFuncSetAttribute (moe_experts)");
+  const dim3 grid(static_cast<unsigned>(gpu::ceil_div(g.N, kSbCols)), static_cast<unsigned>(g.E));
+  kernel<<<grid, kSbWarps * kChunkLanes, smem, stream>>>(g);
+  gpu::check_launch(kUp ? "moe_experts (w1, w3; small batch)" : "moe_experts (w2; small batch)");
+  g_small_batch_gemms.fetch_add(1, std::memory_order_relaxed);
+}
+
+// The small-batch kernel for this GEMM when it fits (true), else nothing (false).
+template <bool kUp>
+bool try_small_batch(const GemmArgs& g, int64_t R, gpu::Stream stream) {
+  size_t smem = 0;
+  if (!small_batch_fits(g, R, &smem)) return false;
+  if (g.w_block == 32) {
+    launch_small_batch<kUp, 32>(g, smem, stream);
+  } else {
+    launch_small_batch<kUp, 16>(g, smem, stream);
+  }
+  return true;
+}
+
 // The largest power of two <= kMaxKs dividing `block`.
 int stage_for(int64_t block) {
   int ks = kMaxKs;
@@ -683,7 +900,9 @@ void moe_experts(const Tensor& xn, const Tensor& experts, const Tensor& weights,
   down.out = out;
 
   switch (config.format) {
-    case ExpertFormat::fp4: launch_up<Fmt::fp4>(up, static_cast<int>(tiles), stream); break;
+    case ExpertFormat::fp4:
+      if (!try_small_batch<true>(up, R, stream)) launch_up<Fmt::fp4>(up, static_cast<int>(tiles), stream);
+      break;
     case ExpertFormat::fp8: launch_up<Fmt::fp8>(up, static_cast<int>(tiles), stream); break;
     case ExpertFormat::int8: launch_up<Fmt::int8>(up, static_cast<int>(tiles), stream); break;
   }
@@ -696,10 +915,14 @@ void moe_experts(const Tensor& xn, const Tensor& experts, const Tensor& weights,
   }
   gpu::check_launch("moe_experts (h quantization)");
   switch (config.format) {
-    case ExpertFormat::fp4: launch_down<Fmt::fp4>(down, static_cast<int>(tiles), stream); break;
+    case ExpertFormat::fp4:
+      if (!try_small_batch<false>(down, R, stream)) launch_down<Fmt::fp4>(down, static_cast<int>(tiles), stream);
+      break;
     case ExpertFormat::fp8: launch_down<Fmt::fp8>(down, static_cast<int>(tiles), stream); break;
     case ExpertFormat::int8: launch_down<Fmt::int8>(down, static_cast<int>(tiles), stream); break;
   }
 }
+
+uint64_t moe_small_batch_gemms() { return g_small_batch_gemms.load(std::memory_order_relaxed); }
 
 }  // namespace dsv4::kernels::cuda

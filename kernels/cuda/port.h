@@ -109,6 +109,44 @@ class Scratch {
   void* ptr_ = nullptr;
   Stream stream_;
 };
+
+// The most dynamic shared memory one block of the current device may opt in to.
+inline size_t smem_optin_limit() {
+  int device = 0, bytes = 0;
+#if defined(__HIPCC__)
+  check(hipGetDevice(&device), "hipGetDevice");
+  check(hipDeviceGetAttribute(&bytes, hipDeviceAttributeSharedMemPerBlockOptin, device), "hipDeviceGetAttribute");
+#else
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  check(cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device), "cudaDeviceGetAttribute");
+#endif
+  return static_cast<size_t>(bytes);
+}
+
+// Lets `kernel` launch with `bytes` of dynamic shared memory (past the default 48 KiB).
+template <class Kernel>
+void allow_smem(Kernel kernel, size_t bytes, const char* what) {
+#if defined(__HIPCC__)
+  check(hipFuncSetAttribute(reinterpret_cast<const void*>(kernel), hipFuncAttributeMaxDynamicSharedMemorySize,
+                            static_cast<int>(bytes)),
+        what);
+#else
+  check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(bytes)), what);
+#endif
+}
+
+// The calling lanes' shared-memory writes made visible to the other lanes of their warp, and the
+// lanes met there: __syncwarp on CUDA; on a CDNA wavefront, whose lanes run in lockstep, a fence and
+// barrier of wavefront scope. Every lane of the warp calls it.
+__device__ inline void sync_lanes() {
+#if defined(__HIPCC__)
+  __builtin_amdgcn_fence(__ATOMIC_RELEASE, "wavefront");
+  __builtin_amdgcn_wave_barrier();
+  __builtin_amdgcn_fence(__ATOMIC_ACQUIRE, "wavefront");
+#else
+  __syncwarp();
+#endif
+}
 #endif  // DSV4_GPU_COMPILER
 
 // ---- warp and block collectives ---------------------------------------------------------------------

@@ -296,7 +296,7 @@ TEST(IndexerLogitsGpu, AllResidentBlocksWorkAndOneMoreIsAContractError) {
   DSV4_REQUIRE_GPU();
   Allocator device(*cuda_memory(0), AllocatorMode::testing);
   const Problem p = make_problem(9, 6, 2, random_lens(9, 12, 300), 300);
-  const int64_t most = cuda::indexer_logits_max_blocks(p.heads);
+  const int64_t most = cuda::indexer_logits_max_blocks();
   ASSERT_GE(most, 1);
   const auto [got, want] = run_both(p, true, most, 16, device);
   expect_bitwise(got, want, "num_sms = " + std::to_string(most));

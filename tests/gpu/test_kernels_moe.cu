@@ -10,6 +10,7 @@
 #include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <initializer_list>
 #include <map>
 #include <numeric>
 #include <random>
@@ -427,7 +428,10 @@ struct ExpertsShape {
   float limit;
 };
 
-void run_experts_case(const ExpertsShape& s, ExpertFormat f, Allocator& device, unsigned seed) {
+// Every T of `Ts` through the host and the GPU (bitwise, reruns bitwise), and through the GPU with a
+// row-padded xn and a flat routed.
+void run_experts_case(const ExpertsShape& s, ExpertFormat f, Allocator& device, unsigned seed,
+                      std::initializer_list<int64_t> Ts = {0, 1, 2, 7, 8, 32, 64, 150}) {
   MoeExpertsConfig cfg;
   cfg.format = f;
   cfg.act_block = s.act_block;
@@ -435,7 +439,7 @@ void run_experts_case(const ExpertsShape& s, ExpertFormat f, Allocator& device, 
   cfg.weight_block = s.weight_block;
   cfg.swiglu_limit = s.limit;
   const ExpertSet set = make_experts(cfg, s.E, s.d, s.I, device, seed);
-  for (int64_t T : {0, 1, 2, 7, 8, 64, 150}) {
+  for (int64_t T : Ts) {
     SCOPED_TRACE(std::string(format_name(f)) + " E " + std::to_string(s.E) + " k " + std::to_string(s.k) + " d " +
                  std::to_string(s.d) + " I " + std::to_string(s.I) + " T " + std::to_string(T));
     std::mt19937 rng(seed * 31 + static_cast<unsigned>(T));
@@ -474,6 +478,27 @@ TEST(GpuMoeExperts, Fp4MatchesTheHostBitForBit) {
   run_experts_case({8, 2, 128, 128, 128, 32, 128, 10.0f}, ExpertFormat::fp4, device, 1);
   run_experts_case({5, 3, 96, 160, 32, 16, 32, 0.5f}, ExpertFormat::fp4, device, 2);
   run_experts_case({6, 2, 96, 144, 48, 16, 48, 0.0f}, ExpertFormat::fp4, device, 3);
+}
+
+// Decode batches (T * k <= 8 * E) of fp4 experts with 16- or 32-wide weight blocks and K a multiple
+// of 32 take the small-batch kernel; the tests above cover both kernels only if this holds.
+TEST(GpuMoeExperts, Fp4DecodeBatchesTakeTheSmallBatchKernel) {
+  DSV4_REQUIRE_GPU();
+  Allocator device(*cuda_memory(0), AllocatorMode::testing);
+  const auto gemms = [&](const ExpertsShape& shape, int64_t T, unsigned seed) {
+    const uint64_t before = cuda::moe_small_batch_gemms();
+    run_experts_case(shape, ExpertFormat::fp4, device, seed, {T});
+    return cuda::moe_small_batch_gemms() - before;
+  };
+  const ExpertsShape tiny{8, 2, 128, 128, 128, 32, 128, 10.0f};
+  // T = 32: 64 slots for 8 experts, expert 0 with about half of them (several passes of 8 rows).
+  // Per T: one run (T != 64) and one padded run, two GEMMs each.
+  EXPECT_EQ(gemms(tiny, 32, 11), 4u);
+  EXPECT_EQ(gemms(tiny, 1, 12), 4u);
+  EXPECT_EQ(gemms(tiny, 33, 13), 0u) << "66 slots for 8 experts: the tiled kernel";
+  // 16-wide blocks; I = 144 is not a multiple of 32, so w2 runs tiled and w1/w3 small-batch.
+  EXPECT_EQ(gemms({5, 3, 96, 160, 32, 16, 32, 0.5f}, 7, 14), 4u);
+  EXPECT_EQ(gemms({6, 2, 96, 144, 48, 16, 48, 0.0f}, 7, 15), 2u);
 }
 
 TEST(GpuMoeExperts, Fp8MatchesTheHostBitForBit) {
