@@ -8,6 +8,7 @@
 #include <rapidcheck/detail/TestListener.h>
 
 #include "engine/core/error.h"
+#include "engine/faults/faults.h"
 #include "engine/runtime/backend.h"
 #include "properties/engine_run.h"
 #include "properties/generators.h"
@@ -163,11 +164,21 @@ std::optional<std::string> cuda_unsupported(const EngineSpec& spec, int gpus) {
   return std::nullopt;
 }
 
+std::optional<std::string> fault_unreachable(const std::string& fault, const std::string& backend, int gpus) {
+  const faults::FaultInfo& f = faults::info(faults::parse(fault, "fault_unreachable", "fault"));
+  if (backend != "cuda" || gpus >= f.ranks) return std::nullopt;
+  return "its site needs " + std::to_string(f.ranks) + " ranks, one per GPU; " + std::to_string(gpus) + " present";
+}
+
 FaultHunt hunt_fault(const std::string& fault, const std::vector<const Suite*>& suites, double budget_s, uint64_t seed,
                      const Progress& progress, const std::string& backend) {
   const Clock::time_point start = Clock::now();
   FaultHunt hunt;
   hunt.fault = fault;
+  if (auto why = fault_unreachable(fault, backend, backend == "cuda" ? rt::cuda_gpu_count() : 0)) {
+    hunt.not_applicable = *why;
+    return hunt;
+  }
   for (uint64_t round = 0; !hunt.detected && seconds_since(start) < budget_s; ++round) {
     for (const Suite* suite : suites) {
       if (hunt.detected || seconds_since(start) >= budget_s) break;

@@ -66,7 +66,12 @@ struct FaultHunt {
   double seconds = 0;      // to detection (or the budget spent)
   int64_t cases = 0;       // generated cases run over every suite
   std::optional<CaseFailure> failure;
+  std::string not_applicable;  // why the backend cannot reach the fault's site (then nothing ran)
 };
+
+// Why `fault`'s site cannot be reached on `backend` with `gpus` GPUs (its runs need more engine
+// ranks than the cuda backend has devices; sim runs any number of ranks), or nothing.
+std::optional<std::string> fault_unreachable(const std::string& fault, const std::string& backend, int gpus);
 FaultHunt hunt_fault(const std::string& fault, const std::vector<const Suite*>& suites, double budget_s, uint64_t seed,
                      const Progress& progress = {}, const std::string& backend = "sim");
 

@@ -14,7 +14,7 @@ const std::array<FaultInfo, kFaultCount>& registry() {
        "engine/model/model_runner.cpp ModelRunner::issue_attention (prefill CP)",
        "the CP path hands the strided qkv_a[:, q_lora_rank:] slice straight to the contiguous-only "
        "in-place norm+RoPE instead of a contiguous copy",
-       "sglang PR 25396 (_compute_kv_bf16 under NSA prefill CP)"},
+       "sglang PR 25396 (_compute_kv_bf16 under NSA prefill CP)", 2},
       {Fault::lazy_upgrade_on_alt_stream, "lazy-upgrade-on-alt-stream",
        "engine/model/model_runner.cpp ModelRunner::upgrade_on_first_use",
        "the batch metadata is upgraded lazily by its first consumer, on that consumer's alt stream, "

@@ -34,6 +34,7 @@ struct FaultInfo {
   const char* where;    // the fault site (file and function)
   const char* summary;  // what the bug does, in one sentence
   const char* origin;   // the real bug it re-introduces
+  int ranks = 1;        // engine ranks (one device each) a run needs to reach the site: 2 for prefill CP
 };
 
 // Every registered fault, in enum order.

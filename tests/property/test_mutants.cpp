@@ -26,6 +26,21 @@ TEST_P(Mutant, IsDetected) {
               hunt.failure->verdict.signature.c_str());
 }
 
+// On cuda a fault whose site needs more ranks than there are GPUs is not applicable (mutants prints
+// n/a and does not count it as escaped); sim runs every fault.
+TEST(MutantReach, PrefillCpFaultNeedsTwoGpusOnCudaAndRunsOnSim) {
+  const auto one_gpu = fault_unreachable("kv-slice-noncontiguous", "cuda", 1);
+  ASSERT_TRUE(one_gpu.has_value());
+  EXPECT_NE(one_gpu->find("needs 2 ranks"), std::string::npos) << *one_gpu;
+  EXPECT_FALSE(fault_unreachable("kv-slice-noncontiguous", "cuda", 2).has_value());
+  EXPECT_FALSE(fault_unreachable("kv-slice-noncontiguous", "sim", 0).has_value());
+  for (const faults::FaultInfo& f : faults::registry()) {
+    if (f.ranks <= 1) {
+      EXPECT_FALSE(fault_unreachable(f.name, "cuda", 1).has_value()) << f.name;
+    }
+  }
+}
+
 std::vector<std::string> names() {
   std::vector<std::string> out;
   for (const faults::FaultInfo& f : faults::registry()) out.push_back(f.name);

@@ -252,8 +252,9 @@ int cmd_mutants(const std::vector<std::string>& argv, std::ostream& out) {
       if (auto w = record(corpus, r)) path = w->path;
     }
     out << "  " << pad(fault, 34)
-        << (hunt.detected ? "detected by " + hunt.suite + " in " + fixed(hunt.seconds, 1) + " s"
-                          : "ESCAPED after " + fixed(hunt.seconds, 1) + " s")
+        << (!hunt.not_applicable.empty() ? "n/a on " + backend + ": " + hunt.not_applicable
+            : hunt.detected              ? "detected by " + hunt.suite + " in " + fixed(hunt.seconds, 1) + " s"
+                                         : "ESCAPED after " + fixed(hunt.seconds, 1) + " s")
         << "\n"
         << std::flush;
     hunts.push_back(std::move(hunt));
@@ -261,20 +262,28 @@ int cmd_mutants(const std::vector<std::string>& argv, std::ostream& out) {
   }
 
   out << "\nfault                              property            time s  cases  size  verdict\n";
-  int64_t escaped = 0;
+  int64_t escaped = 0, not_applicable = 0;
   for (size_t i = 0; i < hunts.size(); ++i) {
     const props::FaultHunt& h = hunts[i];
-    escaped += h.detected ? 0 : 1;
+    const bool na = !h.not_applicable.empty();
+    not_applicable += na ? 1 : 0;
+    escaped += h.detected || na ? 0 : 1;
     const std::string verdict =
-        h.detected ? std::string(props::verdict_kind_name(h.failure->verdict.kind)) + ": " + h.failure->verdict.signature : "";
+        h.detected ? std::string(props::verdict_kind_name(h.failure->verdict.kind)) + ": " + h.failure->verdict.signature
+        : na       ? h.not_applicable
+                   : "";
     char buf[256];
-    std::snprintf(buf, sizeof buf, "%-34s %-18s %7.1f %6lld %5lld  ", h.fault.c_str(), h.detected ? h.suite.c_str() : "ESCAPED",
+    std::snprintf(buf, sizeof buf, "%-34s %-18s %7.1f %6lld %5lld  ", h.fault.c_str(),
+                  h.detected ? h.suite.c_str() : na ? "n/a" : "ESCAPED",
                   h.seconds, static_cast<long long>(h.cases),
                   static_cast<long long>(h.detected ? props::scenario_size(h.failure->scenario) : 0));
     out << buf << one_line(verdict, 70) << "\n";
     if (!paths[i].empty()) out << "  " << paths[i] << "\n";
   }
-  out << "\n" << hunts.size() - static_cast<size_t>(escaped) << " of " << hunts.size() << " faults detected\n";
+  const int64_t applicable = static_cast<int64_t>(hunts.size()) - not_applicable;
+  out << "\n" << applicable - escaped << " of " << applicable << " faults detected";
+  if (not_applicable > 0) out << " (" << not_applicable << " not applicable on " << backend << ")";
+  out << "\n";
   return escaped > 0 ? kExitFinding : kExitOk;
 }
 
