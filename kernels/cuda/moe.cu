@@ -365,6 +365,26 @@ __device__ inline P table_ptr(const unsigned long long* row, int column) {
   return reinterpret_cast<P>(static_cast<uintptr_t>(row[column]));
 }
 
+// Expert e's weights and scales of the up GEMM (w1 and w3: two planes) or the down one (w2).
+template <bool kUp>
+struct ExpertPlanes {
+  const uint8_t* w[kUp ? 2 : 1];
+  const void* s[kUp ? 2 : 1];
+};
+
+template <bool kUp>
+__device__ inline ExpertPlanes<kUp> expert_planes(const GemmArgs& args, int e) {
+  const unsigned long long* row = args.table + static_cast<long long>(e) * 6;
+  ExpertPlanes<kUp> p;
+  p.w[0] = table_ptr<const uint8_t*>(row, kUp ? 0 : 2);
+  p.s[0] = table_ptr<const void*>(row, kUp ? 1 : 3);
+  if constexpr (kUp) {
+    p.w[1] = table_ptr<const uint8_t*>(row, 4);
+    p.s[1] = table_ptr<const void*>(row, 5);
+  }
+  return p;
+}
+
 // One tile of kBM gathered rows of one expert x kBN output columns. kUp: w1 and w3 together (g and
 // u), A rows are token rows of the quantized input, the epilogue is SwiGLU with the slot's weight
 // (bf16 h by gathered row). Down: w2, A rows are the quantized h, the epilogue writes bf16 routed
@@ -409,15 +429,9 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_kernel(const GemmArgs a
   }
   __syncthreads();
 
-  const unsigned long long* trow = args.table + static_cast<long long>(e) * 6;
-  const uint8_t* w_ptr[kPlanes];
-  const void* s_ptr[kPlanes];
-  w_ptr[0] = table_ptr<const uint8_t*>(trow, kUp ? 0 : 2);
-  s_ptr[0] = table_ptr<const void*>(trow, kUp ? 1 : 3);
-  if constexpr (kUp) {
-    w_ptr[1] = table_ptr<const uint8_t*>(trow, 4);
-    s_ptr[1] = table_ptr<const void*>(trow, 5);
-  }
+  const ExpertPlanes<kUp> planes = expert_planes<kUp>(args, e);
+  const uint8_t* const* w_ptr = planes.w;
+  const void* const* s_ptr = planes.s;
 
   const int tx = tid % 16, ty = tid / 16;  // outputs (ty + 16 i, tx + 16 j), i, j < 4
   V part[kPlanes][4][4];
@@ -638,15 +652,8 @@ __global__ void __launch_bounds__(kSbWarps * kChunkLanes) small_batch_fp4_kernel
   const int warp = tid / kChunkLanes, lane = tid % kChunkLanes;
   if (tid < 16) lut[tid] = e2m1_to_f32(static_cast<uint8_t>(tid));
 
-  const unsigned long long* trow = args.table + static_cast<long long>(e) * 6;
-  const uint8_t* w_ptr[kPlanes];
-  const uint8_t* s_ptr[kPlanes];
-  w_ptr[0] = table_ptr<const uint8_t*>(trow, kUp ? 0 : 2);
-  s_ptr[0] = table_ptr<const uint8_t*>(trow, kUp ? 1 : 3);
-  if constexpr (kUp) {
-    w_ptr[1] = table_ptr<const uint8_t*>(trow, 4);
-    s_ptr[1] = table_ptr<const uint8_t*>(trow, 5);
-  }
+  const ExpertPlanes<kUp> planes = expert_planes<kUp>(args, e);
+  const uint8_t* const* w_ptr = planes.w;
   bool vector[kPlanes];
 #pragma unroll
   for (int pl = 0; pl < kPlanes; ++pl) vector[pl] = (reinterpret_cast<uintptr_t>(w_ptr[pl]) & 15u) == 0;
@@ -681,7 +688,7 @@ __global__ void __launch_bounds__(kSbWarps * kChunkLanes) small_batch_fp4_kernel
 #pragma unroll
       for (int pl = 0; pl < kPlanes; ++pl) {
         const uint8_t* wrow = w_ptr[pl] + static_cast<long long>(n) * (K / 2);
-        const uint8_t* srow = s_ptr[pl] + static_cast<long long>(n) * nw;
+        const uint8_t* srow = static_cast<const uint8_t*>(planes.s[pl]) + static_cast<long long>(n) * nw;
         for (int ch = lane; ch < chunks; ch += kChunkLanes) {
           const uint4 packed = load_16(wrow + ch * 16, vector[pl]);
           const uint32_t bytes4[4] = {packed.x, packed.y, packed.z, packed.w};
