@@ -11,9 +11,9 @@
 // words. Waits are spun by thread 0 and bounded: when no block has made progress (done blocks,
 // finished rows, arrived blocks) for kHangCycles, the block prints which row or barrier it waited on
 // and traps. Unlike the host walk, a block waits for the row its range starts inside only after
-// walking the rest of its range (see the hand-over below), so the blocks run side by side. A key's score follows the host's order exactly: per head the f32 products summed in f64
-// over d in order, rounded to f32; the ReLU'd logit times w in f32; the head sum in f64 over h in
-// order, rounded once. Phase A of a key tile computes the (key, head) logits in parallel into shared
+// walking the rest of its range (see the hand-over below), so the blocks run side by side. A key's
+// score follows the host's order exactly: per head the f32 products summed in f64 over d in order,
+// rounded to f32; the ReLU'd logit times w in f32; the head sum in f64 over h in order, rounded once. Phase A of a key tile computes the (key, head) logits in parallel into shared
 // memory, phase B sums them per key: the same operations as the host, so the logits are bitwise equal.
 //
 // Top-k. One block per row: the k-th largest score is found by a 4-pass 8-bit radix select on an
