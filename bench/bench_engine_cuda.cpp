@@ -252,6 +252,16 @@ void replicate(uint8_t* base, const std::vector<uint8_t>& pattern, uint64_t tota
   }
 }
 
+// DSV4_BENCH_EAGER: unset, 0 or 1.
+bool eager_setting_valid() {
+  const char* v = std::getenv("DSV4_BENCH_EAGER");
+  return v == nullptr || std::string(v) == "0" || std::string(v) == "1";
+}
+bool eager_requested() {
+  const char* v = std::getenv("DSV4_BENCH_EAGER");
+  return v != nullptr && std::string(v) == "1";
+}
+
 struct Setup {
   ModelConfig config;
   RuntimeOptions options;
@@ -311,8 +321,7 @@ struct Setup {
     EngineOptions eo;
     // DSV4_BENCH_EAGER=1 launches the step's kernels one by one (no graph, one stream), for a
     // per-kernel profile; the figures to report are the default's.
-    const char* eager = std::getenv("DSV4_BENCH_EAGER");
-    this->eager = eager != nullptr && std::string(eager) == "1";
+    this->eager = eager_requested();
     eo.graphs = !this->eager;
     eo.multi_stream = eo.graphs;
     eo.probes = false;
@@ -449,6 +458,12 @@ double gb(double bytes) { return bytes / 1e9; }
 void BM_EngineDecodeStep(benchmark::State& state) {
   if (!rt::cuda_available()) {
     state.SkipWithError("no CUDA device");
+    return;
+  }
+  if (!eager_setting_valid()) {
+    static const std::string why =
+        "DSV4_BENCH_EAGER must be 0 or 1, got '" + std::string(std::getenv("DSV4_BENCH_EAGER")) + "'";
+    state.SkipWithError(why.c_str());
     return;
   }
   auto setup = std::make_unique<Setup>();
