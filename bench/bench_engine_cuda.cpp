@@ -49,6 +49,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <random>
 #include <stdexcept>
 #include <string>
@@ -252,14 +253,12 @@ void replicate(uint8_t* base, const std::vector<uint8_t>& pattern, uint64_t tota
   }
 }
 
-// DSV4_BENCH_EAGER: unset, 0 or 1.
-bool eager_setting_valid() {
+// DSV4_BENCH_EAGER: unset or 0 (graphs), 1 (eager); nothing for any other value.
+std::optional<bool> eager_setting() {
   const char* v = std::getenv("DSV4_BENCH_EAGER");
-  return v == nullptr || std::string(v) == "0" || std::string(v) == "1";
-}
-bool eager_requested() {
-  const char* v = std::getenv("DSV4_BENCH_EAGER");
-  return v != nullptr && std::string(v) == "1";
+  if (v == nullptr || std::string(v) == "0") return false;
+  if (std::string(v) == "1") return true;
+  return std::nullopt;
 }
 
 struct Setup {
@@ -321,7 +320,7 @@ struct Setup {
     EngineOptions eo;
     // DSV4_BENCH_EAGER=1 launches the step's kernels one by one (no graph, one stream), for a
     // per-kernel profile; the figures to report are the default's.
-    this->eager = eager_requested();
+    this->eager = eager_setting().value_or(false);
     eo.graphs = !this->eager;
     eo.multi_stream = eo.graphs;
     eo.probes = false;
@@ -460,7 +459,7 @@ void BM_EngineDecodeStep(benchmark::State& state) {
     state.SkipWithError("no CUDA device");
     return;
   }
-  if (!eager_setting_valid()) {
+  if (!eager_setting()) {
     static const std::string why =
         "DSV4_BENCH_EAGER must be 0 or 1, got '" + std::string(std::getenv("DSV4_BENCH_EAGER")) + "'";
     state.SkipWithError(why.c_str());

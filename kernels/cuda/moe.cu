@@ -653,10 +653,9 @@ __global__ void __launch_bounds__(kSbWarps * kChunkLanes) small_batch_fp4_kernel
   if (tid < 16) lut[tid] = e2m1_to_f32(static_cast<uint8_t>(tid));
 
   const ExpertPlanes<kUp> planes = expert_planes<kUp>(args, e);
-  const uint8_t* const* w_ptr = planes.w;
   bool vector[kPlanes];
 #pragma unroll
-  for (int pl = 0; pl < kPlanes; ++pl) vector[pl] = (reinterpret_cast<uintptr_t>(w_ptr[pl]) & 15u) == 0;
+  for (int pl = 0; pl < kPlanes; ++pl) vector[pl] = (reinterpret_cast<uintptr_t>(planes.w[pl]) & 15u) == 0;
   const auto* sa_codes = static_cast<const uint8_t*>(args.a_scales);
   float* terms = terms_all + warp * kSbRows * nw;
 
@@ -687,7 +686,7 @@ __global__ void __launch_bounds__(kSbWarps * kChunkLanes) small_batch_fp4_kernel
       float result[kPlanes];
 #pragma unroll
       for (int pl = 0; pl < kPlanes; ++pl) {
-        const uint8_t* wrow = w_ptr[pl] + static_cast<long long>(n) * (K / 2);
+        const uint8_t* wrow = planes.w[pl] + static_cast<long long>(n) * (K / 2);
         const uint8_t* srow = static_cast<const uint8_t*>(planes.s[pl]) + static_cast<long long>(n) * nw;
         for (int ch = lane; ch < chunks; ch += kChunkLanes) {
           const uint4 packed = load_16(wrow + ch * 16, vector[pl]);

@@ -414,8 +414,7 @@ DeviceInfo device_info() {
   if (!info.known) {
     gpu::check(cudaDeviceGetAttribute(&info.major, cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute");
     gpu::check(cudaDeviceGetAttribute(&info.sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
-    gpu::check(cudaDeviceGetAttribute(&info.smem_optin, cudaDevAttrMaxSharedMemoryPerBlockOptin, device),
-               "cudaDeviceGetAttribute");
+    info.smem_optin = static_cast<int>(gpu::smem_optin_limit());
     cudaFuncAttributes attributes{};
     gpu::check(cudaFuncGetAttributes(&attributes, sparse_attention_tc_kernel<kMaxOutTiles>),
                "cudaFuncGetAttributes (sparse_attention_tc)");
@@ -425,8 +424,7 @@ DeviceInfo device_info() {
       for (const void* kernel : {reinterpret_cast<const void*>(sparse_attention_tc_kernel<8>),
                                  reinterpret_cast<const void*>(sparse_attention_tc_kernel<16>),
                                  reinterpret_cast<const void*>(sparse_attention_tc_kernel<kMaxOutTiles>)}) {
-        gpu::check(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, most),
-                   "cudaFuncSetAttribute (sparse_attention_tc)");
+        gpu::allow_smem(kernel, static_cast<size_t>(most), "cudaFuncSetAttribute (sparse_attention_tc)");
       }
       info.smem_optin = most;
     }
