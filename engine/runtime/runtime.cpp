@@ -514,6 +514,7 @@ void Runtime::match_collectives(int comm) {
   const int n = static_cast<int>(c.streams.size());
   auto accesses_of = [](const CollectivePart& p) {
     std::vector<Access> a;
+    a.reserve(2);  // also keeps GCC 13's -Wstringop-overflow from a false positive in push_back
     if (p.send.buffer.value >= 0) a.push_back(Access{p.send, AccessKind::read});
     if (p.recv.buffer.value >= 0) a.push_back(Access{p.recv, AccessKind::write});
     return a;

@@ -374,11 +374,7 @@ class IndexerLogitsGpuSeedBugA3 : public ::testing::Test {
   void SetUp() override { GTEST_FLAG_SET(death_test_style, "threadsafe"); }
 };
 
-// DISABLED_: on the H100 (2026-11-23) this death test did not finish within 6 minutes: the child's
-// launch did not end in the bounded spin's trap. Until that is understood, the A3 hang is shown by the
-// sim backend's cooperative launch (HangError) and the host form above; run it with
-// --gtest_also_run_disabled_tests.
-TEST_F(IndexerLogitsGpuSeedBugA3, DISABLED_BNextNScheduleOnPerTokenWorkFailsTheLaunch) {
+TEST_F(IndexerLogitsGpuSeedBugA3, BNextNScheduleOnPerTokenWorkFailsTheLaunch) {
   DSV4_REQUIRE_GPU();
   const Problem p = target_verify_problem(11);
   for (int64_t num_sms : {1, 3, 8}) {
@@ -397,8 +393,7 @@ TEST_F(IndexerLogitsGpuSeedBugA3, DISABLED_BNextNScheduleOnPerTokenWorkFailsTheL
   }
 }
 
-// DISABLED_ for the same reason as the test above.
-TEST_F(IndexerLogitsGpuSeedBugA3, DISABLED_StaleScheduleWhoseBlocksAreDoneTwiceFailsTheLaunch) {
+TEST_F(IndexerLogitsGpuSeedBugA3, StaleScheduleWhoseBlocksAreDoneTwiceFailsTheLaunch) {
   DSV4_REQUIRE_GPU();
   // Per token, 2 SMs, built for lengths 192, 64 ((0,0) (0,2) (2,0)) and run on 64, 64: SM 0 walks past
   // row 0 over row 1, which SM 1 also does; the done-block count passes the total.
