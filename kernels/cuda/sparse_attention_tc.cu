@@ -5,15 +5,17 @@
 // rows of the mma tiles; heads past H are zero rows, never stored) and one split of the token's
 // candidate keys (the window's columns first, then the compressed ones, as the host orders them).
 // Per tile of 32 candidates:
-//   1. the tile's locations (-1, out of range and past the split: no key);
+//   1. the tile's locations (-1, out of range and past the split: no key), and for each key the
+//      addresses of its value and scale bytes (the page division done once per key);
 //   2. the keys dequantized into shared memory as bf16 [32][D] (exact: e4m3 times a power of two,
 //      bf16 rope dims), a missing key as zeros;
 //   3. S = scale * Q K^T: (HB / 16) x 4 mma tiles of 16 x 8 over D, spread over the warps, into
-//      shared f32 (a missing key's logit is masked in step 4);
+//      shared f32 (a missing key's logit is masked in step 4); the fragments come from ldmatrix;
 //   4. the online softmax, 4 threads per head: the new max m, alpha = exp(m_old - m),
 //      p = exp(s - m), l = l * alpha + sum p (f32), P = bf16(p) into shared memory;
-//   5. O = O * alpha + P V (V = K): each warp owns one 16-row m tile and D * (HB / 16) / 8 of its
-//      columns, in registers (at most 32 n8 tiles, 128 floats per thread, at D 512 and HB 64).
+//   5. O = O * alpha + P V (V = K, its fragments from ldmatrix.trans): each warp owns one 16-row m
+//      tile and D * (HB / 16) / 8 of its columns, in registers (at most 32 n8 tiles, 128 floats per
+//      thread, at D 512 and HB 64).
 // One split: out = bf16(O / (l + exp(sink - m))), and 0 for a head with no valid key. Several splits
 // (few tokens): each writes its O, m and l (f32) to scratch, and the combine kernel merges them in
 // split order: M = max m_s, O = sum O_s exp(m_s - M), l = sum l_s exp(m_s - M) + exp(sink - M).
@@ -70,7 +72,7 @@ struct TcParams : AttentionProblem {
 // Shared memory of one block, in bytes from its start (every region 16-byte aligned).
 struct TcSmem {
   int ld = 0;  // bf16 elements per Q and K row
-  unsigned q = 0, k = 0, s = 0, p = 0, m = 0, l = 0, alpha = 0, loc = 0, src = 0, bytes = 0;
+  unsigned q = 0, k = 0, s = 0, p = 0, m = 0, l = 0, alpha = 0, loc = 0, values = 0, scales = 0, bytes = 0;
 };
 
 __host__ __device__ inline TcSmem tc_smem(int head_block, int dim) {
@@ -90,14 +92,13 @@ __host__ __device__ inline TcSmem tc_smem(int head_block, int dim) {
   s.l = take(static_cast<unsigned>(head_block * 4));
   s.alpha = take(static_cast<unsigned>(head_block * 4));
   s.loc = take(kKeyTile * 4);
-  s.src = take(kKeyTile * 4);
+  s.values = take(kKeyTile * sizeof(void*));
+  s.scales = take(kKeyTile * sizeof(void*));
   s.bytes = off;
   return s;
 }
 
 __device__ inline float neg_inf() { return __int_as_float(static_cast<int>(0xff800000u)); }
-
-__device__ inline uint32_t ld32(const uint16_t* p) { return *reinterpret_cast<const uint32_t*>(p); }
 
 __device__ inline uint32_t pack_bf16x2(float lo, float hi) {
   const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);  // .x (lo) in the low half
@@ -117,6 +118,44 @@ __device__ inline void mma_16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 #else
   __trap();  // the host never selects this path below compute capability 8.0
+#endif
+}
+
+// ldmatrix: four 8 x 8 bf16 matrices from shared memory, lanes 8i..8i+7 giving the rows of matrix i
+// (16 bytes each); r[i] is the lane's pair of matrix i (row lane / 4, columns 2 (lane % 4) and the
+// next), or with .trans its pair of the transposed matrix (rows 2 (lane % 4) and the next, column
+// lane / 4). The x2 form reads matrices 0 and 1 (the addresses of lanes 0-15).
+__device__ inline void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* row) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(row))));
+#else
+  (void)r;
+  (void)row;
+  __trap();
+#endif
+}
+__device__ inline void ldmatrix_x4_trans(uint32_t (&r)[4], const uint16_t* row) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(row))));
+#else
+  (void)r;
+  (void)row;
+  __trap();
+#endif
+}
+__device__ inline void ldmatrix_x2_trans(uint32_t (&r)[2], const uint16_t* row) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
+               : "=r"(r[0]), "=r"(r[1])
+               : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(row))));
+#else
+  (void)r;
+  (void)row;
+  __trap();
 #endif
 }
 
@@ -150,10 +189,12 @@ __global__ void __launch_bounds__(kThreads, kTiles <= 8 ? 3 : (kTiles <= 16 ? 2 
   float* l_s = reinterpret_cast<float*>(smem + L.l);
   float* alpha_s = reinterpret_cast<float*>(smem + L.alpha);
   int* loc_s = reinterpret_cast<int*>(smem + L.loc);
-  int* src_s = reinterpret_cast<int*>(smem + L.src);
+  const uint8_t** values_s = reinterpret_cast<const uint8_t**>(smem + L.values);  // [kKeyTile]
+  const uint8_t** scales_s = reinterpret_cast<const uint8_t**>(smem + L.scales);  // [kKeyTile]
 
   const int tid = static_cast<int>(threadIdx.x);
   const int warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
+  const int mat = lane / 8, mat_row = lane % 8;  // the ldmatrix matrix and row this lane addresses
   const int token = static_cast<int>(blockIdx.x);
   const int HB = p.head_block, D = p.dim, ld = L.ld;
   const int h0 = static_cast<int>(blockIdx.y) * HB;
@@ -194,14 +235,17 @@ __global__ void __launch_bounds__(kThreads, kTiles <= 8 ? 3 : (kTiles <= 16 ? 2 
     const int kt = min(kKeyTile, end - c0);
     __syncthreads();  // the previous tile's readers are done; Q and the state are in place
     if (tid < kKeyTile) {
-      int loc = -1, src = 0;
+      int loc = -1;
+      const uint8_t* values = nullptr;
+      const uint8_t* scales = nullptr;
       if (tid < kt) {
         bool from_swa = false;
         loc = attention_candidate(p, token, c0 + tid, swa_len, &from_swa);
-        src = from_swa ? 0 : 1;
+        if (loc >= 0) values = attention_entry_values(p, from_swa ? p.swa : p.extra, loc, &scales);
       }
       loc_s[tid] = loc;
-      src_s[tid] = src;
+      values_s[tid] = values;
+      scales_s[tid] = scales;
     }
     __syncthreads();
 
@@ -209,11 +253,10 @@ __global__ void __launch_bounds__(kThreads, kTiles <= 8 ? 3 : (kTiles <= 16 ? 2 
     for (int e = tid; e < kKeyTile * row_chunks; e += kThreads) {
       const int k = e / row_chunks;
       const int d0 = (e - k * row_chunks) * 8;
-      const int loc = loc_s[k];
+      const uint8_t* values = values_s[k];
       uint4 v = make_uint4(0u, 0u, 0u, 0u);
-      if (loc >= 0) {
-        const uint8_t* scales = nullptr;
-        const uint8_t* values = attention_entry_values(p, src_s[k] == 0 ? p.swa : p.extra, loc, &scales);
+      if (values != nullptr) {
+        const uint8_t* scales = scales_s[k];
         if (d0 < p.nope) {
           v = dequant8(values + d0, ue8m0_to_f32(scales[d0 / p.scale_block]));
         } else {
@@ -226,16 +269,21 @@ __global__ void __launch_bounds__(kThreads, kTiles <= 8 ? 3 : (kTiles <= 16 ? 2 
     }
     __syncthreads();
 
-    // Step 3: S = scale * Q K^T.
+    // Step 3: S = scale * Q K^T. A (Q, rows m0..m0 + 15): matrix i is rows + 8 (i % 2), dims + 8 (i / 2);
+    // B (K, keys n0..n0 + 7): matrix i is dims k0 + 8 i, two k steps per ldmatrix.
     for (int tile = warp; tile < mtiles * (kKeyTile / 8); tile += kWarps) {
       const int m0 = (tile / (kKeyTile / 8)) * 16;
       const int n0 = (tile % (kKeyTile / 8)) * 8;
       float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-      const uint16_t* qa = q_s + (m0 + g) * ld + 2 * t4;
-      const uint16_t* kb = k_s + (n0 + g) * ld + 2 * t4;
-      for (int k0 = 0; k0 < D; k0 += 16) {
-        mma_16816(c, ld32(qa + k0), ld32(qa + 8 * ld + k0), ld32(qa + k0 + 8), ld32(qa + 8 * ld + k0 + 8),
-                  ld32(kb + k0), ld32(kb + k0 + 8));
+      const uint16_t* qa = q_s + (m0 + (mat % 2) * 8 + mat_row) * ld + (mat / 2) * 8;
+      const uint16_t* kb = k_s + (n0 + mat_row) * ld + mat * 8;
+      for (int k0 = 0; k0 < D; k0 += 32) {
+        uint32_t a[4], a_next[4], b[4];
+        ldmatrix_x4(a, qa + k0);
+        ldmatrix_x4(a_next, qa + k0 + 16);
+        ldmatrix_x4(b, kb + k0);
+        mma_16816(c, a[0], a[1], a[2], a[3], b[0], b[1]);
+        mma_16816(c, a_next[0], a_next[1], a_next[2], a_next[3], b[2], b[3]);
       }
       float* srow = s_s + (m0 + g) * kSPitch + n0 + 2 * t4;
       srow[0] = c[0] * p.scale;
@@ -301,19 +349,25 @@ __global__ void __launch_bounds__(kThreads, kTiles <= 8 ? 3 : (kTiles <= 16 ? 2 
           acc[j][3] *= a_hi;
         }
       }
-      const uint16_t* pa = p_s + row * kPPitch + 2 * t4;
+      // A (P): matrix i is rows + 8 (i % 2), keys + 8 (i / 2). B (V, transposed): matrix i is keys
+      // ks + 8 (i % 2), columns + 8 (i / 2): the b0, b1 of two n8 tiles per ldmatrix.
+      const uint16_t* pa = p_s + (my_mtile * 16 + (mat % 2) * 8 + mat_row) * kPPitch + (mat / 2) * 8;
 #pragma unroll
       for (int ks = 0; ks < kKeyTile; ks += 16) {
-        const uint32_t a0 = ld32(pa + ks), a1 = ld32(pa + 8 * kPPitch + ks);
-        const uint32_t a2 = ld32(pa + ks + 8), a3 = ld32(pa + 8 * kPPitch + ks + 8);
-        const uint16_t* vb = k_s + (ks + 2 * t4) * ld + col0 + g;
+        uint32_t a[4];
+        ldmatrix_x4(a, pa + ks);
+        const uint16_t* vb = k_s + (ks + (mat % 2) * 8 + mat_row) * ld + col0 + (mat / 2) * 8;
 #pragma unroll
-        for (int j = 0; j < kTiles; ++j) {
-          if (j < ntiles) {
-            const uint16_t* v = vb + j * 8;
-            const uint32_t b0 = static_cast<uint32_t>(v[0]) | (static_cast<uint32_t>(v[ld]) << 16);
-            const uint32_t b1 = static_cast<uint32_t>(v[8 * ld]) | (static_cast<uint32_t>(v[9 * ld]) << 16);
-            mma_16816(acc[j], a0, a1, a2, a3, b0, b1);
+        for (int j = 0; j < kTiles; j += 2) {
+          if (j + 1 < ntiles) {
+            uint32_t b[4];
+            ldmatrix_x4_trans(b, vb + j * 8);
+            mma_16816(acc[j], a[0], a[1], a[2], a[3], b[0], b[1]);
+            mma_16816(acc[j + 1], a[0], a[1], a[2], a[3], b[2], b[3]);
+          } else if (j < ntiles) {
+            uint32_t b[2];
+            ldmatrix_x2_trans(b, vb + j * 8);  // lanes 16-31's addresses are ignored
+            mma_16816(acc[j], a[0], a[1], a[2], a[3], b[0], b[1]);
           }
         }
       }

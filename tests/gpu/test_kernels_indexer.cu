@@ -373,8 +373,10 @@ class IndexerLogitsGpuSeedBugA3 : public ::testing::Test {
   // A trap poisons the CUDA context: each failing launch runs in a re-executed child process.
   void SetUp() override { GTEST_FLAG_SET(death_test_style, "threadsafe"); }
 };
+// The death tests (the `sanitizer` runs leave out *DeathTest*: their children trap by design).
+using IndexerLogitsGpuSeedBugA3DeathTest = IndexerLogitsGpuSeedBugA3;
 
-TEST_F(IndexerLogitsGpuSeedBugA3, BNextNScheduleOnPerTokenWorkFailsTheLaunch) {
+TEST_F(IndexerLogitsGpuSeedBugA3DeathTest, BNextNScheduleOnPerTokenWorkFailsTheLaunch) {
   DSV4_REQUIRE_GPU();
   const Problem p = target_verify_problem(11);
   for (int64_t num_sms : {1, 3, 8}) {
@@ -393,7 +395,7 @@ TEST_F(IndexerLogitsGpuSeedBugA3, BNextNScheduleOnPerTokenWorkFailsTheLaunch) {
   }
 }
 
-TEST_F(IndexerLogitsGpuSeedBugA3, StaleScheduleWhoseBlocksAreDoneTwiceFailsTheLaunch) {
+TEST_F(IndexerLogitsGpuSeedBugA3DeathTest, StaleScheduleWhoseBlocksAreDoneTwiceFailsTheLaunch) {
   DSV4_REQUIRE_GPU();
   // Per token, 2 SMs, built for lengths 192, 64 ((0,0) (0,2) (2,0)) and run on 64, 64: SM 0 walks past
   // row 0 over row 1, which SM 1 also does; the done-block count passes the total.
