@@ -31,6 +31,7 @@
 #include <random>
 #include <stdexcept>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "engine/config/model_config.h"
@@ -490,6 +491,9 @@ Tensor model1_cache(const Model1Layout& layout, int64_t page_size, int64_t pages
 void BM_SparseAttentionDecode(benchmark::State& state, int64_t extra_topk, cuda::SparseAttentionPath path) {
   if (!have_gpu(state)) return;
   cuda::SparseAttentionPathScope scope(path);
+  // The tensor-core path's heads per block (arg "hb"; 0: the launch chooses).
+  const int head_block = path == cuda::SparseAttentionPath::tensor_core ? static_cast<int>(state.range(1)) : 0;
+  cuda::set_sparse_attention_tc_head_block(head_block);
   const ModelConfig& c = small();
   const int64_t T = state.range(0), H = c.n_heads, D = c.head_dim, swa_topk = c.window_size;
   const Model1Layout layout = model1_layout("bench", D, c.rope_head_dim, c.kv_block_size);
@@ -533,6 +537,7 @@ void BM_SparseAttentionDecode(benchmark::State& state, int64_t extra_topk, cuda:
     args.extra_indices = extra_idx[static_cast<size_t>(i % sets)];
     sparse_attention(args);
   }, sets);
+  cuda::set_sparse_attention_tc_head_block(0);
   const double bytes = per_call + static_cast<double>(T * H * D * 2 * 2 + T * (swa_topk + extra_topk) * 4);
   // q.k and p.v over every (token, head, key): 2 x 2 x D flops each.
   const double flops = 4.0 * static_cast<double>(T * H * (swa_topk + extra_topk)) * static_cast<double>(D);
@@ -622,14 +627,17 @@ int register_all() {
   benchmark::RegisterBenchmark("BM_HeadLogits", BM_HeadLogits)->Arg(64)->ArgName("T")->UseManualTime()->Unit(benchmark::kMicrosecond)->MinTime(0.2);
   benchmark::RegisterBenchmark("BM_GroupedWoA", BM_GroupedWoA)->Arg(64)->ArgName("T")->UseManualTime()->Unit(benchmark::kMicrosecond)->MinTime(0.1);
   benchmark::RegisterBenchmark("BM_MoeExperts", BM_MoeExperts)->Arg(64)->ArgName("T")->UseManualTime()->Unit(benchmark::kMicrosecond)->MinTime(0.2);
+  // The tensor-core path also with each forced head block (hb 0: the launch's own choice).
   for (const auto path : {cuda::SparseAttentionPath::exact, cuda::SparseAttentionPath::tensor_core}) {
     const std::string suffix = std::string("_") + cuda::sparse_attention_path_name(path);
-    benchmark::RegisterBenchmark(("BM_SparseAttentionDecode" + suffix + "/c4_layer").c_str(), BM_SparseAttentionDecode,
-                                 small().index_topk, path)
-        ->Arg(64)->ArgName("batch")->UseManualTime()->Unit(benchmark::kMicrosecond)->MinTime(0.2);
-    benchmark::RegisterBenchmark(("BM_SparseAttentionDecode" + suffix + "/c128_layer").c_str(), BM_SparseAttentionDecode,
-                                 int64_t{8192 / 128}, path)
-        ->Arg(64)->ArgName("batch")->UseManualTime()->Unit(benchmark::kMicrosecond)->MinTime(0.2);
+    const bool tc = path == cuda::SparseAttentionPath::tensor_core;
+    for (const auto& [layer, extra] : {std::pair<const char*, int64_t>{"/c4_layer", small().index_topk},
+                                       std::pair<const char*, int64_t>{"/c128_layer", 8192 / 128}}) {
+      auto* b = benchmark::RegisterBenchmark(("BM_SparseAttentionDecode" + suffix + layer).c_str(),
+                                             BM_SparseAttentionDecode, extra, path);
+      b->ArgNames({"batch", "hb"})->UseManualTime()->Unit(benchmark::kMicrosecond)->MinTime(0.2);
+      for (const int64_t hb : tc ? std::vector<int64_t>{0, 16, 32, 64} : std::vector<int64_t>{0}) b->Args({64, hb});
+    }
   }
   benchmark::RegisterBenchmark("BM_IndexerLogitsDecode", BM_IndexerLogitsDecode)
       ->Args({64, 0})->Args({64, 4})->ArgNames({"batch", "sms"})->UseManualTime()->Unit(benchmark::kMicrosecond)->MinTime(0.2);

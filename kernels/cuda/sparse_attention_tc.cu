@@ -30,6 +30,8 @@
 #include <atomic>
 #include <cstdint>
 #include <mutex>
+#include <stdexcept>
+#include <string>
 
 #include "engine/core/formats.h"
 #include "kernels/cuda/path_switch.h"
@@ -53,6 +55,8 @@ constexpr int kPPitch = kKeyTile + kPad;  // bf16 P row pitch
 constexpr int kMaxSplits = 32;
 constexpr int kCombineThreads = 128;
 static_assert(kMaxOutTiles == 32, "the accumulators hold D 512 x 64 heads over 8 warps");
+constexpr int kMaxItems = kKeyTile * (kMaxDim / 8) / kThreads;  // 8-dim key chunks per thread and tile
+static_assert(kThreads % (kMaxDim / 8) == 0, "a thread's key chunks share their dims at every D | 512");
 
 // Constructed at first use: benchmarks name their registrations by path during static initialization.
 PathSwitch& path_switch() {
@@ -60,6 +64,7 @@ PathSwitch& path_switch() {
   return s;
 }
 std::atomic<uint64_t> g_calls{0};
+std::atomic<int> g_head_block{0};  // 0: each launch chooses
 
 struct TcParams : AttentionProblem {
   int head_block = 16;
@@ -159,10 +164,10 @@ __device__ inline void ldmatrix_x2_trans(uint32_t (&r)[2], const uint16_t* row) 
 #endif
 }
 
-// Eight e4m3 codes times their block's power-of-two scale, as eight bf16 (exact).
-__device__ inline uint4 dequant8(const uint8_t* codes, float scale) {
-  const uint2 raw = *reinterpret_cast<const uint2*>(codes);
-  const uint32_t words[2] = {raw.x, raw.y};
+// Eight e4m3 codes (two words, the first code in the low byte) times their block's power-of-two
+// scale, as eight bf16 (exact).
+__device__ inline uint4 dequant8(uint32_t lo, uint32_t hi, float scale) {
+  const uint32_t words[2] = {lo, hi};
   uint32_t out[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i) {
@@ -175,9 +180,9 @@ __device__ inline uint4 dequant8(const uint8_t* codes, float scale) {
 }
 
 // kTiles: the accumulators' n8 tiles per warp (at least D * (HB / 16) / 64): registers for 8 or 16
-// tiles leave room for 3 or 2 blocks per SM, where all 32 allow one.
+// tiles (and step 2's staged loads) leave room for 2 blocks per SM, where all 32 allow one.
 template <int kTiles>
-__global__ void __launch_bounds__(kThreads, kTiles <= 8 ? 3 : (kTiles <= 16 ? 2 : 1))
+__global__ void __launch_bounds__(kThreads, kTiles <= 16 ? 2 : 1)
     sparse_attention_tc_kernel(TcParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
   const TcSmem L = tc_smem(p.head_block, p.dim);
@@ -249,23 +254,40 @@ __global__ void __launch_bounds__(kThreads, kTiles <= 8 ? 3 : (kTiles <= 16 ? 2 
     }
     __syncthreads();
 
-    // Step 2: the keys, 8 dims per item (a nope chunk lies inside one scale block).
-    for (int e = tid; e < kKeyTile * row_chunks; e += kThreads) {
-      const int k = e / row_chunks;
-      const int d0 = (e - k * row_chunks) * 8;
-      const uint8_t* values = values_s[k];
-      uint4 v = make_uint4(0u, 0u, 0u, 0u);
-      if (values != nullptr) {
-        const uint8_t* scales = scales_s[k];
-        if (d0 < p.nope) {
-          v = dequant8(values + d0, ue8m0_to_f32(scales[d0 / p.scale_block]));
-        } else {
-          const uint2* rope = reinterpret_cast<const uint2*>(values + p.nope + 2 * (d0 - p.nope));
-          const uint2 lo = rope[0], hi = rope[1];
-          v = make_uint4(lo.x, lo.y, hi.x, hi.y);
+    // Step 2: the keys, 8 dims per item (a nope chunk lies inside one scale block). kThreads is a
+    // multiple of row_chunks, so a thread's items share its dims d0 and differ in the key. Every
+    // item's bytes are loaded first (kMaxItems loads in flight), then converted and stored. A missing
+    // key loads as zero codes with scale code 0: zeros.
+    {
+      const int d0 = (tid % row_chunks) * 8;
+      const bool nope_dims = d0 < p.nope;
+      const int scale_at = nope_dims ? d0 / p.scale_block : 0;
+      const int key0 = tid / row_chunks, key_step = kThreads / row_chunks;
+      uint4 raw[kMaxItems];
+#pragma unroll
+      for (int i = 0; i < kMaxItems; ++i) {
+        const int k = key0 + i * key_step;
+        raw[i] = make_uint4(0u, 0u, 0u, 0u);
+        const uint8_t* values = k < kKeyTile ? values_s[k] : nullptr;
+        if (values != nullptr) {
+          if (nope_dims) {
+            const uint2 codes = *reinterpret_cast<const uint2*>(values + d0);
+            raw[i] = make_uint4(codes.x, codes.y, scales_s[k][scale_at], 0u);
+          } else {
+            const uint2* rope = reinterpret_cast<const uint2*>(values + p.nope + 2 * (d0 - p.nope));
+            const uint2 lo = rope[0], hi = rope[1];
+            raw[i] = make_uint4(lo.x, lo.y, hi.x, hi.y);
+          }
         }
       }
-      *reinterpret_cast<uint4*>(k_s + k * ld + d0) = v;
+#pragma unroll
+      for (int i = 0; i < kMaxItems; ++i) {
+        const int k = key0 + i * key_step;
+        if (k < kKeyTile) {
+          const uint4 v = nope_dims ? dequant8(raw[i].x, raw[i].y, ue8m0_to_f32(static_cast<uint8_t>(raw[i].z))) : raw[i];
+          *reinterpret_cast<uint4*>(k_s + k * ld + d0) = v;
+        }
+      }
     }
     __syncthreads();
 
@@ -496,6 +518,14 @@ SparseAttentionPath sparse_attention_path() { return static_cast<SparseAttention
 void set_sparse_attention_path(SparseAttentionPath path) { path_switch().set(static_cast<int>(path)); }
 const char* sparse_attention_path_name(SparseAttentionPath path) { return path_switch().name(static_cast<int>(path)); }
 uint64_t sparse_attention_tensor_core_calls() { return g_calls.load(std::memory_order_relaxed); }
+void set_sparse_attention_tc_head_block(int heads) {
+  if (heads != 0 && heads != 16 && heads != 32 && heads != kMaxHeadBlock) {
+    throw std::invalid_argument("set_sparse_attention_tc_head_block: " + std::to_string(heads) +
+                                " is not 0, 16, 32 or 64");
+  }
+  g_head_block.store(heads, std::memory_order_relaxed);
+}
+int sparse_attention_tc_head_block() { return g_head_block.load(std::memory_order_relaxed); }
 
 bool sparse_attention_tensor_core(const SparseAttentionArgs& a, void* stream) {
   const int64_t T = a.q.size(0), H = a.q.size(1), D = a.q.size(2);
@@ -512,8 +542,13 @@ bool sparse_attention_tensor_core(const SparseAttentionArgs& a, void* stream) {
   // dequantizes the keys again, from L2) or the shared memory does not fit.
   int hb = H <= 16 ? 16 : (H <= 32 ? 32 : kMaxHeadBlock);
   const auto blocks = [&](int b) { return T * ceil_div(H, b); };
-  while (hb > 16 && (blocks(hb) < info.sms || static_cast<int>(tc_smem(hb, static_cast<int>(D)).bytes) > info.smem_optin)) {
-    hb /= 2;
+  const auto too_big = [&](int b) { return static_cast<int>(tc_smem(b, static_cast<int>(D)).bytes) > info.smem_optin; };
+  const int forced = sparse_attention_tc_head_block();
+  if (forced != 0) {
+    hb = std::min(hb, forced);
+    while (hb > 16 && too_big(hb)) hb /= 2;
+  } else {
+    while (hb > 16 && (blocks(hb) < info.sms || too_big(hb))) hb /= 2;
   }
   const unsigned smem = tc_smem(hb, static_cast<int>(D)).bytes;
   if (static_cast<int>(smem) > info.smem_optin) return false;

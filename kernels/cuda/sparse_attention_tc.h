@@ -46,4 +46,11 @@ bool sparse_attention_tensor_core(const SparseAttentionArgs& args, void* stream)
 // How many calls the tensor-core path has taken (tests: the path was not silently skipped).
 uint64_t sparse_attention_tensor_core_calls();
 
+// Heads per block (process-wide, for benchmarks): 0, the default, lets each launch choose (all the
+// heads up to 64, fewer while the blocks would leave SMs idle); 16, 32 or 64 asks for that many,
+// capped at the heads rounded up to 16, 32 or 64 and halved while the shared memory does not fit.
+// Any other value is refused (std::invalid_argument).
+void set_sparse_attention_tc_head_block(int heads);
+int sparse_attention_tc_head_block();
+
 }  // namespace dsv4::kernels::cuda

@@ -22,7 +22,9 @@
 #include <limits>
 #include <random>
 #include <utility>
+#include <stdexcept>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -632,6 +634,27 @@ TEST(GpuSparseAttentionTensorCore, MatchesHostWithinTheBound) {
     for (int64_t h = 0; h < heads; ++h) sinks.sink_t.data<float>()[h] = extremes[h % 4];
     check_tensor_core_case(sinks, "tensor core, extreme sinks, T=" + std::to_string(tokens));
   }
+}
+
+TEST(GpuSparseAttentionTensorCore, EveryForcedHeadBlockMatchesHostWithinTheBound) {
+  DSV4_REQUIRE_GPU();
+  EXPECT_THROW(cuda::set_sparse_attention_tc_head_block(8), std::invalid_argument);
+  EXPECT_THROW(cuda::set_sparse_attention_tc_head_block(-1), std::invalid_argument);
+  EXPECT_EQ(cuda::sparse_attention_tc_head_block(), 0);
+  // Flash's 64 heads (D 512: 8, 16 and 32 output tiles per warp), T = 3 (split keys) and 64 (the
+  // decode batch); micro's 70 heads with a partial last block.
+  uint64_t seed = 2100;
+  for (const int hb : {16, 32, 64}) {
+    cuda::set_sparse_attention_tc_head_block(hb);
+    for (const auto& [preset, heads, tokens] : {std::tuple<const char*, int64_t, int64_t>{"flash", 64, 3},
+                                                std::tuple<const char*, int64_t, int64_t>{"flash", 64, 64},
+                                                std::tuple<const char*, int64_t, int64_t>{"micro", 70, 7}}) {
+      const Case c = make_case(preset, ++seed, tokens, heads, {3, 16, 32}, {2, 64, 48});
+      check_tensor_core_case(c, std::string("tensor core, head block ") + std::to_string(hb) + ", " + preset +
+                                    " T=" + std::to_string(tokens));
+    }
+  }
+  cuda::set_sparse_attention_tc_head_block(0);
 }
 
 TEST(GpuSparseAttentionTensorCore, RerunsAndAGraphReplayAreBitwiseIdentical) {
