@@ -4,7 +4,8 @@
 // Grid: (token, head block, split). A block of 8 warps owns HB = 16, 32 or 64 heads of one token (the
 // rows of the mma tiles; heads past H are zero rows, never stored) and one split of the token's
 // candidate keys (the window's columns first, then the compressed ones, as the host orders them).
-// Per tile of 32 candidates:
+// Per tile of 32 candidates (steps 1 and 2's loads for the next tile are issued before step 3 of
+// this one, so they are in flight while it is multiplied):
 //   1. the tile's locations (-1, out of range and past the split: no key), and for each key the
 //      addresses of its value and scale bytes (the page division done once per key);
 //   2. the keys dequantized into shared memory as bf16 [32][D] (exact: e4m3 times a power of two,
@@ -96,9 +97,9 @@ __host__ __device__ inline TcSmem tc_smem(int head_block, int dim) {
   s.m = take(static_cast<unsigned>(head_block * 4));
   s.l = take(static_cast<unsigned>(head_block * 4));
   s.alpha = take(static_cast<unsigned>(head_block * 4));
-  s.loc = take(kKeyTile * 4);
-  s.values = take(kKeyTile * sizeof(void*));
-  s.scales = take(kKeyTile * sizeof(void*));
+  s.loc = take(2 * kKeyTile * 4);  // two slots: the current tile's and the next one's
+  s.values = take(2 * kKeyTile * sizeof(void*));
+  s.scales = take(2 * kKeyTile * sizeof(void*));
   s.bytes = off;
   return s;
 }
@@ -179,10 +180,10 @@ __device__ inline uint4 dequant8(uint32_t lo, uint32_t hi, float scale) {
   return make_uint4(out[0], out[1], out[2], out[3]);
 }
 
-// kTiles: the accumulators' n8 tiles per warp (at least D * (HB / 16) / 64): registers for 8 or 16
-// tiles (and step 2's staged loads) leave room for 2 blocks per SM, where all 32 allow one.
+// kTiles: the accumulators' n8 tiles per warp (at least D * (HB / 16) / 64): registers for 8 tiles
+// and the next tile's key bytes in flight leave room for 2 blocks per SM; 16 or 32 tiles allow one.
 template <int kTiles>
-__global__ void __launch_bounds__(kThreads, kTiles <= 16 ? 2 : 1)
+__global__ void __launch_bounds__(kThreads, kTiles <= 8 ? 2 : 1)
     sparse_attention_tc_kernel(TcParams p) {
   extern __shared__ __align__(16) unsigned char smem[];
   const TcSmem L = tc_smem(p.head_block, p.dim);
@@ -194,8 +195,8 @@ __global__ void __launch_bounds__(kThreads, kTiles <= 16 ? 2 : 1)
   float* l_s = reinterpret_cast<float*>(smem + L.l);
   float* alpha_s = reinterpret_cast<float*>(smem + L.alpha);
   int* loc_s = reinterpret_cast<int*>(smem + L.loc);
-  const uint8_t** values_s = reinterpret_cast<const uint8_t**>(smem + L.values);  // [kKeyTile]
-  const uint8_t** scales_s = reinterpret_cast<const uint8_t**>(smem + L.scales);  // [kKeyTile]
+  const uint8_t** values_s = reinterpret_cast<const uint8_t**>(smem + L.values);  // [2][kKeyTile]
+  const uint8_t** scales_s = reinterpret_cast<const uint8_t**>(smem + L.scales);  // [2][kKeyTile]
 
   const int tid = static_cast<int>(threadIdx.x);
   const int warp = tid / 32, lane = tid % 32, g = lane / 4, t4 = lane % 4;
@@ -236,60 +237,70 @@ __global__ void __launch_bounds__(kThreads, kTiles <= 16 ? 2 : 1)
 #pragma unroll
   for (int j = 0; j < kTiles; ++j) acc[j][0] = acc[j][1] = acc[j][2] = acc[j][3] = 0.0f;
 
-  for (int c0 = begin; c0 < end; c0 += kKeyTile) {
-    const int kt = min(kKeyTile, end - c0);
-    __syncthreads();  // the previous tile's readers are done; Q and the state are in place
+  // Step 1 for the tile at c0 into slot `slot` of the location arrays (threads < kKeyTile).
+  const auto locate = [&](int c0, int slot) {
     if (tid < kKeyTile) {
       int loc = -1;
       const uint8_t* values = nullptr;
       const uint8_t* scales = nullptr;
-      if (tid < kt) {
+      if (tid < end - c0) {
         bool from_swa = false;
         loc = attention_candidate(p, token, c0 + tid, swa_len, &from_swa);
         if (loc >= 0) values = attention_entry_values(p, from_swa ? p.swa : p.extra, loc, &scales);
       }
-      loc_s[tid] = loc;
-      values_s[tid] = values;
-      scales_s[tid] = scales;
+      loc_s[slot * kKeyTile + tid] = loc;
+      values_s[slot * kKeyTile + tid] = values;
+      scales_s[slot * kKeyTile + tid] = scales;
     }
-    __syncthreads();
+  };
+  // Step 2's loads, 8 dims per item (a nope chunk lies inside one scale block). kThreads is a
+  // multiple of row_chunks, so a thread's items share its dims d0 and differ in the key. A missing
+  // key loads as zero codes with scale code 0, which convert to zeros.
+  const int d0 = (tid % row_chunks) * 8;
+  const bool nope_dims = d0 < p.nope;
+  const int scale_at = nope_dims ? d0 / p.scale_block : 0;
+  const int key0 = tid / row_chunks, key_step = kThreads / row_chunks;
+  uint4 raw[kMaxItems];
+  const auto load_keys = [&](int slot) {
+#pragma unroll
+    for (int i = 0; i < kMaxItems; ++i) {
+      const int k = key0 + i * key_step;
+      raw[i] = make_uint4(0u, 0u, 0u, 0u);
+      const uint8_t* values = k < kKeyTile ? values_s[slot * kKeyTile + k] : nullptr;
+      if (values != nullptr) {
+        if (nope_dims) {
+          const uint2 codes = *reinterpret_cast<const uint2*>(values + d0);
+          raw[i] = make_uint4(codes.x, codes.y, scales_s[slot * kKeyTile + k][scale_at], 0u);
+        } else {
+          const uint2* rope = reinterpret_cast<const uint2*>(values + p.nope + 2 * (d0 - p.nope));
+          const uint2 lo = rope[0], hi = rope[1];
+          raw[i] = make_uint4(lo.x, lo.y, hi.x, hi.y);
+        }
+      }
+    }
+  };
 
-    // Step 2: the keys, 8 dims per item (a nope chunk lies inside one scale block). kThreads is a
-    // multiple of row_chunks, so a thread's items share its dims d0 and differ in the key. Every
-    // item's bytes are loaded first (kMaxItems loads in flight), then converted and stored. A missing
-    // key loads as zero codes with scale code 0: zeros.
-    {
-      const int d0 = (tid % row_chunks) * 8;
-      const bool nope_dims = d0 < p.nope;
-      const int scale_at = nope_dims ? d0 / p.scale_block : 0;
-      const int key0 = tid / row_chunks, key_step = kThreads / row_chunks;
-      uint4 raw[kMaxItems];
+  // The pipeline: tile i + 1's locations and key bytes are fetched while tile i is multiplied.
+  locate(begin, 0);
+  __syncthreads();
+  load_keys(0);
+  int slot = 0;
+  for (int c0 = begin; c0 < end; c0 += kKeyTile, slot ^= 1) {
+    const bool more = c0 + kKeyTile < end;
+    __syncthreads();  // the previous tile's readers are done; Q and the state are in place
+    // Step 2: the loaded keys converted into shared memory.
 #pragma unroll
-      for (int i = 0; i < kMaxItems; ++i) {
-        const int k = key0 + i * key_step;
-        raw[i] = make_uint4(0u, 0u, 0u, 0u);
-        const uint8_t* values = k < kKeyTile ? values_s[k] : nullptr;
-        if (values != nullptr) {
-          if (nope_dims) {
-            const uint2 codes = *reinterpret_cast<const uint2*>(values + d0);
-            raw[i] = make_uint4(codes.x, codes.y, scales_s[k][scale_at], 0u);
-          } else {
-            const uint2* rope = reinterpret_cast<const uint2*>(values + p.nope + 2 * (d0 - p.nope));
-            const uint2 lo = rope[0], hi = rope[1];
-            raw[i] = make_uint4(lo.x, lo.y, hi.x, hi.y);
-          }
-        }
-      }
-#pragma unroll
-      for (int i = 0; i < kMaxItems; ++i) {
-        const int k = key0 + i * key_step;
-        if (k < kKeyTile) {
-          const uint4 v = nope_dims ? dequant8(raw[i].x, raw[i].y, ue8m0_to_f32(static_cast<uint8_t>(raw[i].z))) : raw[i];
-          *reinterpret_cast<uint4*>(k_s + k * ld + d0) = v;
-        }
+    for (int i = 0; i < kMaxItems; ++i) {
+      const int k = key0 + i * key_step;
+      if (k < kKeyTile) {
+        const uint4 v = nope_dims ? dequant8(raw[i].x, raw[i].y, ue8m0_to_f32(static_cast<uint8_t>(raw[i].z))) : raw[i];
+        *reinterpret_cast<uint4*>(k_s + k * ld + d0) = v;
       }
     }
+    if (more) locate(c0 + kKeyTile, slot ^ 1);
     __syncthreads();
+    if (more) load_keys(slot ^ 1);  // in flight through steps 3 to 5
+    const int* tile_loc = loc_s + slot * kKeyTile;
 
     // Step 3: S = scale * Q K^T. A (Q, rows m0..m0 + 15): matrix i is rows + 8 (i % 2), dims + 8 (i / 2);
     // B (K, keys n0..n0 + 7): matrix i is dims k0 + 8 i, two k steps per ldmatrix.
@@ -324,7 +335,7 @@ __global__ void __launch_bounds__(kThreads, kTiles <= 16 ? 2 : 1)
       float mx = neg_inf();
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
-        valid[j] = loc_s[part * 8 + j] >= 0;
+        valid[j] = tile_loc[part * 8 + j] >= 0;
         sv[j] = valid[j] ? srow[j] : neg_inf();
         mx = mx < sv[j] ? sv[j] : mx;  // the host's std::max predicate
       }
