@@ -129,35 +129,21 @@ __device__ inline void mma_16816(float (&d)[4], uint32_t a0, uint32_t a1, uint32
 
 // ldmatrix: four 8 x 8 bf16 matrices from shared memory, lanes 8i..8i+7 giving the rows of matrix i
 // (16 bytes each); r[i] is the lane's pair of matrix i (row lane / 4, columns 2 (lane % 4) and the
-// next), or with .trans its pair of the transposed matrix (rows 2 (lane % 4) and the next, column
-// lane / 4). The x2 form reads matrices 0 and 1 (the addresses of lanes 0-15).
+// next), or with kTrans its pair of the transposed matrix (rows 2 (lane % 4) and the next, column
+// lane / 4).
+template <bool kTrans>
 __device__ inline void ldmatrix_x4(uint32_t (&r)[4], const uint16_t* row) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(row))));
-#else
-  (void)r;
-  (void)row;
-  __trap();
-#endif
-}
-__device__ inline void ldmatrix_x4_trans(uint32_t (&r)[4], const uint16_t* row) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(row))));
-#else
-  (void)r;
-  (void)row;
-  __trap();
-#endif
-}
-__device__ inline void ldmatrix_x2_trans(uint32_t (&r)[2], const uint16_t* row) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
-  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0, %1}, [%2];\n"
-               : "=r"(r[0]), "=r"(r[1])
-               : "r"(static_cast<uint32_t>(__cvta_generic_to_shared(row))));
+  const auto at = static_cast<uint32_t>(__cvta_generic_to_shared(row));
+  if constexpr (kTrans) {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(at));
+  } else {
+    asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+                 : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+                 : "r"(at));
+  }
 #else
   (void)r;
   (void)row;
@@ -312,9 +298,9 @@ __global__ void __launch_bounds__(kThreads, kTiles <= 8 ? 2 : 1)
       const uint16_t* kb = k_s + (n0 + mat_row) * ld + mat * 8;
       for (int k0 = 0; k0 < D; k0 += 32) {
         uint32_t a[4], a_next[4], b[4];
-        ldmatrix_x4(a, qa + k0);
-        ldmatrix_x4(a_next, qa + k0 + 16);
-        ldmatrix_x4(b, kb + k0);
+        ldmatrix_x4<false>(a, qa + k0);
+        ldmatrix_x4<false>(a_next, qa + k0 + 16);
+        ldmatrix_x4<false>(b, kb + k0);
         mma_16816(c, a[0], a[1], a[2], a[3], b[0], b[1]);
         mma_16816(c, a_next[0], a_next[1], a_next[2], a_next[3], b[2], b[3]);
       }
@@ -388,19 +374,17 @@ __global__ void __launch_bounds__(kThreads, kTiles <= 8 ? 2 : 1)
 #pragma unroll
       for (int ks = 0; ks < kKeyTile; ks += 16) {
         uint32_t a[4];
-        ldmatrix_x4(a, pa + ks);
+        ldmatrix_x4<false>(a, pa + ks);
         const uint16_t* vb = k_s + (ks + (mat % 2) * 8 + mat_row) * ld + col0 + (mat / 2) * 8;
 #pragma unroll
         for (int j = 0; j < kTiles; j += 2) {
-          if (j + 1 < ntiles) {
+          if (j < ntiles) {
+            // An odd last tile: matrices 2 and 3 read tile j again, unused.
+            const int back = j + 1 < ntiles ? 0 : (mat / 2) * 8;
             uint32_t b[4];
-            ldmatrix_x4_trans(b, vb + j * 8);
+            ldmatrix_x4<true>(b, vb + j * 8 - back);
             mma_16816(acc[j], a[0], a[1], a[2], a[3], b[0], b[1]);
-            mma_16816(acc[j + 1], a[0], a[1], a[2], a[3], b[2], b[3]);
-          } else if (j < ntiles) {
-            uint32_t b[2];
-            ldmatrix_x2_trans(b, vb + j * 8);  // lanes 16-31's addresses are ignored
-            mma_16816(acc[j], a[0], a[1], a[2], a[3], b[0], b[1]);
+            if (j + 1 < ntiles) mma_16816(acc[j + 1], a[0], a[1], a[2], a[3], b[2], b[3]);
           }
         }
       }
