@@ -34,6 +34,10 @@
 //   mem_* (GB)        runtime buffers by kind (weights, caches, workspace) and the stream-ordered
 //                     scratch (op scratch, cuBLASLt workspace) and graph memory high-water marks;
 //                     mem_device_used: cudaMemGetInfo's used memory at the end minus before the engine
+//
+// Environment: DSV4_BENCH_EAGER=1 runs the step eagerly (no graph, one stream); with it,
+// DSV4_BENCH_OP_TIMES=1 runs one more step with every launch timed and prints each op's launches,
+// milliseconds and share of the step (flag_setting below).
 #include <benchmark/benchmark.h>
 #include <cuda_runtime.h>
 #include <nlohmann/json.hpp>
@@ -253,9 +257,12 @@ void replicate(uint8_t* base, const std::vector<uint8_t>& pattern, uint64_t tota
   }
 }
 
-// DSV4_BENCH_EAGER: unset or 0 (graphs), 1 (eager); nothing for any other value.
-std::optional<bool> eager_setting() {
-  const char* v = std::getenv("DSV4_BENCH_EAGER");
+// A 0/1 environment setting: unset or 0 (false), 1 (true); nothing for any other value.
+//   DSV4_BENCH_EAGER     1: the step runs eagerly (no graph, one stream), for profilers
+//   DSV4_BENCH_OP_TIMES  1: one more step with each op's device time (CudaRuntime::time_ops), printed
+//                        as a table; needs DSV4_BENCH_EAGER=1 (graph replays are not timed per op)
+std::optional<bool> flag_setting(const char* name) {
+  const char* v = std::getenv(name);
   if (v == nullptr || std::string(v) == "0") return false;
   if (std::string(v) == "1") return true;
   return std::nullopt;
@@ -320,7 +327,7 @@ struct Setup {
     EngineOptions eo;
     // DSV4_BENCH_EAGER=1 launches the step's kernels one by one (no graph, one stream), for a
     // per-kernel profile; the figures to report are the default's.
-    this->eager = eager_setting().value_or(false);
+    this->eager = flag_setting("DSV4_BENCH_EAGER").value_or(false);
     eo.graphs = !this->eager;
     eo.multi_stream = eo.graphs;
     eo.probes = false;
@@ -459,10 +466,17 @@ void BM_EngineDecodeStep(benchmark::State& state) {
     state.SkipWithError("no CUDA device");
     return;
   }
-  if (!eager_setting()) {
-    static const std::string why =
-        "DSV4_BENCH_EAGER must be 0 or 1, got '" + std::string(std::getenv("DSV4_BENCH_EAGER")) + "'";
-    state.SkipWithError(why.c_str());
+  static std::string why;  // SkipWithError keeps the pointer
+  for (const char* name : {"DSV4_BENCH_EAGER", "DSV4_BENCH_OP_TIMES"}) {
+    if (!flag_setting(name)) {
+      why = std::string(name) + " must be 0 or 1, got '" + std::getenv(name) + "'";
+      state.SkipWithError(why.c_str());
+      return;
+    }
+  }
+  const bool time_ops = *flag_setting("DSV4_BENCH_OP_TIMES");
+  if (time_ops && !*flag_setting("DSV4_BENCH_EAGER")) {
+    state.SkipWithError("DSV4_BENCH_OP_TIMES=1 needs DSV4_BENCH_EAGER=1: graph replays are not timed per op");
     return;
   }
   auto setup = std::make_unique<Setup>();
@@ -481,11 +495,8 @@ void BM_EngineDecodeStep(benchmark::State& state) {
   const uint64_t lt_in_graph = kernels::cuda::fp8_gemm_cublaslt_calls() - lt_before;
   for (int i = 0; i < 2; ++i) (void)s.runner->forward(s.batch);
 
-  double gpu_total = 0, wall_total = 0;
-  int64_t n = 0;
-  for (auto _ : state) {
-    // The step as forward() runs it, with events around the replay.
-    const auto w0 = std::chrono::steady_clock::now();
+  // The step as forward() runs it, with events around the replay (or the eager launches).
+  const auto step = [&] {
     StepRecord rec;
     rec.step = s.batch.step;
     rec.mode = s.batch.mode;
@@ -497,6 +508,13 @@ void BM_EngineDecodeStep(benchmark::State& state) {
     s.runner->finish_probes();
     s.runner->end();
     rec.rows = s.runner->sample(s.batch);
+    return rec;
+  };
+  double gpu_total = 0, wall_total = 0;
+  int64_t n = 0;
+  for (auto _ : state) {
+    const auto w0 = std::chrono::steady_clock::now();
+    const StepRecord rec = step();
     const double wall = std::chrono::duration<double>(std::chrono::steady_clock::now() - w0).count();
     float ms = 0.0f;
     cuda_ok(cudaEventElapsedTime(&ms, a, b), "elapsed");
@@ -505,6 +523,13 @@ void BM_EngineDecodeStep(benchmark::State& state) {
     wall_total += wall;
     ++n;
     benchmark::DoNotOptimize(rec.rows.data());
+  }
+  std::vector<rt::OpTime> op_table;
+  if (time_ops) {
+    cuda_rt.time_ops(true);
+    (void)step();
+    cuda_rt.time_ops(false);
+    op_table = cuda_rt.op_times();
   }
   const double gpu = gpu_total / static_cast<double>(std::max<int64_t>(n, 1));
   const double wall = wall_total / static_cast<double>(std::max<int64_t>(n, 1));
@@ -570,6 +595,16 @@ void BM_EngineDecodeStep(benchmark::State& state) {
               gb(static_cast<double>(graph_high)),
               gb(mem_weights + mem_caches + mem_workspace + static_cast<double>(pool_high + graph_high)), gb(device_used),
               gb(static_cast<double>(total)));
+  if (time_ops) {
+    double sum = 0;
+    for (const rt::OpTime& t : op_table) sum += t.ms;
+    std::printf("op times, one eager step (%.3f ms in %zu ops):\n  %-44s %8s %10s %7s\n", sum, op_table.size(), "op",
+                "launches", "ms", "share");
+    for (const rt::OpTime& t : op_table) {
+      std::printf("  %-44s %8lld %10.3f %6.1f%%\n", t.op.c_str(), static_cast<long long>(t.launches), t.ms,
+                  sum > 0 ? 100.0 * t.ms / sum : 0.0);
+    }
+  }
   cudaEventDestroy(a);
   cudaEventDestroy(b);
   setup.reset();

@@ -126,6 +126,33 @@ struct CudaRuntime::Impl {
   std::vector<OpenCapture> open_captures;
   std::vector<CommState> comms;         // by communicator id; comms empty until first use
   std::vector<std::vector<cudaEvent_t>> spare_events;  // per device: recycled completion events
+  // time_ops: the timed launches not yet read, and recycled timing events per device.
+  struct Timed {
+    std::string op;
+    int device = 0;
+    cudaEvent_t start = nullptr, stop = nullptr;
+  };
+  bool timing = false;
+  std::vector<Timed> timed;
+  std::vector<std::vector<cudaEvent_t>> spare_timing;
+
+  // A timing event recorded now on `s` (the current device is s.device).
+  cudaEvent_t timing_event(const StreamState& s) {
+    auto& spare = spare_timing[static_cast<size_t>(s.device)];
+    cudaEvent_t ev = nullptr;
+    if (!spare.empty()) {
+      ev = spare.back();
+      spare.pop_back();
+    } else {
+      check(cudaEventCreate(&ev), "cudaEventCreate (op timing)");
+    }
+    const cudaError_t e = cudaEventRecord(ev, s.handle);
+    if (e != cudaSuccess) {
+      spare.push_back(ev);
+      check(e, "cudaEventRecord (op timing)");
+    }
+    return ev;
+  }
   uint64_t order = 0;
   bool hung = false;  // a HangError was raised: work may still be stuck at destruction
   size_t deferred_items = 0;
@@ -229,6 +256,7 @@ CudaRuntime::CudaRuntime(RuntimeOptions options, CudaOptions cuda) : Runtime(opt
   if (!(cuda.sync_deadline_s > 0.0)) throw std::runtime_error("CudaRuntime: sync_deadline_s must be positive");
   impl_->options = cuda;
   impl_->spare_events.resize(static_cast<size_t>(options.devices));
+  impl_->spare_timing.resize(static_cast<size_t>(options.devices));
 }
 
 CudaRuntime::~CudaRuntime() {
@@ -246,6 +274,13 @@ CudaRuntime::~CudaRuntime() {
     for (auto& t : s.pending) (void)cudaEventDestroy(t.done);
   }
   for (auto& spare : m.spare_events) {
+    for (cudaEvent_t ev : spare) (void)cudaEventDestroy(ev);
+  }
+  for (auto& t : m.timed) {
+    (void)cudaEventDestroy(t.start);
+    (void)cudaEventDestroy(t.stop);
+  }
+  for (auto& spare : m.spare_timing) {
     for (cudaEvent_t ev : spare) (void)cudaEventDestroy(ev);
   }
   for (auto& c : m.comms) {
@@ -482,16 +517,61 @@ void CudaRuntime::launch_now(StreamId stream, uint64_t seq, const Launch& launch
   // Do not blame this launch for an error left by earlier work.
   check(cudaPeekAtLastError(), "CUDA error pending before launch of '" + launch.op + "'");
 
-  launch.cuda(s.handle);
+  const bool timed = impl_->timing && !capturing;
+  cudaEvent_t start = timed ? impl_->timing_event(s) : nullptr;
+  const auto recycle_start = [&] {
+    if (start != nullptr) impl_->spare_timing[static_cast<size_t>(s.device)].push_back(start);
+  };
+  try {
+    launch.cuda(s.handle);
+  } catch (...) {
+    recycle_start();
+    throw;
+  }
   const cudaError_t e = cudaGetLastError();
   if (e != cudaSuccess) {
+    recycle_start();
     throw std::runtime_error(launch.op + ": kernel launch failed on stream '" + streams_[static_cast<size_t>(stream.value)].name +
                              "': " + cudaGetErrorString(e));
   }
+  if (timed) impl_->timed.push_back(Impl::Timed{launch.op, s.device, start, impl_->timing_event(s)});
   // Inside a capture nothing runs now, and an event record would become a graph node.
   if (!capturing) {
     impl_->track(stream.value, launch.op, "launch #" + std::to_string(seq) + " '" + launch.op + "'");
   }
+}
+
+void CudaRuntime::time_ops(bool on) { impl_->timing = on; }
+
+std::vector<OpTime> CudaRuntime::op_times() {
+  Impl& m = *impl_;
+  for (const Impl::Timed& t : m.timed) {
+    DeviceScope scope(t.device);
+    const cudaError_t e = cudaEventQuery(t.stop);
+    if (e == cudaErrorNotReady) {
+      throw std::logic_error("op_times: launch of '" + t.op + "' has not finished (synchronize first)");
+    }
+    check(e, "cudaEventQuery (op timing of '" + t.op + "')");
+  }
+  std::vector<std::pair<std::string, double>> samples;
+  samples.reserve(m.timed.size());
+  std::vector<Impl::Timed> timed = std::move(m.timed);
+  m.timed.clear();
+  cudaError_t first_error = cudaSuccess;
+  for (Impl::Timed& t : timed) {
+    float ms = 0.0f;
+    const cudaError_t e = cudaEventElapsedTime(&ms, t.start, t.stop);
+    if (e == cudaSuccess) {
+      samples.emplace_back(std::move(t.op), static_cast<double>(ms));
+    } else if (first_error == cudaSuccess) {
+      first_error = e;
+    }
+    auto& spare = m.spare_timing[static_cast<size_t>(t.device)];
+    spare.push_back(t.start);
+    spare.push_back(t.stop);
+  }
+  check(first_error, "cudaEventElapsedTime (op timing)");
+  return summarize_op_times(samples);
 }
 
 void CudaRuntime::do_record(EventId event, StreamId stream, bool capturing) {

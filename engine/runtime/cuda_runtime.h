@@ -5,6 +5,7 @@
 
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "engine/runtime/runtime.h"
 
@@ -27,6 +28,14 @@ class CudaRuntime final : public Runtime {
   // Drops the work held back behind collectives that never matched (after a failed step, so that
   // teardown does not wait for it).
   void discard_deferred_work();
+
+  // Per-op device time without a profiler. While on, every launch enqueued outside a capture runs
+  // between two timing events on its stream (graph replays are not launches: run eagerly to time
+  // ops). op_times() reads the timed launches and forgets them, summed per op (summarize_op_times);
+  // synchronize first: it throws std::logic_error while a timed launch is unfinished. Launches on
+  // several streams overlap, so their sums can exceed the wall time.
+  void time_ops(bool on);
+  std::vector<OpTime> op_times();
 
  protected:
   MemorySpace& memory(int device) override;

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <map>
 
 #include "engine/core/error.h"
 
@@ -24,6 +25,21 @@ Runtime::Runtime(RuntimeOptions options) : options_(options) {
 }
 
 Runtime::~Runtime() = default;
+
+std::vector<OpTime> summarize_op_times(const std::vector<std::pair<std::string, double>>& samples) {
+  std::map<std::string, OpTime> by_op;
+  for (const auto& [op, ms] : samples) {
+    OpTime& t = by_op[op];
+    t.op = op;
+    ++t.launches;
+    t.ms += ms;
+  }
+  std::vector<OpTime> out;
+  out.reserve(by_op.size());
+  for (auto& [op, t] : by_op) out.push_back(std::move(t));
+  std::stable_sort(out.begin(), out.end(), [](const OpTime& a, const OpTime& b) { return a.ms > b.ms; });
+  return out;
+}
 
 void Runtime::add_observer(RuntimeObserver* observer) {
   DSV4_ASSERT(observer != nullptr, "null observer");

@@ -89,6 +89,18 @@ struct GraphTopology {
   std::vector<GraphNode> nodes;
 };
 
+// ---- per-op device time -------------------------------------------------------------------------
+
+// One op's share of the timed launches (CudaRuntime::time_ops): how many ran and their summed time.
+struct OpTime {
+  std::string op;
+  int64_t launches = 0;
+  double ms = 0.0;
+};
+
+// Sums (op, milliseconds) samples per op; the result runs from the largest total down, ties by name.
+std::vector<OpTime> summarize_op_times(const std::vector<std::pair<std::string, double>>& samples);
+
 // ---- observers -----------------------------------------------------------------------------------
 
 // Sees every call in host issue order, on every backend. Launches issued during a capture are

@@ -5,6 +5,7 @@
 #include <chrono>
 #include <cstdint>
 #include <cstring>
+#include <stdexcept>
 #include <string>
 #include <thread>
 #include <vector>
@@ -237,6 +238,53 @@ TEST(CudaRuntime, ForkJoinGraphReplaysEqualEager) {
     EXPECT_EQ(download_f32(rt, p.out_copy), eager[static_cast<size_t>(round)]) << "replay " << round;
     EXPECT_EQ(download_f32(rt, p.out), eager[static_cast<size_t>(round)]) << "replay " << round;
   }
+}
+
+TEST(CudaRuntime, TimeOpsSumsEachOpsLaunchesOutsideCaptures) {
+  DSV4_REQUIRE_GPUS(1);
+  CudaRuntime rt(RuntimeOptions{}, CudaOptions{});
+  constexpr int n = 4096;
+  const StreamId main = rt.create_stream(0, "main");
+  const BufferId data = rt.alloc(0, n * sizeof(float), "data");
+  const BufferId out = rt.alloc(0, n * sizeof(float), "out");
+  float* d = ptr<float>(rt, data);
+  float* o = ptr<float>(rt, out);
+  const auto slow = [&] {  // 20 ms of spinning
+    rt.launch(main, launch_of("slow", {writes(rt, data)}, [=](cudaStream_t s) {
+                produce<<<blocks(n), kThreads, 0, s>>>(d, n, 20'000'000);
+              }));
+  };
+  const auto fast = [&] {
+    rt.launch(main, launch_of("fast", {reads(rt, data), writes(rt, out)}, [=](cudaStream_t s) {
+                scale<<<blocks(n), kThreads, 0, s>>>(d, o, 2.0f, n);
+              }));
+  };
+  fast();  // not timed
+  rt.time_ops(true);
+  slow();
+  fast();
+  slow();
+  // A capture is not timed, nor are its replays.
+  rt.begin_capture(main);
+  fast();
+  const GraphId g = rt.end_capture(main);
+  rt.replay(g, main);
+  EXPECT_THROW((void)rt.op_times(), std::logic_error);  // the spin is still running
+  rt.synchronize(main);
+  const std::vector<OpTime> times = rt.op_times();
+  ASSERT_EQ(times.size(), 2u);
+  EXPECT_EQ(times[0].op, "slow");
+  EXPECT_EQ(times[0].launches, 2);
+  EXPECT_GE(times[0].ms, 39.0);  // two spins of 20 ms
+  EXPECT_EQ(times[1].op, "fast");
+  EXPECT_EQ(times[1].launches, 1);
+  EXPECT_GT(times[1].ms, 0.0);
+  EXPECT_LT(times[1].ms, times[0].ms);
+  EXPECT_TRUE(rt.op_times().empty());  // read once
+  rt.time_ops(false);
+  fast();
+  rt.synchronize(main);
+  EXPECT_TRUE(rt.op_times().empty());
 }
 
 TEST(CudaRuntime, WatchdogNamesTheKernelThatNeverFinishes) {

@@ -138,6 +138,21 @@ std::vector<float> pipeline_expected() {
   return e;
 }
 
+TEST(OpTimes, SummedPerOpLargestFirstTiesByName) {
+  EXPECT_TRUE(summarize_op_times({}).empty());
+  const std::vector<OpTime> t =
+      summarize_op_times({{"gemm", 1.5}, {"norm", 0.25}, {"gemm", 2.0}, {"attn", 0.25}, {"norm", 0.5}, {"topk", 3.5}});
+  ASSERT_EQ(t.size(), 4u);
+  EXPECT_EQ(t[0].op, "gemm");
+  EXPECT_EQ(t[0].launches, 2);
+  EXPECT_DOUBLE_EQ(t[0].ms, 3.5);
+  EXPECT_EQ(t[1].op, "topk");  // 3.5 too: ties by name
+  EXPECT_EQ(t[1].launches, 1);
+  EXPECT_EQ(t[2].op, "norm");
+  EXPECT_DOUBLE_EQ(t[2].ms, 0.75);
+  EXPECT_EQ(t[3].op, "attn");
+}
+
 TEST(SimRuntime, NothingRunsAtIssueTime) {
   auto rt = make_sim(in_order());
   const StreamId s = rt->create_stream(0, "s");
