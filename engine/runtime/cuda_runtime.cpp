@@ -136,22 +136,28 @@ struct CudaRuntime::Impl {
   std::vector<Timed> timed;
   std::vector<std::vector<cudaEvent_t>> spare_timing;
 
-  // A timing event recorded now on `s` (the current device is s.device).
-  cudaEvent_t timing_event(const StreamState& s) {
-    auto& spare = spare_timing[static_cast<size_t>(s.device)];
+  // A recycled event from `spare` or a new one with `flags`, recorded now on `s` (the current device
+  // is s.device); where the record fails it goes back to `spare` and the error names `purpose` and
+  // `what`.
+  static cudaEvent_t recorded_event(std::vector<cudaEvent_t>& spare, unsigned flags, const StreamState& s,
+                                    const char* purpose, const std::string& what) {
     cudaEvent_t ev = nullptr;
     if (!spare.empty()) {
       ev = spare.back();
       spare.pop_back();
     } else {
-      check(cudaEventCreate(&ev), "cudaEventCreate (op timing)");
+      check(cudaEventCreateWithFlags(&ev, flags), std::string("cudaEventCreateWithFlags (") + purpose + what + ")");
     }
     const cudaError_t e = cudaEventRecord(ev, s.handle);
     if (e != cudaSuccess) {
       spare.push_back(ev);
-      check(e, "cudaEventRecord (op timing)");
+      check(e, std::string("cudaEventRecord (") + purpose + what + ")");
     }
     return ev;
+  }
+  // A timing event recorded now on `s`.
+  cudaEvent_t timing_event(const StreamState& s) {
+    return recorded_event(spare_timing[static_cast<size_t>(s.device)], cudaEventDefault, s, "op timing", "");
   }
   uint64_t order = 0;
   bool hung = false;  // a HangError was raised: work may still be stuck at destruction
@@ -195,19 +201,8 @@ struct CudaRuntime::Impl {
   void track(int32_t stream, std::string op, std::string what) {
     StreamState& s = streams[static_cast<size_t>(stream)];
     (void)first_unfinished(s);  // keeps the history as short as the work actually in flight
-    auto& spare = spare_events[static_cast<size_t>(s.device)];
-    cudaEvent_t done = nullptr;
-    if (!spare.empty()) {
-      done = spare.back();
-      spare.pop_back();
-    } else {
-      check(cudaEventCreateWithFlags(&done, cudaEventDisableTiming), "cudaEventCreateWithFlags");
-    }
-    const cudaError_t e = cudaEventRecord(done, s.handle);
-    if (e != cudaSuccess) {
-      (void)cudaEventDestroy(done);
-      check(e, "cudaEventRecord (completion of " + what + ")");
-    }
+    cudaEvent_t done =
+        recorded_event(spare_events[static_cast<size_t>(s.device)], cudaEventDisableTiming, s, "completion of ", what);
     s.pending.push_back(Tracked{++order, std::move(op), std::move(what), done});
   }
 
