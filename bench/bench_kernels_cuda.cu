@@ -43,11 +43,13 @@
 #include "kernels/cuda/sparse_attention_tc.h"
 #include "kernels/device.h"
 #include "kernels/indexer_logits.h"
+#include "kernels/mhc.h"
 #include "kernels/moe.h"
 #include "kernels/norm_rope.h"
 #include "kernels/q_path.h"
 #include "kernels/quant_gemm.h"
 #include "kernels/sparse_attention.h"
+#include "kernels/token_ops.h"
 
 namespace {
 
@@ -128,10 +130,28 @@ void fill_float(Tensor& t, uint64_t seed, float lo = -1.0f, float hi = 1.0f) {
   cuda_ok(cudaGetLastError(), "fill_float");
 }
 
-Tensor upload_i32(const std::vector<int32_t>& v, const Shape& shape, const std::string& name) {
-  Tensor h = Tensor::empty(shape, DType::i32, name);
-  std::memcpy(h.data_ptr(), v.data(), v.size() * 4);
+// A host vector of integers (i32 or i64) as a device tensor.
+template <class Int>
+Tensor upload_ints(const std::vector<Int>& v, const Shape& shape, const std::string& name) {
+  static_assert(sizeof(Int) == 4 || sizeof(Int) == 8, "i32 or i64");
+  Tensor h = Tensor::empty(shape, sizeof(Int) == 4 ? DType::i32 : DType::i64, name);
+  std::memcpy(h.data_ptr(), v.data(), v.size() * sizeof(Int));
   return h.to(device());
+}
+Tensor upload_i32(const std::vector<int32_t>& v, const Shape& shape, const std::string& name) {
+  return upload_ints(v, shape, name);
+}
+// Decode positions near the 8K context: token t at 8191 - t.
+Tensor decode_positions(int64_t T) {
+  std::vector<int32_t> pos(static_cast<size_t>(T));
+  for (int64_t t = 0; t < T; ++t) pos[static_cast<size_t>(t)] = static_cast<int32_t>(8191 - t % 8192);
+  return upload_i32(pos, {T}, "positions");
+}
+// The RoPE frequencies of `rope_dim` dims (their values do not change the work).
+Tensor rope_freqs(int64_t rope_dim) {
+  Tensor f = dev_tensor({rope_dim / 2}, DType::f32, "freqs");
+  fill_float(f, 31, 1e-4f, 1.0f);
+  return f;
 }
 
 // Copies that together exceed the L2 (at least 1, at most `max_copies`).
@@ -611,6 +631,170 @@ void BM_IndexerTopkDecode(benchmark::State& state) {
          std::to_string(T) + " rows x " + std::to_string(keys) + " logits, top-" + std::to_string(k));
 }
 
+// ---- the element-wise ops of a layer: mHC, norms and RoPE, the MoE's gate, SwiGLU and combine ----------
+// All bound by HBM; bytes count each tensor read or written once. The compressor is not here: its
+// kernels take a plan that the serving layer builds from the request state.
+
+void BM_HcPre(benchmark::State& state) {
+  if (!have_gpu(state)) return;
+  const ModelConfig& c = small();
+  const int64_t T = state.range(0), d = c.dim, hc = c.hc_mult, mix = (2 + hc) * hc;
+  Tensor R = dev_tensor({T, hc * d}, DType::bf16, "R"), fn = dev_tensor({mix, hc * d}, DType::f32, "fn");
+  Tensor base = dev_tensor({mix}, DType::f32, "base"), scale = dev_tensor({3}, DType::f32, "scale");
+  fill_float(R, 40);
+  fill_float(fn, 41, -0.01f, 0.01f);
+  fill_float(base, 42);
+  fill_float(scale, 43, 0.5f, 1.5f);
+  Tensor x = dev_tensor({T, d}, DType::bf16, "x"), post = dev_tensor({T, hc}, DType::f32, "post");
+  Tensor comb = dev_tensor({T, hc, hc}, DType::f32, "comb");
+  const double sec = time_calls(state, [&](int64_t) {
+    hc_pre(R, fn, base, scale, c.hc_eps, c.norm_eps, c.hc_sinkhorn_iters, x, post, comb);
+  });
+  report(state, sec, static_cast<double>(T * hc * d * 2 + mix * hc * d * 4 + T * d * 2 + T * (hc + hc * hc) * 4), 0,
+         Bound::hbm, "R [" + std::to_string(T) + ", " + std::to_string(hc * d) + "] bf16, " +
+                         std::to_string(c.hc_sinkhorn_iters) + " Sinkhorn iterations");
+}
+
+void BM_HcPost(benchmark::State& state) {
+  if (!have_gpu(state)) return;
+  const ModelConfig& c = small();
+  const int64_t T = state.range(0), d = c.dim, hc = c.hc_mult;
+  Tensor F = dev_tensor({T, d}, DType::bf16, "F"), R = dev_tensor({T, hc * d}, DType::bf16, "R");
+  Tensor post = dev_tensor({T, hc}, DType::f32, "post"), comb = dev_tensor({T, hc, hc}, DType::f32, "comb");
+  fill_float(F, 44);
+  fill_float(R, 45);
+  fill_float(post, 46, 0.0f, 2.0f);
+  fill_float(comb, 47, 0.0f, 0.5f);
+  Tensor R_out = dev_tensor({T, hc * d}, DType::bf16, "R_out");
+  const double sec = time_calls(state, [&](int64_t) { hc_post(F, R, post, comb, R_out); });
+  report(state, sec, static_cast<double>(T * d * 2 + 2 * T * hc * d * 2 + T * (hc + hc * hc) * 4), 0, Bound::hbm,
+         "F [" + std::to_string(T) + ", " + std::to_string(d) + "], R [" + std::to_string(T) + ", " +
+             std::to_string(hc * d) + "] bf16");
+}
+
+// The KV row's norm + RoPE + MODEL1 store (the SWA cache write of every layer).
+void BM_NormRopeStoreKv(benchmark::State& state) {
+  if (!have_gpu(state)) return;
+  const ModelConfig& c = small();
+  const int64_t T = state.range(0), D = c.head_dim, page = 256;
+  const Model1Layout layout = model1_layout("bench", D, c.rope_head_dim, c.kv_block_size);
+  Tensor kv = dev_tensor({T, D}, DType::bf16, "kv"), w = dev_tensor({D}, DType::f32, "w");
+  fill_float(kv, 48);
+  fill_float(w, 49, 0.5f, 1.5f);
+  const Tensor freqs = rope_freqs(c.rope_head_dim), positions = decode_positions(T);
+  std::vector<int64_t> locs(static_cast<size_t>(T));
+  for (int64_t t = 0; t < T; ++t) locs[static_cast<size_t>(t)] = t * 7 % T;  // distinct slots, not in order
+  const Tensor swa_locs = upload_ints(locs, {T}, "swa_locs");
+  Tensor cache = dev_tensor({(T + page - 1) / page, layout.page_bytes(page)}, DType::u8, "cache");
+  const double sec = time_calls(state, [&](int64_t) {
+    fused_norm_rope_store_kv(kv, w, c.norm_eps, freqs, positions, swa_locs, cache, page, c.kv_block_size);
+  });
+  report(state, sec, static_cast<double>(T * D * 2 + T * (layout.value_bytes() + layout.scale_bytes()) + T * 12), 0,
+         Bound::hbm, "kv [" + std::to_string(T) + ", " + std::to_string(D) + "] bf16 -> MODEL1 entries");
+}
+
+// The query's per-head norm + RoPE (every head of q, in place).
+void BM_QNormRope(benchmark::State& state) {
+  if (!have_gpu(state)) return;
+  const ModelConfig& c = small();
+  const int64_t T = state.range(0), H = c.n_heads, D = c.head_dim;
+  Tensor q = dev_tensor({T, H * D}, DType::bf16, "q");
+  fill_float(q, 50);
+  const Tensor freqs = rope_freqs(c.rope_head_dim), positions = decode_positions(T);
+  const double sec = time_calls(state, [&](int64_t) { q_norm_rope_inplace(q, H, D, c.norm_eps, freqs, positions); });
+  report(state, sec, static_cast<double>(2 * T * H * D * 2 + T * 4), 0, Bound::hbm,
+         "q [" + std::to_string(T) + ", " + std::to_string(H) + " x " + std::to_string(D) + "] bf16 in place");
+}
+
+// The indexer's query: RoPE, Hadamard and the FP4 (block 32) quant-dequant, in place.
+void BM_IndexerQ(benchmark::State& state) {
+  if (!have_gpu(state)) return;
+  const ModelConfig& c = small();
+  const int64_t T = state.range(0), H = c.index_n_heads, D = c.index_head_dim;
+  Tensor q = dev_tensor({T, H * D}, DType::bf16, "q");
+  fill_float(q, 51);
+  const Tensor freqs = rope_freqs(c.rope_head_dim), positions = decode_positions(T);
+  const double sec = time_calls(state, [&](int64_t) { indexer_q(q, H, D, freqs, positions, IndexerQuant::fp4, 32); });
+  report(state, sec, static_cast<double>(2 * T * H * D * 2 + T * 4), 0, Bound::hbm,
+         "q [" + std::to_string(T) + ", " + std::to_string(H) + " x " + std::to_string(D) + "] bf16, fp4 block 32");
+}
+
+// The attention output's inverse RoPE (each head's rope dims, in place).
+void BM_InverseRope(benchmark::State& state) {
+  if (!have_gpu(state)) return;
+  const ModelConfig& c = small();
+  const int64_t T = state.range(0), H = c.n_heads, D = c.head_dim, rope = c.rope_head_dim;
+  Tensor o = dev_tensor({T, H * D}, DType::bf16, "o");
+  fill_float(o, 52);
+  const Tensor freqs = rope_freqs(rope), positions = decode_positions(T);
+  const double sec = time_calls(state, [&](int64_t) { inverse_rope_inplace(o, H, D, freqs, positions); });
+  report(state, sec, static_cast<double>(2 * T * H * rope * 2 + T * 4), 0, Bound::hbm,
+         "o [" + std::to_string(T) + ", " + std::to_string(H) + " x " + std::to_string(D) + "] bf16, " +
+             std::to_string(rope) + " rope dims per head");
+}
+
+// Routing by top-k of the scores plus bias (a score layer).
+void BM_MoeGate(benchmark::State& state) {
+  if (!have_gpu(state)) return;
+  const ModelConfig& c = small();
+  const int64_t T = state.range(0), E = c.n_routed_experts, k = c.n_activated_experts;
+  Tensor logits = dev_tensor({T, E}, DType::f32, "logits"), bias = dev_tensor({E}, DType::f32, "bias");
+  fill_float(logits, 53, -4.0f, 4.0f);
+  fill_float(bias, 54, -0.1f, 0.1f);
+  Tensor experts = dev_tensor({T, k}, DType::i32, "experts"), weights = dev_tensor({T, k}, DType::f32, "weights");
+  const double sec = time_calls(state, [&](int64_t) {
+    moe_gate(logits, bias, Tensor(), Tensor(), k, static_cast<float>(c.route_scale), experts, weights);
+  });
+  report(state, sec, static_cast<double>(T * E * 4 + E * 4 + T * k * 8), 0, Bound::hbm,
+         "logits [" + std::to_string(T) + ", " + std::to_string(E) + "] f32, top-" + std::to_string(k));
+}
+
+// The routed experts' clamped SwiGLU with the routing weight (T * k rows).
+void BM_SwigluClamp(benchmark::State& state) {
+  if (!have_gpu(state)) return;
+  const ModelConfig& c = small();
+  const int64_t R = state.range(0) * c.n_activated_experts, I = c.moe_inter_dim;
+  Tensor g = dev_tensor({R, I}, DType::bf16, "g"), u = dev_tensor({R, I}, DType::bf16, "u");
+  Tensor w = dev_tensor({R}, DType::f32, "row_weight"), h = dev_tensor({R, I}, DType::bf16, "h");
+  fill_float(g, 55, -12.0f, 12.0f);
+  fill_float(u, 56, -12.0f, 12.0f);
+  fill_float(w, 57, 0.0f, 1.0f);
+  const double sec = time_calls(state, [&](int64_t) { swiglu_clamp(g, u, static_cast<float>(c.swiglu_limit), w, h); });
+  report(state, sec, static_cast<double>(3 * R * I * 2 + R * 4), 0, Bound::hbm,
+         "g, u, h [" + std::to_string(R) + ", " + std::to_string(I) + "] bf16");
+}
+
+// The routed experts' outputs and the shared expert's summed into the residual stream's input.
+void BM_MoeCombine(benchmark::State& state) {
+  if (!have_gpu(state)) return;
+  const ModelConfig& c = small();
+  const int64_t T = state.range(0), k = c.n_activated_experts, d = c.dim;
+  Tensor routed = dev_tensor({T, k, d}, DType::bf16, "routed"), shared = dev_tensor({T, d}, DType::bf16, "shared");
+  fill_float(routed, 58);
+  fill_float(shared, 59);
+  Tensor out = dev_tensor({T, d}, DType::bf16, "out");
+  const double sec = time_calls(state, [&](int64_t) { moe_combine(routed, shared, out); });
+  report(state, sec, static_cast<double>((k + 2) * T * d * 2), 0, Bound::hbm,
+         "routed [" + std::to_string(T) + ", " + std::to_string(k) + ", " + std::to_string(d) + "] + shared, bf16");
+}
+
+// The embedding rows of the step's tokens, written once per mHC copy.
+void BM_EmbedRows(benchmark::State& state) {
+  if (!have_gpu(state)) return;
+  const ModelConfig& c = small();
+  const int64_t T = state.range(0), V = c.vocab_size, d = c.dim, hc = c.hc_mult;
+  Tensor table = dev_tensor({V, d}, DType::bf16, "embed");
+  fill_float(table, 60, -0.05f, 0.05f);
+  std::vector<int32_t> ids(static_cast<size_t>(T));
+  for (int64_t t = 0; t < T; ++t) ids[static_cast<size_t>(t)] = static_cast<int32_t>((t * 2654435761LL) % V);
+  const Tensor id_t = upload_i32(ids, {T}, "ids");
+  Tensor out = dev_tensor({T, hc * d}, DType::bf16, "out");
+  const double sec = time_calls(state, [&](int64_t) { embed_rows(id_t, table, hc, out); });
+  report(state, sec, static_cast<double>(T * d * 2 + T * hc * d * 2 + T * 4), 0, Bound::hbm,
+         std::to_string(T) + " rows of [" + std::to_string(V) + ", " + std::to_string(d) + "] bf16, " +
+             std::to_string(hc) + " copies");
+}
+
 // ---- registration -------------------------------------------------------------------------------------
 
 int register_all() {
@@ -642,6 +826,16 @@ int register_all() {
   benchmark::RegisterBenchmark("BM_IndexerLogitsDecode", BM_IndexerLogitsDecode)
       ->Args({64, 0})->Args({64, 4})->ArgNames({"batch", "sms"})->UseManualTime()->Unit(benchmark::kMicrosecond)->MinTime(0.2);
   benchmark::RegisterBenchmark("BM_IndexerTopkDecode", BM_IndexerTopkDecode)->Arg(64)->ArgName("batch")->UseManualTime()->Unit(benchmark::kMicrosecond)->MinTime(0.1);
+  // The element-wise ops at the decode batch and a prefill chunk.
+  using Bench = void (*)(benchmark::State&);
+  const std::pair<const char*, Bench> elementwise[] = {
+      {"BM_HcPre", BM_HcPre},         {"BM_HcPost", BM_HcPost},           {"BM_NormRopeStoreKv", BM_NormRopeStoreKv},
+      {"BM_QNormRope", BM_QNormRope}, {"BM_IndexerQ", BM_IndexerQ},       {"BM_InverseRope", BM_InverseRope},
+      {"BM_MoeGate", BM_MoeGate},     {"BM_SwigluClamp", BM_SwigluClamp}, {"BM_MoeCombine", BM_MoeCombine},
+      {"BM_EmbedRows", BM_EmbedRows}};
+  for (const auto& [name, fn] : elementwise) {
+    benchmark::RegisterBenchmark(name, fn)->Arg(64)->Arg(2048)->ArgName("T")->UseManualTime()->Unit(benchmark::kMicrosecond)->MinTime(0.1);
+  }
   return 0;
 }
 
