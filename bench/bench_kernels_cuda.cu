@@ -693,44 +693,30 @@ void BM_NormRopeStoreKv(benchmark::State& state) {
          Bound::hbm, "kv [" + std::to_string(T) + ", " + std::to_string(D) + "] bf16 -> MODEL1 entries");
 }
 
-// The query's per-head norm + RoPE (every head of q, in place).
-void BM_QNormRope(benchmark::State& state) {
+// The in-place per-head ops: the query's norm + RoPE and the attention output's inverse RoPE (the
+// 64 heads of 512), the indexer query's RoPE + Hadamard + FP4 (block 32) quant-dequant (64 of 128).
+enum class HeadOp { q_norm_rope, indexer_q, inverse_rope };
+
+void BM_HeadsInPlace(benchmark::State& state, HeadOp op) {
   if (!have_gpu(state)) return;
   const ModelConfig& c = small();
-  const int64_t T = state.range(0), H = c.n_heads, D = c.head_dim;
+  const bool indexer = op == HeadOp::indexer_q;
+  const int64_t T = state.range(0), H = indexer ? c.index_n_heads : c.n_heads;
+  const int64_t D = indexer ? c.index_head_dim : c.head_dim, rope = c.rope_head_dim;
   Tensor q = dev_tensor({T, H * D}, DType::bf16, "q");
   fill_float(q, 50);
-  const Tensor freqs = rope_freqs(c.rope_head_dim), positions = decode_positions(T);
-  const double sec = time_calls(state, [&](int64_t) { q_norm_rope_inplace(q, H, D, c.norm_eps, freqs, positions); });
-  report(state, sec, static_cast<double>(2 * T * H * D * 2 + T * 4), 0, Bound::hbm,
-         "q [" + std::to_string(T) + ", " + std::to_string(H) + " x " + std::to_string(D) + "] bf16 in place");
-}
-
-// The indexer's query: RoPE, Hadamard and the FP4 (block 32) quant-dequant, in place.
-void BM_IndexerQ(benchmark::State& state) {
-  if (!have_gpu(state)) return;
-  const ModelConfig& c = small();
-  const int64_t T = state.range(0), H = c.index_n_heads, D = c.index_head_dim;
-  Tensor q = dev_tensor({T, H * D}, DType::bf16, "q");
-  fill_float(q, 51);
-  const Tensor freqs = rope_freqs(c.rope_head_dim), positions = decode_positions(T);
-  const double sec = time_calls(state, [&](int64_t) { indexer_q(q, H, D, freqs, positions, IndexerQuant::fp4, 32); });
-  report(state, sec, static_cast<double>(2 * T * H * D * 2 + T * 4), 0, Bound::hbm,
-         "q [" + std::to_string(T) + ", " + std::to_string(H) + " x " + std::to_string(D) + "] bf16, fp4 block 32");
-}
-
-// The attention output's inverse RoPE (each head's rope dims, in place).
-void BM_InverseRope(benchmark::State& state) {
-  if (!have_gpu(state)) return;
-  const ModelConfig& c = small();
-  const int64_t T = state.range(0), H = c.n_heads, D = c.head_dim, rope = c.rope_head_dim;
-  Tensor o = dev_tensor({T, H * D}, DType::bf16, "o");
-  fill_float(o, 52);
   const Tensor freqs = rope_freqs(rope), positions = decode_positions(T);
-  const double sec = time_calls(state, [&](int64_t) { inverse_rope_inplace(o, H, D, freqs, positions); });
-  report(state, sec, static_cast<double>(2 * T * H * rope * 2 + T * 4), 0, Bound::hbm,
-         "o [" + std::to_string(T) + ", " + std::to_string(H) + " x " + std::to_string(D) + "] bf16, " +
-             std::to_string(rope) + " rope dims per head");
+  const double sec = time_calls(state, [&](int64_t) {
+    switch (op) {
+      case HeadOp::q_norm_rope: q_norm_rope_inplace(q, H, D, c.norm_eps, freqs, positions); break;
+      case HeadOp::indexer_q: indexer_q(q, H, D, freqs, positions, IndexerQuant::fp4, 32); break;
+      case HeadOp::inverse_rope: inverse_rope_inplace(q, H, D, freqs, positions); break;
+    }
+  });
+  const int64_t touched = op == HeadOp::inverse_rope ? rope : D;  // dims read and written per head
+  report(state, sec, static_cast<double>(2 * T * H * touched * 2 + T * 4), 0, Bound::hbm,
+         "[" + std::to_string(T) + ", " + std::to_string(H) + " x " + std::to_string(D) + "] bf16 in place, " +
+             std::to_string(touched) + " dims per head");
 }
 
 // Routing by top-k of the scores plus bias (a score layer).
@@ -827,15 +813,18 @@ int register_all() {
       ->Args({64, 0})->Args({64, 4})->ArgNames({"batch", "sms"})->UseManualTime()->Unit(benchmark::kMicrosecond)->MinTime(0.2);
   benchmark::RegisterBenchmark("BM_IndexerTopkDecode", BM_IndexerTopkDecode)->Arg(64)->ArgName("batch")->UseManualTime()->Unit(benchmark::kMicrosecond)->MinTime(0.1);
   // The element-wise ops at the decode batch and a prefill chunk.
+  const auto tokens = [](benchmark::internal::Benchmark* b) {
+    b->Arg(64)->Arg(2048)->ArgName("T")->UseManualTime()->Unit(benchmark::kMicrosecond)->MinTime(0.1);
+  };
   using Bench = void (*)(benchmark::State&);
   const std::pair<const char*, Bench> elementwise[] = {
       {"BM_HcPre", BM_HcPre},         {"BM_HcPost", BM_HcPost},           {"BM_NormRopeStoreKv", BM_NormRopeStoreKv},
-      {"BM_QNormRope", BM_QNormRope}, {"BM_IndexerQ", BM_IndexerQ},       {"BM_InverseRope", BM_InverseRope},
       {"BM_MoeGate", BM_MoeGate},     {"BM_SwigluClamp", BM_SwigluClamp}, {"BM_MoeCombine", BM_MoeCombine},
       {"BM_EmbedRows", BM_EmbedRows}};
-  for (const auto& [name, fn] : elementwise) {
-    benchmark::RegisterBenchmark(name, fn)->Arg(64)->Arg(2048)->ArgName("T")->UseManualTime()->Unit(benchmark::kMicrosecond)->MinTime(0.1);
-  }
+  for (const auto& [name, fn] : elementwise) tokens(benchmark::RegisterBenchmark(name, fn));
+  tokens(benchmark::RegisterBenchmark("BM_QNormRope", BM_HeadsInPlace, HeadOp::q_norm_rope));
+  tokens(benchmark::RegisterBenchmark("BM_IndexerQ", BM_HeadsInPlace, HeadOp::indexer_q));
+  tokens(benchmark::RegisterBenchmark("BM_InverseRope", BM_HeadsInPlace, HeadOp::inverse_rope));
   return 0;
 }
 
