@@ -643,6 +643,9 @@ TEST(GpuSparseAttentionTensorCore, EveryForcedHeadBlockMatchesHostWithinTheBound
   EXPECT_EQ(cuda::sparse_attention_tc_head_block(), 0);
   // Flash's 64 heads (D 512: 8, 16 and 32 output tiles per warp), T = 3 (split keys) and 64 (the
   // decode batch); micro's 70 heads with a partial last block.
+  struct Reset {  // back to the launch's own choice however the test ends
+    ~Reset() { cuda::set_sparse_attention_tc_head_block(0); }
+  } reset;
   uint64_t seed = 2100;
   for (const int hb : {16, 32, 64}) {
     cuda::set_sparse_attention_tc_head_block(hb);
@@ -654,7 +657,6 @@ TEST(GpuSparseAttentionTensorCore, EveryForcedHeadBlockMatchesHostWithinTheBound
                                     " T=" + std::to_string(tokens));
     }
   }
-  cuda::set_sparse_attention_tc_head_block(0);
 }
 
 TEST(GpuSparseAttentionTensorCore, RerunsAndAGraphReplayAreBitwiseIdentical) {
