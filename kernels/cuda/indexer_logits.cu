@@ -523,7 +523,7 @@ void indexer_logits(const IndexerLogitsArgs& a, void* stream_ptr) {
   if (key_tile < 1) {
     throw ContractError(op, "q", std::to_string(heads) + " heads of " + std::to_string(head_dim) +
                                      " dims do not fit the GPU kernel's " + std::to_string(kSmemBytes) +
-                                     "-byte tile (heads + head_dim + 1 must stay below " +
+                                     "-byte tile (heads plus head_dim rounded up to odd must stay below " +
                                      std::to_string(kSmemBytes / 4) + ")");
   }
   const size_t smem = kSmemBytes;

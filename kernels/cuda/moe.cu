@@ -430,8 +430,6 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_kernel(const GemmArgs a
   __syncthreads();
 
   const ExpertPlanes<kUp> planes = expert_planes<kUp>(args, e);
-  const uint8_t* const* w_ptr = planes.w;
-  const void* const* s_ptr = planes.s;
 
   const int tx = tid % 16, ty = tid / 16;  // outputs (ty + 16 i, tx + 16 j), i, j < 4
   V part[kPlanes][4][4];
@@ -467,12 +465,12 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_kernel(const GemmArgs a
         V v = 0;
         if (n < N && kg < K) {
           if constexpr (F == Fmt::fp4) {
-            const uint8_t byte = w_ptr[pl][static_cast<long long>(n) * (K / 2) + kg / 2];
+            const uint8_t byte = planes.w[pl][static_cast<long long>(n) * (K / 2) + kg / 2];
             v = e2m1_to_f32(static_cast<uint8_t>((kg & 1) != 0 ? byte >> 4 : byte & 0xF));  // low nibble = even k
           } else if constexpr (F == Fmt::fp8) {
-            v = lut[w_ptr[pl][static_cast<long long>(n) * K + kg]];
+            v = lut[planes.w[pl][static_cast<long long>(n) * K + kg]];
           } else {
-            v = static_cast<int>(static_cast<int8_t>(w_ptr[pl][static_cast<long long>(n) * K + kg]));
+            v = static_cast<int>(static_cast<int8_t>(planes.w[pl][static_cast<long long>(n) * K + kg]));
           }
         }
         w_tile[pl][c * kPitch + kk] = v;
@@ -502,7 +500,7 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_kernel(const GemmArgs a
           const int ar = rows_a[ty + 16 * i];
           const float sa = ar >= 0 ? ue8m0_to_f32(sa_codes[static_cast<long long>(ar) * na + ka]) : 0.0f;
           for (int pl = 0; pl < kPlanes; ++pl) {
-            const auto* sw_codes = static_cast<const uint8_t*>(s_ptr[pl]);
+            const auto* sw_codes = static_cast<const uint8_t*>(planes.s[pl]);
             for (int j = 0; j < 4; ++j) {
               const int n = n0 + tx + 16 * j;
               float sw = 0.0f;
@@ -525,7 +523,7 @@ __global__ void __launch_bounds__(kThreads) grouped_gemm_kernel(const GemmArgs a
   auto result = [&](int pl, int i, int j, int ar, int n) -> float {
     if constexpr (F == Fmt::int8) {
       const float sa = static_cast<const float*>(args.a_scales)[ar];
-      const float sw = static_cast<const float*>(s_ptr[pl])[n];
+      const float sw = static_cast<const float*>(planes.s[pl])[n];
       return mul_rn(mul_rn(static_cast<float>(part[pl][i][j]), sa), sw);
     } else {
       (void)ar;
@@ -593,9 +591,9 @@ __device__ inline uint4 load_16(const uint8_t* p, bool vector) {
   return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
-// Two bf16 of a 32-bit word as fp32 (the low half is the earlier element).
-__device__ inline float bf16_lo(uint32_t w) { return __uint_as_float(w << 16); }
-__device__ inline float bf16_hi(uint32_t w) { return __uint_as_float(w & 0xffff0000u); }
+// The two bf16 of a 32-bit word as fp32 (the low half is the earlier element).
+__device__ inline float bf16_lo(uint32_t w) { return bf16_to_f32(static_cast<uint16_t>(w)); }
+__device__ inline float bf16_hi(uint32_t w) { return bf16_to_f32(static_cast<uint16_t>(w >> 16)); }
 
 // Rows r and r + 1 of a staged chunk against the chunk's 32 weights: the scaled partial of each of
 // the chunk's weight blocks into `terms` (row-major [kSbRows][nw]); `pair` false: row r alone.
