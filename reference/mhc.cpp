@@ -10,14 +10,32 @@ namespace {
 
 float sigmoid(float z) { return static_cast<float>(1.0 / (1.0 + std::exp(-static_cast<double>(z)))); }
 
-// m = (fn · v) · rsqrt(mean(v²) + norm_eps) for one token's flattened copies v [hc * dim]. The RMS
-// scales only the mixes; v itself is never normalised (§4.1 steps 1-2).
+// The mixes' summation order (§4.1 steps 1-2 fix none): 256 lanes, lane l adding the terms i ≡ l
+// (mod 256) in ascending i, then lanes folded by halving (lane l += lane l + s for s = 128, ..., 1).
+// One f64 chain per lane, so the GPU kernel reduces a token with a block of threads in this order.
+constexpr int64_t kMixLanes = 256;
+
+template <class Term>
+double mix_sum(int64_t n, Term term) {
+  double lane[kMixLanes] = {};
+  for (int64_t i = 0; i < n; ++i) lane[i % kMixLanes] += term(i);
+  for (int64_t s = kMixLanes / 2; s >= 1; s /= 2) {
+    for (int64_t l = 0; l < s; ++l) lane[l] += lane[l + s];
+  }
+  return lane[0];
+}
+
+// m = (fn · v) · rsqrt(mean(v²) + norm_eps) for one token's flattened copies v [hc * dim]: f64 sums
+// (of f32 products for the dots) in the mix order. The RMS scales only the mixes; v itself is never
+// normalised (§4.1 steps 1-2).
 std::vector<float> mix_logits(const Mat& fn, const float* v, int64_t n, double norm_eps) {
-  double sum_sq = 0.0;
-  for (int64_t i = 0; i < n; ++i) sum_sq += static_cast<double>(v[i]) * v[i];
+  const double sum_sq = mix_sum(n, [&](int64_t i) { return static_cast<double>(v[i]) * v[i]; });
   const float r = static_cast<float>(1.0 / std::sqrt(sum_sq / static_cast<double>(n) + norm_eps));
   std::vector<float> m(static_cast<size_t>(fn.rows));
-  for (int64_t k = 0; k < fn.rows; ++k) m[static_cast<size_t>(k)] = static_cast<float>(dot(fn.row(k), v, n)) * r;
+  for (int64_t k = 0; k < fn.rows; ++k) {
+    const float* a = fn.row(k);
+    m[static_cast<size_t>(k)] = static_cast<float>(mix_sum(n, [&](int64_t i) { return static_cast<double>(a[i] * v[i]); })) * r;
+  }
   return m;
 }
 

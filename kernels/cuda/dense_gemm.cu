@@ -1,7 +1,8 @@
 // CUDA (and, through port.h, HIP) implementation of the plain fp32-accumulated GEMM out = x · w^T
-// behind two entry points: moe_gate_logits (kernels/moe.h: f32 logits; the engine runs the MoE gate,
-// the compressor's wkv/wgate and the head through it) and the bf16-weight path of linear_fp8 /
-// linear_projection (kernels/quant_gemm.h: bf16 output).
+// behind three entry points: moe_gate_logits (kernels/moe.h: f32 logits; the engine runs the MoE
+// gate, the compressor's wkv/wgate and the head through it), the bf16-weight path of linear_fp8 /
+// linear_projection (kernels/quant_gemm.h: bf16 output) and grouped_wo_a (kernels/attn_output.h:
+// one GEMM per output group, the grid's z dimension, bf16 output).
 //
 // Numerics: bit for bit the host loops. Every output element belongs to one thread, which keeps one
 // fp32 accumulator from 0 and walks k in ascending order: acc = acc + x[t, k] · w[n, k], the
@@ -9,6 +10,7 @@
 // an FMA, which would differ from the host whenever a product is inexact: f32 inputs, or bf16
 // products that underflow). The tile shape only decides which thread owns an element.
 #include "kernels/cuda/port.h"
+#include "kernels/attn_output.h"
 #include "kernels/moe.h"
 #include "kernels/quant_gemm.h"
 
@@ -32,6 +34,7 @@ struct DenseArgs {
   void* out;      // [T, N] f32 or bf16, rows ldo apart
   long long ldo;
   long long T, N, K;
+  long long gx, gw, go;  // group z's x, w and out start gx·z, gw·z and go·z elements in (0: one group)
 };
 
 __device__ inline float load(const void* p, bool bf16, long long i) {
@@ -52,6 +55,7 @@ __global__ void __launch_bounds__(kThreads) dense_gemm_kernel(DenseArgs g) {
   const int ty = tid / TX;
   const long long m0 = static_cast<long long>(blockIdx.y) * BM;
   const long long n0 = static_cast<long long>(blockIdx.x) * BN;
+  const long long gx = g.gx * blockIdx.z, gw = g.gw * blockIdx.z, go = g.go * blockIdx.z;
 
   float acc[TM][TN];
 #pragma unroll
@@ -64,12 +68,12 @@ __global__ void __launch_bounds__(kThreads) dense_gemm_kernel(DenseArgs g) {
     for (int e = tid; e < BM * kTileK; e += kThreads) {
       const int r = e / kTileK, kk = e % kTileK;
       const long long t = m0 + r;
-      x_tile[kk][r] = (t < g.T && kk < len) ? load(g.x, g.x_bf16, t * g.ldx + k0 + kk) : 0.0f;
+      x_tile[kk][r] = (t < g.T && kk < len) ? load(g.x, g.x_bf16, gx + t * g.ldx + k0 + kk) : 0.0f;
     }
     for (int e = tid; e < BN * kTileK; e += kThreads) {
       const int c = e / kTileK, kk = e % kTileK;
       const long long n = n0 + c;
-      w_tile[kk][c] = (n < g.N && kk < len) ? load(g.w, g.w_bf16, n * g.K + k0 + kk) : 0.0f;
+      w_tile[kk][c] = (n < g.N && kk < len) ? load(g.w, g.w_bf16, gw + n * g.K + k0 + kk) : 0.0f;
     }
     __syncthreads();
     for (int kk = 0; kk < len; ++kk) {  // ascending k
@@ -95,35 +99,47 @@ __global__ void __launch_bounds__(kThreads) dense_gemm_kernel(DenseArgs g) {
       const long long n = n0 + tx + TX * j;
       if (n >= g.N) continue;
       if constexpr (kOutBf16) {
-        static_cast<uint16_t*>(g.out)[t * g.ldo + n] = f32_to_bf16(acc[i][j]);
+        static_cast<uint16_t*>(g.out)[go + t * g.ldo + n] = f32_to_bf16(acc[i][j]);
       } else {
-        static_cast<float*>(g.out)[t * g.ldo + n] = acc[i][j];
+        static_cast<float*>(g.out)[go + t * g.ldo + n] = acc[i][j];
       }
     }
   }
 }
 
 template <int BM, int BN, int TM, int TN, bool kOutBf16>
-void launch_tiles(const DenseArgs& g, gpu::Stream stream, const char* op) {
-  const dim3 grid(static_cast<unsigned>((g.N + BN - 1) / BN), static_cast<unsigned>((g.T + BM - 1) / BM));
+void launch_tiles(const DenseArgs& g, int groups, gpu::Stream stream, const char* op) {
+  const dim3 grid(static_cast<unsigned>((g.N + BN - 1) / BN), static_cast<unsigned>((g.T + BM - 1) / BM),
+                  static_cast<unsigned>(groups));
   dense_gemm_kernel<BM, BN, TM, TN, kOutBf16><<<grid, kThreads, 0, stream>>>(g);
   gpu::check_launch(op);
 }
 
-// Few tokens (decode): 8-row tiles 128 columns wide; otherwise 64 x 64 tiles.
+// The tile with the most reuse that still fills the GPU: each output is one sequential chain over K,
+// so a grid of fewer blocks than SMs leaves SMs idle for the whole GEMM (a decode-sized MoE gate or
+// compressor projection). 64 x 64 tiles first, then 8-row tiles 128 wide (1 x 4 per thread), 64
+// wide (1 x 2) and 32 wide (1 x 1), the last one taken whatever its grid.
 template <bool kOutBf16>
-void launch_dense(const DenseArgs& g, gpu::Stream stream, const char* op) {
+void launch_dense(const DenseArgs& g, gpu::Stream stream, const char* op, int groups = 1) {
   if (g.T == 0 || g.N == 0) return;
-  if (g.T <= 16) {
-    launch_tiles<8, 128, 1, 4, kOutBf16>(g, stream, op);
+  const long long sms = gpu::sm_count();
+  const auto blocks = [&](long long bm, long long bn) {
+    return ((g.T + bm - 1) / bm) * ((g.N + bn - 1) / bn) * groups;
+  };
+  if (g.T > 16 && blocks(64, 64) >= sms) {
+    launch_tiles<64, 64, 4, 4, kOutBf16>(g, groups, stream, op);
+  } else if (blocks(8, 128) >= sms) {
+    launch_tiles<8, 128, 1, 4, kOutBf16>(g, groups, stream, op);
+  } else if (blocks(8, 64) >= sms) {
+    launch_tiles<8, 64, 1, 2, kOutBf16>(g, groups, stream, op);
   } else {
-    launch_tiles<64, 64, 4, 4, kOutBf16>(g, stream, op);
+    launch_tiles<8, 32, 1, 1, kOutBf16>(g, groups, stream, op);
   }
 }
 
 DenseArgs dense_args(const Tensor& x, const Tensor& w, Tensor& out) {
   return DenseArgs{x.data_ptr(), x.dtype() == DType::bf16, x.stride(0), w.data_ptr(), w.dtype() == DType::bf16,
-                   out.data_ptr(), out.stride(0), x.size(0), w.size(0), x.size(1)};
+                   out.data_ptr(), out.stride(0), x.size(0), w.size(0), x.size(1), 0, 0, 0};
 }
 
 }  // namespace
@@ -134,6 +150,14 @@ void moe_gate_logits(const Tensor& x, const Tensor& gate_w, Tensor& logits, void
 
 void linear_bf16(const Tensor& x, const Tensor& w, Tensor& out, void* stream) {
   launch_dense<true>(dense_args(x, w, out), static_cast<gpu::Stream>(stream), "linear_fp8");
+}
+
+void grouped_wo_a(const Tensor& o, const Tensor& wo_a, int64_t groups, Tensor& out, void* stream) {
+  const int64_t width = o.size(1) / groups;
+  const int64_t rank = wo_a.size(0) / groups;
+  const DenseArgs g{o.data_ptr(), true,  o.stride(0), wo_a.data_ptr(), true,  out.data_ptr(), out.stride(0),
+                    o.size(0),    rank,  width,       width,           rank * width, rank};
+  launch_dense<true>(g, static_cast<gpu::Stream>(stream), kGroupedWoAOp, static_cast<int>(groups));
 }
 
 }  // namespace dsv4::kernels::cuda

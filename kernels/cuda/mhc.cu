@@ -4,12 +4,12 @@
 // rounded operations and glibc's expf; mhc_math.h: the sigmoid).
 //
 // hc_pre / hc_head: one block per token.
-//   1. Thread 0 sums the squares of the token's hc*d residual values in f64 in index order (the
-//      host's order: one sequential chain), while thread 1 + k computes mix k's dot product with
-//      fn row k over the host's eight interleaved f64 lanes and its fixed pairwise combine.
+//   1. Σ v² over the token's hc*d residual values and each mix k's dot product with fn row k, in f64
+//      in the reference's mix order: thread l sums the terms i ≡ l (mod 256), and the 256 partial
+//      sums fold by halving in shared memory, eight sums at a time.
 //   2. r = f32(1 / sqrt(Σ v² / n + norm_eps)); m_k = f32(dot_k) * r.
-//   3. The pre weights (and, for hc_pre, post and the hc x hc logits C) per j; thread 0 runs the
-//      Sinkhorn iterations on C in shared memory, the host's loops in the host's order.
+//   3. The pre weights (and, for hc_pre, post and the hc x hc logits C) per j; warp 0 runs the
+//      Sinkhorn iterations on C in shared memory, a lane per row or column, each in the host's order.
 //   4. x_i = bf16(Σ_j pre_j R_j,i) (f64 sum over j in order), a thread per i.
 // hc_post: a thread per (token, i) computes the hc outputs R'_k,i (f64 sums over j in order).
 #include "kernels/mhc.h"
@@ -30,25 +30,17 @@ using mhc_gpu::sigmoid;
 
 constexpr int kThreads = 256;  // a multiple of 64: whole warps on CUDA and on wave64
 
-// f32 products a_i * v_i (v from bf16) summed in f64 over eight interleaved lanes (element i in lane
-// i % 8, in index order), then ((l0 + l1) + (l2 + l3)) + ((l4 + l5) + (l6 + l7)).
-__device__ double dot8(const float* a, const uint16_t* v, int64_t n) {
-  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-#pragma unroll
-    for (int j = 0; j < 8; ++j) acc[j] = dadd(acc[j], static_cast<double>(fmul(a[i + j], bf16_to_f32(v[i + j]))));
-  }
-#pragma unroll
-  for (int j = 0; j < 8; ++j) {
-    if (i + j < n) acc[j] = dadd(acc[j], static_cast<double>(fmul(a[i + j], bf16_to_f32(v[i + j]))));
-  }
-  return dadd(dadd(dadd(acc[0], acc[1]), dadd(acc[2], acc[3])), dadd(dadd(acc[4], acc[5]), dadd(acc[6], acc[7])));
-}
+// The reference's summation order for the mixes (reference/mhc.cpp): lane l of kMixLanes adds the
+// terms i ≡ l (mod kMixLanes) in ascending i, then the lanes fold by halving (lane l += lane l + s for
+// s = kMixLanes / 2, ..., 1). Thread l is lane l; kMixBatch sums are folded together in shared memory.
+constexpr int kMixLanes = 256;
+constexpr int kMixBatch = 8;
+static_assert(kThreads == kMixLanes, "one thread per lane of the mix order");
 
-// Divides each row (by_rows) or column of the hc x hc matrix C by f32(its f64 sum + eps).
-__device__ void normalise(float* C, int64_t hc, double eps, bool by_rows) {
-  for (int64_t a = 0; a < hc; ++a) {
+// Divides each row (by_rows) or column of the hc x hc matrix C by f32(its f64 sum + eps). Rows (or
+// columns) are independent: lane l of warp 0 takes rows l, l + kWarpSize, ...
+__device__ void normalise(float* C, int64_t hc, double eps, bool by_rows, int lane) {
+  for (int64_t a = lane; a < hc; a += gpu::kWarpSize) {
     double sum = 0.0;
     for (int64_t b = 0; b < hc; ++b) sum = dadd(sum, static_cast<double>(by_rows ? C[a * hc + b] : C[b * hc + a]));
     const auto denom = static_cast<float>(dadd(sum, eps));
@@ -57,11 +49,13 @@ __device__ void normalise(float* C, int64_t hc, double eps, bool by_rows) {
       c = fdiv(c, denom);
     }
   }
+  gpu::sync_lanes();
 }
 
-// Row softmax (max-subtracted) + eps, a column normalisation, then (iters - 1) x (row, column).
-__device__ void sinkhorn(float* C, int64_t hc, int64_t iters, double eps) {
-  for (int64_t j = 0; j < hc; ++j) {
+// Row softmax (max-subtracted) + eps, a column normalisation, then (iters - 1) x (row, column). Run
+// by every lane of warp 0, each row's and column's operations in the host's order.
+__device__ void sinkhorn(float* C, int64_t hc, int64_t iters, double eps, int lane) {
+  for (int64_t j = lane; j < hc; j += gpu::kWarpSize) {
     float* row = C + j * hc;
     float mx = row[0];  // std::max_element: the first of the largest
     for (int64_t k = 1; k < hc; ++k) mx = mx < row[k] ? row[k] : mx;
@@ -72,10 +66,11 @@ __device__ void sinkhorn(float* C, int64_t hc, int64_t iters, double eps) {
     }
     for (int64_t k = 0; k < hc; ++k) row[k] = static_cast<float>(dadd(ddiv(static_cast<double>(row[k]), sum), eps));
   }
-  normalise(C, hc, eps, /*by_rows=*/false);
+  gpu::sync_lanes();
+  normalise(C, hc, eps, /*by_rows=*/false, lane);
   for (int64_t it = 1; it < iters; ++it) {
-    normalise(C, hc, eps, /*by_rows=*/true);
-    normalise(C, hc, eps, /*by_rows=*/false);
+    normalise(C, hc, eps, /*by_rows=*/true, lane);
+    normalise(C, hc, eps, /*by_rows=*/false, lane);
   }
 }
 
@@ -106,20 +101,42 @@ __global__ void __launch_bounds__(kThreads) mix_kernel(const uint16_t* R, const 
   float* r_shared = C + (kHead ? 0 : hc * hc);
   const uint16_t* row = R + t * n;
 
-  // 1. Σ v² (task 0, the longest chain, starts first) and the mixes' dot products (tasks 1..mixes).
-  for (int64_t task = tid; task <= mixes; task += blockDim.x) {
-    if (task == 0) {
-      double acc = 0.0;
-      for (int64_t i = 0; i < n; ++i) {
-        const auto v = static_cast<double>(bf16_to_f32(row[i]));
-        acc = dadd(acc, dmul(v, v));
+  // 1. Sum q = 0 is Σ v², sum q >= 1 mix q - 1's dot product with fn row q - 1, kMixBatch at a time.
+  __shared__ double fold[kMixBatch][kMixLanes];
+  for (int64_t q0 = 0; q0 <= mixes; q0 += kMixBatch) {
+    double acc[kMixBatch];
+#pragma unroll
+    for (int j = 0; j < kMixBatch; ++j) acc[j] = 0.0;
+    const int64_t sums = mixes + 1 - q0 < kMixBatch ? mixes + 1 - q0 : kMixBatch;
+#pragma unroll 4
+    for (int64_t i = tid; i < n; i += kMixLanes) {
+      const float v = bf16_to_f32(row[i]);
+#pragma unroll
+      for (int j = 0; j < kMixBatch; ++j) {
+        if (j < sums) {
+          const int64_t q = q0 + j;
+          const double term = q == 0 ? dmul(static_cast<double>(v), static_cast<double>(v))
+                                     : static_cast<double>(fmul(fn[(q - 1) * n + i], v));
+          acc[j] = dadd(acc[j], term);
+        }
       }
-      *sum_sq = acc;
-    } else {
-      dot[task - 1] = dot8(fn + (task - 1) * n, row, n);
     }
+#pragma unroll
+    for (int j = 0; j < kMixBatch; ++j) fold[j][tid] = acc[j];
+    __syncthreads();
+    for (int s = kMixLanes / 2; s >= 1; s /= 2) {
+      for (int e = tid; e < kMixBatch * s; e += kThreads) {
+        const int j = e / s, l = e % s;
+        fold[j][l] = dadd(fold[j][l], fold[j][l + s]);
+      }
+      __syncthreads();
+    }
+    if (tid < kMixBatch && q0 + tid <= mixes) {
+      const int64_t q = q0 + tid;
+      (q == 0 ? *sum_sq : dot[q - 1]) = fold[tid][0];
+    }
+    __syncthreads();  // fold is reused by the next batch
   }
-  __syncthreads();
   // 2. The inverse RMS scales only the mixes.
   if (tid == 0) *r_shared = static_cast<float>(ddiv(1.0, dsqrt(dadd(ddiv(*sum_sq, static_cast<double>(n)), norm_eps))));
   __syncthreads();
@@ -136,7 +153,7 @@ __global__ void __launch_bounds__(kThreads) mix_kernel(const uint16_t* R, const 
     for (int64_t jk = tid; jk < hc * hc; jk += blockDim.x) C[jk] = fadd(fmul(m[2 * hc + jk], scale[2]), base[2 * hc + jk]);
   }
   __syncthreads();
-  if (!kHead && tid == 0) sinkhorn(C, hc, sinkhorn_iters, hc_eps);
+  if (!kHead && tid < gpu::kWarpSize) sinkhorn(C, hc, sinkhorn_iters, hc_eps, tid);
   // 4. x = bf16(Σ_j pre_j R_j): f64 sum of the f32 products, rounded once.
   for (int64_t i = tid; i < dim; i += blockDim.x) {
     double acc = 0.0;
@@ -144,7 +161,7 @@ __global__ void __launch_bounds__(kThreads) mix_kernel(const uint16_t* R, const 
     x[t * dim + i] = f32_to_bf16(static_cast<float>(acc));
   }
   if (!kHead) {
-    __syncthreads();  // thread 0's Sinkhorn is done
+    __syncthreads();  // warp 0's Sinkhorn is done
     for (int64_t jk = tid; jk < hc * hc; jk += blockDim.x) comb[t * hc * hc + jk] = C[jk];
   }
 }
@@ -169,8 +186,8 @@ __global__ void __launch_bounds__(kThreads) post_kernel(const uint16_t* F, const
   }
 }
 
-// Launches the mix kernel for T tokens; more than the default 48 KiB of dynamic shared memory (hc
-// beyond about 60) is asked for explicitly.
+// Launches the mix kernel for T tokens; more than the default 48 KiB of shared memory, the static
+// fold buffer included (hc beyond about 50), is asked for explicitly.
 template <bool kHead>
 void launch_mix(const Tensor& R, const Tensor& fn, const Tensor& base, const Tensor& scale, double hc_eps,
                 double norm_eps, int64_t sinkhorn_iters, int64_t hc, int64_t dim, uint16_t* x, float* post,
@@ -178,16 +195,8 @@ void launch_mix(const Tensor& R, const Tensor& fn, const Tensor& base, const Ten
   const int64_t tokens = R.size(0);
   if (tokens == 0) return;
   const size_t smem = mix_smem_bytes(hc, kHead ? hc : (2 + hc) * hc, kHead);
-  if (smem > 48 * 1024) {
-#if defined(__HIPCC__)
-    gpu::check(hipFuncSetAttribute(reinterpret_cast<const void*>(&mix_kernel<kHead>),
-                                   hipFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem)),
-               op);
-#else
-    gpu::check(cudaFuncSetAttribute(mix_kernel<kHead>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                    static_cast<int>(smem)),
-               op);
-#endif
+  if (smem + sizeof(double) * kMixBatch * kMixLanes > 48 * 1024) {
+    gpu::allow_smem(mix_kernel<kHead>, smem, op);
   }
   mix_kernel<kHead><<<static_cast<unsigned>(tokens), kThreads, smem, stream>>>(
       R.data<const uint16_t>(), fn.data<const float>(), base.data<const float>(), scale.data<const float>(), hc,

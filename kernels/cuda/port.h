@@ -123,6 +123,19 @@ inline size_t smem_optin_limit() {
   return static_cast<size_t>(bytes);
 }
 
+// The current device's number of SMs (compute units on HIP).
+inline int sm_count() {
+  int device = 0, sms = 0;
+#if defined(__HIPCC__)
+  check(hipGetDevice(&device), "hipGetDevice");
+  check(hipDeviceGetAttribute(&sms, hipDeviceAttributeMultiprocessorCount, device), "hipDeviceGetAttribute");
+#else
+  check(cudaGetDevice(&device), "cudaGetDevice");
+  check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+#endif
+  return sms;
+}
+
 // Lets `kernel` launch with `bytes` of dynamic shared memory (past the default 48 KiB).
 template <class Kernel>
 void allow_smem(Kernel kernel, size_t bytes, const char* what) {

@@ -22,29 +22,31 @@ namespace {
 
 float sigmoid(float z) { return static_cast<float>(1.0 / (1.0 + std::exp(-static_cast<double>(z)))); }
 
-// f32 products summed in f64 over eight interleaved lanes, then a fixed pairwise combine: the
-// reference's dot order, which a bitwise comparison needs.
-double dot8(const float* a, const float* b, int64_t n) {
-  double acc[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-  int64_t i = 0;
-  for (; i + 8 <= n; i += 8) {
-    for (int j = 0; j < 8; ++j) acc[j] += static_cast<double>(a[i + j] * b[i + j]);
+// The reference's summation order for the mixes (reference/mhc.cpp): 256 lanes, lane l adding the
+// terms i ≡ l (mod 256) in ascending i, then folded by halving (lane l += lane l + s, s = 128 .. 1).
+constexpr int64_t kMixLanes = 256;
+
+template <class Term>
+double mix_sum(int64_t n, Term term) {
+  double lane[kMixLanes] = {};
+  for (int64_t i = 0; i < n; ++i) lane[i % kMixLanes] += term(i);
+  for (int64_t s = kMixLanes / 2; s >= 1; s /= 2) {
+    for (int64_t l = 0; l < s; ++l) lane[l] += lane[l + s];
   }
-  for (; i < n; ++i) acc[i % 8] += static_cast<double>(a[i] * b[i]);
-  return ((acc[0] + acc[1]) + (acc[2] + acc[3])) + ((acc[4] + acc[5]) + (acc[6] + acc[7]));
+  return lane[0];
 }
 
 // Upcasts token t's copies into v and returns the mixes m = (fn · v) * rsqrt(mean(v²) + norm_eps).
 // The RMS scales only the mixes: R itself is never normalised (§4.1 steps 1-2).
 void mix_logits(const uint16_t* r_row, int64_t n, const float* fn, int64_t mixes, double norm_eps, float* v,
                 float* m) {
-  double sum_sq = 0.0;
-  for (int64_t i = 0; i < n; ++i) {
-    v[i] = bf16_to_f32(r_row[i]);
-    sum_sq += static_cast<double>(v[i]) * v[i];
-  }
+  for (int64_t i = 0; i < n; ++i) v[i] = bf16_to_f32(r_row[i]);
+  const double sum_sq = mix_sum(n, [&](int64_t i) { return static_cast<double>(v[i]) * v[i]; });
   const auto r = static_cast<float>(1.0 / std::sqrt(sum_sq / static_cast<double>(n) + norm_eps));
-  for (int64_t k = 0; k < mixes; ++k) m[k] = static_cast<float>(dot8(fn + k * n, v, n)) * r;
+  for (int64_t k = 0; k < mixes; ++k) {
+    const float* a = fn + k * n;
+    m[k] = static_cast<float>(mix_sum(n, [&](int64_t i) { return static_cast<double>(a[i] * v[i]); })) * r;
+  }
 }
 
 // out = bf16(Σ_j w_j R_j) for one token: f64 sum of f32 products, rounded once.
