@@ -31,6 +31,7 @@
 //   kv_read_GB        per request and layer: the window's entries; c4 layers the indexer's keys and
 //                     the top-k compressed entries; c128 layers the compressed entries
 //   cublaslt_gemms_per_step  FP8 GEMMs of the captured step that run through cuBLASLt
+//   cublaslt_bf16_gemms_per_step  bf16 GEMMs of the captured step that do (DSV4_DENSE_GEMM=cublaslt)
 //   mem_* (GB)        runtime buffers by kind (weights, caches, workspace) and the stream-ordered
 //                     scratch (op scratch, cuBLASLt workspace) and graph memory high-water marks;
 //                     mem_device_used: cudaMemGetInfo's used memory at the end minus before the engine
@@ -75,6 +76,7 @@
 #include "engine/serving/req_to_token_pool.h"
 #include "engine/serving/swa_token_allocator.h"
 #include "engine/serving/token_allocator.h"
+#include "kernels/cuda/dense_gemm_cublaslt.h"
 #include "kernels/cuda/fp8_gemm_cublaslt.h"
 #include "kernels/cuda/sparse_attention_tc.h"
 #include "kernels/indexer_logits.h"
@@ -487,12 +489,14 @@ void BM_EngineDecodeStep(benchmark::State& state) {
   cuda_ok(cudaEventCreate(&a), "event");
   cuda_ok(cudaEventCreate(&b), "event");
   const uint64_t lt_before = kernels::cuda::fp8_gemm_cublaslt_calls();
+  const uint64_t dense_lt_before = kernels::cuda::dense_gemm_cublaslt_calls();
 
   // The first step captures the graph (every FP8 GEMM in it is counted); two more warm the caches.
   const auto c0 = std::chrono::steady_clock::now();
   StepRecord first = s.runner->forward(s.batch);
   const double capture_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - c0).count();
   const uint64_t lt_in_graph = kernels::cuda::fp8_gemm_cublaslt_calls() - lt_before;
+  const uint64_t dense_lt_in_graph = kernels::cuda::dense_gemm_cublaslt_calls() - dense_lt_before;
   for (int i = 0; i < 2; ++i) (void)s.runner->forward(s.batch);
 
   // The step as forward() runs it, with events around the replay (or the eager launches).
@@ -581,9 +585,11 @@ void BM_EngineDecodeStep(benchmark::State& state) {
   state.counters["setup_s"] = s.load_seconds;
   state.counters["capture_step_s"] = capture_seconds;
   state.counters["cublaslt_gemms_per_step"] = static_cast<double>(lt_in_graph);
+  state.counters["cublaslt_bf16_gemms_per_step"] = static_cast<double>(dense_lt_in_graph);
   state.SetLabel("small config, batch " + std::to_string(kBatch) + " at context " + std::to_string(kContext) +
                  (s.eager ? ", eager (no graph, one stream)" : ", graphs + multi-stream") + ", indexer " + std::to_string(s.indexer_sms) + " blocks, FP8 GEMM " +
-                 kernels::cuda::fp8_gemm_path_name(kernels::cuda::fp8_gemm_path()) + ", attention " +
+                 kernels::cuda::fp8_gemm_path_name(kernels::cuda::fp8_gemm_path()) + ", bf16 GEMM " +
+                 kernels::cuda::dense_gemm_path_name(kernels::cuda::dense_gemm_path()) + ", attention " +
                  kernels::cuda::sparse_attention_path_name(kernels::cuda::sparse_attention_path()) + ", " +
                  std::to_string(first.rows.size()) + " rows sampled (" + std::to_string(distinct) + " distinct tokens)");
   std::printf("decode step: gpu %.3f ms, wall %.3f ms, bound %.3f ms (weights %.3f GB + KV %.3f GB at 3.35 TB/s), "

@@ -39,6 +39,7 @@
 #include "engine/core/formats.h"
 #include "engine/core/tensor.h"
 #include "kernels/attn_output.h"
+#include "kernels/cuda/dense_gemm_cublaslt.h"
 #include "kernels/cuda/fp8_gemm_cublaslt.h"
 #include "kernels/cuda/sparse_attention_tc.h"
 #include "kernels/device.h"
@@ -389,8 +390,9 @@ void BM_RmsNorm(benchmark::State& state) {
 
 // ---- bf16 matrix work: the head (f32 logits) and the grouped wo_a ---------------------------------------
 
-void BM_HeadLogits(benchmark::State& state) {
+void BM_HeadLogits(benchmark::State& state, cuda::DenseGemmPath path) {
   if (!have_gpu(state)) return;
+  cuda::DenseGemmPathScope scope(path);
   const int64_t T = state.range(0), V = small().vocab_size, d = small().dim;
   Tensor head = dev_tensor({V, d}, DType::bf16, "head");  // 1.06 GB: larger than any L2 on its own
   fill_float(head, 7, -0.05f, 0.05f);
@@ -403,8 +405,9 @@ void BM_HeadLogits(benchmark::State& state) {
              std::to_string(d) + "] bf16 -> f32");
 }
 
-void BM_GroupedWoA(benchmark::State& state) {
+void BM_GroupedWoA(benchmark::State& state, cuda::DenseGemmPath path) {
   if (!have_gpu(state)) return;
+  cuda::DenseGemmPathScope scope(path);
   const ModelConfig& c = small();
   const int64_t T = state.range(0), G = c.o_groups, r = c.o_lora_rank, W = c.n_heads * c.head_dim / G;
   const long long w_bytes = G * r * W * 2;
@@ -794,8 +797,11 @@ int register_all() {
   }
   benchmark::RegisterBenchmark("BM_ActQuantFp8", BM_ActQuantFp8)->Arg(64)->Arg(2048)->ArgName("T")->UseManualTime()->Unit(benchmark::kMicrosecond)->MinTime(0.1);
   benchmark::RegisterBenchmark("BM_RmsNorm", BM_RmsNorm)->Arg(64)->Arg(2048)->ArgName("T")->UseManualTime()->Unit(benchmark::kMicrosecond)->MinTime(0.1);
-  benchmark::RegisterBenchmark("BM_HeadLogits", BM_HeadLogits)->Arg(64)->ArgName("T")->UseManualTime()->Unit(benchmark::kMicrosecond)->MinTime(0.2);
-  benchmark::RegisterBenchmark("BM_GroupedWoA", BM_GroupedWoA)->Arg(64)->ArgName("T")->UseManualTime()->Unit(benchmark::kMicrosecond)->MinTime(0.1);
+  for (const cuda::DenseGemmPath path : {cuda::DenseGemmPath::portable, cuda::DenseGemmPath::cublaslt}) {
+    const std::string suffix = std::string("_") + cuda::dense_gemm_path_name(path);
+    benchmark::RegisterBenchmark(("BM_HeadLogits" + suffix).c_str(), BM_HeadLogits, path)->Arg(64)->ArgName("T")->UseManualTime()->Unit(benchmark::kMicrosecond)->MinTime(0.2);
+    benchmark::RegisterBenchmark(("BM_GroupedWoA" + suffix).c_str(), BM_GroupedWoA, path)->Arg(64)->ArgName("T")->UseManualTime()->Unit(benchmark::kMicrosecond)->MinTime(0.1);
+  }
   benchmark::RegisterBenchmark("BM_MoeExperts", BM_MoeExperts)->Arg(64)->ArgName("T")->UseManualTime()->Unit(benchmark::kMicrosecond)->MinTime(0.2);
   // The tensor-core path also with each forced head block (hb 0: the launch's own choice).
   for (const auto path : {cuda::SparseAttentionPath::exact, cuda::SparseAttentionPath::tensor_core}) {

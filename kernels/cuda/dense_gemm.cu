@@ -2,7 +2,8 @@
 // behind three entry points: moe_gate_logits (kernels/moe.h: f32 logits; the engine runs the MoE
 // gate, the compressor's wkv/wgate and the head through it), the bf16-weight path of linear_fp8 /
 // linear_projection (kernels/quant_gemm.h: bf16 output) and grouped_wo_a (kernels/attn_output.h:
-// one GEMM per output group, the grid's z dimension, bf16 output).
+// one GEMM per output group, the grid's z dimension, bf16 output). On CUDA a switch sends bf16 x bf16
+// problems to cuBLASLt's tensor cores instead (kernels/cuda/dense_gemm_cublaslt.h, DSV4_DENSE_GEMM).
 //
 // Numerics: bit for bit the host loops. Every output element belongs to one thread, which keeps one
 // fp32 accumulator from 0 and walks k in ascending order: acc = acc + x[t, k] · w[n, k], the
@@ -17,6 +18,10 @@
 #include <cstdint>
 
 #include "engine/core/formats.h"
+#if !defined(__HIPCC__)
+#include "kernels/cuda/dense_gemm_cublaslt.h"
+#define DSV4_DENSE_GEMM_CUBLASLT 1
+#endif
 
 namespace dsv4::kernels::cuda {
 
@@ -119,9 +124,32 @@ void launch_tiles(const DenseArgs& g, int groups, gpu::Stream stream, const char
 // so a grid of fewer blocks than SMs leaves SMs idle for the whole GEMM (a decode-sized MoE gate or
 // compressor projection). 64 x 64 tiles first, then 8-row tiles 128 wide (1 x 4 per thread), 64
 // wide (1 x 2) and 32 wide (1 x 1), the last one taken whatever its grid.
+#if defined(DSV4_DENSE_GEMM_CUBLASLT)
+// cuBLASLt's tensor-core GEMM when the switch says so and it takes the problem (true: enqueued).
+bool try_cublaslt(const DenseArgs& g, bool out_bf16, int groups, gpu::Stream stream) {
+  if (dense_gemm_path() != DenseGemmPath::cublaslt || !g.x_bf16 || !g.w_bf16) return false;
+  if (groups > 1 && (g.gx != g.K || g.gw != g.N * g.K || g.go != g.N)) return false;
+  DenseLtProblem p;
+  p.x = static_cast<const uint16_t*>(g.x);
+  p.ldx = g.ldx;
+  p.w = static_cast<const uint16_t*>(g.w);
+  p.out = g.out;
+  p.out_bf16 = out_bf16;
+  p.ldo = g.ldo;
+  p.T = g.T;
+  p.N = g.N;
+  p.K = g.K;
+  p.groups = groups;
+  return dense_gemm_cublaslt(p, stream);
+}
+#endif
+
 template <bool kOutBf16>
 void launch_dense(const DenseArgs& g, gpu::Stream stream, const char* op, int groups = 1) {
   if (g.T == 0 || g.N == 0) return;
+#if defined(DSV4_DENSE_GEMM_CUBLASLT)
+  if (try_cublaslt(g, kOutBf16, groups, stream)) return;
+#endif
   const long long sms = gpu::sm_count();
   const auto blocks = [&](long long bm, long long bn) {
     return ((g.T + bm - 1) / bm) * ((g.N + bn - 1) / bn) * groups;

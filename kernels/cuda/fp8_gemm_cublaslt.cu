@@ -1,6 +1,7 @@
 // cuBLASLt's block-scaled FP8 GEMM behind kernels/quant_gemm.h (see fp8_gemm_cublaslt.h for the
 // switch, the layouts and the numerics). CUDA only; never compiled by hipcc.
 #include "kernels/cuda/fp8_gemm_cublaslt.h"
+#include "kernels/cuda/cublaslt_handle.h"
 
 #include <cublasLt.h>
 #include <cuda_runtime.h>
@@ -103,16 +104,6 @@ bool device_is_hopper(int device) {
   return s.hopper[device] = (major == 9);
 }
 
-cublasLtHandle_t handle_for(int device) {
-  State& s = state();
-  std::lock_guard<std::mutex> lock(s.mu);
-  auto it = s.handles.find(device);
-  if (it != s.handles.end()) return it->second;
-  cublasLtHandle_t h = nullptr;
-  check_lt(cublasLtCreate(&h), "cublasLtCreate");
-  s.handles[device] = h;
-  return h;
-}
 
 // RAII for the descriptors of one call.
 struct Descs {
@@ -241,6 +232,17 @@ void set_fp8_gemm_autotune(bool on) { g_autotune.store(on ? 1 : 0, std::memory_o
 
 uint64_t fp8_gemm_cublaslt_calls() { return g_calls.load(std::memory_order_relaxed); }
 
+cublasLtHandle_t cublaslt_handle(int device) {
+  State& s = state();
+  std::lock_guard<std::mutex> lock(s.mu);
+  auto it = s.handles.find(device);
+  if (it != s.handles.end()) return it->second;
+  cublasLtHandle_t h = nullptr;
+  check_lt(cublasLtCreate(&h), "cublasLtCreate");
+  s.handles[device] = h;
+  return h;
+}
+
 const char* fp8_gemm_path_name(Fp8GemmPath path) { return path_switch().name(static_cast<int>(path)); }
 
 bool fp8_gemm_cublaslt_fits(const Fp8GemmLtProblem& p, int64_t block) {
@@ -274,7 +276,7 @@ bool fp8_gemm_cublaslt(const Fp8GemmLtProblem& p, void* stream_ptr) {
 
   Descs ds;
   build_descs(ds, M, N, K, lda, ldd, w_scale, a_scale);
-  const cublasLtHandle_t h = handle_for(device);
+  const cublasLtHandle_t h = cublaslt_handle(device);
   // The algorithm: remembered per shape; else the heuristic's first (the same bits on every call of one
   // shape; split-K algorithms are fine, their reduction is deterministic), or with autotuning the
   // fastest of its candidates, timed outside any capture on prefill-sized problems. No candidate

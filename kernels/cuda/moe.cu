@@ -570,7 +570,12 @@ constexpr int kChunkLanes = 32;                     // lanes sharing a weight ro
 constexpr int kSbColsPerWarp = 4;                   // output columns per warp
 constexpr int kSbCols = kSbWarps * kSbColsPerWarp;  // output columns per block
 constexpr int kSbChunk = 32;                        // K elements of a lane step: 16 bytes of fp4
-constexpr int kSbChunkPitch = 40;                   // bf16 per staged chunk: 80 bytes, 16-byte reads without conflicts
+constexpr int kSbChunkPitch = kSbChunk;             // bf16 per staged chunk: 64 bytes, 16-byte slots swizzled
+
+// The 16-byte slot (8 bf16) where slot v of staged chunk ch lies: v ^ ((ch / 2) % 4). A quarter warp
+// reads slot v of 8 consecutive chunks, 64 bytes apart: swizzled, they hit 8 distinct 16-byte bank
+// groups, so the reads are conflict-free without padding (which would cost the second block per SM).
+__device__ inline int sb_slot(int ch, int v) { return v ^ ((ch >> 1) & 3); }
 
 // Dynamic shared memory of small_batch_fp4_kernel for K, the number of weight blocks nw and of
 // activation blocks na: staged rows, their scales, each warp's scaled partials, the e2m1 table.
@@ -609,7 +614,7 @@ __device__ inline void chunk_terms(const uint16_t* a_tile, int chunks, int ch, i
   for (int j = 0; j < kSub; ++j) p0[j] = p1[j] = 0.0f;
 #pragma unroll
   for (int v = 0; v < 4; ++v) {  // 8 elements per 16-byte read, ascending k
-    const uint4 x0 = a0[v], x1 = a1[v];
+    const uint4 x0 = a0[sb_slot(ch, v)], x1 = a1[sb_slot(ch, v)];
     const uint32_t u0[4] = {x0.x, x0.y, x0.z, x0.w}, u1[4] = {x1.x, x1.y, x1.z, x1.w};
 #pragma unroll
     for (int q = 0; q < 4; ++q) {
@@ -669,7 +674,8 @@ __global__ void __launch_bounds__(kSbWarps * kChunkLanes) small_batch_fp4_kernel
     for (int idx = tid; idx < rows * K; idx += static_cast<int>(blockDim.x)) {
       const int r = idx / K, k = idx - r * K;
       const uint8_t code = args.a[static_cast<long long>(rows_a[r]) * K + k];
-      a_tile[(r * chunks + k / kSbChunk) * kSbChunkPitch + k % kSbChunk] =
+      const int ch = k / kSbChunk, e = k % kSbChunk;
+      a_tile[(r * chunks + ch) * kSbChunkPitch + sb_slot(ch, e / 8) * 8 + e % 8] =
           static_cast<uint16_t>(__float_as_uint(e4m3fn_to_f32(code)) >> 16);  // exact: e4m3 fits bf16
     }
     for (int idx = tid; idx < rows * na; idx += static_cast<int>(blockDim.x)) {

@@ -40,6 +40,8 @@
 #include "engine/core/error.h"
 #include "engine/core/formats.h"
 #include "engine/core/tensor.h"
+#include "kernels/attn_output.h"
+#include "kernels/cuda/dense_gemm_cublaslt.h"
 #include "kernels/cuda/fp8_gemm_cublaslt.h"
 #include "kernels/cuda/port.h"
 #include "kernels/device.h"
@@ -256,9 +258,10 @@ double expect_near_reference(const Mat& got, const Mat& want, const Mat& x_hat, 
   return want.size() == 0 ? 1.0 : static_cast<double>(exact) / static_cast<double>(want.size());
 }
 
-// The bitwise tests run the portable FP8 GEMM; the cuBLASLt tests below switch explicitly.
-const bool kPortableFp8GemmByDefault = [] {
+// The bitwise tests run the portable FP8 and bf16 GEMMs; the cuBLASLt tests below switch explicitly.
+const bool kPortableGemmsByDefault = [] {
   cuda::set_fp8_gemm_path(cuda::Fp8GemmPath::portable);
+  cuda::set_dense_gemm_path(cuda::DenseGemmPath::portable);
   return true;
 }();
 
@@ -906,6 +909,108 @@ void expect_agreement(const Agreement& a, const std::string& what) {
 
 constexpr double kLtGamma = 0x1.0p-11;  // the tensor cores' partial sums (see the file comment)
 constexpr double kLtRel = 0x1.0p-7;     // one bf16 rounding
+
+// ---- the cuBLASLt bf16 GEMM (DSV4_DENSE_GEMM=cublaslt) ------------------------------------------------
+
+// Both sides sum exact f32 products in f32, each in its own order: |got - want| <= 2 (K + 1) 2^-24
+// Σ|x w| (two recursive-summation bounds), plus one rounding of the output format (rel).
+double dense_gamma(int64_t K) { return 2.0 * static_cast<double>(K + 1) * 0x1.0p-24; }
+
+TEST(GpuDenseCublaslt, GateLinearAndGroupedProjectionMatchTheHostWithinTheBound) {
+  DSV4_REQUIRE_GPU();
+  Allocator device(*cuda_memory(0), AllocatorMode::testing);
+  cuda::DenseGemmPathScope lt(cuda::DenseGemmPath::cublaslt);
+  const int64_t N = 64, K = 256, groups = 3;
+  const std::vector<float> wv = activations(groups * N, K, 401);
+  const Pair w = make_pair(groups * N, K, DType::bf16, wv, device, 0, "w");
+  const Pair w1 = make_pair(N, K, DType::bf16, wv, device, 0, "w1");  // the first N rows
+  const Mat w_mat = mat_of(wv, groups * N, K);
+  const Mat w1_mat = mat_of(std::vector<float>(wv.begin(), wv.begin() + N * K), N, K);
+  for (const int64_t T : kTokenCounts) {
+    for (const int64_t pad : {int64_t{0}, int64_t{8}}) {
+      if (pad != 0 && !strided_case(T)) continue;
+      const std::string what = "T " + std::to_string(T) + " pad " + std::to_string(pad);
+      SCOPED_TRACE(what);
+      const std::vector<float> v = activations(T, groups * K, 402 + static_cast<unsigned>(T));
+      const Pair x = make_pair(T, groups * K, DType::bf16, v, device, pad, "x");
+      const Pair x1 = make_pair(T, K, DType::bf16, std::vector<float>(v.begin(), v.begin() + T * K), device, pad, "x1");
+      const Mat x1_mat = mat_of(std::vector<float>(v.begin(), v.begin() + T * K), T, K);
+      // moe_gate_logits: an f32 output.
+      Out logits = make_out(T, N, DType::f32, device);
+      Out linear = make_out(T, N, DType::bf16, device);
+      Out grouped = make_out(T, groups * N, DType::bf16, device);
+      {
+        cuda::DenseGemmPathScope host_order(cuda::DenseGemmPath::portable);
+        moe_gate_logits(x1.host, w1.host, logits.host);
+        linear_fp8(x1.host, w1.host, kNoWeightScale, linear.host);
+        grouped_wo_a(x.host, w.host, groups, grouped.host);
+      }
+      const uint64_t calls = cuda::dense_gemm_cublaslt_calls();
+      moe_gate_logits(x1.dev, w1.dev, logits.dev);
+      linear_fp8(x1.dev, w1.dev, kNoWeightScale, linear.dev);
+      grouped_wo_a(x.dev, w.dev, groups, grouped.dev);
+      sync();
+      EXPECT_EQ(cuda::dense_gemm_cublaslt_calls(), calls + (T == 0 ? 0 : 3)) << "cuBLASLt did not take every problem";
+      expect_agreement(agreement(to_mat(logits.dev, T, N), to_mat(logits.host, T, N), x1_mat, w1_mat, dense_gamma(K),
+                                 0x1.0p-24),
+                       "moe_gate_logits " + what);
+      expect_agreement(agreement(to_mat(linear.dev, T, N), to_mat(linear.host, T, N), x1_mat, w1_mat, dense_gamma(K),
+                                 0x1.0p-7),
+                       "linear_fp8 (bf16 weight) " + what);
+      // grouped_wo_a: group g's outputs against its slice of x and rows of w.
+      const Mat got = to_mat(grouped.dev, T, groups * N), want = to_mat(grouped.host, T, groups * N);
+      const Mat x_mat = mat_of(v, T, groups * K);
+      for (int64_t g = 0; g < groups; ++g) {
+        Mat got_g(T, N), want_g(T, N), x_g(T, K), w_g(N, K);
+        for (int64_t t = 0; t < T; ++t) {
+          for (int64_t n = 0; n < N; ++n) {
+            got_g.at(t, n) = got.at(t, g * N + n);
+            want_g.at(t, n) = want.at(t, g * N + n);
+          }
+          for (int64_t k = 0; k < K; ++k) x_g.at(t, k) = x_mat.at(t, g * K + k);
+        }
+        for (int64_t n = 0; n < N; ++n) {
+          for (int64_t k = 0; k < K; ++k) w_g.at(n, k) = w_mat.at(g * N + n, k);
+        }
+        expect_agreement(agreement(got_g, want_g, x_g, w_g, dense_gamma(K), 0x1.0p-7),
+                         "grouped_wo_a group " + std::to_string(g) + " " + what);
+      }
+      if (T == 64 && pad == 0) {
+        expect_reruns_identical([&] {
+          Tensor o = Tensor::empty({T, groups * N}, DType::bf16, device, "o");
+          grouped_wo_a(x.dev, w.dev, groups, o);
+          return o;
+        });
+      }
+    }
+  }
+  EXPECT_TRUE(device.check_guards().empty());
+}
+
+TEST(GpuDenseCublaslt, F32OperandsAndUnalignedRowsRunThePlainKernel) {
+  DSV4_REQUIRE_GPU();
+  Allocator device(*cuda_memory(0), AllocatorMode::testing);
+  cuda::DenseGemmPathScope lt(cuda::DenseGemmPath::cublaslt);
+  const int64_t T = 7;
+  struct Case {
+    int64_t N, K;
+    DType x_dtype;
+  };
+  // f32 activations; K = 100 (200-byte rows); N = 6 (24-byte f32 output rows).
+  for (const Case c : {Case{64, 256, DType::f32}, Case{64, 100, DType::bf16}, Case{6, 256, DType::bf16}}) {
+    SCOPED_TRACE("N " + std::to_string(c.N) + " K " + std::to_string(c.K));
+    const Pair w = make_pair(c.N, c.K, DType::bf16, activations(c.N, c.K, 411), device, 0, "w");
+    const Pair x = make_pair(T, c.K, c.x_dtype, activations(T, c.K, 412, false, c.x_dtype == DType::bf16), device, 0, "x");
+    Out logits = make_out(T, c.N, DType::f32, device);
+    moe_gate_logits(x.host, w.host, logits.host);
+    const uint64_t calls = cuda::dense_gemm_cublaslt_calls();
+    moe_gate_logits(x.dev, w.dev, logits.dev);
+    sync();
+    EXPECT_EQ(cuda::dense_gemm_cublaslt_calls(), calls);
+    expect_same_bytes(logits.dev, logits.host, "logits");
+  }
+  EXPECT_TRUE(device.check_guards().empty());
+}
 
 TEST(GpuFp8Cublaslt, GemmMatchesTheHostWithinTolerance) {
   DSV4_REQUIRE_GPU();
