@@ -78,6 +78,7 @@
 #include "engine/serving/token_allocator.h"
 #include "kernels/cuda/dense_gemm_cublaslt.h"
 #include "kernels/cuda/fp8_gemm_cublaslt.h"
+#include "kernels/cuda/moe_tc.h"
 #include "kernels/cuda/sparse_attention_tc.h"
 #include "kernels/indexer_logits.h"
 #include "kernels/norm_rope.h"
@@ -589,7 +590,8 @@ void BM_EngineDecodeStep(benchmark::State& state) {
   state.SetLabel("small config, batch " + std::to_string(kBatch) + " at context " + std::to_string(kContext) +
                  (s.eager ? ", eager (no graph, one stream)" : ", graphs + multi-stream") + ", indexer " + std::to_string(s.indexer_sms) + " blocks, FP8 GEMM " +
                  kernels::cuda::fp8_gemm_path_name(kernels::cuda::fp8_gemm_path()) + ", bf16 GEMM " +
-                 kernels::cuda::dense_gemm_path_name(kernels::cuda::dense_gemm_path()) + ", attention " +
+                 kernels::cuda::dense_gemm_path_name(kernels::cuda::dense_gemm_path()) + ", experts " +
+                 kernels::cuda::moe_gemm_path_name(kernels::cuda::moe_gemm_path()) + ", attention " +
                  kernels::cuda::sparse_attention_path_name(kernels::cuda::sparse_attention_path()) + ", " +
                  std::to_string(first.rows.size()) + " rows sampled (" + std::to_string(distinct) + " distinct tokens)");
   std::printf("decode step: gpu %.3f ms, wall %.3f ms, bound %.3f ms (weights %.3f GB + KV %.3f GB at 3.35 TB/s), "

@@ -41,6 +41,7 @@
 #include "kernels/attn_output.h"
 #include "kernels/cuda/dense_gemm_cublaslt.h"
 #include "kernels/cuda/fp8_gemm_cublaslt.h"
+#include "kernels/cuda/moe_tc.h"
 #include "kernels/cuda/sparse_attention_tc.h"
 #include "kernels/device.h"
 #include "kernels/indexer_logits.h"
@@ -428,8 +429,9 @@ void BM_GroupedWoA(benchmark::State& state, cuda::DenseGemmPath path) {
 
 // ---- the routed experts (FP4 weights) -----------------------------------------------------------------
 
-void BM_MoeExperts(benchmark::State& state) {
+void BM_MoeExperts(benchmark::State& state, cuda::MoeGemmPath path) {
   if (!have_gpu(state)) return;
+  cuda::MoeGemmPathScope scope(path);
   const ModelConfig& c = small();
   const int64_t T = state.range(0), E = c.n_routed_experts, k = c.n_activated_experts, d = c.dim, I = c.moe_inter_dim;
   const int64_t fb = c.fp4_block_size;
@@ -802,7 +804,10 @@ int register_all() {
     benchmark::RegisterBenchmark(("BM_HeadLogits" + suffix).c_str(), BM_HeadLogits, path)->Arg(64)->ArgName("T")->UseManualTime()->Unit(benchmark::kMicrosecond)->MinTime(0.2);
     benchmark::RegisterBenchmark(("BM_GroupedWoA" + suffix).c_str(), BM_GroupedWoA, path)->Arg(64)->ArgName("T")->UseManualTime()->Unit(benchmark::kMicrosecond)->MinTime(0.1);
   }
-  benchmark::RegisterBenchmark("BM_MoeExperts", BM_MoeExperts)->Arg(64)->ArgName("T")->UseManualTime()->Unit(benchmark::kMicrosecond)->MinTime(0.2);
+  for (const cuda::MoeGemmPath path : {cuda::MoeGemmPath::exact, cuda::MoeGemmPath::tensor_core}) {
+    benchmark::RegisterBenchmark((std::string("BM_MoeExperts_") + cuda::moe_gemm_path_name(path)).c_str(), BM_MoeExperts, path)
+        ->Arg(64)->ArgName("T")->UseManualTime()->Unit(benchmark::kMicrosecond)->MinTime(0.2);
+  }
   // The tensor-core path also with each forced head block (hb 0: the launch's own choice).
   for (const auto path : {cuda::SparseAttentionPath::exact, cuda::SparseAttentionPath::tensor_core}) {
     const std::string suffix = std::string("_") + cuda::sparse_attention_path_name(path);

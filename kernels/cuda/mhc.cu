@@ -5,8 +5,9 @@
 //
 // hc_pre / hc_head: one block per token.
 //   1. Σ v² over the token's hc*d residual values and each mix k's dot product with fn row k, in f64
-//      in the reference's mix order: thread l sums the terms i ≡ l (mod 256), and the 256 partial
-//      sums fold by halving in shared memory, eight sums at a time.
+//      in the reference's mix order: lane l of a 256-thread group sums the terms i ≡ l (mod 256), and
+//      the 256 partial sums fold by halving in shared memory; four groups take four sums each at a
+//      time.
 //   2. r = f32(1 / sqrt(Σ v² / n + norm_eps)); m_k = f32(dot_k) * r.
 //   3. The pre weights (and, for hc_pre, post and the hc x hc logits C) per j; warp 0 runs the
 //      Sinkhorn iterations on C in shared memory, a lane per row or column, each in the host's order.
@@ -32,10 +33,13 @@ constexpr int kThreads = 256;  // a multiple of 64: whole warps on CUDA and on w
 
 // The reference's summation order for the mixes (reference/mhc.cpp): lane l of kMixLanes adds the
 // terms i ≡ l (mod kMixLanes) in ascending i, then the lanes fold by halving (lane l += lane l + s for
-// s = kMixLanes / 2, ..., 1). Thread l is lane l; kMixBatch sums are folded together in shared memory.
+// s = kMixLanes / 2, ..., 1). The mix kernel's block is kMixGroups groups of kMixLanes threads, thread
+// l of a group being lane l; each group takes a batch of kMixBatch sums at a time, so the groups
+// reduce kMixGroups batches side by side, and the batches fold together in shared memory.
 constexpr int kMixLanes = 256;
-constexpr int kMixBatch = 8;
-static_assert(kThreads == kMixLanes, "one thread per lane of the mix order");
+constexpr int kMixBatch = 4;
+constexpr int kMixGroups = 4;
+constexpr int kMixThreads = kMixLanes * kMixGroups;
 
 // Divides each row (by_rows) or column of the hc x hc matrix C by f32(its f64 sum + eps). Rows (or
 // columns) are independent: lane l of warp 0 takes rows l, l + kWarpSize, ...
@@ -84,7 +88,7 @@ size_t mix_smem_bytes(int64_t hc, int64_t mixes, bool head) {
 // kHead = false: hc_pre (mixes = (2 + hc) hc, scale[3]; writes x, post, comb).
 // kHead = true: hc_head (mixes = hc, scale[1]; writes x = y only).
 template <bool kHead>
-__global__ void __launch_bounds__(kThreads) mix_kernel(const uint16_t* R, const float* fn, const float* base,
+__global__ void __launch_bounds__(kMixThreads) mix_kernel(const uint16_t* R, const float* fn, const float* base,
                                                       const float* scale, int64_t hc, int64_t dim, double hc_eps,
                                                       double norm_eps, int64_t sinkhorn_iters, uint16_t* x,
                                                       float* post, float* comb) {
@@ -101,15 +105,19 @@ __global__ void __launch_bounds__(kThreads) mix_kernel(const uint16_t* R, const 
   float* r_shared = C + (kHead ? 0 : hc * hc);
   const uint16_t* row = R + t * n;
 
-  // 1. Sum q = 0 is Σ v², sum q >= 1 mix q - 1's dot product with fn row q - 1, kMixBatch at a time.
-  __shared__ double fold[kMixBatch][kMixLanes];
-  for (int64_t q0 = 0; q0 <= mixes; q0 += kMixBatch) {
+  // 1. Sum q = 0 is Σ v², sum q >= 1 mix q - 1's dot product with fn row q - 1; batch b holds sums
+  //    kMixBatch b .. + kMixBatch - 1, and group g takes batches g, g + kMixGroups, ...
+  __shared__ double fold[kMixGroups][kMixBatch][kMixLanes];
+  const int group = tid / kMixLanes, lane = tid % kMixLanes;
+  const int64_t batches = (mixes + kMixBatch) / kMixBatch;  // mixes + 1 sums
+  for (int64_t b0 = 0; b0 < batches; b0 += kMixGroups) {
+    const int64_t q0 = (b0 + group) * kMixBatch;
+    const int64_t sums = mixes + 1 - q0 < kMixBatch ? mixes + 1 - q0 : kMixBatch;  // <= 0: an idle group
     double acc[kMixBatch];
 #pragma unroll
     for (int j = 0; j < kMixBatch; ++j) acc[j] = 0.0;
-    const int64_t sums = mixes + 1 - q0 < kMixBatch ? mixes + 1 - q0 : kMixBatch;
 #pragma unroll 4
-    for (int64_t i = tid; i < n; i += kMixLanes) {
+    for (int64_t i = lane; i < n && sums > 0; i += kMixLanes) {
       const float v = bf16_to_f32(row[i]);
 #pragma unroll
       for (int j = 0; j < kMixBatch; ++j) {
@@ -122,20 +130,21 @@ __global__ void __launch_bounds__(kThreads) mix_kernel(const uint16_t* R, const 
       }
     }
 #pragma unroll
-    for (int j = 0; j < kMixBatch; ++j) fold[j][tid] = acc[j];
+    for (int j = 0; j < kMixBatch; ++j) fold[group][j][lane] = acc[j];
     __syncthreads();
     for (int s = kMixLanes / 2; s >= 1; s /= 2) {
-      for (int e = tid; e < kMixBatch * s; e += kThreads) {
-        const int j = e / s, l = e % s;
-        fold[j][l] = dadd(fold[j][l], fold[j][l + s]);
+      for (int e = tid; e < kMixGroups * kMixBatch * s; e += kMixThreads) {
+        const int gj = e / s, l = e % s;  // gj: group * kMixBatch + j
+        double* f = fold[gj / kMixBatch][gj % kMixBatch];
+        f[l] = dadd(f[l], f[l + s]);
       }
       __syncthreads();
     }
-    if (tid < kMixBatch && q0 + tid <= mixes) {
-      const int64_t q = q0 + tid;
-      (q == 0 ? *sum_sq : dot[q - 1]) = fold[tid][0];
+    if (lane < sums) {
+      const int64_t q = q0 + lane;
+      (q == 0 ? *sum_sq : dot[q - 1]) = fold[group][lane][0];
     }
-    __syncthreads();  // fold is reused by the next batch
+    __syncthreads();  // fold is reused by the next round
   }
   // 2. The inverse RMS scales only the mixes.
   if (tid == 0) *r_shared = static_cast<float>(ddiv(1.0, dsqrt(dadd(ddiv(*sum_sq, static_cast<double>(n)), norm_eps))));
@@ -195,10 +204,10 @@ void launch_mix(const Tensor& R, const Tensor& fn, const Tensor& base, const Ten
   const int64_t tokens = R.size(0);
   if (tokens == 0) return;
   const size_t smem = mix_smem_bytes(hc, kHead ? hc : (2 + hc) * hc, kHead);
-  if (smem + sizeof(double) * kMixBatch * kMixLanes > 48 * 1024) {
+  if (smem + sizeof(double) * kMixGroups * kMixBatch * kMixLanes > 48 * 1024) {
     gpu::allow_smem(mix_kernel<kHead>, smem, op);
   }
-  mix_kernel<kHead><<<static_cast<unsigned>(tokens), kThreads, smem, stream>>>(
+  mix_kernel<kHead><<<static_cast<unsigned>(tokens), kMixThreads, smem, stream>>>(
       R.data<const uint16_t>(), fn.data<const float>(), base.data<const float>(), scale.data<const float>(), hc,
       dim, hc_eps, norm_eps, sinkhorn_iters, x, post, comb);
   gpu::check_launch(op);

@@ -9,6 +9,8 @@
 #include <algorithm>
 #include <atomic>
 #include <climits>
+#include <map>
+#include <mutex>
 #include <cstdint>
 #include <string>
 #include <type_traits>
@@ -16,6 +18,11 @@
 #include "engine/core/error.h"
 #include "engine/core/formats.h"
 #include "kernels/int8_gemm.h"
+#if !defined(__HIPCC__)
+#include "kernels/cuda/mma.h"
+#include "kernels/cuda/moe_tc.h"
+#define DSV4_MOE_TENSOR_CORE 1
+#endif
 
 namespace dsv4::kernels::cuda {
 
@@ -752,9 +759,246 @@ void launch_small_batch(const GemmArgs& g, size_t smem, gpu::Stream stream) {
   g_small_batch_gemms.fetch_add(1, std::memory_order_relaxed);
 }
 
+#if defined(DSV4_MOE_TENSOR_CORE)
+// ---- the tensor-core variant of the small-batch fp4 kernel (kernels/cuda/moe_tc.h) ----------------
+//
+// A block takes kTcCols output columns of one expert, its rows kTcRows at a time (the upper half of
+// the m16 tile; the lower half is zero registers), staged in shared memory as bf16. Each warp owns
+// kTcTiles n8 tiles. Per 32-wide weight block, lane (g, t) (g = lane / 4, t = lane % 4) feeds both
+// mma.sync steps from one 16-byte read of row g's activations k = 8t .. 8t + 7 and one 4-byte read of
+// column g's packed weights (the same eight k): the first step takes k 8t .. 8t + 3, the second
+// 8t + 4 .. 8t + 7, a permutation of k inside the block that A and B share, so each step's sum is a
+// sum over the block's products. The partial (row g, columns 2t and 2t + 1 of the tile) is then scaled
+// and accumulated in f32 in block order, the host's epilogue.
+
+constexpr int kTcWarps = 4;
+constexpr int kTcTiles = 4;                          // n8 tiles per warp
+constexpr int kTcCols = kTcWarps * kTcTiles * 8;     // output columns per block
+constexpr int kTcRows = 8;                           // rows per pass
+constexpr int kTcPad = 32;                           // bf16 per staged row beyond K: rows 64 bytes apart mod 128
+
+size_t tc_smem(int K, int na) {
+  return static_cast<size_t>(kTcRows) * static_cast<size_t>(K + kTcPad) * 2 + static_cast<size_t>(kTcRows * na) * 4 +
+         256 * 4 + 2 * kTcRows * 4;
+}
+
+// Four bytes of a weight row: one load when aligned, else byte loads.
+template <bool kAligned>
+__device__ inline uint32_t load_4(const uint8_t* p) {
+  if constexpr (kAligned) {
+    return *reinterpret_cast<const uint32_t*>(p);
+  } else {
+    return static_cast<uint32_t>(p[0]) | static_cast<uint32_t>(p[1]) << 8 | static_cast<uint32_t>(p[2]) << 16 |
+           static_cast<uint32_t>(p[3]) << 24;
+  }
+}
+
+// One warp's kTcTiles n8 tiles of kPlanes planes over the staged rows: per 32-wide weight block the
+// two mma.sync steps and the host's scaled f32 accumulation, in block order. The next block's weight
+// words and scale codes are loaded while the current block is multiplied.
+template <int kPlanes, bool kAligned>
+__device__ inline void tc_warp_tiles(const uint8_t* const (&w)[kPlanes][kTcTiles], const uint8_t* const (&s0)[kPlanes][kTcTiles],
+                                     const uint8_t* const (&s1)[kPlanes][kTcTiles], const uint16_t* a_row,
+                                     const float* sa_row, const uint32_t* lut, int nw, int a_block,
+                                     float (&acc)[kPlanes][kTcTiles][2]) {
+  uint32_t word[kPlanes][kTcTiles];
+  uint8_t c0[kPlanes][kTcTiles], c1[kPlanes][kTcTiles];
+  const auto fetch = [&](int b) {
+#pragma unroll
+    for (int pl = 0; pl < kPlanes; ++pl) {
+#pragma unroll
+      for (int j = 0; j < kTcTiles; ++j) {
+        word[pl][j] = w[pl][j] != nullptr ? load_4<kAligned>(w[pl][j] + b * 16) : 0u;
+        c0[pl][j] = s0[pl][j] != nullptr ? s0[pl][j][b] : uint8_t{0};
+        c1[pl][j] = s1[pl][j] != nullptr ? s1[pl][j][b] : uint8_t{0};
+      }
+    }
+  };
+  fetch(0);
+  for (int b = 0; b < nw; ++b) {
+    uint32_t cur[kPlanes][kTcTiles];
+    uint8_t cc0[kPlanes][kTcTiles], cc1[kPlanes][kTcTiles];
+#pragma unroll
+    for (int pl = 0; pl < kPlanes; ++pl) {
+#pragma unroll
+      for (int j = 0; j < kTcTiles; ++j) {
+        cur[pl][j] = word[pl][j];
+        cc0[pl][j] = c0[pl][j];
+        cc1[pl][j] = c1[pl][j];
+      }
+    }
+    if (b + 1 < nw) fetch(b + 1);
+    const uint4 av = *reinterpret_cast<const uint4*>(a_row + b * 32);
+    const float sa = sa_row[(b * 32) / a_block];
+#pragma unroll
+    for (int pl = 0; pl < kPlanes; ++pl) {
+#pragma unroll
+      for (int j = 0; j < kTcTiles; ++j) {
+        const uint32_t wd = cur[pl][j];
+        float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+        mma_16816(c, av.x, 0u, av.y, 0u, lut[wd & 0xffu], lut[(wd >> 8) & 0xffu]);
+        mma_16816(c, av.z, 0u, av.w, 0u, lut[(wd >> 16) & 0xffu], lut[wd >> 24]);
+        // A missing column's code is 0 (scale 2^-127, times a zero partial): never stored.
+        acc[pl][j][0] = add_rn(acc[pl][j][0], mul_rn(c[0], mul_rn(sa, ue8m0_to_f32(cc0[pl][j]))));
+        acc[pl][j][1] = add_rn(acc[pl][j][1], mul_rn(c[1], mul_rn(sa, ue8m0_to_f32(cc1[pl][j]))));
+      }
+    }
+  }
+}
+
+template <bool kUp>
+__global__ void __launch_bounds__(kTcWarps * 32) small_batch_fp4_tc_kernel(const GemmArgs args) {
+  extern __shared__ __align__(16) unsigned char tc_smem_raw[];
+  constexpr int kPlanes = kUp ? 2 : 1;
+  const int e = static_cast<int>(blockIdx.y);
+  const int first = args.offsets[e];
+  const int count = args.offsets[e + 1] - first;
+  if (count <= 0) return;  // uniform per block
+  const int K = args.K, N = args.N, na = K / args.a_block, nw = K / 32, pitch = K + kTcPad;
+  auto* a_tile = reinterpret_cast<uint16_t*>(tc_smem_raw);                                      // [rows][pitch]
+  auto* sa_tile = reinterpret_cast<float*>(tc_smem_raw + static_cast<size_t>(kTcRows) * pitch * 2);  // [rows][na]
+  auto* lut = reinterpret_cast<uint32_t*>(sa_tile + kTcRows * na);  // a byte's two e2m1 as bf16, low nibble low
+  int* rows_a = reinterpret_cast<int*>(lut + 256);
+  int* slots = rows_a + kTcRows;
+  const int tid = static_cast<int>(threadIdx.x), warp = tid / 32, lane = tid % 32, g = lane / 4, t = lane % 4;
+  for (int i = tid; i < 256; i += static_cast<int>(blockDim.x)) {
+    const uint32_t lo = __float_as_uint(e2m1_to_f32(static_cast<uint8_t>(i & 15))) >> 16;
+    const uint32_t hi = __float_as_uint(e2m1_to_f32(static_cast<uint8_t>(i >> 4))) >> 16;
+    lut[i] = lo | hi << 16;
+  }
+  // This lane's B column of each tile (its weight words) and its two output columns (their scales).
+  const ExpertPlanes<kUp> planes = expert_planes<kUp>(args, e);
+  const int n_warp = static_cast<int>(blockIdx.x) * kTcCols + warp * kTcTiles * 8;
+  const uint8_t* w[kPlanes][kTcTiles];
+  const uint8_t* s0[kPlanes][kTcTiles];
+  const uint8_t* s1[kPlanes][kTcTiles];
+  bool aligned = true;
+#pragma unroll
+  for (int pl = 0; pl < kPlanes; ++pl) {
+    aligned = aligned && (reinterpret_cast<uintptr_t>(planes.w[pl]) & 3u) == 0;
+    const auto* srow = static_cast<const uint8_t*>(planes.s[pl]);
+#pragma unroll
+    for (int j = 0; j < kTcTiles; ++j) {
+      const int n_b = n_warp + 8 * j + g, n_c = n_warp + 8 * j + 2 * t;
+      w[pl][j] = n_b < N ? planes.w[pl] + static_cast<long long>(n_b) * (K / 2) + 4 * t : nullptr;
+      s0[pl][j] = n_c < N ? srow + static_cast<long long>(n_c) * nw : nullptr;
+      s1[pl][j] = n_c + 1 < N ? srow + static_cast<long long>(n_c + 1) * nw : nullptr;
+    }
+  }
+  const auto* sa_codes = static_cast<const uint8_t*>(args.a_scales);
+
+  for (int r0 = 0; r0 < count; r0 += kTcRows) {
+    const int rows = count - r0 < kTcRows ? count - r0 : kTcRows;
+    __syncthreads();  // the previous pass is done with the staged rows
+    if (tid < rows) {
+      const int p = first + r0 + tid;
+      slots[tid] = args.order[p];
+      rows_a[tid] = kUp ? slots[tid] / args.k_route : p;
+    }
+    __syncthreads();
+    // Four codes per step (K % 32 == 0: whole words); rows past `rows` are zeros (never stored).
+    const int words = K / 4;
+#pragma unroll 4
+    for (int idx = tid; idx < kTcRows * words; idx += static_cast<int>(blockDim.x)) {
+      const int r = idx / words, k = 4 * (idx - r * words);
+      uint32_t codes = 0;
+      if (r < rows) codes = *reinterpret_cast<const uint32_t*>(args.a + static_cast<long long>(rows_a[r]) * K + k);
+      uint32_t bf[2];
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const auto lo = static_cast<uint8_t>(codes >> (16 * h)), hi = static_cast<uint8_t>(codes >> (16 * h + 8));
+        bf[h] = (__float_as_uint(e4m3fn_to_f32(lo)) >> 16) | (__float_as_uint(e4m3fn_to_f32(hi)) & 0xffff0000u);
+      }
+      *reinterpret_cast<uint2*>(a_tile + r * pitch + k) = make_uint2(bf[0], bf[1]);  // exact: e4m3 fits bf16
+    }
+    for (int idx = tid; idx < kTcRows * na; idx += static_cast<int>(blockDim.x)) {
+      const int r = idx / na, kb = idx - r * na;
+      sa_tile[idx] = r < rows ? ue8m0_to_f32(sa_codes[static_cast<long long>(rows_a[r]) * na + kb]) : 0.0f;
+    }
+    __syncthreads();
+
+    float acc[kPlanes][kTcTiles][2];
+#pragma unroll
+    for (int pl = 0; pl < kPlanes; ++pl) {
+#pragma unroll
+      for (int j = 0; j < kTcTiles; ++j) acc[pl][j][0] = acc[pl][j][1] = 0.0f;
+    }
+    const uint16_t* a_row = a_tile + g * pitch + 8 * t;
+    if (aligned) {
+      tc_warp_tiles<kPlanes, true>(w, s0, s1, a_row, sa_tile + g * na, lut, nw, args.a_block, acc);
+    } else {
+      tc_warp_tiles<kPlanes, false>(w, s0, s1, a_row, sa_tile + g * na, lut, nw, args.a_block, acc);
+    }
+    if (g < rows) {
+      const int p = first + r0 + g;
+      const int slot = slots[g];
+#pragma unroll
+      for (int j = 0; j < kTcTiles; ++j) {
+#pragma unroll
+        for (int q = 0; q < 2; ++q) {
+          const int n = n_warp + 8 * j + 2 * t + q;
+          if (n >= N) continue;
+          if constexpr (kUp) {
+            const float gi = round_bf16(acc[0][j][q]);  // the host's bf16 g and u
+            const float ui = round_bf16(acc[1][j][q]);
+            args.out[static_cast<long long>(p) * N + n] =
+                f32_to_bf16(swiglu_value(gi, ui, args.limit, true, args.slot_weight[slot]));
+          } else {
+            args.out[static_cast<long long>(slot) * N + n] = f32_to_bf16(acc[0][j][q]);
+          }
+        }
+      }
+    }
+  }
+}
+
+PathSwitch& moe_path_switch() {
+  static PathSwitch s("DSV4_MOE_GEMM", {"exact", "tensor_core"});
+  return s;
+}
+std::atomic<uint64_t> g_tc_gemms{0};
+
+// Whether this device runs the tensor-core kernel: compute capability 8.0 or later and sm_80+ code in
+// the binary for it (cached per device).
+bool tc_device_ok() {
+  static std::mutex mu;
+  static std::map<int, bool> known;
+  int device = 0;
+  gpu::check(cudaGetDevice(&device), "cudaGetDevice");
+  std::lock_guard<std::mutex> lock(mu);
+  const auto it = known.find(device);
+  if (it != known.end()) return it->second;
+  int major = 0;
+  gpu::check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute");
+  cudaFuncAttributes attributes{};
+  gpu::check(cudaFuncGetAttributes(&attributes, small_batch_fp4_tc_kernel<true>), "cudaFuncGetAttributes (moe tc)");
+  return known[device] = major >= 8 && attributes.binaryVersion >= 80;
+}
+
+// The tensor-core kernel for this GEMM when the switch says so and it fits (true), else nothing.
+template <bool kUp>
+bool try_tensor_core(const GemmArgs& g, int64_t R, gpu::Stream stream) {
+  if (moe_gemm_path() != MoeGemmPath::tensor_core) return false;
+  if (g.w_block != 32 || g.K % 32 != 0 || g.a_block % 32 != 0 || g.K % g.a_block != 0) return false;
+  if (R > static_cast<int64_t>(kSbRows) * g.E || g.E > 65535 || !tc_device_ok()) return false;
+  const size_t smem = tc_smem(g.K, g.K / g.a_block);
+  if (smem > gpu::smem_optin_limit()) return false;
+  auto kernel = small_batch_fp4_tc_kernel<kUp>;
+  gpu::allow_smem(kernel, smem, "cudaFuncSetAttribute (moe_experts, tensor cores)");
+  const dim3 grid(static_cast<unsigned>(gpu::ceil_div(g.N, kTcCols)), static_cast<unsigned>(g.E));
+  kernel<<<grid, kTcWarps * 32, smem, stream>>>(g);
+  gpu::check_launch(kUp ? "moe_experts (w1, w3; tensor cores)" : "moe_experts (w2; tensor cores)");
+  g_tc_gemms.fetch_add(1, std::memory_order_relaxed);
+  return true;
+}
+#endif
+
 // The small-batch kernel for this GEMM when it fits (true), else nothing (false).
 template <bool kUp>
 bool try_small_batch(const GemmArgs& g, int64_t R, gpu::Stream stream) {
+#if defined(DSV4_MOE_TENSOR_CORE)
+  if (try_tensor_core<kUp>(g, R, stream)) return true;
+#endif
   size_t smem = 0;
   if (!small_batch_fits(g, R, &smem)) return false;
   if (g.w_block == 32) {
@@ -934,5 +1178,12 @@ void moe_experts(const Tensor& xn, const Tensor& experts, const Tensor& weights,
 }
 
 uint64_t moe_small_batch_gemms() { return g_small_batch_gemms.load(std::memory_order_relaxed); }
+
+#if defined(DSV4_MOE_TENSOR_CORE)
+MoeGemmPath moe_gemm_path() { return static_cast<MoeGemmPath>(moe_path_switch().get()); }
+void set_moe_gemm_path(MoeGemmPath path) { moe_path_switch().set(static_cast<int>(path)); }
+const char* moe_gemm_path_name(MoeGemmPath path) { return moe_path_switch().name(static_cast<int>(path)); }
+uint64_t moe_tensor_core_gemms() { return g_tc_gemms.load(std::memory_order_relaxed); }
+#endif
 
 }  // namespace dsv4::kernels::cuda

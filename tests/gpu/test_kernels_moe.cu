@@ -9,6 +9,7 @@
 // outputs, and one tiny-config layer goes end to end against the reference MoE (quant-sim).
 #include <algorithm>
 #include <cmath>
+#include <cstdio>
 #include <cstring>
 #include <initializer_list>
 #include <map>
@@ -28,6 +29,7 @@
 #include "engine/core/error.h"
 #include "engine/core/formats.h"
 #include "engine/core/tensor.h"
+#include "kernels/cuda/moe_tc.h"
 #include "kernels/cuda/port.h"
 #include "kernels/device.h"
 #include "kernels/moe.h"
@@ -41,6 +43,12 @@ namespace dsv4::kernels {
 namespace {
 
 constexpr int kReruns = 10;
+
+// The bitwise tests run the exact expert kernels; the tensor-core test switches explicitly.
+const bool kExactMoeByDefault = [] {
+  cuda::set_moe_gemm_path(cuda::MoeGemmPath::exact);
+  return true;
+}();
 
 Tensor to_host(const Tensor& t) { return t.to(default_host_allocator()); }
 
@@ -499,6 +507,94 @@ TEST(GpuMoeExperts, Fp4DecodeBatchesTakeTheSmallBatchKernel) {
   // 16-wide blocks; I = 144 is not a multiple of 32, so w2 runs tiled and w1/w3 small-batch.
   EXPECT_EQ(gemms({5, 3, 96, 160, 32, 16, 32, 0.5f}, 7, 14), 4u);
   EXPECT_EQ(gemms({6, 2, 96, 144, 48, 16, 48, 0.0f}, 7, 15), 2u);
+}
+
+// The tensor-core path (DSV4_MOE_GEMM=tensor_core) against the host: its block partials are summed
+// in the tensor cores' order, and the h between the GEMMs is re-quantized, so a last-bit difference
+// can move one of h's e4m3 codes. Required: every output finite where the host's is, at least 90%
+// of them within one bf16 ulp of the host's, the largest difference at most 5% of the largest
+// output, and a cosine distance below 1e-4 (a wrong k pairing or scale gives about 1). Reruns are
+// bitwise identical. Shapes the path does not take (16-wide weight blocks) run the exact kernels.
+TEST(GpuMoeExperts, Fp4TensorCorePathAgreesWithTheHostAndRerunsIdentically) {
+  DSV4_REQUIRE_GPU();
+  Allocator device(*cuda_memory(0), AllocatorMode::testing);
+  cuda::MoeGemmPathScope tc(cuda::MoeGemmPath::tensor_core);
+  struct Case {
+    ExpertsShape shape;
+    std::vector<int64_t> tokens;
+  };
+  // The tiny config's experts; K 512 and I 256 with 6 of 16 experts per token (a partial last column
+  // tile of N 200 would need d = 200: N is d for the down GEMM).
+  const std::vector<Case> cases = {{{8, 2, 128, 128, 128, 32, 128, 10.0f}, {1, 2, 7, 32}},
+                                   {{16, 6, 512, 256, 128, 32, 128, 10.0f}, {1, 8, 21}},
+                                   {{16, 6, 192, 320, 64, 32, 64, 0.0f}, {5, 21}}};
+  unsigned seed = 60;
+  for (const Case& c : cases) {
+    const ExpertsShape& s = c.shape;
+    MoeExpertsConfig cfg;
+    cfg.format = ExpertFormat::fp4;
+    cfg.act_block = s.act_block;
+    cfg.fp4_block = s.fp4_block;
+    cfg.weight_block = s.weight_block;
+    cfg.swiglu_limit = s.limit;
+    const ExpertSet set = make_experts(cfg, s.E, s.d, s.I, device, ++seed);
+    for (const int64_t T : c.tokens) {
+      const std::string what = "E " + std::to_string(s.E) + " d " + std::to_string(s.d) + " I " +
+                               std::to_string(s.I) + " T " + std::to_string(T);
+      SCOPED_TRACE(what);
+      std::mt19937 rng(seed * 31 + static_cast<unsigned>(T));
+      const Tensor xn = random_tensor({T, s.d}, DType::bf16, rng, 1.0f, "xn");
+      const Tensor experts = random_routing(T, s.k, s.E, rng);
+      const Tensor weights = random_uniform({T, s.k}, rng, 0.1f, 1.5f);
+      Tensor want = Tensor::empty({T, s.k, s.d}, DType::bf16, "routed");
+      moe_experts(xn, experts, weights, set.host, Tensor(), cfg, want);
+      const Tensor d_xn = xn.to(device), d_experts = experts.to(device), d_weights = weights.to(device);
+      std::vector<uint8_t> first;
+      for (int run = 0; run < 3; ++run) {
+        Tensor got = Tensor::empty({T, s.k, s.d}, DType::bf16, device, "routed");
+        const uint64_t before = cuda::moe_tensor_core_gemms();
+        moe_experts(d_xn, d_experts, d_weights, set.dev, set.table, cfg, got);
+        sync();
+        EXPECT_EQ(cuda::moe_tensor_core_gemms() - before, 2u) << "the tensor-core path did not take both GEMMs";
+        if (run > 0) {
+          EXPECT_EQ(bytes_of(got), first) << "rerun " << run;
+          continue;
+        }
+        first = bytes_of(got);
+        const Tensor g = to_host(got);
+        const auto* gp = g.data<uint16_t>();
+        const auto* wp = want.data<uint16_t>();
+        double dot = 0.0, gg = 0.0, ww = 0.0, max_want = 0.0, max_err = 0.0;
+        int64_t close = 0;
+        const int64_t n = want.numel();
+        for (int64_t i = 0; i < n; ++i) {
+          const double a = bf16_to_f32(gp[i]), b = bf16_to_f32(wp[i]);
+          ASSERT_EQ(std::isfinite(a), std::isfinite(b)) << "element " << i;
+          if (!std::isfinite(b)) continue;
+          const double ulp = std::ldexp(1.0, std::max(-133, std::ilogb(std::max(std::abs(b), 1e-38)) - 7));
+          close += std::abs(a - b) <= ulp ? 1 : 0;
+          max_err = std::max(max_err, std::abs(a - b));
+          max_want = std::max(max_want, std::abs(b));
+          dot += a * b;
+          gg += a * a;
+          ww += b * b;
+        }
+        const double cosine = (gg == 0.0 && ww == 0.0) ? 0.0 : 1.0 - dot / std::sqrt(gg * ww);
+        EXPECT_GE(static_cast<double>(close), 0.9 * static_cast<double>(n));
+        EXPECT_LE(max_err, 0.05 * max_want);
+        EXPECT_LT(cosine, 1e-4);
+        std::printf("[moe tensor cores] %s: %lld outputs, %.4f within 1 bf16 ulp of the host, max |err| %.3g of "
+                    "max |out| %.3g, cosine distance %.3g\n",
+                    what.c_str(), static_cast<long long>(n), n ? double(close) / double(n) : 1.0, max_err, max_want,
+                    cosine);
+      }
+    }
+  }
+  // 16-wide weight blocks: the exact kernels, bit for bit the host.
+  const uint64_t before = cuda::moe_tensor_core_gemms();
+  run_experts_case({5, 3, 96, 160, 32, 16, 32, 0.5f}, ExpertFormat::fp4, device, 70, {7});
+  EXPECT_EQ(cuda::moe_tensor_core_gemms(), before);
+  EXPECT_TRUE(device.check_guards().empty()) << "a kernel wrote past an output";
 }
 
 TEST(GpuMoeExperts, Fp8MatchesTheHostBitForBit) {
