@@ -334,9 +334,9 @@ struct Setup {
     eo.graphs = !this->eager;
     eo.multi_stream = eo.graphs;
     eo.probes = false;
-    int sms = 0;
-    cuda_ok(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0), "SM count");
-    indexer_sms = std::min<int64_t>(sms, kernels::cuda::indexer_logits_max_blocks());
+    // Every block of the persistent indexer kernel that fits on the device at once (two per SM on an
+    // H100): BM_IndexerLogitsDecode/sms:-1 against sms:0 (one per SM) measures the difference.
+    indexer_sms = kernels::cuda::indexer_logits_max_blocks();
     eo.indexer_sms = indexer_sms;
     runner = std::make_unique<ModelRunner>(*runtime, config, options, *weights, eo, *slots, *full, *swa);
     log.phase = "other";

@@ -579,11 +579,13 @@ void BM_IndexerLogitsDecode(benchmark::State& state) {
   const ModelConfig& c = small();
   const int64_t T = state.range(0), Hi = c.index_n_heads, Di = c.index_head_dim;
   const int64_t context = 8192, keys = context / 4, pages_per_token = keys / kIndexerPageKeys;
-  int64_t num_sms = state.range(1);
+  int64_t num_sms = state.range(1);  // 0: one block per SM; -1: every block that fits at once
   if (num_sms == 0) {
     int sms = 0;
     cuda_ok(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, 0), "SM count");
     num_sms = std::min<int64_t>(sms, cuda::indexer_logits_max_blocks());
+  } else if (num_sms < 0) {
+    num_sms = cuda::indexer_logits_max_blocks();
   }
   const double key_bytes = static_cast<double>(T * keys * Di * 4);
   const int sets = std::clamp(static_cast<int>(std::ceil(static_cast<double>(kRotationBytes) / key_bytes)), 1, 4);
@@ -821,7 +823,7 @@ int register_all() {
     }
   }
   benchmark::RegisterBenchmark("BM_IndexerLogitsDecode", BM_IndexerLogitsDecode)
-      ->Args({64, 0})->Args({64, 4})->ArgNames({"batch", "sms"})->UseManualTime()->Unit(benchmark::kMicrosecond)->MinTime(0.2);
+      ->Args({64, 0})->Args({64, -1})->Args({64, 4})->ArgNames({"batch", "sms"})->UseManualTime()->Unit(benchmark::kMicrosecond)->MinTime(0.2);
   benchmark::RegisterBenchmark("BM_IndexerTopkDecode", BM_IndexerTopkDecode)->Arg(64)->ArgName("batch")->UseManualTime()->Unit(benchmark::kMicrosecond)->MinTime(0.1);
   // The element-wise ops at the decode batch and a prefill chunk.
   const auto tokens = [](benchmark::internal::Benchmark* b) {

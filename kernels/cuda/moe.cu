@@ -764,16 +764,24 @@ void launch_small_batch(const GemmArgs& g, size_t smem, gpu::Stream stream) {
 //
 // A block takes kTcCols output columns of one expert, its rows kTcRows at a time (the upper half of
 // the m16 tile; the lower half is zero registers), staged in shared memory as bf16. Each warp owns
-// kTcTiles n8 tiles. Per 32-wide weight block, lane (g, t) (g = lane / 4, t = lane % 4) feeds both
+// TcShape::kTiles n8 tiles. Per 32-wide weight block, lane (g, t) (g = lane / 4, t = lane % 4) feeds both
 // mma.sync steps from one 16-byte read of row g's activations k = 8t .. 8t + 7 and one 4-byte read of
 // column g's packed weights (the same eight k): the first step takes k 8t .. 8t + 3, the second
 // 8t + 4 .. 8t + 7, a permutation of k inside the block that A and B share, so each step's sum is a
 // sum over the block's products. The partial (row g, columns 2t and 2t + 1 of the tile) is then scaled
 // and accumulated in f32 in block order, the host's epilogue.
 
-constexpr int kTcWarps = 4;
-constexpr int kTcTiles = 4;                          // n8 tiles per warp
-constexpr int kTcCols = kTcWarps * kTcTiles * 8;     // output columns per block
+// Per warp four (plane, n8 tile) pairs: the up GEMM's warps take 2 tiles of both planes, the down
+// GEMM's 4 tiles of its one; 8 or 4 warps make 128 output columns per block either way.
+template <bool kUp>
+struct TcShape {
+  static constexpr int kPlanes = kUp ? 2 : 1;
+  static constexpr int kTiles = 4 / kPlanes;
+  static constexpr int kWarps = kUp ? 8 : 4;
+};
+constexpr int kTcCols = 128;                         // output columns per block
+static_assert(TcShape<true>::kWarps * TcShape<true>::kTiles * 8 == kTcCols, "up: 128 columns per block");
+static_assert(TcShape<false>::kWarps * TcShape<false>::kTiles * 8 == kTcCols, "down: 128 columns per block");
 constexpr int kTcRows = 8;                           // rows per pass
 constexpr int kTcPad = 32;                           // bf16 per staged row beyond K: rows 64 bytes apart mod 128
 
@@ -793,63 +801,89 @@ __device__ inline uint32_t load_4(const uint8_t* p) {
   }
 }
 
-// One warp's kTcTiles n8 tiles of kPlanes planes over the staged rows: per 32-wide weight block the
-// two mma.sync steps and the host's scaled f32 accumulation, in block order. The next block's weight
-// words and scale codes are loaded while the current block is multiplied.
-template <int kPlanes, bool kAligned>
-__device__ inline void tc_warp_tiles(const uint8_t* const (&w)[kPlanes][kTcTiles], const uint8_t* const (&s0)[kPlanes][kTcTiles],
-                                     const uint8_t* const (&s1)[kPlanes][kTcTiles], const uint16_t* a_row,
-                                     const float* sa_row, const uint32_t* lut, int nw, int a_block,
-                                     float (&acc)[kPlanes][kTcTiles][2]) {
-  uint32_t word[kPlanes][kTcTiles];
-  uint8_t c0[kPlanes][kTcTiles], c1[kPlanes][kTcTiles];
-  const auto fetch = [&](int b) {
+constexpr int kTcGroup = 4;  // weight blocks fetched together
+
+// One warp's kTiles n8 tiles of kPlanes planes over the staged rows: per 32-wide weight block the
+// two mma.sync steps and the host's scaled f32 accumulation, in block order. Weight words and scale
+// codes come kTcGroup blocks at a time, the next group's loads in flight while the current group is
+// multiplied. Offsets are from each plane's base (-1: a column past N, whose weights read as zeros
+// and whose outputs are never stored). kWords: weight rows 4-byte aligned and scale rows whole words
+// (nw % 4 == 0, aligned), so scale codes load four blocks to a word; else byte loads.
+template <int kPlanes, int kTiles, bool kWords>
+__device__ inline void tc_warp_tiles(const uint8_t* const (&wbase)[kPlanes], const uint8_t* const (&sbase)[kPlanes],
+                                     const int (&wo)[kTiles], const int (&so0)[kTiles], const int (&so1)[kTiles],
+                                     const uint16_t* a_row, const float* sa_row, const uint32_t* lut, int nw,
+                                     int a_block, float (&acc)[kPlanes][kTiles][2]) {
+  uint32_t wn[kPlanes][kTiles][kTcGroup], sn[kPlanes][kTiles][2];
+  const auto codes4 = [&](const uint8_t* row, int b4) {  // byte i: block b4 + i's code (0 past nw)
+    if constexpr (kWords) {
+      return *reinterpret_cast<const uint32_t*>(row + b4);
+    } else {
+      uint32_t v = 0;
+#pragma unroll
+      for (int i = 0; i < kTcGroup; ++i) v |= b4 + i < nw ? static_cast<uint32_t>(row[b4 + i]) << (8 * i) : 0u;
+      return v;
+    }
+  };
+  const auto fetch = [&](int b4) {
 #pragma unroll
     for (int pl = 0; pl < kPlanes; ++pl) {
 #pragma unroll
-      for (int j = 0; j < kTcTiles; ++j) {
-        word[pl][j] = w[pl][j] != nullptr ? load_4<kAligned>(w[pl][j] + b * 16) : 0u;
-        c0[pl][j] = s0[pl][j] != nullptr ? s0[pl][j][b] : uint8_t{0};
-        c1[pl][j] = s1[pl][j] != nullptr ? s1[pl][j][b] : uint8_t{0};
+      for (int j = 0; j < kTiles; ++j) {
+#pragma unroll
+        for (int i = 0; i < kTcGroup; ++i) {
+          wn[pl][j][i] = wo[j] >= 0 && b4 + i < nw ? load_4<kWords>(wbase[pl] + wo[j] + (b4 + i) * 16) : 0u;
+        }
+        sn[pl][j][0] = so0[j] >= 0 ? codes4(sbase[pl] + so0[j], b4) : 0u;
+        sn[pl][j][1] = so1[j] >= 0 ? codes4(sbase[pl] + so1[j], b4) : 0u;
       }
     }
   };
+  const bool group_shares_sa = a_block % (32 * kTcGroup) == 0;  // a group's blocks lie in one activation block
   fetch(0);
-  for (int b = 0; b < nw; ++b) {
-    uint32_t cur[kPlanes][kTcTiles];
-    uint8_t cc0[kPlanes][kTcTiles], cc1[kPlanes][kTcTiles];
+  for (int b4 = 0; b4 < nw; b4 += kTcGroup) {
+    uint32_t wc[kPlanes][kTiles][kTcGroup], sc[kPlanes][kTiles][2];
 #pragma unroll
     for (int pl = 0; pl < kPlanes; ++pl) {
 #pragma unroll
-      for (int j = 0; j < kTcTiles; ++j) {
-        cur[pl][j] = word[pl][j];
-        cc0[pl][j] = c0[pl][j];
-        cc1[pl][j] = c1[pl][j];
+      for (int j = 0; j < kTiles; ++j) {
+#pragma unroll
+        for (int i = 0; i < kTcGroup; ++i) wc[pl][j][i] = wn[pl][j][i];
+        sc[pl][j][0] = sn[pl][j][0];
+        sc[pl][j][1] = sn[pl][j][1];
       }
     }
-    if (b + 1 < nw) fetch(b + 1);
-    const uint4 av = *reinterpret_cast<const uint4*>(a_row + b * 32);
-    const float sa = sa_row[(b * 32) / a_block];
+    if (b4 + kTcGroup < nw) fetch(b4 + kTcGroup);
+    const float sa_group = sa_row[(b4 * 32) / a_block];
 #pragma unroll
-    for (int pl = 0; pl < kPlanes; ++pl) {
+    for (int i = 0; i < kTcGroup; ++i) {
+      const int b = b4 + i;
+      if (b >= nw) break;  // uniform
+      const uint4 av = *reinterpret_cast<const uint4*>(a_row + b * 32);
+      const float sa = group_shares_sa ? sa_group : sa_row[(b * 32) / a_block];
 #pragma unroll
-      for (int j = 0; j < kTcTiles; ++j) {
-        const uint32_t wd = cur[pl][j];
-        float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
-        mma_16816(c, av.x, 0u, av.y, 0u, lut[wd & 0xffu], lut[(wd >> 8) & 0xffu]);
-        mma_16816(c, av.z, 0u, av.w, 0u, lut[(wd >> 16) & 0xffu], lut[wd >> 24]);
-        // A missing column's code is 0 (scale 2^-127, times a zero partial): never stored.
-        acc[pl][j][0] = add_rn(acc[pl][j][0], mul_rn(c[0], mul_rn(sa, ue8m0_to_f32(cc0[pl][j]))));
-        acc[pl][j][1] = add_rn(acc[pl][j][1], mul_rn(c[1], mul_rn(sa, ue8m0_to_f32(cc1[pl][j]))));
+      for (int pl = 0; pl < kPlanes; ++pl) {
+#pragma unroll
+        for (int j = 0; j < kTiles; ++j) {
+          const uint32_t wd = wc[pl][j][i];
+          float c[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+          mma_16816(c, av.x, 0u, av.y, 0u, lut[wd & 0xffu], lut[(wd >> 8) & 0xffu]);
+          mma_16816(c, av.z, 0u, av.w, 0u, lut[(wd >> 16) & 0xffu], lut[wd >> 24]);
+          const auto code0 = static_cast<uint8_t>(sc[pl][j][0] >> (8 * i));
+          const auto code1 = static_cast<uint8_t>(sc[pl][j][1] >> (8 * i));
+          acc[pl][j][0] = add_rn(acc[pl][j][0], mul_rn(c[0], mul_rn(sa, ue8m0_to_f32(code0))));
+          acc[pl][j][1] = add_rn(acc[pl][j][1], mul_rn(c[1], mul_rn(sa, ue8m0_to_f32(code1))));
+        }
       }
     }
   }
 }
 
 template <bool kUp>
-__global__ void __launch_bounds__(kTcWarps * 32) small_batch_fp4_tc_kernel(const GemmArgs args) {
+__global__ void __launch_bounds__(TcShape<kUp>::kWarps * 32) small_batch_fp4_tc_kernel(const GemmArgs args) {
   extern __shared__ __align__(16) unsigned char tc_smem_raw[];
-  constexpr int kPlanes = kUp ? 2 : 1;
+  constexpr int kPlanes = TcShape<kUp>::kPlanes;
+  constexpr int kTiles = TcShape<kUp>::kTiles;
   const int e = static_cast<int>(blockIdx.y);
   const int first = args.offsets[e];
   const int count = args.offsets[e + 1] - first;
@@ -866,24 +900,26 @@ __global__ void __launch_bounds__(kTcWarps * 32) small_batch_fp4_tc_kernel(const
     const uint32_t hi = __float_as_uint(e2m1_to_f32(static_cast<uint8_t>(i >> 4))) >> 16;
     lut[i] = lo | hi << 16;
   }
-  // This lane's B column of each tile (its weight words) and its two output columns (their scales).
+  // This lane's B column of each tile (its weight words) and its two output columns (their scales),
+  // as offsets from the planes' bases (an expert plane is far below 2^31 bytes: N * K / 2).
   const ExpertPlanes<kUp> planes = expert_planes<kUp>(args, e);
-  const int n_warp = static_cast<int>(blockIdx.x) * kTcCols + warp * kTcTiles * 8;
-  const uint8_t* w[kPlanes][kTcTiles];
-  const uint8_t* s0[kPlanes][kTcTiles];
-  const uint8_t* s1[kPlanes][kTcTiles];
-  bool aligned = true;
+  const int n_warp = static_cast<int>(blockIdx.x) * kTcCols + warp * kTiles * 8;
+  const uint8_t* wbase[kPlanes];
+  const uint8_t* sbase[kPlanes];
+  bool word_loads = nw % 4 == 0;
 #pragma unroll
   for (int pl = 0; pl < kPlanes; ++pl) {
-    aligned = aligned && (reinterpret_cast<uintptr_t>(planes.w[pl]) & 3u) == 0;
-    const auto* srow = static_cast<const uint8_t*>(planes.s[pl]);
+    wbase[pl] = planes.w[pl];
+    sbase[pl] = static_cast<const uint8_t*>(planes.s[pl]);
+    word_loads = word_loads && (reinterpret_cast<uintptr_t>(wbase[pl]) & 3u) == 0 && (reinterpret_cast<uintptr_t>(sbase[pl]) & 3u) == 0;
+  }
+  int wo[kTiles], so0[kTiles], so1[kTiles];
 #pragma unroll
-    for (int j = 0; j < kTcTiles; ++j) {
-      const int n_b = n_warp + 8 * j + g, n_c = n_warp + 8 * j + 2 * t;
-      w[pl][j] = n_b < N ? planes.w[pl] + static_cast<long long>(n_b) * (K / 2) + 4 * t : nullptr;
-      s0[pl][j] = n_c < N ? srow + static_cast<long long>(n_c) * nw : nullptr;
-      s1[pl][j] = n_c + 1 < N ? srow + static_cast<long long>(n_c + 1) * nw : nullptr;
-    }
+  for (int j = 0; j < kTiles; ++j) {
+    const int n_b = n_warp + 8 * j + g, n_c = n_warp + 8 * j + 2 * t;
+    wo[j] = n_b < N ? n_b * (K / 2) + 4 * t : -1;
+    so0[j] = n_c < N ? n_c * nw : -1;
+    so1[j] = n_c + 1 < N ? (n_c + 1) * nw : -1;
   }
   const auto* sa_codes = static_cast<const uint8_t*>(args.a_scales);
 
@@ -897,10 +933,10 @@ __global__ void __launch_bounds__(kTcWarps * 32) small_batch_fp4_tc_kernel(const
     }
     __syncthreads();
     // Four codes per step (K % 32 == 0: whole words); rows past `rows` are zeros (never stored).
-    const int words = K / 4;
+    const int k_words = K / 4;
 #pragma unroll 4
-    for (int idx = tid; idx < kTcRows * words; idx += static_cast<int>(blockDim.x)) {
-      const int r = idx / words, k = 4 * (idx - r * words);
+    for (int idx = tid; idx < kTcRows * k_words; idx += static_cast<int>(blockDim.x)) {
+      const int r = idx / k_words, k = 4 * (idx - r * k_words);
       uint32_t codes = 0;
       if (r < rows) codes = *reinterpret_cast<const uint32_t*>(args.a + static_cast<long long>(rows_a[r]) * K + k);
       uint32_t bf[2];
@@ -917,23 +953,23 @@ __global__ void __launch_bounds__(kTcWarps * 32) small_batch_fp4_tc_kernel(const
     }
     __syncthreads();
 
-    float acc[kPlanes][kTcTiles][2];
+    float acc[kPlanes][kTiles][2];
 #pragma unroll
     for (int pl = 0; pl < kPlanes; ++pl) {
 #pragma unroll
-      for (int j = 0; j < kTcTiles; ++j) acc[pl][j][0] = acc[pl][j][1] = 0.0f;
+      for (int j = 0; j < kTiles; ++j) acc[pl][j][0] = acc[pl][j][1] = 0.0f;
     }
     const uint16_t* a_row = a_tile + g * pitch + 8 * t;
-    if (aligned) {
-      tc_warp_tiles<kPlanes, true>(w, s0, s1, a_row, sa_tile + g * na, lut, nw, args.a_block, acc);
+    if (word_loads) {
+      tc_warp_tiles<kPlanes, kTiles, true>(wbase, sbase, wo, so0, so1, a_row, sa_tile + g * na, lut, nw, args.a_block, acc);
     } else {
-      tc_warp_tiles<kPlanes, false>(w, s0, s1, a_row, sa_tile + g * na, lut, nw, args.a_block, acc);
+      tc_warp_tiles<kPlanes, kTiles, false>(wbase, sbase, wo, so0, so1, a_row, sa_tile + g * na, lut, nw, args.a_block, acc);
     }
     if (g < rows) {
       const int p = first + r0 + g;
       const int slot = slots[g];
 #pragma unroll
-      for (int j = 0; j < kTcTiles; ++j) {
+      for (int j = 0; j < kTiles; ++j) {
 #pragma unroll
         for (int q = 0; q < 2; ++q) {
           const int n = n_warp + 8 * j + 2 * t + q;
@@ -981,12 +1017,13 @@ bool try_tensor_core(const GemmArgs& g, int64_t R, gpu::Stream stream) {
   if (moe_gemm_path() != MoeGemmPath::tensor_core) return false;
   if (g.w_block != 32 || g.K % 32 != 0 || g.a_block % 32 != 0 || g.K % g.a_block != 0) return false;
   if (R > static_cast<int64_t>(kSbRows) * g.E || g.E > 65535 || !tc_device_ok()) return false;
+  if (static_cast<int64_t>(g.N) * (g.K / 2) > INT_MAX) return false;  // the kernel's 32-bit plane offsets
   const size_t smem = tc_smem(g.K, g.K / g.a_block);
   if (smem > gpu::smem_optin_limit()) return false;
   auto kernel = small_batch_fp4_tc_kernel<kUp>;
   gpu::allow_smem(kernel, smem, "cudaFuncSetAttribute (moe_experts, tensor cores)");
   const dim3 grid(static_cast<unsigned>(gpu::ceil_div(g.N, kTcCols)), static_cast<unsigned>(g.E));
-  kernel<<<grid, kTcWarps * 32, smem, stream>>>(g);
+  kernel<<<grid, TcShape<kUp>::kWarps * 32, smem, stream>>>(g);
   gpu::check_launch(kUp ? "moe_experts (w1, w3; tensor cores)" : "moe_experts (w2; tensor cores)");
   g_tc_gemms.fetch_add(1, std::memory_order_relaxed);
   return true;
