@@ -3,11 +3,11 @@
 // operation and in the same order, so the results are equal bit for bit (kernels/cuda/libm.h: the
 // rounded operations and glibc's expf; mhc_math.h: the sigmoid).
 //
-// hc_pre / hc_head: one block per token.
+// hc_pre / hc_head: two kernels.
 //   1. Σ v² over the token's hc*d residual values and each mix k's dot product with fn row k, in f64
-//      in the reference's mix order: lane l of a 256-thread group sums the terms i ≡ l (mod 256), and
-//      the 256 partial sums fold by halving in shared memory; four groups take four sums each at a
-//      time.
+//      in the reference's mix order: a block per token and batch of four sums, whose thread l sums
+//      the terms i ≡ l (mod 256); the 256 partial sums fold by halving in shared memory, and the sums
+//      go to stream-ordered scratch. Then one block per token:
 //   2. r = f32(1 / sqrt(Σ v² / n + norm_eps)); m_k = f32(dot_k) * r.
 //   3. The pre weights (and, for hc_pre, post and the hc x hc logits C) per j; warp 0 runs the
 //      Sinkhorn iterations on C in shared memory, a lane per row or column, each in the host's order.
@@ -18,6 +18,7 @@
 
 #include <cstdint>
 #include <stdexcept>
+#include <string>
 
 #include "engine/core/formats.h"
 #include "kernels/cuda/mhc_math.h"
@@ -33,13 +34,11 @@ constexpr int kThreads = 256;  // a multiple of 64: whole warps on CUDA and on w
 
 // The reference's summation order for the mixes (reference/mhc.cpp): lane l of kMixLanes adds the
 // terms i ≡ l (mod kMixLanes) in ascending i, then the lanes fold by halving (lane l += lane l + s for
-// s = kMixLanes / 2, ..., 1). The mix kernel's block is kMixGroups groups of kMixLanes threads, thread
-// l of a group being lane l; each group takes a batch of kMixBatch sums at a time, so the groups
-// reduce kMixGroups batches side by side, and the batches fold together in shared memory.
+// s = kMixLanes / 2, ..., 1). A block of the sums kernel is kMixLanes threads, thread l being lane l,
+// and reduces one batch of kMixBatch sums of one token, folded together in shared memory.
 constexpr int kMixLanes = 256;
 constexpr int kMixBatch = 4;
-constexpr int kMixGroups = 4;
-constexpr int kMixThreads = kMixLanes * kMixGroups;
+static_assert(kThreads == kMixLanes, "one thread per lane of the mix order");
 
 // Divides each row (by_rows) or column of the hc x hc matrix C by f32(its f64 sum + eps). Rows (or
 // columns) are independent: lane l of warp 0 takes rows l, l + kWarpSize, ...
@@ -78,17 +77,55 @@ __device__ void sinkhorn(float* C, int64_t hc, int64_t iters, double eps, int la
   }
 }
 
-// Dynamic shared memory of the mix kernel: f64 dot[mixes], f64 sum_sq, then f32 m[mixes], pre[hc],
-// C[hc * hc] (hc_pre only) and r.
+// Dynamic shared memory of the mix kernel: f32 m[mixes], pre[hc] and C[hc * hc] (hc_pre only).
 size_t mix_smem_bytes(int64_t hc, int64_t mixes, bool head) {
-  return static_cast<size_t>(mixes + 1) * sizeof(double) +
-         static_cast<size_t>(mixes + hc + (head ? 0 : hc * hc) + 1) * sizeof(float);
+  return static_cast<size_t>(mixes + hc + (head ? 0 : hc * hc)) * sizeof(float);
+}
+
+// Block (t, b): sums q = kMixBatch b .. + kMixBatch - 1 of token t into sums[t][q], where sum 0 is
+// Σ v² and sum q >= 1 mix q - 1's dot product with fn row q - 1 (mixes + 1 sums per token).
+__global__ void __launch_bounds__(kMixLanes) mix_sums_kernel(const uint16_t* R, const float* fn, int64_t n,
+                                                             int64_t mixes, double* sums) {
+  __shared__ double fold[kMixBatch][kMixLanes];
+  const int64_t t = blockIdx.x;
+  const int64_t q0 = static_cast<int64_t>(blockIdx.y) * kMixBatch;
+  const int lane = static_cast<int>(threadIdx.x);
+  const int64_t count = mixes + 1 - q0 < kMixBatch ? mixes + 1 - q0 : kMixBatch;
+  const uint16_t* row = R + t * n;
+  double acc[kMixBatch];
+#pragma unroll
+  for (int j = 0; j < kMixBatch; ++j) acc[j] = 0.0;
+#pragma unroll 4
+  for (int64_t i = lane; i < n; i += kMixLanes) {
+    const float v = bf16_to_f32(row[i]);
+#pragma unroll
+    for (int j = 0; j < kMixBatch; ++j) {
+      if (j < count) {
+        const int64_t q = q0 + j;
+        const double term = q == 0 ? dmul(static_cast<double>(v), static_cast<double>(v))
+                                   : static_cast<double>(fmul(fn[(q - 1) * n + i], v));
+        acc[j] = dadd(acc[j], term);
+      }
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < kMixBatch; ++j) fold[j][lane] = acc[j];
+  __syncthreads();
+  for (int s = kMixLanes / 2; s >= 1; s /= 2) {
+    for (int e = lane; e < kMixBatch * s; e += kMixLanes) {
+      const int j = e / s, l = e % s;
+      fold[j][l] = dadd(fold[j][l], fold[j][l + s]);
+    }
+    __syncthreads();
+  }
+  if (lane < count) sums[t * (mixes + 1) + q0 + lane] = fold[lane][0];
 }
 
 // kHead = false: hc_pre (mixes = (2 + hc) hc, scale[3]; writes x, post, comb).
 // kHead = true: hc_head (mixes = hc, scale[1]; writes x = y only).
+// One block per token, from the token's sums (mix_sums_kernel).
 template <bool kHead>
-__global__ void __launch_bounds__(kMixThreads) mix_kernel(const uint16_t* R, const float* fn, const float* base,
+__global__ void __launch_bounds__(kThreads) mix_kernel(const uint16_t* R, const double* sums, const float* base,
                                                       const float* scale, int64_t hc, int64_t dim, double hc_eps,
                                                       double norm_eps, int64_t sinkhorn_iters, uint16_t* x,
                                                       float* post, float* comb) {
@@ -97,60 +134,15 @@ __global__ void __launch_bounds__(kMixThreads) mix_kernel(const uint16_t* R, con
   const int64_t n = hc * dim;
   const int64_t mixes = kHead ? hc : (2 + hc) * hc;
   const int tid = static_cast<int>(threadIdx.x);
-  double* dot = smem;
-  double* sum_sq = dot + mixes;
-  float* m = reinterpret_cast<float*>(sum_sq + 1);
+  float* m = reinterpret_cast<float*>(smem);
   float* pre = m + mixes;
   float* C = pre + hc;
-  float* r_shared = C + (kHead ? 0 : hc * hc);
   const uint16_t* row = R + t * n;
+  const double* token_sums = sums + t * (mixes + 1);  // [0]: Σ v², [1 + k]: mix k's dot product
 
-  // 1. Sum q = 0 is Σ v², sum q >= 1 mix q - 1's dot product with fn row q - 1; batch b holds sums
-  //    kMixBatch b .. + kMixBatch - 1, and group g takes batches g, g + kMixGroups, ...
-  __shared__ double fold[kMixGroups][kMixBatch][kMixLanes];
-  const int group = tid / kMixLanes, lane = tid % kMixLanes;
-  const int64_t batches = (mixes + kMixBatch) / kMixBatch;  // mixes + 1 sums
-  for (int64_t b0 = 0; b0 < batches; b0 += kMixGroups) {
-    const int64_t q0 = (b0 + group) * kMixBatch;
-    const int64_t sums = mixes + 1 - q0 < kMixBatch ? mixes + 1 - q0 : kMixBatch;  // <= 0: an idle group
-    double acc[kMixBatch];
-#pragma unroll
-    for (int j = 0; j < kMixBatch; ++j) acc[j] = 0.0;
-#pragma unroll 4
-    for (int64_t i = lane; i < n && sums > 0; i += kMixLanes) {
-      const float v = bf16_to_f32(row[i]);
-#pragma unroll
-      for (int j = 0; j < kMixBatch; ++j) {
-        if (j < sums) {
-          const int64_t q = q0 + j;
-          const double term = q == 0 ? dmul(static_cast<double>(v), static_cast<double>(v))
-                                     : static_cast<double>(fmul(fn[(q - 1) * n + i], v));
-          acc[j] = dadd(acc[j], term);
-        }
-      }
-    }
-#pragma unroll
-    for (int j = 0; j < kMixBatch; ++j) fold[group][j][lane] = acc[j];
-    __syncthreads();
-    for (int s = kMixLanes / 2; s >= 1; s /= 2) {
-      for (int e = tid; e < kMixGroups * kMixBatch * s; e += kMixThreads) {
-        const int gj = e / s, l = e % s;  // gj: group * kMixBatch + j
-        double* f = fold[gj / kMixBatch][gj % kMixBatch];
-        f[l] = dadd(f[l], f[l + s]);
-      }
-      __syncthreads();
-    }
-    if (lane < sums) {
-      const int64_t q = q0 + lane;
-      (q == 0 ? *sum_sq : dot[q - 1]) = fold[group][lane][0];
-    }
-    __syncthreads();  // fold is reused by the next round
-  }
-  // 2. The inverse RMS scales only the mixes.
-  if (tid == 0) *r_shared = static_cast<float>(ddiv(1.0, dsqrt(dadd(ddiv(*sum_sq, static_cast<double>(n)), norm_eps))));
-  __syncthreads();
-  const float r = *r_shared;
-  for (int64_t k = tid; k < mixes; k += blockDim.x) m[k] = fmul(static_cast<float>(dot[k]), r);
+  // 2. The inverse RMS scales only the mixes (every thread computes the same r).
+  const auto r = static_cast<float>(ddiv(1.0, dsqrt(dadd(ddiv(token_sums[0], static_cast<double>(n)), norm_eps))));
+  for (int64_t k = tid; k < mixes; k += blockDim.x) m[k] = fmul(static_cast<float>(token_sums[1 + k]), r);
   __syncthreads();
   // 3. pre (not normalised to 1), post, and the Sinkhorn logits.
   const auto eps = static_cast<float>(hc_eps);
@@ -195,21 +187,27 @@ __global__ void __launch_bounds__(kThreads) post_kernel(const uint16_t* F, const
   }
 }
 
-// Launches the mix kernel for T tokens; more than the default 48 KiB of shared memory, the static
-// fold buffer included (hc beyond about 50), is asked for explicitly.
+// Launches the sums kernel (a block per token and batch of sums, so a decode batch fills the GPU)
+// and the mix kernel for T tokens; more than the default 48 KiB of shared memory (hc beyond about
+// 100) is asked for explicitly.
 template <bool kHead>
 void launch_mix(const Tensor& R, const Tensor& fn, const Tensor& base, const Tensor& scale, double hc_eps,
                 double norm_eps, int64_t sinkhorn_iters, int64_t hc, int64_t dim, uint16_t* x, float* post,
                 float* comb, gpu::Stream stream, const char* op) {
   const int64_t tokens = R.size(0);
   if (tokens == 0) return;
-  const size_t smem = mix_smem_bytes(hc, kHead ? hc : (2 + hc) * hc, kHead);
-  if (smem + sizeof(double) * kMixGroups * kMixBatch * kMixLanes > 48 * 1024) {
-    gpu::allow_smem(mix_kernel<kHead>, smem, op);
-  }
-  mix_kernel<kHead><<<static_cast<unsigned>(tokens), kMixThreads, smem, stream>>>(
-      R.data<const uint16_t>(), fn.data<const float>(), base.data<const float>(), scale.data<const float>(), hc,
-      dim, hc_eps, norm_eps, sinkhorn_iters, x, post, comb);
+  const int64_t mixes = kHead ? hc : (2 + hc) * hc;
+  const int64_t batches = (mixes + kMixBatch) / kMixBatch;
+  if (batches > 65535) throw std::invalid_argument(std::string(op) + ": hc too large for the GPU's sums grid");
+  gpu::Scratch sums(static_cast<size_t>(tokens * (mixes + 1)) * sizeof(double), stream);
+  mix_sums_kernel<<<dim3(static_cast<unsigned>(tokens), static_cast<unsigned>(batches)), kMixLanes, 0, stream>>>(
+      R.data<const uint16_t>(), fn.data<const float>(), hc * dim, mixes, sums.as<double>());
+  gpu::check_launch(op);
+  const size_t smem = mix_smem_bytes(hc, mixes, kHead);
+  if (smem > 48 * 1024) gpu::allow_smem(mix_kernel<kHead>, smem, op);
+  mix_kernel<kHead><<<static_cast<unsigned>(tokens), kThreads, smem, stream>>>(
+      R.data<const uint16_t>(), sums.as<double>(), base.data<const float>(), scale.data<const float>(), hc, dim,
+      hc_eps, norm_eps, sinkhorn_iters, x, post, comb);
   gpu::check_launch(op);
 }
 
