@@ -120,10 +120,6 @@ void launch_tiles(const DenseArgs& g, int groups, gpu::Stream stream, const char
   gpu::check_launch(op);
 }
 
-// The tile with the most reuse that still fills the GPU: each output is one sequential chain over K,
-// so a grid of fewer blocks than SMs leaves SMs idle for the whole GEMM (a decode-sized MoE gate or
-// compressor projection). 64 x 64 tiles first, then 8-row tiles 128 wide (1 x 4 per thread), 64
-// wide (1 x 2) and 32 wide (1 x 1), the last one taken whatever its grid.
 #if defined(DSV4_DENSE_GEMM_CUBLASLT)
 // cuBLASLt's tensor-core GEMM when the switch says so and it takes the problem (true: enqueued).
 bool try_cublaslt(const DenseArgs& g, bool out_bf16, int groups, gpu::Stream stream) {
@@ -144,6 +140,11 @@ bool try_cublaslt(const DenseArgs& g, bool out_bf16, int groups, gpu::Stream str
 }
 #endif
 
+// cuBLASLt when the switch says so and it takes the problem; else the plain kernel with the tile of
+// the most reuse that still fills the GPU: each output is one sequential chain over K, so a grid of
+// fewer blocks than SMs leaves SMs idle for the whole GEMM (a decode-sized MoE gate or compressor
+// projection). 64 x 64 tiles first, then 8-row tiles 128 wide (1 x 4 per thread), 64 wide (1 x 2)
+// and 32 wide (1 x 1), the last one taken whatever its grid.
 template <bool kOutBf16>
 void launch_dense(const DenseArgs& g, gpu::Stream stream, const char* op, int groups = 1) {
   if (g.T == 0 || g.N == 0) return;

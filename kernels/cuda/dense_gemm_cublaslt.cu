@@ -12,7 +12,7 @@
 #include <string>
 #include <tuple>
 
-#include "kernels/cuda/cublaslt_handle.h"
+#include "kernels/cuda/cublaslt_common.h"
 #include "kernels/cuda/port.h"
 
 namespace dsv4::kernels::cuda {
@@ -58,20 +58,7 @@ std::map<Key, Choice>& algos() {
   return *m;
 }
 
-// 256 bytes (cuBLASLt's default assumption) when the address has it, else 16 (the least that fits).
-uint32_t alignment_of(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 255u) == 0 ? 256u : 16u; }
 
-// The descriptors of one problem, destroyed with it.
-struct Descs {
-  cublasLtMatmulDesc_t op = nullptr;
-  cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
-  ~Descs() {
-    if (d != nullptr) cublasLtMatrixLayoutDestroy(d);
-    if (b != nullptr) cublasLtMatrixLayoutDestroy(b);
-    if (a != nullptr) cublasLtMatrixLayoutDestroy(a);
-    if (op != nullptr) cublasLtMatmulDescDestroy(op);
-  }
-};
 
 void layout(cublasLtMatrixLayout_t* l, cudaDataType_t type, long long rows, long long cols, long long ld, int batches,
             long long batch_stride, const char* what) {
@@ -85,7 +72,7 @@ void layout(cublasLtMatrixLayout_t* l, cudaDataType_t type, long long rows, long
   }
 }
 
-void build(Descs& ds, const DenseLtProblem& p) {
+void build(LtDescs& ds, const DenseLtProblem& p) {
   check_lt(cublasLtMatmulDescCreate(&ds.op, CUBLAS_COMPUTE_32F, CUDA_R_32F), "cublasLtMatmulDescCreate");
   const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
   check_lt(cublasLtMatmulDescSetAttribute(ds.op, CUBLASLT_MATMUL_DESC_TRANSA, &ta, sizeof(ta)), "set TRANSA");
@@ -95,27 +82,10 @@ void build(Descs& ds, const DenseLtProblem& p) {
   layout(&ds.d, p.out_bf16 ? CUDA_R_16BF : CUDA_R_32F, p.N, p.T, p.ldo, p.groups, p.N, "layout D");
 }
 
-Choice choose(cublasLtHandle_t h, const Key& key, const Descs& ds) {
-  cublasLtMatmulPreference_t pref = nullptr;
-  check_lt(cublasLtMatmulPreferenceCreate(&pref), "cublasLtMatmulPreferenceCreate");
-  const size_t ws = kMaxWorkspace;
-  cublasStatus_t st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws));
-  const std::pair<cublasLtMatmulPreferenceAttributes_t, uint32_t> aligns[] = {
-      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, key.align_w},
-      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, key.align_x},
-      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, key.align_o},
-      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, key.align_o},
-  };
-  for (const auto& [attr, value] : aligns) {
-    if (st == CUBLAS_STATUS_SUCCESS) st = cublasLtMatmulPreferenceSetAttribute(pref, attr, &value, sizeof(value));
-  }
+Choice choose(cublasLtHandle_t h, const Key& key, const LtDescs& ds) {
   cublasLtMatmulHeuristicResult_t result{};
-  int returned = 0;
-  if (st == CUBLAS_STATUS_SUCCESS) {
-    st = cublasLtMatmulAlgoGetHeuristic(h, ds.op, ds.a, ds.b, ds.d, ds.d, pref, 1, &result, &returned);
-  }
-  cublasLtMatmulPreferenceDestroy(pref);
-  if (st != CUBLAS_STATUS_SUCCESS || returned < 1 || result.state != CUBLAS_STATUS_SUCCESS) return Choice{};
+  const int returned = lt_heuristic(h, ds, kMaxWorkspace, key.align_w, key.align_x, key.align_o, 1, &result);
+  if (returned < 1 || result.state != CUBLAS_STATUS_SUCCESS) return Choice{};
   return Choice{true, result.algo, result.workspaceSize};
 }
 
@@ -143,10 +113,10 @@ bool dense_gemm_cublaslt(const DenseLtProblem& p, void* stream_ptr) {
   int device = 0;
   gpu::check(cudaGetDevice(&device), "cudaGetDevice");
   const cublasLtHandle_t h = cublaslt_handle(device);
-  Descs ds;
+  LtDescs ds;
   build(ds, p);
   const Key key{device, p.T, p.N, p.K, p.ldx, p.ldo, p.groups, p.out_bf16,
-                alignment_of(p.x), alignment_of(p.w), alignment_of(p.out)};
+                lt_alignment(p.x), lt_alignment(p.w), lt_alignment(p.out)};
   Choice choice;
   {
     std::lock_guard<std::mutex> lock(g_mu);

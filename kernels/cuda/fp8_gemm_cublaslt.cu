@@ -1,7 +1,7 @@
 // cuBLASLt's block-scaled FP8 GEMM behind kernels/quant_gemm.h (see fp8_gemm_cublaslt.h for the
 // switch, the layouts and the numerics). CUDA only; never compiled by hipcc.
 #include "kernels/cuda/fp8_gemm_cublaslt.h"
-#include "kernels/cuda/cublaslt_handle.h"
+#include "kernels/cuda/cublaslt_common.h"
 
 #include <cublasLt.h>
 #include <cuda_runtime.h>
@@ -66,9 +66,6 @@ struct AlgoKey {
   }
 };
 
-// The alignment promised to cuBLASLt: 256 bytes (its default assumption) when the address has it,
-// else 16 (every operand here has at least that). Two classes keep the algorithm choice stable.
-uint32_t alignment_of(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 255u) == 0 ? 256u : 16u; }
 
 struct AlgoChoice {
   bool ok = false;
@@ -105,19 +102,8 @@ bool device_is_hopper(int device) {
 }
 
 
-// RAII for the descriptors of one call.
-struct Descs {
-  cublasLtMatmulDesc_t op = nullptr;
-  cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
-  ~Descs() {
-    if (d != nullptr) cublasLtMatrixLayoutDestroy(d);
-    if (b != nullptr) cublasLtMatrixLayoutDestroy(b);
-    if (a != nullptr) cublasLtMatrixLayoutDestroy(a);
-    if (op != nullptr) cublasLtMatmulDescDestroy(op);
-  }
-};
 
-void build_descs(Descs& ds, long long M, long long N, long long K, long long lda, long long ldd, const float* w_scale,
+void build_descs(LtDescs& ds, long long M, long long N, long long K, long long lda, long long ldd, const float* w_scale,
                  const float* a_scale) {
   check_lt(cublasLtMatmulDescCreate(&ds.op, CUBLAS_COMPUTE_32F, CUDA_R_32F), "cublasLtMatmulDescCreate");
   const cublasOperation_t ta = CUBLAS_OP_T, tb = CUBLAS_OP_N;
@@ -145,30 +131,11 @@ struct Candidates {
   const cublasLtMatmulHeuristicResult_t& front() const { return r[0]; }
 };
 
-Candidates candidates(cublasLtHandle_t h, const AlgoKey& key, const Descs& ds) {
-  cublasLtMatmulPreference_t pref = nullptr;
-  check_lt(cublasLtMatmulPreferenceCreate(&pref), "cublasLtMatmulPreferenceCreate");
-  const size_t ws = kMaxWorkspace;
-  cublasStatus_t st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws, sizeof(ws));
-  // cuBLASLt assumes 256-byte aligned operands unless told otherwise.
-  const std::array<std::pair<cublasLtMatmulPreferenceAttributes_t, uint32_t>, 4> aligns = {{
-      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, key.align_w},
-      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, key.align_a},
-      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, key.align_d},
-      {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES, key.align_d},
-  }};
-  for (const auto& [attr, value] : aligns) {
-    if (st == CUBLAS_STATUS_SUCCESS) st = cublasLtMatmulPreferenceSetAttribute(pref, attr, &value, sizeof(value));
-  }
+Candidates candidates(cublasLtHandle_t h, const AlgoKey& key, const LtDescs& ds) {
   std::array<cublasLtMatmulHeuristicResult_t, kCandidates> results{};
-  int returned = 0;
-  if (st == CUBLAS_STATUS_SUCCESS) {
-    st = cublasLtMatmulAlgoGetHeuristic(h, ds.op, ds.a, ds.b, ds.d, ds.d, pref, key.tuned ? kCandidates : 1,
-                                        results.data(), &returned);
-  }
-  cublasLtMatmulPreferenceDestroy(pref);
-  Candidates out;
-  if (st != CUBLAS_STATUS_SUCCESS) return out;  // not supported: no candidates
+  const int returned = lt_heuristic(h, ds, kMaxWorkspace, key.align_w, key.align_a, key.align_d, key.tuned ? kCandidates : 1,
+                                    results.data());
+  Candidates out;  // none when cuBLASLt does not take the problem
   for (int i = 0; i < returned; ++i) {
     if (results[static_cast<size_t>(i)].state == CUBLAS_STATUS_SUCCESS) out.r[static_cast<size_t>(out.n++)] = results[static_cast<size_t>(i)];
   }
@@ -274,7 +241,7 @@ bool fp8_gemm_cublaslt(const Fp8GemmLtProblem& p, void* stream_ptr) {
   const uint8_t* a = stage_a ? a_stage.as<uint8_t>() : p.qa;
   uint16_t* d = stage_d ? d_stage.as<uint16_t>() : p.out;
 
-  Descs ds;
+  LtDescs ds;
   build_descs(ds, M, N, K, lda, ldd, w_scale, a_scale);
   const cublasLtHandle_t h = cublaslt_handle(device);
   // The algorithm: remembered per shape; else the heuristic's first (the same bits on every call of one
@@ -285,7 +252,7 @@ bool fp8_gemm_cublaslt(const Fp8GemmLtProblem& p, void* stream_ptr) {
   check_cuda(cudaStreamIsCapturing(stream, &capture), "cudaStreamIsCapturing");
   const bool want_tune = fp8_gemm_autotune() && M >= kTuneMinTokens;
   const bool tune = want_tune && capture == cudaStreamCaptureStatusNone;  // a capture cannot time: heuristic
-  const AlgoKey key{device, M, N, K, lda, ldd, alignment_of(p.w), alignment_of(a), alignment_of(d), want_tune};
+  const AlgoKey key{device, M, N, K, lda, ldd, lt_alignment(p.w), lt_alignment(a), lt_alignment(d), want_tune};
   AlgoChoice known;
   const bool have = cached(key, known);
   Candidates list;

@@ -189,7 +189,7 @@ __global__ void __launch_bounds__(kThreads) post_kernel(const uint16_t* F, const
 
 // Launches the sums kernel (a block per token and batch of sums, so a decode batch fills the GPU)
 // and the mix kernel for T tokens; more than the default 48 KiB of shared memory (hc beyond about
-// 100) is asked for explicitly.
+// 77) is asked for explicitly.
 template <bool kHead>
 void launch_mix(const Tensor& R, const Tensor& fn, const Tensor& base, const Tensor& scale, double hc_eps,
                 double norm_eps, int64_t sinkhorn_iters, int64_t hc, int64_t dim, uint16_t* x, float* post,

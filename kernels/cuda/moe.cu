@@ -643,6 +643,21 @@ __device__ inline void chunk_terms(const uint16_t* a_tile, int chunks, int ch, i
   }
 }
 
+// A small-batch pass's rows: the slot of each of `rows` gathered rows from `first` on, and the row of
+// A it reads (up: the slot's token; down: the gathered row). Block-wide, between two barriers (the
+// previous pass is done with the staged rows before they change).
+template <bool kUp>
+__device__ inline void load_pass_rows(const GemmArgs& args, int first, int rows, int* slots, int* rows_a) {
+  __syncthreads();
+  const int tid = static_cast<int>(threadIdx.x);
+  if (tid < rows) {
+    const int p = first + tid;
+    slots[tid] = args.order[p];
+    rows_a[tid] = kUp ? slots[tid] / args.k_route : p;
+  }
+  __syncthreads();
+}
+
 template <bool kUp, int kWb>
 __global__ void __launch_bounds__(kSbWarps * kChunkLanes) small_batch_fp4_kernel(const GemmArgs args) {
   extern __shared__ __align__(16) unsigned char sb_smem[];
@@ -671,13 +686,7 @@ __global__ void __launch_bounds__(kSbWarps * kChunkLanes) small_batch_fp4_kernel
 
   for (int r0 = 0; r0 < count; r0 += kSbRows) {
     const int rows = count - r0 < kSbRows ? count - r0 : kSbRows;
-    __syncthreads();  // the previous pass is done with the staged rows
-    if (tid < rows) {
-      const int p = first + r0 + tid;
-      slots[tid] = args.order[p];
-      rows_a[tid] = kUp ? slots[tid] / args.k_route : p;
-    }
-    __syncthreads();
+    load_pass_rows<kUp>(args, first + r0, rows, slots, rows_a);
     for (int idx = tid; idx < rows * K; idx += static_cast<int>(blockDim.x)) {
       const int r = idx / K, k = idx - r * K;
       const uint8_t code = args.a[static_cast<long long>(rows_a[r]) * K + k];
@@ -925,13 +934,7 @@ __global__ void __launch_bounds__(TcShape<kUp>::kWarps * 32) small_batch_fp4_tc_
 
   for (int r0 = 0; r0 < count; r0 += kTcRows) {
     const int rows = count - r0 < kTcRows ? count - r0 : kTcRows;
-    __syncthreads();  // the previous pass is done with the staged rows
-    if (tid < rows) {
-      const int p = first + r0 + tid;
-      slots[tid] = args.order[p];
-      rows_a[tid] = kUp ? slots[tid] / args.k_route : p;
-    }
-    __syncthreads();
+    load_pass_rows<kUp>(args, first + r0, rows, slots, rows_a);
     // Four codes per step (K % 32 == 0: whole words); rows past `rows` are zeros (never stored).
     const int k_words = K / 4;
 #pragma unroll 4
