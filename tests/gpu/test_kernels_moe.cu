@@ -523,8 +523,9 @@ TEST(GpuMoeExperts, Fp4TensorCorePathAgreesWithTheHostAndRerunsIdentically) {
     ExpertsShape shape;
     std::vector<int64_t> tokens;
   };
-  // The tiny config's experts; K 512 and I 256 with 6 of 16 experts per token (a partial last column
-  // tile of N 200 would need d = 200: N is d for the down GEMM).
+  // The tiny config's experts; d 512 and I 256 with 6 of 16 experts per token; d 192 (the down GEMM's
+  // last 128-column tile half full) with I 320 (10 weight blocks: the byte-load path) and 64-wide
+  // activation blocks.
   const std::vector<Case> cases = {{{8, 2, 128, 128, 128, 32, 128, 10.0f}, {1, 2, 7, 32}},
                                    {{16, 6, 512, 256, 128, 32, 128, 10.0f}, {1, 8, 21}},
                                    {{16, 6, 192, 320, 64, 32, 64, 0.0f}, {5, 21}}};
