@@ -58,8 +58,8 @@ std::map<Key, Choice>& algos() {
   return *m;
 }
 
-
-
+// One operand's layout: rows x cols column-major with leading dimension ld, and `batches` of them
+// batch_stride elements apart.
 void layout(cublasLtMatrixLayout_t* l, cudaDataType_t type, long long rows, long long cols, long long ld, int batches,
             long long batch_stride, const char* what) {
   check_lt(cublasLtMatrixLayoutCreate(l, type, static_cast<uint64_t>(rows), static_cast<uint64_t>(cols), ld), what);
