@@ -38,8 +38,8 @@ struct DenseArgs {
   bool w_bf16;
   void* out;      // [T, N] f32 or bf16, rows ldo apart
   long long ldo;
-  long long T, N, K;
-  long long gx, gw, go;  // group z's x, w and out start gx·z, gw·z and go·z elements in (0: one group)
+  long long T, N, K;  // per group: group z reads x columns [K z, + K) and w rows [N z, + N), writes out
+                      // columns [N z, + N) (one group: z = 0)
 };
 
 __device__ inline float load(const void* p, bool bf16, long long i) {
@@ -60,7 +60,7 @@ __global__ void __launch_bounds__(kThreads) dense_gemm_kernel(DenseArgs g) {
   const int ty = tid / TX;
   const long long m0 = static_cast<long long>(blockIdx.y) * BM;
   const long long n0 = static_cast<long long>(blockIdx.x) * BN;
-  const long long gx = g.gx * blockIdx.z, gw = g.gw * blockIdx.z, go = g.go * blockIdx.z;
+  const long long gx = g.K * blockIdx.z, gw = g.N * g.K * blockIdx.z, go = g.N * blockIdx.z;
 
   float acc[TM][TN];
 #pragma unroll
@@ -124,7 +124,6 @@ void launch_tiles(const DenseArgs& g, int groups, gpu::Stream stream, const char
 // cuBLASLt's tensor-core GEMM when the switch says so and it takes the problem (true: enqueued).
 bool try_cublaslt(const DenseArgs& g, bool out_bf16, int groups, gpu::Stream stream) {
   if (dense_gemm_path() != DenseGemmPath::cublaslt || !g.x_bf16 || !g.w_bf16) return false;
-  if (groups > 1 && (g.gx != g.K || g.gw != g.N * g.K || g.go != g.N)) return false;
   DenseLtProblem p;
   p.x = static_cast<const uint16_t*>(g.x);
   p.ldx = g.ldx;
@@ -168,7 +167,7 @@ void launch_dense(const DenseArgs& g, gpu::Stream stream, const char* op, int gr
 
 DenseArgs dense_args(const Tensor& x, const Tensor& w, Tensor& out) {
   return DenseArgs{x.data_ptr(), x.dtype() == DType::bf16, x.stride(0), w.data_ptr(), w.dtype() == DType::bf16,
-                   out.data_ptr(), out.stride(0), x.size(0), w.size(0), x.size(1), 0, 0, 0};
+                   out.data_ptr(), out.stride(0), x.size(0), w.size(0), x.size(1)};
 }
 
 }  // namespace
@@ -184,8 +183,8 @@ void linear_bf16(const Tensor& x, const Tensor& w, Tensor& out, void* stream) {
 void grouped_wo_a(const Tensor& o, const Tensor& wo_a, int64_t groups, Tensor& out, void* stream) {
   const int64_t width = o.size(1) / groups;
   const int64_t rank = wo_a.size(0) / groups;
-  const DenseArgs g{o.data_ptr(), true,  o.stride(0), wo_a.data_ptr(), true,  out.data_ptr(), out.stride(0),
-                    o.size(0),    rank,  width,       width,           rank * width, rank};
+  const DenseArgs g{o.data_ptr(), true, o.stride(0), wo_a.data_ptr(), true, out.data_ptr(), out.stride(0),
+                    o.size(0),    rank, width};
   launch_dense<true>(g, static_cast<gpu::Stream>(stream), kGroupedWoAOp, static_cast<int>(groups));
 }
 
