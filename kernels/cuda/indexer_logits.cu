@@ -368,19 +368,14 @@ long long resident_blocks(size_t smem) {
   const auto found = cache.find({device, smem});
   if (found != cache.end()) return found->second;
   int per_sm = 0;
-  int sms = 0;
 #if defined(__HIPCC__)
   gpu::check(hipOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, logits_kernel, kThreads, smem),
              "hipOccupancyMaxActiveBlocksPerMultiprocessor (indexer_logits)");
-  gpu::check(hipDeviceGetAttribute(&sms, hipDeviceAttributeMultiprocessorCount, device),
-             "hipDeviceGetAttribute (indexer_logits)");
 #else
   gpu::check(cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, logits_kernel, kThreads, smem),
              "cudaOccupancyMaxActiveBlocksPerMultiprocessor (indexer_logits)");
-  gpu::check(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device),
-             "cudaDeviceGetAttribute (indexer_logits)");
 #endif
-  const long long blocks = static_cast<long long>(per_sm) * sms;
+  const long long blocks = static_cast<long long>(per_sm) * gpu::sm_count();
   cache.emplace(std::make_pair(device, smem), blocks);
   return blocks;
 }

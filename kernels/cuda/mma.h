@@ -7,7 +7,20 @@
 
 #include <cstdint>
 
+#include "kernels/cuda/port.h"
+
 namespace dsv4::kernels::cuda {
+
+// Whether `kernel` (one using these wrappers) runs its mma.sync on the current device: compute
+// capability 8.0 or later, and code of sm_80 or later for it in the binary (not the trap below).
+inline bool mma_runs(const void* kernel) {
+  int device = 0, major = 0;
+  gpu::check(cudaGetDevice(&device), "cudaGetDevice");
+  gpu::check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute");
+  cudaFuncAttributes attributes{};
+  gpu::check(cudaFuncGetAttributes(&attributes, kernel), "cudaFuncGetAttributes");
+  return major >= 8 && attributes.ptxVersion >= 80 && attributes.binaryVersion >= 80;
+}
 
 // D = A B + D for one 16 x 8 tile, k 16: A row-major bf16 (a0: row g, cols 2t..2t+1; a1: row g + 8;
 // a2: cols + 8; a3: both), B "col" bf16 (b0: k rows 2t..2t+1 of column g; b1: k rows + 8), D f32

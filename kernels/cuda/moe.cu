@@ -997,8 +997,7 @@ PathSwitch& moe_path_switch() {
 }
 std::atomic<uint64_t> g_tc_gemms{0};
 
-// Whether this device runs the tensor-core kernel: compute capability 8.0 or later and sm_80+ code in
-// the binary for it (cached per device).
+// Whether this device runs the tensor-core kernel (mma_runs, cached per device).
 bool tc_device_ok() {
   static std::mutex mu;
   static std::map<int, bool> known;
@@ -1007,11 +1006,7 @@ bool tc_device_ok() {
   std::lock_guard<std::mutex> lock(mu);
   const auto it = known.find(device);
   if (it != known.end()) return it->second;
-  int major = 0;
-  gpu::check(cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute");
-  cudaFuncAttributes attributes{};
-  gpu::check(cudaFuncGetAttributes(&attributes, small_batch_fp4_tc_kernel<true>), "cudaFuncGetAttributes (moe tc)");
-  return known[device] = major >= 8 && attributes.binaryVersion >= 80;
+  return known[device] = mma_runs(reinterpret_cast<const void*>(small_batch_fp4_tc_kernel<true>));
 }
 
 // The tensor-core kernel for this GEMM when the switch says so and it fits (true), else nothing.

@@ -429,11 +429,11 @@ __global__ void __launch_bounds__(kCombineThreads) sparse_attention_tc_combine(T
 
 struct DeviceInfo {
   bool known = false;
-  int major = 0, sms = 0, smem_optin = 0;
-  bool compiled = false;  // the kernel's code for this device is sm_80 or later (mma.sync), not the trap
+  int sms = 0, smem_optin = 0;
+  bool mma = false;  // the kernel's mma.sync runs here (mma_runs)
 };
 
-// The device's compute capability, SM count and shared-memory opt-in; on first use per device also
+// Whether the kernel runs here, the SM count and shared-memory opt-in; on first use per device also
 // lets the kernel take as much dynamic shared memory as the largest block needs (or the device has).
 DeviceInfo device_info() {
   static std::mutex mu;
@@ -444,14 +444,10 @@ DeviceInfo device_info() {
   if (device < 0 || device >= static_cast<int>(infos.size())) return DeviceInfo{};
   DeviceInfo& info = infos[static_cast<size_t>(device)];
   if (!info.known) {
-    gpu::check(cudaDeviceGetAttribute(&info.major, cudaDevAttrComputeCapabilityMajor, device), "cudaDeviceGetAttribute");
-    gpu::check(cudaDeviceGetAttribute(&info.sms, cudaDevAttrMultiProcessorCount, device), "cudaDeviceGetAttribute");
+    info.mma = mma_runs(reinterpret_cast<const void*>(sparse_attention_tc_kernel<kMaxOutTiles>));
+    info.sms = gpu::sm_count();
     info.smem_optin = static_cast<int>(gpu::smem_optin_limit());
-    cudaFuncAttributes attributes{};
-    gpu::check(cudaFuncGetAttributes(&attributes, sparse_attention_tc_kernel<kMaxOutTiles>),
-               "cudaFuncGetAttributes (sparse_attention_tc)");
-    info.compiled = attributes.ptxVersion >= 80 && attributes.binaryVersion >= 80;
-    if (info.major >= 8 && info.compiled) {
+    if (info.mma) {
       const int most = std::min(info.smem_optin, static_cast<int>(tc_smem(kMaxHeadBlock, kMaxDim).bytes));
       for (const void* kernel : {reinterpret_cast<const void*>(sparse_attention_tc_kernel<8>),
                                  reinterpret_cast<const void*>(sparse_attention_tc_kernel<16>),
@@ -492,7 +488,7 @@ bool sparse_attention_tensor_core(const SparseAttentionArgs& a, void* stream) {
   if (a.extra_cache.defined() && !aligned(a.extra_cache.data<const uint8_t>(), 8)) return false;
   if (T > 0x7fffffffLL || H > 65535) return false;
   const DeviceInfo info = device_info();
-  if (info.major < 8 || !info.compiled) return false;
+  if (!info.mma) return false;
 
   // Heads per block: all of them up to 64, fewer while the tokens leave SMs idle (each block then
   // dequantizes the keys again, from L2) or the shared memory does not fit.
