@@ -129,12 +129,12 @@ __global__ void __launch_bounds__(kThreads) mix_kernel(const uint16_t* R, const 
                                                       const float* scale, int64_t hc, int64_t dim, double hc_eps,
                                                       double norm_eps, int64_t sinkhorn_iters, uint16_t* x,
                                                       float* post, float* comb) {
-  extern __shared__ double smem[];
+  extern __shared__ float smem[];
   const int64_t t = blockIdx.x;
   const int64_t n = hc * dim;
   const int64_t mixes = kHead ? hc : (2 + hc) * hc;
   const int tid = static_cast<int>(threadIdx.x);
-  float* m = reinterpret_cast<float*>(smem);
+  float* m = smem;
   float* pre = m + mixes;
   float* C = pre + hc;
   const uint16_t* row = R + t * n;

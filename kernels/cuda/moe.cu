@@ -748,12 +748,15 @@ __global__ void __launch_bounds__(kSbWarps * kChunkLanes) small_batch_fp4_kernel
 
 std::atomic<uint64_t> g_small_batch_gemms{0};
 
+// Decode-sized: few rows per expert on average (R <= kSbRows * E: one pass for most experts) and
+// one grid row per expert. Both small-batch kernels (exact and tensor-core) take only these.
+bool decode_sized(const GemmArgs& g, int64_t R) { return R <= static_cast<int64_t>(kSbRows) * g.E && g.E <= 65535; }
+
 // Whether the small-batch kernel takes a GEMM of inner size K: fp4, a 16- or 32-wide weight block,
-// K in whole chunks, few rows per expert on average (R <= kSbRows * E: one pass for most experts),
-// and its shared memory within the device's limit.
+// K in whole chunks, decode-sized, and its shared memory within the device's limit.
 bool small_batch_fits(const GemmArgs& g, int64_t R, size_t* smem) {
   if (g.w_block != 16 && g.w_block != 32) return false;
-  if (g.K % kSbChunk != 0 || g.K % g.a_block != 0 || R > static_cast<int64_t>(kSbRows) * g.E || g.E > 65535) return false;
+  if (g.K % kSbChunk != 0 || g.K % g.a_block != 0 || !decode_sized(g, R)) return false;
   *smem = small_batch_smem(g.K, g.K / g.w_block, g.K / g.a_block);
   return *smem <= gpu::smem_optin_limit();
 }
@@ -1014,7 +1017,7 @@ template <bool kUp>
 bool try_tensor_core(const GemmArgs& g, int64_t R, gpu::Stream stream) {
   if (moe_gemm_path() != MoeGemmPath::tensor_core) return false;
   if (g.w_block != 32 || g.K % 32 != 0 || g.a_block % 32 != 0 || g.K % g.a_block != 0) return false;
-  if (R > static_cast<int64_t>(kSbRows) * g.E || g.E > 65535 || !tc_device_ok()) return false;
+  if (!decode_sized(g, R) || !tc_device_ok()) return false;
   if (static_cast<int64_t>(g.N) * (g.K / 2) > INT_MAX) return false;  // the kernel's 32-bit plane offsets
   const size_t smem = tc_smem(g.K, g.K / g.a_block);
   if (smem > gpu::smem_optin_limit()) return false;
