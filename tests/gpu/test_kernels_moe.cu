@@ -436,28 +436,46 @@ struct ExpertsShape {
   float limit;
 };
 
-// Every T of `Ts` through the host and the GPU (bitwise, reruns bitwise), and through the GPU with a
-// row-padded xn and a flat routed.
-void run_experts_case(const ExpertsShape& s, ExpertFormat f, Allocator& device, unsigned seed,
-                      std::initializer_list<int64_t> Ts = {0, 1, 2, 7, 8, 32, 64, 150}) {
+MoeExpertsConfig experts_config(const ExpertsShape& s, ExpertFormat f) {
   MoeExpertsConfig cfg;
   cfg.format = f;
   cfg.act_block = s.act_block;
   cfg.fp4_block = s.fp4_block;
   cfg.weight_block = s.weight_block;
   cfg.swiglu_limit = s.limit;
+  return cfg;
+}
+
+// One T's random inputs (from seed * 31 + T) and the host's routed output for them.
+struct ExpertsCase {
+  Tensor xn, experts, weights, routed;
+};
+
+ExpertsCase host_experts_case(const ExpertsShape& s, const MoeExpertsConfig& cfg, const ExpertSet& set, unsigned seed,
+                              int64_t T) {
+  std::mt19937 rng(seed * 31 + static_cast<unsigned>(T));
+  ExpertsCase c;
+  c.xn = random_tensor({T, s.d}, DType::bf16, rng, 1.0f, "xn");
+  c.experts = random_routing(T, s.k, s.E, rng);
+  c.weights = random_uniform({T, s.k}, rng, 0.1f, 1.5f);
+  c.routed = Tensor::empty({T, s.k, s.d}, DType::bf16, "routed");
+  moe_experts(c.xn, c.experts, c.weights, set.host, Tensor(), cfg, c.routed);
+  return c;
+}
+
+// Every T of `Ts` through the host and the GPU (bitwise, reruns bitwise), and through the GPU with a
+// row-padded xn and a flat routed.
+void run_experts_case(const ExpertsShape& s, ExpertFormat f, Allocator& device, unsigned seed,
+                      std::initializer_list<int64_t> Ts = {0, 1, 2, 7, 8, 32, 64, 150}) {
+  const MoeExpertsConfig cfg = experts_config(s, f);
   const ExpertSet set = make_experts(cfg, s.E, s.d, s.I, device, seed);
   for (int64_t T : Ts) {
     SCOPED_TRACE(std::string(format_name(f)) + " E " + std::to_string(s.E) + " k " + std::to_string(s.k) + " d " +
                  std::to_string(s.d) + " I " + std::to_string(s.I) + " T " + std::to_string(T));
-    std::mt19937 rng(seed * 31 + static_cast<unsigned>(T));
-    const Tensor xn = random_tensor({T, s.d}, DType::bf16, rng, 1.0f, "xn");
-    const Tensor experts = random_routing(T, s.k, s.E, rng);
-    const Tensor weights = random_uniform({T, s.k}, rng, 0.1f, 1.5f);
-    Tensor routed = Tensor::empty({T, s.k, s.d}, DType::bf16, "routed");
-    moe_experts(xn, experts, weights, set.host, Tensor(), cfg, routed);
-
-    const Tensor d_xn = xn.to(device), d_experts = experts.to(device), d_weights = weights.to(device);
+    const ExpertsCase host = host_experts_case(s, cfg, set, seed, T);
+    const Tensor& xn = host.xn;
+    const Tensor& routed = host.routed;
+    const Tensor d_xn = xn.to(device), d_experts = host.experts.to(device), d_weights = host.weights.to(device);
     std::vector<uint8_t> first;
     const int runs = T == 64 ? kReruns : 1;
     for (int run = 0; run < runs; ++run) {
@@ -532,24 +550,15 @@ TEST(GpuMoeExperts, Fp4TensorCorePathAgreesWithTheHostAndRerunsIdentically) {
   unsigned seed = 60;
   for (const Case& c : cases) {
     const ExpertsShape& s = c.shape;
-    MoeExpertsConfig cfg;
-    cfg.format = ExpertFormat::fp4;
-    cfg.act_block = s.act_block;
-    cfg.fp4_block = s.fp4_block;
-    cfg.weight_block = s.weight_block;
-    cfg.swiglu_limit = s.limit;
+    const MoeExpertsConfig cfg = experts_config(s, ExpertFormat::fp4);
     const ExpertSet set = make_experts(cfg, s.E, s.d, s.I, device, ++seed);
     for (const int64_t T : c.tokens) {
       const std::string what = "E " + std::to_string(s.E) + " d " + std::to_string(s.d) + " I " +
                                std::to_string(s.I) + " T " + std::to_string(T);
       SCOPED_TRACE(what);
-      std::mt19937 rng(seed * 31 + static_cast<unsigned>(T));
-      const Tensor xn = random_tensor({T, s.d}, DType::bf16, rng, 1.0f, "xn");
-      const Tensor experts = random_routing(T, s.k, s.E, rng);
-      const Tensor weights = random_uniform({T, s.k}, rng, 0.1f, 1.5f);
-      Tensor want = Tensor::empty({T, s.k, s.d}, DType::bf16, "routed");
-      moe_experts(xn, experts, weights, set.host, Tensor(), cfg, want);
-      const Tensor d_xn = xn.to(device), d_experts = experts.to(device), d_weights = weights.to(device);
+      const ExpertsCase host = host_experts_case(s, cfg, set, seed, T);
+      const Tensor& want = host.routed;
+      const Tensor d_xn = host.xn.to(device), d_experts = host.experts.to(device), d_weights = host.weights.to(device);
       std::vector<uint8_t> first;
       for (int run = 0; run < 3; ++run) {
         Tensor got = Tensor::empty({T, s.k, s.d}, DType::bf16, device, "routed");
